@@ -1,0 +1,1 @@
+"""Gradio wiring: each tab module builds its components and connects them to explorer."""
