@@ -1,0 +1,62 @@
+"""ViT Explorer: see how a Vision Transformer tokenises, attends and learns.
+
+Run ``python app.py`` (see ``--help``). Nothing heavy happens at import: models load on the
+first request that needs them and stay in `explorer.models.MODEL_CACHE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gradio as gr
+
+from explorer.ui.tokens_tab import build_tokens_tab
+
+TITLE = "ViT Explorer"
+HEADER = """
+# ViT Explorer
+Upload an image and see how a Vision Transformer works: how it cuts the image into patch
+tokens, where every layer and head attends, how far attention reaches, how an image-GPT
+completes a half-hidden picture pixel by pixel, and what fine-tuning on your own images
+changes. Everything runs offline on a DINOv2 ViT-S/14; hub models work when online.
+"""
+
+TABS = [
+    ("Patch tokens", build_tokens_tab),
+]
+
+
+def build_demo() -> gr.Blocks:
+    """The whole app: one tab per concept."""
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(HEADER)
+        with gr.Tabs():
+            for label, build in TABS:
+                with gr.Tab(label):
+                    build()
+    # A deliberate queue: analysis events share a concurrency id (set per event); anything
+    # else defaults to one at a time, and at most this many requests may wait.
+    demo.queue(default_concurrency_limit=1, max_size=int(os.environ.get("VIT_EXPLORER_QUEUE", "64")))
+    return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="ViT Explorer: a Gradio app for Vision Transformers.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="interface to listen on (0.0.0.0 for a LAN / container); default 127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                        help="port to listen on; default 7860")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a temporary public gradio.live link (needs internet)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    build_demo().launch(server_name=args.host, server_port=args.port, share=args.share,
+                        theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()

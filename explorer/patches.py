@@ -1,0 +1,222 @@
+"""Patch tokenisation, made inspectable: "an image is worth 16x16 words".
+
+Everything here reads the geometry from the model (``patch_embed.patch_size``,
+``num_prefix_tokens``, ``pos_embed``), so it works for 14 and 16 px patches, class,
+distillation and register tokens, and any (height, width) multiple of the patch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+
+def patch_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(height, width) of one patch in pixels."""
+    ph, pw = model.patch_embed.patch_size
+    return int(ph), int(pw)
+
+
+def grid_for(size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid (rows, cols) for an input of ``size`` = (height, width) pixels."""
+    return size[0] // patch[0], size[1] // patch[1]
+
+
+def prefix_token_names(model: torch.nn.Module) -> list[str]:
+    """Names of the tokens that precede the patch tokens, in sequence order.
+
+    timm's order is class token, then distillation token (DeiT), then register tokens.
+    """
+    names = []
+    if getattr(model, "cls_token", None) is not None:
+        names.append("CLS")
+    if getattr(model, "dist_token", None) is not None:
+        names.append("DIST")
+    names += [f"REG{i}" for i in range(getattr(model, "num_reg_tokens", 0))]
+    assert len(names) == model.num_prefix_tokens, (names, model.num_prefix_tokens)
+    return names
+
+
+def patch_embedding_components(model: torch.nn.Module, k: int = 28) -> torch.Tensor:
+    """Principal components of the patch-projection filters (ViT paper, Fig. 7 left).
+
+    The projection maps each flattened (3, ph, pw) patch to D numbers; its D rows span the
+    space of patterns the model can "see" in one patch. The top right-singular vectors of the
+    centred (D, 3*ph*pw) matrix are those patterns, ordered by how much of it they explain.
+
+    Returns:
+        (k, 3, ph, pw) components, each scaled to [0, 1] for display as an RGB tile.
+    """
+    weight = model.patch_embed.proj.weight.detach().float().cpu()  # (D, 3, ph, pw)
+    flat = weight.flatten(1)
+    flat = flat - flat.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat.double(), full_matrices=False)  # (min(D, 3p²), 3p²)
+    comps = vh[: min(k, vh.shape[0])].float()
+    lo = comps.min(dim=1, keepdim=True).values
+    hi = comps.max(dim=1, keepdim=True).values
+    comps = (comps - lo) / (hi - lo).clamp_min(1e-12)
+    return comps.reshape(-1, *weight.shape[1:])
+
+
+def patch_position_embedding(model: torch.nn.Module, grid: tuple[int, int] | None = None):
+    """The position embeddings of the patch tokens, as the model adds them.
+
+    Args:
+        grid: (rows, cols) to interpolate to, as timm does for other input sizes (bicubic
+            resampling of the native grid); None = the native grid.
+
+    Returns:
+        (rows, cols, D) tensor.
+    """
+    native = tuple(int(g) for g in model.patch_embed.grid_size)
+    pos_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    pos = model.pos_embed.detach().float().cpu()
+    grid = tuple(grid) if grid is not None else native
+    if grid != native:
+        # The same call timm's VisionTransformer._pos_embed makes with dynamic_img_size.
+        pos = resample_abs_pos_embed(pos, new_size=grid, old_size=native, num_prefix_tokens=pos_prefix)
+    return pos[0, pos_prefix:].reshape(*grid, -1)
+
+
+def position_similarity(pos: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every patch's position embedding with every other (Fig. 7 centre).
+
+    Args:
+        pos: (rows, cols, D).
+
+    Returns:
+        (rows, cols, rows, cols): entry [i, j] is the (rows, cols) similarity map of patch (i, j).
+    """
+    rows, cols, dim = pos.shape
+    unit = F.normalize(pos.reshape(-1, dim), dim=-1)
+    return (unit @ unit.T).reshape(rows, cols, rows, cols)
+
+
+@dataclass(frozen=True)
+class AttentionCost:
+    """How big self-attention gets for one image, per layer.
+
+    Attributes:
+        tokens: sequence length (prefix + patch tokens, or pixels for one-token-per-pixel).
+        attention_entries: tokens² scores per head.
+        attention_flops: multiply-adds x2 of QKᵀ and of attention @ V over all heads
+            (2 * 2 * tokens² * width).
+    """
+
+    tokens: int
+    attention_entries: int
+    attention_flops: int
+
+
+def attention_cost(tokens: int, width: int) -> AttentionCost:
+    """Self-attention cost of one layer for ``tokens`` tokens of ``width`` channels."""
+    return AttentionCost(tokens, tokens * tokens, 4 * tokens * tokens * width)
+
+
+def compare_costs(
+    size: tuple[int, int], patch: tuple[int, int], num_prefix_tokens: int, width: int
+) -> dict[str, AttentionCost]:
+    """Patch tokens (ViT) against one token per pixel (iGPT-style) for one input size.
+
+    E.g. 224x224 with 16 px patches: 196 patch tokens vs 50,176 pixel tokens.
+    """
+    rows, cols = grid_for(size, patch)
+    return {
+        "patches (ViT)": attention_cost(rows * cols + num_prefix_tokens, width),
+        "pixels (iGPT-style)": attention_cost(size[0] * size[1], width),
+    }
+
+
+@torch.no_grad()
+def last_layer_patch_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Final-norm features of the patch tokens.
+
+    Args:
+        pixels: (B, 3, H, W) normalised input.
+
+    Returns:
+        (B, rows * cols, D) in raster order (prefix tokens dropped).
+    """
+    tokens = model.forward_features(pixels)
+    return tokens[:, model.num_prefix_tokens :]
+
+
+def feature_pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """First three principal components of patch features as an RGB image (DINOv2 style).
+
+    Each component is scaled by its own 1st..99th percentile to [0, 1], so a few outlier
+    tokens do not wash out the picture.
+
+    Args:
+        features: (rows * cols, D) patch features of one image.
+        grid: (rows, cols).
+
+    Returns:
+        (rows, cols, 3) float tensor in [0, 1].
+    """
+    x = features.float().cpu()
+    x = x - x.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ vh[:3].T  # (N, 3)
+    lo = torch.quantile(proj, 0.01, dim=0, keepdim=True)
+    hi = torch.quantile(proj, 0.99, dim=0, keepdim=True)
+    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    return rgb.reshape(*grid, 3)
+
+
+@dataclass
+class TokenizationResult:
+    """Everything the tokenisation views show for one image at one resolution.
+
+    Attributes:
+        pixels: (1, 3, H, W) normalised model input.
+        size: (H, W) pixels; grid: (rows, cols); patch: (ph, pw).
+        prefix_names: e.g. ["CLS"], ["CLS", "DIST"], ["CLS", "REG0", ...].
+        filters: (k, 3, ph, pw) patch-projection principal components in [0, 1].
+        native_grid: the grid the position embeddings were trained on.
+        pos_similarity_native / pos_similarity: (r, c, r, c) at the native / chosen grid.
+        costs: patch tokens vs pixel tokens (`compare_costs`).
+        feature_rgb: (rows, cols, 3) PCA of the last layer's patch features.
+    """
+
+    pixels: torch.Tensor
+    size: tuple[int, int]
+    grid: tuple[int, int]
+    patch: tuple[int, int]
+    prefix_names: list[str]
+    filters: torch.Tensor
+    native_grid: tuple[int, int]
+    pos_similarity_native: torch.Tensor
+    pos_similarity: torch.Tensor
+    costs: dict[str, AttentionCost]
+    feature_rgb: torch.Tensor
+
+
+def analyse_tokenization(model: torch.nn.Module, pixels: torch.Tensor) -> TokenizationResult:
+    """Run every tokenisation analysis for one prepared image.
+
+    Args:
+        pixels: (1, 3, H, W) normalised input, H and W multiples of the patch size.
+    """
+    patch = patch_size(model)
+    size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+    grid = grid_for(size, patch)
+    native_grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    device = next(model.parameters()).device
+    features = last_layer_patch_features(model, pixels.to(device))[0]
+    return TokenizationResult(
+        pixels=pixels,
+        size=size,
+        grid=grid,
+        patch=patch,
+        prefix_names=prefix_token_names(model),
+        filters=patch_embedding_components(model),
+        native_grid=native_grid,
+        pos_similarity_native=position_similarity(patch_position_embedding(model)),
+        pos_similarity=position_similarity(patch_position_embedding(model, grid)),
+        costs=compare_costs(size, patch, model.num_prefix_tokens, model.embed_dim),
+        feature_rgb=feature_pca_rgb(features, grid),
+    )

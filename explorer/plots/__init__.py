@@ -1,0 +1,1 @@
+"""Figures and display images built from analysis results (no gradio)."""

@@ -1,0 +1,105 @@
+"""Pieces every tab shares: safe image input, model picker, error mapping, examples."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from explorer import images, models
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+EXAMPLES_DIR = ASSETS / "examples"
+
+
+def example_images() -> list[str]:
+    """Paths of the bundled example photos (licences in assets/examples/LICENSE.md)."""
+    return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+
+
+def upload_image(**kwargs) -> gr.Image:
+    """A ``gr.Image(type="filepath")`` whose upload problems reach the person as `gr.Error`.
+
+    Gradio opens uploads with PIL before any callback runs, so a non-image or a
+    decompression bomb would otherwise fail with a generic "Error". Here the same failure is
+    explained by `explorer.images.load_image`'s message. (A subclass of gr.Image would need
+    its own front-end component, so the instance's ``preprocess`` is wrapped instead.)
+    """
+    component = gr.Image(type="filepath", **kwargs)
+    plain_preprocess = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return plain_preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as err:
+            path = getattr(payload, "path", None)
+            try:
+                if path:
+                    images.load_image(path)
+            except images.ImageError as image_err:
+                raise gr.Error(str(image_err)) from err
+            raise gr.Error(f"Could not read this upload as an image ({type(err).__name__}).") from err
+
+    component.preprocess = preprocess
+    return component
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors meant for people into `gr.Error`; anything else stays a bug."""
+    try:
+        yield
+    except (images.ImageError, models.ModelUnavailableError) as err:
+        raise gr.Error(str(err)) from err
+    except Exception as err:  # out-of-memory is the user's size choice, not a bug
+        if "out of memory" in str(err).lower() or isinstance(err, MemoryError):
+            raise gr.Error("Out of memory: try a lower resolution.") from err
+        raise
+
+
+def load_upload(path: str | None) -> Image.Image:
+    """Open an uploaded image path as RGB, telling the person about any conversion."""
+    if not path:
+        raise gr.Error("Please upload an image or pick an example first.")
+    with user_errors():
+        loaded = images.load_image(path)
+    for note in loaded.notes:
+        gr.Warning(note)
+    return loaded.image
+
+
+def model_dropdown(label: str = "Model", value: str | None = None) -> gr.Dropdown:
+    """A model picker: the catalogue plus local/fine-tuned checkpoints, refreshed on focus.
+
+    ``allow_custom_value`` lets people type any timm ViT name (used when online).
+    """
+    dropdown = gr.Dropdown(
+        choices=models.model_names(),
+        value=value or models.DEFAULT_MODEL,
+        label=label,
+        allow_custom_value=True,
+        info="Offline default, timm hub ViTs (need internet), fine-tuned or local:<path>.",
+    )
+    dropdown.focus(refresh_model_choices, inputs=dropdown, outputs=dropdown,
+                   api_name=False, queue=False, show_progress="hidden")
+    return dropdown
+
+
+def refresh_model_choices(current: str | None) -> gr.Dropdown:
+    """The dropdown update that lists every model known now, keeping the current choice."""
+    return gr.Dropdown(choices=models.model_names(), value=current or models.DEFAULT_MODEL)
+
+
+def concurrency_limit() -> int:
+    """Simultaneous analysis requests per event (env ``VIT_EXPLORER_CONCURRENCY``).
+
+    Two by default: on a 2-core CPU Space more parallel forwards only share the same cores
+    and make everyone's latency worse; waiting requests queue instead.
+    """
+    return int(os.environ.get("VIT_EXPLORER_CONCURRENCY", "2"))

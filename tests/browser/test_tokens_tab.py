@@ -1,0 +1,41 @@
+"""The patch-tokenisation tab in real Chromium: pick an example, tokenise, see every view."""
+
+from __future__ import annotations
+
+from tests.browser.helpers import open_tab, screenshot
+
+VIEWS = ["tokens-grid", "tokens-sequence", "tokens-filters", "tokens-pos-native",
+         "tokens-pos-chosen", "tokens-pca"]
+
+
+def test_example_renders_all_views(page):
+    open_tab(page, "Patch tokens")
+    page.locator("#tokens-examples .gallery-item").nth(1).click()  # chelsea the cat
+    page.locator("#tokens-image img").first.wait_for(state="visible")
+    page.locator("#tokens-width input").fill("336")
+    page.locator("#tokens-run").click()
+    summary = page.locator("#tokens-summary")
+    summary.get_by_text("patch tokens").wait_for()
+    assert "24x16" in summary.inner_text()  # 336x224 with 14 px patches: non-square grid
+    for view in VIEWS:
+        img = page.locator(f"#{view} img").first
+        img.wait_for(state="visible")
+        assert img.evaluate("el => el.naturalWidth") > 50, view
+    assert page.locator("#tokens-cost .js-plotly-plot").count() == 1
+    assert "75,264" in page.locator("#tokens-cost-table").inner_text()  # 336*224 pixel tokens
+    screenshot(page, "tokens")
+
+
+def test_bad_upload_gives_clear_message_and_app_keeps_serving(page, tmp_path):
+    open_tab(page, "Patch tokens")
+    tiny = tmp_path / "tiny.png"
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(tiny)
+    page.locator("#tokens-image input[type=file]").set_input_files(str(tiny))
+    page.locator("#tokens-run").click()
+    page.get_by_text("needs at least").first.wait_for()
+    # the same page still works afterwards
+    page.locator("#tokens-examples .gallery-item").first.click()
+    page.locator("#tokens-run").click()
+    page.locator("#tokens-summary").get_by_text("patch tokens").wait_for()
