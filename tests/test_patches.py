@@ -1,0 +1,99 @@
+"""Tokenisation math against hand-derived expectations, tiny models and the real default."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from explorer import images, models, patches
+
+
+def tiny(name="vit_tiny_patch16_224", **kwargs):
+    kwargs = {"depth": 1, "embed_dim": 32, "num_heads": 2, "dynamic_img_size": True, **kwargs}
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def test_grid_and_costs_by_hand():
+    assert patches.grid_for((224, 336), (14, 14)) == (16, 24)
+    costs = patches.compare_costs((224, 224), (16, 16), num_prefix_tokens=1, width=768)
+    vit, pix = costs["patches (ViT)"], costs["pixels (iGPT-style)"]
+    assert (vit.tokens, pix.tokens) == (197, 50_176)
+    assert vit.attention_entries == 197**2 and pix.attention_entries == 50_176**2
+    assert vit.attention_flops == 4 * 197**2 * 768
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [({}, ["CLS"]), ({"reg_tokens": 4, "no_embed_class": True}, ["CLS", "REG0", "REG1", "REG2", "REG3"]),
+     ({"class_token": False, "global_pool": "avg"}, [])],
+)
+def test_prefix_token_names(kwargs, names):
+    assert patches.prefix_token_names(tiny(**kwargs)) == names
+
+
+def test_prefix_names_distilled():
+    model = tiny("deit_tiny_distilled_patch16_224")
+    assert patches.prefix_token_names(model) == ["CLS", "DIST"]
+
+
+def test_filter_components_find_the_one_direction():
+    """Filters that are all multiples of one pattern (plus a mean) have that pattern as PC1."""
+    model = tiny()
+    torch.manual_seed(0)
+    pattern = torch.randn(3, 16, 16)
+    scales = torch.randn(32, 1, 1, 1)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.copy_(scales * pattern + 0.3)
+    comps = patches.patch_embedding_components(model, k=4)
+    assert comps.shape == (4, 3, 16, 16) and comps.min() >= 0 and comps.max() <= 1
+    pc1 = comps[0].flatten() - comps[0].mean()
+    target = pattern.flatten() - pattern.mean()
+    assert torch.nn.functional.cosine_similarity(pc1, target, dim=0).abs() > 0.999
+
+
+def test_position_similarity_by_hand():
+    pos = torch.eye(6).reshape(2, 3, 6)  # orthonormal embeddings: identity similarity
+    sim = patches.position_similarity(pos)
+    assert sim.shape == (2, 3, 2, 3)
+    assert torch.allclose(sim.reshape(6, 6), torch.eye(6))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 2, "no_embed_class": True}])
+def test_interpolated_position_embedding_is_what_the_model_adds(kwargs):
+    model = tiny(img_size=64, **kwargs)  # native grid 4x4
+    assert patches.patch_position_embedding(model).shape == (4, 4, 32)
+    grid = (3, 5)
+    pos = patches.patch_position_embedding(model, grid)
+    x = torch.zeros(1, *grid, 32)  # NHWC patch tokens of value 0: _pos_embed adds exactly pos
+    with torch.no_grad():
+        added = model._pos_embed(x)[:, model.num_prefix_tokens:]
+    assert torch.allclose(added.reshape(*grid, 32), pos, atol=1e-6)
+
+
+def test_feature_pca_separates_two_regions():
+    grid = (4, 6)
+    features = torch.zeros(24, 8)
+    features[:, 0] = torch.tensor([1.0 if c < 3 else -1.0 for r in range(4) for c in range(6)])
+    features += 0.01 * torch.randn(24, 8)
+    rgb = patches.feature_pca_rgb(features, grid)
+    assert rgb.shape == (4, 6, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    left, right = rgb[:, :3, 0], rgb[:, 3:, 0]
+    assert (left.mean() - right.mean()).abs() > 0.9  # PC1 = left vs right
+
+
+def test_analyse_tokenization_on_default_model_non_square():
+    model, config = models.load_vit(None)
+    image = images.open_image("assets/examples/coffee.jpg")
+    result = patches.analyse_tokenization(model, images.prepare_pixels(image, config, (224, 336)))
+    assert result.grid == (16, 24) and result.patch == (14, 14)
+    assert result.native_grid == (37, 37) and result.prefix_names == ["CLS"]
+    assert result.pos_similarity_native.shape == (37, 37, 37, 37)
+    assert result.pos_similarity.shape == (16, 24, 16, 24)
+    diag = result.pos_similarity.reshape(384, 384).diagonal()
+    assert torch.allclose(diag, torch.ones(384), atol=1e-5)
+    # position embeddings are local: a patch is more similar to its neighbour than to a far one
+    sim = result.pos_similarity[8, 12]
+    assert sim[8, 13] > sim[0, 0] and sim[9, 12] > sim[15, 23]
+    assert result.costs["pixels (iGPT-style)"].tokens == 224 * 336
+    assert result.feature_rgb.shape == (16, 24, 3) and torch.isfinite(result.feature_rgb).all()
