@@ -1,0 +1,142 @@
+"""Serving benchmark: cold start, first model load, one request, and 8 concurrent clients.
+
+    python -m explorer.bench serve [--clients 8] [--requests 5] [--size 224]
+
+Starts ``app.py`` in a subprocess on a free port (a fresh converted-weights cache for the
+"conversion" row), then drives it with `gradio_client` sessions in threads against the
+``/tokens`` endpoint. Prints a markdown table; errors must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(env: dict) -> tuple[subprocess.Popen, str, float]:
+    """Start app.py; return the process, its URL and seconds until the page was served."""
+    port = _free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("app.py exited during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url, time.perf_counter() - start
+        except OSError:
+            time.sleep(0.1)
+
+
+def call_tokens(client, size: int) -> float:
+    from gradio_client import handle_file
+
+    start = time.perf_counter()
+    client.predict(handle_file(str(EXAMPLE)), None, size, size, "crop", api_name="/tokens")
+    return time.perf_counter() - start
+
+
+def load_test(url: str, clients: int, requests: int, size: int) -> tuple[list[float], list[str], float]:
+    """``clients`` concurrent sessions, each sending ``requests`` sequential requests."""
+    from gradio_client import Client
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    sessions = [Client(url, verbose=False) for _ in range(clients)]
+
+    def session(client) -> None:
+        for _ in range(requests):
+            try:
+                seconds = call_tokens(client, size)
+                with lock:
+                    latencies.append(seconds)
+            except Exception as err:  # count, report, keep going
+                with lock:
+                    errors.append(f"{type(err).__name__}: {err}")
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=session, args=(c,)) for c in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (1..99), interpolated between samples."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m explorer.bench serve")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=5, help="per client")
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args(argv)
+    from gradio_client import Client
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "VIT_EXPLORER_CACHE": cache, "PYTHONPATH": str(ROOT)}
+        proc, url, cold = start_app(env)
+        try:
+            rows.append(("cold start: `python app.py` to first served page", f"{cold:.1f} s"))
+            client = Client(url, verbose=False)
+            first = call_tokens(client, args.size)
+            rows.append((f"first /tokens request {args.size}px, empty cache (ONNX conversion + load + views)",
+                         f"{first:.1f} s"))
+            warm = [call_tokens(client, args.size) for _ in range(3)]
+            rows.append((f"upload to all views rendered, {args.size}px, model warm (median of 3)",
+                         f"{statistics.median(warm):.2f} s"))
+        finally:
+            proc.terminate()
+            proc.wait()
+        # Restart on the now-filled cache: the model loads from safetensors, no conversion.
+        proc, url, cold = start_app(env)
+        try:
+            client = Client(url, verbose=False)
+            first = call_tokens(client, args.size)
+            rows.append((f"first /tokens request {args.size}px, converted weights cached", f"{first:.1f} s"))
+            latencies, errors, wall = load_test(url, args.clients, args.requests, args.size)
+        finally:
+            proc.terminate()
+            proc.wait()
+    total = args.clients * args.requests
+    rows.append((f"{args.clients} concurrent clients x {args.requests} requests: errors",
+                 f"{len(errors)} / {total}"))
+    if latencies:
+        rows.append(("... latency p50 / p95", f"{percentile(latencies, 50):.2f} s / "
+                     f"{percentile(latencies, 95):.2f} s"))
+        rows.append(("... throughput", f"{len(latencies) / wall:.2f} requests/s over {wall:.1f} s"))
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    for err in errors[:5]:
+        print("error:", err)
+    if errors:
+        sys.exit(1)
