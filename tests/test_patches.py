@@ -97,3 +97,13 @@ def test_analyse_tokenization_on_default_model_non_square():
     assert sim[8, 13] > sim[0, 0] and sim[9, 12] > sim[15, 23]
     assert result.costs["pixels (iGPT-style)"].tokens == 224 * 336
     assert result.feature_rgb.shape == (16, 24, 3) and torch.isfinite(result.feature_rgb).all()
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (8, 50)])
+def test_principal_directions_match_svd(shape):
+    torch.manual_seed(1)
+    x = torch.randn(*shape) * torch.linspace(3, 0.1, shape[1])  # distinct variances
+    dirs = patches.principal_directions(x, 3)
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    cos = (dirs * vh[:3]).sum(-1).abs()
+    assert dirs.shape == (3, shape[1]) and torch.allclose(cos, torch.ones(3), atol=1e-4)

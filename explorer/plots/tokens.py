@@ -88,24 +88,23 @@ def filter_tiles(components: torch.Tensor, tile: int = 56, cols: int = 7) -> np.
     return mosaic(arrays, cols=cols, gap=4, labels=[f"PC{i + 1}" for i in range(len(arrays))])
 
 
-def similarity_tiles(sim: torch.Tensor, tile: int = 0, cmap: str = "viridis") -> np.ndarray:
+def similarity_tiles(sim: torch.Tensor, width: int = 900, cmap: str = "viridis") -> np.ndarray:
     """One small map per patch: its position embedding's similarity to all others (Fig. 7 centre).
 
     Args:
         sim: (rows, cols, rows, cols) cosine similarities.
-        tile: pixels per small map; default picks a size so the mosaic stays ~900 px wide.
+        width: approximate mosaic width in pixels.
 
     Returns:
-        uint8 RGB mosaic laid out like the patch grid; colours span [-1, 1] -> map.
+        uint8 RGB mosaic laid out like the patch grid, 1 px white gaps; colours span [-1, 1].
     """
     rows, cols = sim.shape[:2]
-    tile = tile or max(8, min(48, 900 // max(rows, cols) - 2))
-    tiles = [
-        upscale(colorize(sim[r, c].numpy(), cmap, vmin=-1.0, vmax=1.0), (tile, tile * cols // rows))
-        for r in range(rows)
-        for c in range(cols)
-    ]
-    return mosaic(tiles, cols=cols, gap=1, background=255)
+    zoom = max(1, width // (cols * cols + cols))  # pixels per similarity cell
+    colored = colorize(sim.numpy(), cmap, vmin=-1.0, vmax=1.0)  # (r, c, r, c, 3), one call
+    tiles = colored.repeat(zoom, axis=2).repeat(zoom, axis=3)  # (r, c, r*z, c*z, 3)
+    tiles = np.pad(tiles, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=255)
+    th, tw = tiles.shape[2:4]
+    return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3, 4).reshape(rows * th, cols * tw, 3))
 
 
 def feature_pca_image(rgb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
