@@ -11,6 +11,10 @@ import os
 
 import gradio as gr
 
+from explorer.ui.attention_tab import build_attention_tab
+from explorer.ui.distance_tab import build_distance_tab
+from explorer.ui.finetune_tab import build_finetune_tab
+from explorer.ui.igpt_tab import build_igpt_tab
 from explorer.ui.tokens_tab import build_tokens_tab
 
 TITLE = "ViT Explorer"
@@ -24,6 +28,10 @@ changes. Everything runs offline on a DINOv2 ViT-S/14; hub models work when onli
 
 TABS = [
     ("Patch tokens", build_tokens_tab),
+    ("Attention maps", build_attention_tab),
+    ("Mean attention distance", build_distance_tab),
+    ("iGPT", build_igpt_tab),
+    ("Fine-tune", build_finetune_tab),
 ]
 
 

@@ -1,0 +1,478 @@
+"""Labelled image sets for fine-tuning: uploaded zips, folders, and a built-in Fashion-MNIST.
+
+Every source ends up as an `ImageSet` (images, integer labels, class names, what was skipped).
+User data arrives in the ImageFolder layout, one folder per class::
+
+    cats/001.jpg  cats/002.png  dogs/a.jpg ...     (optionally inside one top-level folder)
+
+`ingest_zip` is written for hostile input. It unpacks into a fresh per-job temp dir and never
+writes outside it: entry names that are absolute or climb out with ``..`` (zip-slip) are
+refused, symlink entries are skipped (never created), and the number of files and the bytes
+actually decompressed are capped (zip bombs lie about their sizes, so the cap counts what comes
+out, not what the header claims). Files that are not images or do not decode are skipped and
+counted; too few images or a single class raise `DatasetError` with a message for people.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from explorer.images import ImageError, load_image
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Label order of the IDX files (Zalando's README).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+# Skip reasons, as shown to people next to their counts.
+SKIP_NOT_IMAGE = "not an image file"
+SKIP_CORRUPT = "corrupt or unreadable image"
+SKIP_SYMLINK = "symbolic link"
+SKIP_OUTSIDE_CLASS = "not inside a class folder"
+SKIP_HIDDEN = "hidden or system file"
+
+
+class DatasetError(ValueError):
+    """Unusable training data; ``str(err)`` is a message for the person who supplied it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps for untrusted archives and folders.
+
+    Attributes:
+        max_files: entries in the archive (directories included) — bounds work and inodes.
+        max_total_bytes: bytes actually decompressed, summed over all files.
+        max_file_bytes: bytes of one decompressed file (no single image needs more).
+        min_images: images needed in total after skipping bad files.
+        min_per_class: images needed per class: one to train on and one to validate.
+    """
+
+    max_files: int = 20_000
+    max_total_bytes: int = 1 << 30
+    max_file_bytes: int = 50 << 20
+    min_images: int = 10
+    min_per_class: int = 2
+
+
+@dataclass
+class ImageSet:
+    """Labelled images.
+
+    Attributes:
+        classes: class names; label ``i`` means ``classes[i]``.
+        labels: (N,) int64 labels.
+        sources: either N file paths, or an (N, H, W) / (N, H, W, 3) uint8 array.
+        skipped: reason -> number of files skipped while building the set.
+        root: temp dir that holds the files when this set owns one (see `cleanup`).
+    """
+
+    classes: list[str]
+    labels: np.ndarray
+    sources: list[Path] | np.ndarray
+    skipped: dict[str, int] = field(default_factory=dict)
+    root: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> Image.Image:
+        """The ``index``-th image as 8-bit RGB."""
+        source = self.sources[index]
+        if isinstance(source, np.ndarray):
+            return Image.fromarray(source).convert("RGB")
+        return load_image(source).image
+
+    def class_counts(self) -> dict[str, int]:
+        """Images per class, in class order (classes with no images included, as 0)."""
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {name: int(n) for name, n in zip(self.classes, counts, strict=True)}
+
+    def subset(self, indices) -> ImageSet:
+        """The images at ``indices`` (same classes; the temp dir stays owned by ``self``)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.sources, np.ndarray):
+            sources = self.sources[indices]
+        else:
+            sources = [self.sources[i] for i in indices]
+        return ImageSet(self.classes, self.labels[indices], sources, dict(self.skipped))
+
+    def fingerprint(self) -> str:
+        """A key that changes when the images or labels do (for feature caches)."""
+        import hashlib
+
+        digest = hashlib.sha1(self.labels.tobytes())
+        digest.update("\0".join(self.classes).encode())
+        if isinstance(self.sources, np.ndarray):
+            digest.update(np.ascontiguousarray(self.sources).tobytes())
+        else:
+            for path in self.sources:
+                st = os.stat(path)
+                digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        return digest.hexdigest()
+
+    def cleanup(self) -> None:
+        """Delete the temp dir this set was unpacked into, if any."""
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+
+# ---------------------------------------------------------------------------------------
+# Zip archives
+# ---------------------------------------------------------------------------------------
+
+
+def _safe_member_path(name: str) -> PurePosixPath:
+    """The relative path a zip entry may be written to; `DatasetError` for zip-slip names."""
+    if "\\" in name:  # Windows separators: "..\\..\\x" would climb out on some tools
+        name = name.replace("\\", "/")
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith("/") or (path.parts and ":" in path.parts[0]):
+        raise DatasetError(f"The zip contains an absolute path ({name!r}); refusing to unpack it.")
+    if ".." in path.parts:
+        raise DatasetError(
+            f"The zip contains a path that climbs out of its folder ({name!r}); refusing to "
+            "unpack it."
+        )
+    return path
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _is_hidden(path: PurePosixPath) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
+
+
+def extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, limits: Limits = Limits()
+                ) -> dict[str, int]:
+    """Unpack the image files of an untrusted zip into ``dest``.
+
+    Args:
+        zip_path: the archive.
+        dest: an existing, empty directory; nothing is written outside it.
+        limits: caps on files and decompressed bytes.
+
+    Returns:
+        Skip reason -> count for entries not unpacked (symlinks, hidden, non-image files).
+
+    Raises:
+        DatasetError: not a zip, zip-slip names, too many files, or too many bytes.
+    """
+    dest = Path(dest).resolve()
+    skipped: Counter[str] = Counter()
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DatasetError("This file is not a readable zip archive.") from err
+    with archive:
+        infos = archive.infolist()
+        if len(infos) > limits.max_files:
+            raise DatasetError(
+                f"The zip holds {len(infos):,} entries; the limit is {limits.max_files:,}."
+            )
+        paths = [_safe_member_path(info.filename) for info in infos]  # check all names first
+        total = 0
+        for info, rel in zip(infos, paths, strict=True):
+            if info.is_dir() or not rel.parts:
+                continue
+            if _is_symlink(info):
+                skipped[SKIP_SYMLINK] += 1
+                continue
+            if _is_hidden(rel):
+                skipped[SKIP_HIDDEN] += 1
+                continue
+            if rel.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[SKIP_NOT_IMAGE] += 1
+                continue
+            if info.flag_bits & 0x1:
+                raise DatasetError("The zip is encrypted; please upload an unencrypted zip.")
+            target = dest.joinpath(*rel.parts)
+            if not target.resolve().is_relative_to(dest):  # belt and braces after the name check
+                raise DatasetError(f"Refusing to unpack {info.filename!r} outside the job folder.")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                total += _copy_capped(archive, info, target, limits, total)
+            except OSError as err:  # "x.png" both a file and a folder, names too long, ...
+                raise DatasetError(f"Could not unpack {info.filename!r} ({err.strerror}).") from err
+    return dict(skipped)
+
+
+def _copy_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits: Limits,
+                 done: int) -> int:
+    """Decompress one entry, counting real output bytes against the caps; returns the bytes."""
+    written = 0
+    chunk = 1 << 20
+    try:
+        with archive.open(info) as src, open(target, "xb") as out:
+            while block := src.read(chunk):
+                written += len(block)
+                if written > limits.max_file_bytes:
+                    raise DatasetError(
+                        f"{info.filename!r} decompresses to more than "
+                        f"{limits.max_file_bytes >> 20} MB; is this a zip bomb?"
+                    )
+                if done + written > limits.max_total_bytes:
+                    raise DatasetError(
+                        f"The zip decompresses to more than {limits.max_total_bytes >> 20} MB "
+                        "in total; is this a zip bomb?"
+                    )
+                out.write(block)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as err:
+        raise DatasetError(f"The zip is damaged at {info.filename!r} ({err}).") from err
+    except FileExistsError as err:  # two entries with one name
+        raise DatasetError(f"The zip holds {info.filename!r} twice.") from err
+    return written
+
+
+def ingest_zip(zip_path: str | os.PathLike, limits: Limits = Limits(),
+               work_dir: str | os.PathLike | None = None) -> ImageSet:
+    """Unpack an uploaded ImageFolder zip into a fresh temp dir and index its images.
+
+    Args:
+        zip_path: the upload.
+        limits: caps on the archive and minimum data needed.
+        work_dir: where to create the per-job temp dir (default: the system temp dir).
+
+    Returns:
+        An `ImageSet` owning the temp dir (call ``cleanup()`` when done with it).
+
+    Raises:
+        DatasetError: hostile or unusable archive; the temp dir is removed before raising.
+    """
+    root = Path(tempfile.mkdtemp(prefix="vit-explorer-job-", dir=work_dir))
+    try:
+        skipped = extract_zip(zip_path, root, limits)
+        dataset = load_image_folder(root, limits, skipped)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    dataset.root = root
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------
+# Folders
+# ---------------------------------------------------------------------------------------
+
+
+def _class_root(root: Path) -> Path:
+    """Descend through single wrapper folders ("my_data/cats/..." zipped with its parent).
+
+    A lone folder that holds files itself is a class (one class only), not a wrapper.
+    """
+
+    def visible(folder: Path) -> list[Path]:
+        return [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
+
+    while True:
+        entries = visible(root)
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].is_symlink():
+            return root
+        if any(not p.is_dir() for p in visible(entries[0])):
+            return root
+        root = entries[0]
+
+
+def load_image_folder(root: str | os.PathLike, limits: Limits = Limits(),
+                      skipped: dict[str, int] | None = None) -> ImageSet:
+    """Index an ImageFolder tree: one sub-folder per class, images anywhere below it.
+
+    Each image is decoded once here so broken files are found before training starts;
+    symlinks are never followed.
+
+    Args:
+        root: the folder (a single wrapper folder inside it is descended into).
+        limits: file cap and minimum data needed.
+        skipped: counts already skipped upstream (by `extract_zip`), added to the report.
+
+    Raises:
+        DatasetError: missing folder, fewer than two classes, or too few images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"No folder at {os.fspath(root)!r}.")
+    root = _class_root(root)
+    skipped = Counter(skipped or {})
+    class_dirs = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.name == "__MACOSX":
+            skipped[SKIP_HIDDEN] += entry.is_file()
+        elif entry.is_symlink():
+            skipped[SKIP_SYMLINK] += 1
+        elif entry.is_dir():
+            class_dirs.append(entry)
+        else:
+            skipped[SKIP_OUTSIDE_CLASS] += 1
+
+    paths: list[Path] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    seen = 0
+    for class_dir in class_dirs:
+        files = _walk_files(class_dir, skipped)
+        seen += len(files)
+        if seen > limits.max_files:
+            raise DatasetError(f"The folder holds more than {limits.max_files:,} files.")
+        good = [p for p in files if _usable_image(p, skipped)]
+        if good:
+            labels += [len(classes)] * len(good)
+            classes.append(class_dir.name)
+            paths += good
+    skipped = Counter({k: v for k, v in skipped.items() if v})
+    _check_enough(classes, np.asarray(labels, dtype=np.int64), skipped, limits)
+    return ImageSet(classes, np.asarray(labels, dtype=np.int64), paths, dict(skipped))
+
+
+def _walk_files(class_dir: Path, skipped: Counter) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                skipped[SKIP_SYMLINK] += 1
+            elif name.startswith("."):
+                skipped[SKIP_HIDDEN] += 1
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[SKIP_NOT_IMAGE] += 1
+            else:
+                files.append(path)
+    return files
+
+
+def _usable_image(path: Path, skipped: Counter) -> bool:
+    try:
+        load_image(path)
+    except ImageError:
+        skipped[SKIP_CORRUPT] += 1
+        return False
+    return True
+
+
+def _check_enough(classes: list[str], labels: np.ndarray, skipped: Counter, limits: Limits
+                  ) -> None:
+    note = ""
+    if skipped:
+        note = " Skipped: " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()) + "."
+    if not classes:
+        raise DatasetError(
+            "No usable images found. Put images in one folder per class (cats/1.jpg, "
+            "dogs/2.jpg, ...) and zip those folders." + note
+        )
+    if len(classes) == 1:
+        raise DatasetError(
+            f"Only one class folder ('{classes[0]}') holds images; a classifier needs at least "
+            "two classes, one folder each." + note
+        )
+    if len(labels) < limits.min_images:
+        raise DatasetError(
+            f"Only {len(labels)} usable images; at least {limits.min_images} are needed." + note
+        )
+    counts = np.bincount(labels, minlength=len(classes))
+    few = [f"'{c}' ({n})" for c, n in zip(classes, counts, strict=True)
+           if n < limits.min_per_class]
+    if few:
+        raise DatasetError(
+            f"Each class needs at least {limits.min_per_class} images (one to train, one to "
+            f"validate); too few in: {', '.join(few)}." + note
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ---------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def fashion_mnist(split: str = "train", n: int | None = None, seed: int = 0,
+                  root: str | os.PathLike = FASHION_MNIST_DIR) -> ImageSet:
+    """A stratified subset of Fashion-MNIST (28x28 grey clothes, 10 classes).
+
+    Args:
+        split: "train" (60k images) or "test" (10k).
+        n: images to keep, spread evenly over the classes; None keeps all.
+        seed: which images are drawn.
+        root: folder with the IDX ``.gz`` files (Debian's ``dataset-fashion-mnist``).
+
+    Returns:
+        `ImageSet` whose sources are an (n, 28, 28) uint8 array.
+    """
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = Path(root)
+    image_file = root / f"{prefix}-images-idx3-ubyte.gz"
+    if not image_file.is_file():
+        raise DatasetError(
+            f"Fashion-MNIST is not installed ({image_file} missing); on Debian/Ubuntu install "
+            "the 'dataset-fashion-mnist' package."
+        )
+    images = _read_idx(image_file, 16).reshape(-1, 28, 28)
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    full = ImageSet(list(FASHION_MNIST_CLASSES), labels, images)
+    if n is None or n >= len(labels):
+        return full
+    keep = stratified_sample(labels, n, seed)
+    return full.subset(keep)
+
+
+# ---------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` items with the class proportions of ``labels`` (sorted, seeded)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    # Rank each item within its class in the shuffled order, then keep the lowest ranks
+    # fraction-wise: every class gets n * share of it, rounding spread by the global shuffle.
+    ranks = np.empty(len(labels))
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        ranks[members] = (np.arange(len(members)) + 0.5) / len(members)
+    keep = order[np.argsort(ranks[order], kind="stable")[:n]]
+    return np.sort(keep)
+
+
+def train_val_split(dataset: ImageSet, val_fraction: float = 0.2, seed: int = 0
+                    ) -> tuple[ImageSet, ImageSet]:
+    """Seeded, stratified split: each class gives ~``val_fraction`` of its images (>= 1) to val.
+
+    Raises:
+        DatasetError: a class has fewer than two images (nothing left to train or validate on).
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), not {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c, name in enumerate(dataset.classes):
+        members = rng.permutation(np.flatnonzero(dataset.labels == c))
+        if len(members) < 2:
+            raise DatasetError(f"Class '{name}' has {len(members)} image(s); it needs two or more.")
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
+        val_idx.append(members[:n_val])
+        train_idx.append(members[n_val:])
+    return (dataset.subset(np.sort(np.concatenate(train_idx))),
+            dataset.subset(np.sort(np.concatenate(val_idx))))

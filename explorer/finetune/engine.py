@@ -1,0 +1,429 @@
+"""The one training engine, built on accelerate, shared by the tab, the CLI and the benchmark.
+
+`run_finetune` is a generator: it yields a `TrainEvent` per optimiser step (and per feature
+batch in linear-probe mode), and its last event carries the `FinetuneResult`. Accelerate
+handles device placement, mixed precision (GPU only: bf16/fp16 matmuls are ~100x slower than
+fp32 on our CPUs), gradient accumulation and, under ``accelerate launch``, data-parallel
+training on several GPUs. A `threading.Event` stops a run between two batches.
+
+Modes:
+    ``linear``: frozen backbone; its pre-logits features are computed once (and cached, see
+        `probe.FEATURE_CACHE`), then only a linear head is trained on them. The features are
+        standardised for the optimiser and the standardisation folded back into the head, so
+        the saved model computes exactly the probe's logits.
+    ``last_k``: the last ``k`` blocks, the final norm and the head are trained.
+    ``full``: every parameter is trained (position embeddings included).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from explorer.datasets import ImageSet
+from explorer.finetune.data import PixelDataset, make_loader
+from explorer.finetune.probe import FEATURE_CACHE, extract_features, feature_key
+from explorer.finetune.resolution import set_resolution, snap_resolution
+
+MODES = ("linear", "last_k", "full")
+# Learning rates that work for ViT-S/B with AdamW at batch ~32 (a head on standardised
+# features learns fast; pretrained blocks need small steps, as in DeiT/BEiT fine-tuning).
+DEFAULT_LR = {"linear": 1e-2, "last_k": 1e-4, "full": 3e-5}
+
+
+@dataclass
+class FinetuneConfig:
+    """What to train and how; converted from UI values / CLI flags in one place each.
+
+    Attributes:
+        mode: "linear" (frozen backbone + cached features), "last_k" or "full".
+        last_k: blocks trained in "last_k" mode (the final norm and head always train).
+        resolution: training side in pixels, snapped to the patch size; None = native.
+            Position embeddings are interpolated to the new grid.
+        epochs: passes over the training set.
+        max_steps: stop after this many optimiser steps (demos, tests); None = no cap.
+        lr: peak learning rate; None = `DEFAULT_LR` for the mode.
+        weight_decay: AdamW weight decay.
+        batch_size: images per process per forward.
+        grad_accum: batches accumulated per optimiser step (effective batch = product).
+        warmup_frac: share of steps with linear warm-up before the cosine decay.
+        augment: random horizontal flips while training (not in linear mode: features are
+            computed once, so there is nothing to augment).
+        mixed_precision: "auto" (bf16 on GPUs that support it, else fp16; fp32 on CPU),
+            or accelerate's "no" / "fp16" / "bf16".
+        seed: seeds Python, NumPy, torch and the shuffle; same seed, same run (on one device).
+        feature_batch_size: batch for the frozen forward in linear mode (no gradients: larger).
+    """
+
+    mode: str = "linear"
+    last_k: int = 2
+    resolution: int | None = None
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_frac: float = 0.05
+    augment: bool = True
+    mixed_precision: str = "auto"
+    seed: int = 0
+    feature_batch_size: int = 64
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.last_k < 1:
+            raise ValueError("epochs, batch_size, grad_accum and last_k must be >= 1")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced.
+
+    Attributes:
+        model: the trained model (unwrapped, on CPU, eval mode), classifier for ``classes``.
+        classes: class names, in label order.
+        resolution: (height, width) trained at.
+        history: one dict per optimiser step (step, epoch, loss, acc, lr, images: seen so
+            far by this process, time: training seconds so far) and per evaluation (step,
+            epoch, val_loss, val_acc).
+        val_acc: final validation accuracy (NaN when cancelled before evaluating).
+        val_labels, val_preds: (N,) int arrays in validation-set order.
+        confusion: (C, C) counts, rows = true class, columns = predicted.
+        cancelled: the run was stopped by its cancel event.
+        timings: seconds per stage ("features", "train", "eval") and "train_images_per_s".
+        feature_cache_hit: linear mode found its features already computed.
+    """
+
+    model: nn.Module
+    classes: list[str]
+    resolution: tuple[int, int]
+    history: list[dict] = field(default_factory=list)
+    val_acc: float = float("nan")
+    val_labels: np.ndarray | None = None
+    val_preds: np.ndarray | None = None
+    confusion: np.ndarray | None = None
+    cancelled: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    feature_cache_hit: bool = False
+
+
+@dataclass
+class TrainEvent:
+    """One progress report.
+
+    Attributes:
+        stage: "features" (frozen forward), "train", "eval", "done" or "cancelled".
+        done, total: progress within the stage (batches for features, steps for training).
+        metrics: the latest history entry (train: loss/acc/lr; eval: val_loss/val_acc).
+        result: set on the last event only.
+    """
+
+    stage: str
+    done: int
+    total: int
+    metrics: dict = field(default_factory=dict)
+    result: FinetuneResult | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """accelerate's mixed_precision for ``choice``; "auto" never picks half precision on CPU."""
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(config: FinetuneConfig) -> Accelerator:
+    """The Accelerator for a run (its state is process-wide; one run at a time)."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+                       gradient_accumulation_steps=config.grad_accum)
+
+
+def prepare_model(model: nn.Module, num_classes: int, config: FinetuneConfig) -> tuple[int, int]:
+    """Set resolution, new head and trainable parameters in place; returns the resolution."""
+    size = snap_resolution(model, config.resolution)
+    set_resolution(model, size)
+    model.reset_classifier(num_classes)
+    model.float()
+    if config.mode == "full":
+        trainable = list(model.parameters())
+    else:
+        model.requires_grad_(False)
+        trainable = list(model.head.parameters())
+        if config.mode == "last_k":
+            k = min(config.last_k, len(model.blocks))
+            for module in [*model.blocks[-k:], model.norm, model.fc_norm]:
+                trainable += list(module.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return size
+
+
+def cosine_schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine decay to zero (as in DeiT / timm)."""
+    warmup = max(1, round(total_steps * warmup_frac)) if warmup_frac > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def run_finetune(
+    model: nn.Module,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    config: FinetuneConfig,
+    cancel: threading.Event | None = None,
+    model_key: str | None = None,
+) -> Iterator[TrainEvent]:
+    """Train ``model`` (modified in place: pass a fresh copy, never a shared cached one).
+
+    Args:
+        model: a timm VisionTransformer, freshly built for this run.
+        train_set, val_set: labelled images with the same ``classes``.
+        config: mode, resolution, schedule.
+        cancel: set it to stop between two batches; the last event then has
+            ``result.cancelled`` and no evaluation.
+        model_key: names the weights for the linear-probe feature cache (e.g. the catalogue
+            name); None = derived from the weights themselves.
+
+    Yields:
+        `TrainEvent`s; the last one has ``stage`` "done" or "cancelled" and the result.
+    """
+    if list(train_set.classes) != list(val_set.classes):
+        raise ValueError("train_set and val_set must have the same classes")
+    cancel = cancel or threading.Event()
+    set_seed(config.seed)
+    accelerator = make_accelerator(config)
+    size = prepare_model(model, len(train_set.classes), config)
+    data_config = timm.data.resolve_model_data_config(model)
+    result = FinetuneResult(model, list(train_set.classes), size)
+
+    if config.mode == "linear":
+        trainer = _linear_probe(accelerator, model, train_set, val_set, data_config, config,
+                                cancel, result, model_key)
+    else:
+        trainer = _train_network(accelerator, model, train_set, val_set, data_config, config,
+                                 cancel, result)
+    yield from trainer
+    accelerator.wait_for_everyone()
+    model.eval().cpu()
+    accelerator.free_memory()
+    stage = "cancelled" if result.cancelled else "done"
+    last = result.history[-1] if result.history else {}
+    yield TrainEvent(stage, 1, 1, last, result)
+
+
+def finetune(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: FinetuneConfig,
+             cancel: threading.Event | None = None,
+             on_event: Callable[[TrainEvent], None] | None = None, **kwargs) -> FinetuneResult:
+    """`run_finetune` to the end; ``on_event`` sees every event (a callback-style API)."""
+    event = None
+    for event in run_finetune(model, train_set, val_set, config, cancel, **kwargs):
+        if on_event is not None:
+            on_event(event)
+    return event.result
+
+
+# ---------------------------------------------------------------------------------------
+# Full / partial fine-tuning
+# ---------------------------------------------------------------------------------------
+
+
+def _train_network(accelerator, model, train_set, val_set, data_config, config, cancel, result):
+    train_loader = make_loader(PixelDataset(train_set, data_config, result.resolution,
+                                            augment=config.augment),
+                               config.batch_size, shuffle=True, seed=config.seed)
+    val_loader = make_loader(PixelDataset(val_set, data_config, result.resolution),
+                             config.feature_batch_size, shuffle=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
+    yield from _fit(accelerator, model, optimizer, train_loader, val_loader, config, cancel,
+                    result)
+
+
+def _fit(accelerator: Accelerator, module: nn.Module, optimizer, train_loader: DataLoader,
+         val_loader: DataLoader, config: FinetuneConfig, cancel: threading.Event,
+         result: FinetuneResult) -> Iterator[TrainEvent]:
+    """The training loop both modes share: ``module`` maps a batch's inputs to logits."""
+    train_loader = accelerator.prepare(train_loader)  # this process's shard from here on
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    local_total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        local_total = min(local_total, config.max_steps)
+    # accelerate's scheduler wrapper steps the schedule once per process at every optimiser
+    # step (it counts samples, not steps), so the schedule spans num_processes x our steps.
+    schedule = cosine_schedule(local_total * accelerator.num_processes, config.warmup_frac)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    module, optimizer, val_loader, scheduler = accelerator.prepare(
+        module, optimizer, val_loader, scheduler)
+
+    step, seen, train_time = 0, 0, 0.0
+    window_loss, window_correct, window_n = 0.0, 0, 0
+    for _ in range(config.epochs):
+        module.train()
+        start = time.perf_counter()
+        for inputs, labels, _ in train_loader:
+            if cancel.is_set():
+                result.cancelled = True
+                break
+            with accelerator.accumulate(module):
+                logits = module(inputs)
+                loss = F.cross_entropy(logits, labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.item() * len(labels)
+            window_correct += int((logits.argmax(-1) == labels).sum())
+            window_n += len(labels)
+            seen += len(labels)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            metrics = {"step": step, "epoch": step / steps_per_epoch,
+                       "loss": window_loss / window_n, "acc": window_correct / window_n,
+                       "lr": scheduler.get_last_lr()[0], "images": seen,
+                       "time": train_time + time.perf_counter() - start}
+            window_loss, window_correct, window_n = 0.0, 0, 0
+            result.history.append(metrics)
+            yield TrainEvent("train", step, local_total, metrics)
+            if step >= local_total:
+                break
+        train_time += time.perf_counter() - start
+        if result.cancelled:
+            break
+        yield from _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch)
+        if step >= local_total:
+            break
+    result.timings["train"] = train_time
+    result.timings["train_images_per_s"] = seen / train_time if train_time else float("nan")
+    if not result.cancelled and (not result.history or "val_acc" not in result.history[-1]):
+        yield from _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch)
+
+
+@torch.no_grad()
+def _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch):
+    start = time.perf_counter()
+    module.eval()
+    preds, labels_all, index_all, loss_sum = [], [], [], 0.0
+    for inputs, labels, index in val_loader:
+        logits = module(inputs)
+        logits, labels, index = accelerator.gather_for_metrics((logits, labels, index))
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        preds.append(logits.argmax(-1).cpu())
+        labels_all.append(labels.cpu())
+        index_all.append(index.cpu())
+    order = torch.cat(index_all).argsort()
+    result.val_preds = torch.cat(preds)[order].numpy()
+    result.val_labels = torch.cat(labels_all)[order].numpy()
+    result.val_acc = float((result.val_preds == result.val_labels).mean())
+    result.confusion = confusion_matrix(result.val_labels, result.val_preds,
+                                        len(result.classes))
+    metrics = {"step": step, "epoch": step / steps_per_epoch, "val_loss": loss_sum / len(order),
+               "val_acc": result.val_acc}
+    result.history.append(metrics)
+    result.timings["eval"] = result.timings.get("eval", 0.0) + time.perf_counter() - start
+    yield TrainEvent("eval", step, step, metrics)
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int counts: rows are true classes, columns predicted ones."""
+    flat = np.asarray(labels) * num_classes + np.asarray(preds)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+# ---------------------------------------------------------------------------------------
+# Linear probe
+# ---------------------------------------------------------------------------------------
+
+
+class _FeatureHead(nn.Module):
+    """Maps (features, ...) batches to logits; what `_fit` trains in linear mode."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+def _linear_probe(accelerator, model, train_set, val_set, data_config, config, cancel, result,
+                  model_key):
+    start = time.perf_counter()
+    features = {}
+    for name, images in (("train", train_set), ("val", val_set)):
+        key = feature_key(model, model_key, images, result.resolution)
+        cached = FEATURE_CACHE.get(key)
+        if cached is None:
+            loader = make_loader(PixelDataset(images, data_config, result.resolution),
+                                 config.feature_batch_size, shuffle=False)
+            extraction = extract_features(accelerator, model, loader, cancel)
+            cached = yield from _relay(extraction, f"features ({name})")
+            if cached is None:  # cancelled
+                result.cancelled = True
+                return
+            FEATURE_CACHE.put(key, cached)
+        else:
+            result.feature_cache_hit = True
+        features[name] = cached
+    result.timings["features"] = time.perf_counter() - start
+
+    set_seed(config.seed)  # loaders drew from the RNG only when extracting: same head init
+    train_x, val_x = features["train"], features["val"]
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_data = TensorDataset((train_x - mean) / std, torch.as_tensor(train_set.labels),
+                               torch.arange(len(train_set)))
+    val_data = TensorDataset((val_x - mean) / std, torch.as_tensor(val_set.labels),
+                             torch.arange(len(val_set)))
+    head = _FeatureHead(train_x.shape[1], len(train_set.classes))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.peak_lr,
+                                  weight_decay=config.weight_decay)
+    yield from _fit(accelerator, head, optimizer,
+                    make_loader(train_data, config.batch_size, shuffle=True, seed=config.seed),
+                    make_loader(val_data, config.feature_batch_size, shuffle=False),
+                    config, cancel, result)
+    # Fold the standardisation into the model's head: W (f - mu) / sigma + b.
+    trained = accelerator.unwrap_model(head).linear
+    with torch.no_grad():
+        weight = trained.weight.detach().cpu() / std
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(trained.bias.detach().cpu() - weight @ mean)
+
+
+def _relay(extraction, stage: str):
+    """Forward a feature extractor's (done, total) progress as events; return its value."""
+    try:
+        while True:
+            done, total = next(extraction)
+            yield TrainEvent(stage, done, total)
+    except StopIteration as stop:
+        return stop.value

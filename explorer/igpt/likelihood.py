@@ -1,0 +1,36 @@
+"""How surprised the model is by each pixel of a real image: negative log-likelihood in bits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from explorer.igpt.model import ImageGPT
+from explorer.igpt.sequence import model_inputs
+
+
+@torch.inference_mode()
+def pixel_nll_bits(model: ImageGPT, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """tokens: (B, H, W) colour ids -> (B, H, W) bits, -log2 p(pixel | all pixels before it).
+
+    One forward pass per batch: the start token plus pixels 0..L-2 go in, and position t's
+    distribution scores pixel t (teacher forcing).
+    """
+    out = []
+    for chunk in tokens.split(batch_size):
+        inputs, targets = model_inputs(chunk, model.config.start_token)  # (b, L), (b, L)
+        logits = model(inputs)  # (b, L, K)
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (b, L) nats
+        out.append(nll.view(chunk.shape) / math.log(2))
+    return torch.cat(out)
+
+
+def bits_per_dim(bits: torch.Tensor, channels: int = 1) -> float:
+    """Mean bits per pixel divided by the channels each pixel stands for.
+
+    bits: (..., H, W). channels: 1 for a grey palette, 3 for a colour palette (a token codes
+    R, G and B together, so its bits are shared by three dimensions).
+    """
+    return float(bits.mean()) / channels

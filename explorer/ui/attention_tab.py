@@ -1,0 +1,244 @@
+"""Attention tab: every layer and head, rollout, a clicked query patch, prefix tokens."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+
+from explorer import attention, images, models
+from explorer.plots import attention as plots
+from explorer.plots.colors import COLORMAPS
+from explorer.ui import common
+from explorer.ui.tokens_tab import resolution_for
+
+INTRO = """
+**Where does each token look?** Every block mixes tokens with softmax(QKᵀ/√d): one map per
+head. Below: the class token's attention in a chosen layer for every head, the same for all
+layers at a glance, *rollout* (attention chained through the layers with the residual
+connection counted as identity, Abnar & Zuidema 2020), DINO-style masks, and the prefix
+tokens. **Click a patch** on the input to see what that patch attends to.
+"""
+
+HEAD_CHOICES = ["mean", "max", "min"]
+N_VIEWS = 10  # outputs of `render`
+
+
+@dataclass
+class Session:
+    """What one analysis leaves for the follow-up events (kept in `gr.State`)."""
+
+    maps: attention.AttentionMaps
+    shown: np.ndarray  # (H, W, 3) the model's input as displayed
+    prefix_share: object  # (L, P) tensor, computed once per image
+    relevance: np.ndarray | None  # class-specific map, classifier models only
+    relevance_note: str
+    note: str
+
+
+def _analyse(image_path, model_name, width, height, fit) -> Session:
+    image = common.load_upload(image_path)
+    with common.user_errors():
+        model, data_config = models.load_vit(model_name)
+        size = resolution_for(model, data_config, width, height)
+        pixels = images.prepare_pixels(image, data_config, size, fit)
+        maps = attention.attention_maps(model, pixels)
+        relevance, note = None, "Class-specific map: only for models with a classifier head."
+        if getattr(model, "num_classes", 0):
+            rel, target = attention.class_relevance(model, pixels)
+            names = getattr(model, "class_names", None)
+            label = names[int(target[0])] if names else f"class {int(target[0])}"
+            relevance, note = rel[0].numpy(), f"Relevance for the predicted **{label}** (Chefer et al.)."
+    share = attention.prefix_attention_share(maps)[:, 0]
+    rows, cols = maps.grid
+    summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
+               f"{maps.num_layers} layers x {maps.num_heads} heads, prefix: "
+               f"{', '.join(maps.prefix_names) or 'none'}.")
+    return Session(maps, images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
+
+
+def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
+    """All per-image views from the kept maps (the `/attention_views` endpoint)."""
+    if session is None:
+        raise gr.Error("Run the analysis first (press Show attention).")
+    maps, shown, layer = session.maps, session.shown, int(layer) - 1
+    with common.user_errors(), _index_errors():
+        v = attention.attention_views(maps, min(layer, maps.num_layers - 1), fusion, roll_fusion,
+                                      float(discard), int(start) - 1, float(keep),
+                                      prefix_share=session.prefix_share)
+    flagged = int(v.high_norm.sum())
+    norm_note = (f"Block {v.layer + 1}: **{flagged}** patch token(s) above {v.norm_threshold:.1f} "
+                 "(2x the median patch norm).")
+    relevance = (plots.heat_overlay(shown, session.relevance, opacity, cmap)
+                 if session.relevance is not None else None)
+    return (
+        plots.head_grid(shown, v.heads, v.fused, fusion, v.layer, opacity, cmap),
+        plots.layer_strip(shown, v.per_layer, opacity, cmap),
+        plots.heat_overlay(shown, v.rollout, opacity, cmap),
+        plots.mask_grid(shown, v.masks, float(keep), v.layer),
+        plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
+        plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:], maps.grid, v.high_norm, cmap),
+        plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, v.layer),
+        norm_note, relevance, session.relevance_note,
+    )
+
+
+def rerender(session: Session | None, *settings):
+    """Redraw after a setting changes; nothing to do before the first analysis."""
+    if session is None:
+        return tuple(gr.skip() for _ in range(N_VIEWS))
+    return render(session, *settings)
+
+
+def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
+                       discard, start, keep, opacity, cmap):
+    """Analyse an image and build every view (the `/attention` endpoint)."""
+    session = _analyse(image_path, model_name, width, height, fit)
+    views = render(session, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
+    depth = session.maps.num_layers
+    sliders = (gr.Slider(maximum=depth, value=min(int(layer), depth)),
+               gr.Slider(maximum=depth, value=min(int(start), depth)))
+    return (session, session.note, session.shown, *views, *sliders,
+            None, None, "Click a patch on the input image.")
+
+
+def pick_patch(session: Session | None, evt: gr.SelectData):
+    """Turn a click on the input image into a (row, col) patch position."""
+    if session is None:
+        raise gr.Error("Run the analysis first, then click a patch.")
+    (ph, pw), (rows, cols) = session.maps.patch_size, session.maps.grid
+    x, y = evt.index
+    return min(int(y) // ph, rows - 1), min(int(x) // pw, cols - 1)
+
+
+def query(session: Session | None, row, col, layer, head, opacity, cmap):
+    """One query patch's attention: chosen layer and head, and across layers."""
+    if session is None or row is None or col is None:
+        raise gr.Error("Run the analysis first, then click a patch.")
+    maps, cell = session.maps, (int(row), int(col))
+    head_arg = head if head in HEAD_CHOICES else int(str(head).split()[-1]) - 1
+    with common.user_errors(), _index_errors():
+        in_layer, all_layers = attention.query_views(maps, *cell, int(layer) - 1, head_arg)
+    info = (f"Query patch row {cell[0]}, column {cell[1]} (token {maps.token_index(*cell)}), "
+            f"layer {int(layer)}, head: {head}.")
+    return (plots.heat_overlay(session.shown, in_layer, opacity, cmap, cell),
+            plots.layer_strip(session.shown, all_layers, opacity, cmap, cell), info)
+
+
+@contextlib.contextmanager
+def _index_errors() -> Iterator[None]:
+    """Out-of-range layer/head/patch (possible from the API) become a clear gr.Error."""
+    try:
+        yield
+    except (IndexError, ValueError) as err:
+        raise gr.Error(str(err)) from err
+
+
+def build_attention_tab() -> None:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+    gr.Markdown(INTRO)
+    session = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = common.upload_image(label="Image", height=260, elem_id="attn-image")
+            gr.Examples(common.example_images(), inputs=image, label="Examples",
+                        elem_id="attn-examples")
+            model = common.model_dropdown()
+            with gr.Row():
+                width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0,
+                                  elem_id="attn-width")
+                height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0,
+                                   elem_id="attn-height")
+            fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit",
+                           info="0 in width/height = the model's native size")
+            run = gr.Button("Show attention", variant="primary", elem_id="attn-run")
+        with gr.Column(scale=1):
+            layer = gr.Slider(1, 12, value=12, step=1, label="Layer", elem_id="attn-layer")
+            fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Fuse heads by")
+            with gr.Accordion("Rollout", open=True):
+                roll_fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Rollout head fusion")
+                discard = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio",
+                                    info="share of the weakest links dropped per layer")
+                start = gr.Slider(1, 12, value=1, step=1, label="Start layer")
+            keep = gr.Slider(0.1, 1.0, value=0.6, step=0.05, label="DINO mask: attention mass kept")
+            with gr.Row():
+                opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
+                cmap = gr.Dropdown(COLORMAPS, value="inferno", label="Colour map")
+        with gr.Column(scale=1):
+            summary = gr.Markdown(elem_id="attn-summary")
+            shown = gr.Image(label="Input as the model sees it: click a patch", format="png",
+                             interactive=False, elem_id="attn-input")
+            query_info = gr.Markdown("Click a patch on the input image.", elem_id="attn-query-info")
+            query_head = gr.Dropdown(HEAD_CHOICES + [f"head {h}" for h in range(1, 17)],
+                                     value="mean", label="Query map: head", elem_id="attn-query-head")
+            with gr.Row():
+                q_row = gr.Number(label="Patch row (0-based)", precision=0, elem_id="attn-q-row")
+                q_col = gr.Number(label="Patch column (0-based)", precision=0, elem_id="attn-q-col")
+    query_img = gr.Image(label="Clicked patch: attention in the chosen layer", format="png",
+                         interactive=False, elem_id="attn-query")
+    query_strip = gr.Image(label="Clicked patch: attention in every layer", format="png",
+                           interactive=False, elem_id="attn-query-strip")
+    heads = gr.Image(label="Class token -> patches, every head of the chosen layer, and fused",
+                     format="png", interactive=False, elem_id="attn-heads")
+    strip = gr.Image(label="Class token -> patches, every layer (fused)", format="png",
+                     interactive=False, elem_id="attn-strip")
+    with gr.Row():
+        rollout = gr.Image(label="Attention rollout (class token)", format="png",
+                           interactive=False, elem_id="attn-rollout")
+        with gr.Column():
+            relevance = gr.Image(label="Class-specific relevance", format="png",
+                                 interactive=False, elem_id="attn-relevance")
+            relevance_note = gr.Markdown()
+    masks = gr.Image(label="DINO-style masks per head", format="png", interactive=False,
+                     elem_id="attn-masks")
+    with gr.Row():
+        prefix_plot = gr.Plot(label="Prefix tokens", elem_id="attn-prefix")
+        with gr.Column():
+            norm_map = gr.Image(label="Token norms (high-norm tokens boxed)", format="png",
+                                interactive=False, elem_id="attn-norms")
+            norm_note = gr.Markdown(elem_id="attn-norm-note")
+    norm_plot = gr.Plot(label="Token norm distribution", elem_id="attn-norm-hist")
+    gr.Markdown(NORM_NOTE)
+
+    settings = [layer, fusion, roll_fusion, discard, start, keep, opacity, cmap]
+    views = [heads, strip, rollout, masks, prefix_plot, norm_map, norm_plot, norm_note,
+             relevance, relevance_note]
+    run.click(analyse_and_render, inputs=[image, model, width, height, fit, *settings],
+              outputs=[session, summary, shown, *views, layer, start, query_img, query_strip,
+                       query_info],
+              api_name="attention", concurrency_limit=common.concurrency_limit(),
+              concurrency_id="analysis")
+    gr.on([layer.release, fusion.change, roll_fusion.change, discard.release, start.release,
+           keep.release, opacity.release, cmap.change],
+          rerender, inputs=[session, *settings], outputs=views, api_name="attention_views",
+          concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
+          trigger_mode="always_last")
+    query_inputs = [session, q_row, q_col, layer, query_head, opacity, cmap]
+    shown.select(pick_patch, inputs=session, outputs=[q_row, q_col],
+                 api_name="attention_pick").then(
+        query, inputs=query_inputs, outputs=[query_img, query_strip, query_info],
+        api_name="attention_query")
+    gr.on([query_head.change, layer.release], query_if_picked, inputs=query_inputs,
+          outputs=[query_img, query_strip, query_info], api_name="attention_query_update",
+          trigger_mode="always_last")
+
+
+def query_if_picked(session, row, col, layer, head, opacity, cmap):
+    """Refresh the query views after a layer/head change, if a patch was picked."""
+    if session is None or row is None or col is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    return query(session, row, col, layer, head, opacity, cmap)
+
+
+NORM_NOTE = """
+*Token norms.* Darcet et al. (2024, "Vision Transformers Need Registers") found that large
+DINOv2 models without registers repurpose a few low-information background patches as
+global scratch space: those tokens get norms several times the others and draw the class
+token's attention, which spoils attention maps. Register tokens give the model that space
+instead. The detector here boxes patches above 2x the median patch norm of the image; the
+small offline ViT-S/14 shows few or none (the paper reports the artifacts mostly from
+ViT-L up), which the histogram lets you check.
+"""

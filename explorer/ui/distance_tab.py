@@ -1,0 +1,133 @@
+"""Mean attention distance tab: the ViT paper's Fig. 7 (right), datasets, models, a CNN."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from explorer import distance, models
+from explorer.plots import distance as plots
+from explorer.ui import common
+from explorer.ui.tokens_tab import resolution_for
+
+INTRO = """
+**How far does each head look?** For every layer and head: the attention-weighted distance
+in pixels between a query patch and the patches it attends to, averaged over the image
+(ViT paper, Fig. 7 right). Compare models, a dataset's spread, and a CNN's receptive field.
+"""
+
+MEANING = """
+**What the plot means, in plain words.** Each dot is one attention head. Its height says how
+far, on average, that head's patches look for information: a low dot is a *local* head (it
+mostly reads its neighbours, like a small convolution), a dot near the dotted line is a
+*global* head (it reads the whole image evenly). In a trained ViT some heads are already
+global in the first layers, and distance grows with depth: the model *can* look everywhere
+from the start and learns where that helps. A CNN cannot: its receptive field (cyan) grows
+only layer by layer, and its *effective* field (measured from gradients on this image) is
+smaller still, because it is built into the architecture (an inductive bias). The randomly
+initialised ViT shows what comes from the architecture alone: near-uniform, global
+attention everywhere, so the structure in the trained model is learned.
+"""
+
+RANDOM_LABEL = "random init (same architecture)"
+
+
+def _entry(name, width, height, label=None):
+    model, config = models.load_vit(name)
+    return (label or name or models.DEFAULT_MODEL, model, config,
+            resolution_for(model, config, width, height))
+
+
+def per_image(image_path, model_name, others, random_init, cnn, width, height, fit, prefix, band):
+    """The Fig. 7-style plot for one image (the `/distance` endpoint)."""
+    image = common.load_upload(image_path)
+    with common.user_errors():
+        main = _entry(model_name, width, height)
+        entries = [main] + [_entry(n, width, height) for n in (others or []) if n != model_name]
+        if random_init:
+            entries.append((RANDOM_LABEL, distance.random_init_cached(main[0], main[1]), *main[2:]))
+        series, rate = distance.compare_models(image, entries, fit, prefix)
+        rf = distance.mobilenet_receptive_fields(image, max(main[3])) if cnn else None
+    patch = main[1].patch_embed.patch_size
+    grid = (main[3][0] // patch[0], main[3][1] // patch[1])
+    shown_band = band[1:] if band and band[0] == main[0] else None
+    fig = plots.distance_figure(series, shown_band, rf, distance.uniform_distance(grid, patch))
+    info = (f"{main[0]}: attention maps + distance at {main[3][1]}x{main[3][0]} px: "
+            f"**{rate:.1f} images/s** on this machine.")
+    if band and shown_band is None:
+        info += f" (The dataset band was computed for {band[0]}; recompute it for this model.)"
+    return fig, plots.erf_mosaic(rf) if rf is not None else None, info
+
+
+def dataset_band(model_name, source, n, folder, width, height, prefix,
+                 progress=gr.Progress()):  # noqa: B008
+    """Mean and spread per head over a dataset, cached per model (`/distance_dataset`)."""
+    with common.user_errors():
+        label, model, config, size = _entry(model_name, width, height)
+        key = (label, source, int(n), folder or "", size, prefix)
+
+        def compute():
+            imgs = distance.dataset_images(source, int(n), folder)
+            return distance.dataset_mean_attention_distance(
+                model, config, imgs, size, prefix=prefix,
+                progress=lambda done, total: progress(done / total, desc=f"{done}/{total} images"))
+
+        stats = distance.DATASET_STATS.get(key, compute)
+    band = (label, f"{source}: mean ± std over {stats.n_images} images", stats.mean, stats.std)
+    info = (f"Dataset band: {stats.n_images} images ({source}) at {size[1]}x{size[0]}, "
+            f"**{stats.images_per_second:.1f} images/s** (first computation; cached afterwards).")
+    return band, info
+
+
+def refresh(image_path, *args):
+    """Redraw the plot after the band changes, if an image is there."""
+    if not image_path:
+        return gr.skip(), gr.skip(), gr.skip()
+    return per_image(image_path, *args)
+
+
+def build_distance_tab() -> None:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+    gr.Markdown(INTRO)
+    band = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = common.upload_image(label="Image", height=240, elem_id="dist-image")
+            gr.Examples(common.example_images(), inputs=image, label="Examples",
+                        elem_id="dist-examples")
+            model = common.model_dropdown()
+            others = gr.Dropdown(models.model_names(), value=[], multiselect=True,
+                                 label="Overlay other models", elem_id="dist-others",
+                                 info="e.g. a model fine-tuned in the app")
+            others.focus(lambda cur: gr.Dropdown(choices=models.model_names(), value=cur),
+                         inputs=others, outputs=others, api_name="distance_models", queue=False,
+                         show_progress="hidden")
+            with gr.Row():
+                random_init = gr.Checkbox(True, label="Random init of the same architecture")
+                cnn = gr.Checkbox(True, label="CNN: MobileNetV2 receptive fields")
+            with gr.Row():
+                width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0)
+                height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0)
+            fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit")
+            prefix = gr.Radio(["drop", "keep"], value="drop", label="Attention to prefix tokens",
+                              info="drop: renormalise over patches; keep: count it as distance 0")
+            run = gr.Button("Plot distances", variant="primary", elem_id="dist-run")
+            with gr.Accordion("Dataset band", open=True):
+                source = gr.Radio(list(distance.DATASETS), value="Fashion-MNIST", label="Dataset")
+                n = gr.Slider(4, 512, value=64, step=4, label="Images", elem_id="dist-band-n")
+                folder = gr.Textbox(label="Folder (for 'folder')", placeholder="/path/to/images")
+                band_run = gr.Button("Compute dataset band", elem_id="dist-band-run")
+                band_info = gr.Markdown(elem_id="dist-band-info")
+        with gr.Column(scale=2):
+            plot = gr.Plot(label="Mean attention distance", elem_id="dist-plot")
+            info = gr.Markdown(elem_id="dist-info")
+            erf = gr.Image(label="MobileNetV2 effective receptive fields (central unit, |gradient|)",
+                           format="png", interactive=False, elem_id="dist-erf")
+            gr.Markdown(MEANING)
+
+    inputs = [image, model, others, random_init, cnn, width, height, fit, prefix, band]
+    run.click(per_image, inputs=inputs, outputs=[plot, erf, info], api_name="distance",
+              concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
+    band_run.click(dataset_band, inputs=[model, source, n, folder, width, height, prefix],
+                   outputs=[band, band_info], api_name="distance_dataset",
+                   concurrency_limit=common.concurrency_limit(), concurrency_id="analysis").then(
+        refresh, inputs=inputs, outputs=[plot, erf, info], api_name="distance_refresh")

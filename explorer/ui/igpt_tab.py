@@ -1,0 +1,170 @@
+"""iGPT tab: pixels as words. Colour tokens, raster order, completions and per-pixel surprise."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from explorer.igpt import pipeline
+from explorer.igpt import plots as igpt_plots
+from explorer.igpt.checkpoint import CATALOGUE, OFFLINE_NAME, ModelUnavailableError, load_igpt
+from explorer.igpt.data import CLASS_NAMES, DatasetUnavailableError, load_fashion_mnist
+from explorer.igpt.sampler import SampleConfig
+from explorer.igpt.sequence import attention_cost
+from explorer.ui import common
+
+INTRO = """
+**The naive solution: treat pixels as words** (iGPT, "Generative Pretraining from Pixels").
+Colours are quantised to a small palette (the lecture's 9-bit palette: 3 bits per channel,
+512 colours), pixels are read in raster order (row by row, left to right) after a start
+token, and a GPT is trained to predict the next pixel. Hide the bottom of an image and it
+paints it back, one pixel at a time. The catch: a sequence has one token per pixel, and
+attention costs grow with its square.
+
+The offline model was trained here on Fashion-MNIST (28×28, 8 grey levels); OpenAI's
+`openai/imagegpt-small|medium|large` (32×32, 512 colour clusters) load from the Hub when
+online, and any local checkpoint directory works too.
+"""
+
+EXAMPLE_CLASSES = (0, 1, 3, 7, 9, 8)  # T-shirt, trouser, dress, sneaker, ankle boot, bag
+EXAMPLE_SCALE = 8  # examples are stored 224×224 (nearest): a box filter gives 28×28 back exactly
+OTHER_SIZES = ((64, 64), (224, 224))
+MAX_SAMPLES = 8
+
+
+def fashion_mnist_examples() -> list[str]:
+    """PNG paths of a few held-out Fashion-MNIST test images, one per class (written once)."""
+    out = Path(tempfile.gettempdir()) / "vit-explorer-igpt-examples"
+    images, labels = load_fashion_mnist("test")  # raises DatasetUnavailableError
+    out.mkdir(exist_ok=True)
+    paths = []
+    for c in EXAMPLE_CLASSES:
+        i = int((labels == c).nonzero()[0])
+        path = out / f"fmnist-test-{i}-{CLASS_NAMES[c].split('/')[0].replace(' ', '-')}.png"
+        if not path.exists():
+            img = Image.fromarray(images[i].numpy(), "L")
+            img.resize((28 * EXAMPLE_SCALE,) * 2, Image.NEAREST).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def load_model(name: str):
+    try:
+        return load_igpt(name or OFFLINE_NAME)
+    except ModelUnavailableError as err:
+        raise gr.Error(str(err)) from err
+
+
+def analyse(image_path, model_name):
+    """Tokens, palette, raster sequence, 9-bit view, per-pixel bits, quadratic cost."""
+    image = common.load_upload(image_path)
+    m = load_model(model_name)
+    small, tokens = pipeline.image_tokens(image, m)
+    photo, photo9 = pipeline.in_rgb9(image)
+    s = pipeline.surprise(m, tokens)
+    costs = [attention_cost(m.height, m.width)] + [attention_cost(h, w) for h, w in OTHER_SIZES]
+    summary = (f"**{m.name}**: {m.height}×{m.width} pixels → {m.height * m.width} tokens + the "
+               f"start token, palette: {m.palette.name} ({m.palette.size} colours).")
+    return (summary, igpt_plots.upscale(small), igpt_plots.tokens_to_image(tokens, m.palette, 10),
+            igpt_plots.palette_swatch(m.palette), igpt_plots.sequence_ribbon(tokens, m.palette),
+            photo, photo9, igpt_plots.bits_heatmap(s.bits, f"{s.bits_per_dim:.2f} bits/dim"),
+            s.sentence(), igpt_plots.cost_table(costs, m.model.config.n_layer,
+                                                m.model.config.n_head))
+
+
+def complete(image_path, model_name, rows, n, temperature, top_k, top_p, seed,
+             progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+    """Stream N completions of the image below `rows` kept rows (the `igpt_complete` API)."""
+    if not 1 <= int(n) <= MAX_SAMPLES:
+        raise gr.Error(f"Completions must be between 1 and {MAX_SAMPLES}.")
+    try:
+        cfg = SampleConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                           seed=int(seed) if seed is not None else None)
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+    image = common.load_upload(image_path)
+    m = load_model(model_name)
+    _, tokens = pipeline.image_tokens(image, m)
+    rows = max(0, min(int(rows), m.height - 1))
+    start, total = rows * m.width, m.height * m.width
+    scale = max(2, 1100 // ((int(n) + 1) * m.width))
+    for filled, samples in pipeline.stream_completions(m, tokens, rows, int(n), cfg):
+        progress((filled - start) / (total - start), desc=f"pixel {filled} of {total}")
+        grid = igpt_plots.completion_grid(tokens[None], samples[None], m.palette, rows, scale,
+                                          filled=filled)
+        yield grid, f"Original, then {int(n)} completions: {filled}/{total} pixels."
+
+
+def rows_for_model(model_name):
+    """Keep-rows slider limits for the chosen model (its height is known for the catalogue)."""
+    spec = CATALOGUE.get(model_name)
+    height = spec.height if spec is not None and spec.height else None
+    if height is None:
+        return gr.Slider()
+    return gr.Slider(maximum=height - 1, value=height // 2)
+
+
+def build_igpt_tab() -> None:
+    """Components and events of the tab; call inside ``with gr.Tab("iGPT")``."""
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = common.upload_image(label="Image", height=260, elem_id="igpt-image")
+            try:
+                gr.Examples(fashion_mnist_examples(), inputs=image, elem_id="igpt-examples",
+                            label="Held-out Fashion-MNIST test images")
+            except DatasetUnavailableError as err:
+                gr.Markdown(f"*No Fashion-MNIST examples: {err}* Upload any image instead.")
+            model = gr.Dropdown(list(CATALOGUE), value=OFFLINE_NAME, label="iGPT model",
+                                allow_custom_value=True, elem_id="igpt-model",
+                                info="Offline default; OpenAI's need internet; or type a local "
+                                     "checkpoint directory (config.json + weights + palette).")
+            run = gr.Button("Tokenise and score", variant="primary", elem_id="igpt-analyse")
+        with gr.Column(scale=2):
+            summary = gr.Markdown(elem_id="igpt-summary")
+            with gr.Row():
+                small = gr.Image(label="Downsampled to the model's size", format="png",
+                                 interactive=False, elem_id="igpt-small")
+                quant = gr.Image(label="Quantised to the model's palette", format="png",
+                                 interactive=False, elem_id="igpt-quant")
+            swatch = gr.Image(label="The palette: token id -> colour", format="png", height=140,
+                              interactive=False, elem_id="igpt-palette")
+    ribbon = gr.Image(label="The input sequence: start token (S), then pixels in raster order "
+                            "(two image rows per line)", format="png", interactive=False,
+                      elem_id="igpt-sequence")
+    with gr.Row():
+        photo = gr.Image(label="Your image", format="png", interactive=False)
+        photo9 = gr.Image(label="... in the lecture's 9-bit palette (512 colours)", format="png",
+                          interactive=False, elem_id="igpt-rgb9")
+    with gr.Row():
+        heat = gr.Plot(label="Per-pixel surprise: -log2 p(pixel | pixels before it)",
+                       elem_id="igpt-bits")
+        with gr.Column():
+            bits_md = gr.Markdown(elem_id="igpt-bits-text")
+            cost_md = gr.Markdown(elem_id="igpt-cost")
+    gr.Markdown("### Hide the bottom, let the model paint it back")
+    with gr.Row():
+        rows = gr.Slider(1, 27, value=14, step=1, label="Rows to keep", elem_id="igpt-rows")
+        n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Completions", elem_id="igpt-n")
+        temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
+        top_k = gr.Slider(0, 64, value=0, step=1, label="Top-k (0 = off)")
+        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)")
+        seed = gr.Number(value=0, precision=0, label="Seed")
+    go = gr.Button("Complete", variant="primary", elem_id="igpt-complete")
+    grid = gr.Image(label="Original (left), then completions: rows below the red ticks are "
+                          "generated", format="png", interactive=False, elem_id="igpt-grid")
+    status = gr.Markdown(elem_id="igpt-status")
+
+    run.click(analyse, inputs=[image, model],
+              outputs=[summary, small, quant, swatch, ribbon, photo, photo9, heat, bits_md,
+                       cost_md],
+              api_name="igpt_analyse", concurrency_limit=common.concurrency_limit(),
+              concurrency_id="analysis")
+    go.click(complete, inputs=[image, model, rows, n, temperature, top_k, top_p, seed],
+             outputs=[grid, status], api_name="igpt_complete",
+             concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
+    model.change(rows_for_model, inputs=model, outputs=rows, api_name="igpt_model_rows",
+                 queue=False, show_progress="hidden")

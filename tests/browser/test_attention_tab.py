@@ -1,0 +1,47 @@
+"""The attention tab in real Chromium: analyse an example, click patches, see the query map."""
+
+from __future__ import annotations
+
+from tests.browser.helpers import open_tab, screenshot
+
+VIEWS = ["attn-heads", "attn-strip", "attn-rollout", "attn-masks", "attn-norms"]
+
+
+def _src(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} img").first.get_attribute("src") or ""
+
+
+def test_click_a_patch_changes_the_query_map(page):
+    open_tab(page, "Attention maps")
+    page.locator("#attn-examples .gallery-item").nth(1).click()  # chelsea the cat
+    page.locator("#attn-image img").first.wait_for(state="visible")
+    page.locator("#attn-run").click()
+    page.locator("#attn-summary").get_by_text("heads").wait_for()
+    assert "16x16 patches" in page.locator("#attn-summary").inner_text()  # 224 px / 14 px
+    for view in VIEWS:
+        img = page.locator(f"#{view} img").first
+        img.wait_for(state="visible")
+        assert img.evaluate("el => el.naturalWidth") > 100, view
+    assert page.locator("#attn-prefix .js-plotly-plot").count() == 1
+
+    shown = page.locator("#attn-input img").first
+    box = shown.bounding_box()
+    shown.click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.2})
+    page.locator("#attn-query-info").get_by_text("Query patch").wait_for()
+    page.locator("#attn-query img").first.wait_for(state="visible")
+    first_info = page.locator("#attn-query-info").inner_text()
+    first_src = _src(page, "attn-query")
+
+    shown.click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.7})
+    page.wait_for_function(
+        "prev => !document.querySelector('#attn-query-info').innerText.includes(prev)",
+        arg=first_info.split("(")[0].strip(),
+    )
+    page.wait_for_function(
+        "prev => { const i = document.querySelector('#attn-query img'); return i && i.src !== prev; }",
+        arg=first_src,
+    )
+    assert _src(page, "attn-query") != first_src
+    assert "row 11" in page.locator("#attn-query-info").inner_text()  # 0.7 * 16 patches
+    page.locator("#attn-query-strip img").first.wait_for(state="visible")
+    screenshot(page, "attention")

@@ -1,0 +1,33 @@
+"""The mean-attention-distance tab in real Chromium: the Fig. 7-style plot and dataset band."""
+
+from __future__ import annotations
+
+from tests.browser.helpers import open_tab, screenshot
+
+TRACE_NAMES = "el => el.data.map(t => t.name)"
+
+
+def test_distance_plot_renders_with_band_and_cnn(page):
+    open_tab(page, "Mean attention distance")
+    page.locator("#dist-examples .gallery-item").first.click()
+    page.locator("#dist-image img").first.wait_for(state="visible")
+    page.locator("#dist-run").click()
+    page.locator("#dist-info").get_by_text("images/s").wait_for()
+    plot = page.locator("#dist-plot .js-plotly-plot").first
+    plot.wait_for()
+    names = plot.evaluate(TRACE_NAMES)
+    assert "dinov2_vits14 (offline)" in names
+    assert "random init (same architecture)" in names
+    assert any("MobileNetV2" in n for n in names)
+    assert page.locator("#dist-plot .scatterlayer .point").count() >= 2 * 12 * 6  # two ViTs
+    page.locator("#dist-erf img").first.wait_for(state="visible")
+
+    page.locator("#dist-band-n input[type=number]").fill("8")
+    page.locator("#dist-band-n input[type=number]").press("Enter")
+    page.locator("#dist-band-run").click()
+    page.locator("#dist-band-info").get_by_text("images/s").wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#dist-plot .js-plotly-plot').data"
+        ".some(t => t.name.includes('Fashion-MNIST'))"
+    )
+    screenshot(page, "distance")

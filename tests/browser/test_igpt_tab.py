@@ -1,0 +1,25 @@
+"""The iGPT tab in real Chromium: pick a Fashion-MNIST example, complete its bottom half."""
+
+from __future__ import annotations
+
+from tests.browser.helpers import open_tab, screenshot
+
+
+def test_completion_streams_into_grid(page):
+    open_tab(page, "iGPT")
+    page.locator("#igpt-examples .gallery-item").first.click()
+    page.locator("#igpt-image img").first.wait_for(state="visible")
+    page.locator("#igpt-analyse").click()
+    page.locator("#igpt-bits-text").get_by_text("bits per dimension").wait_for()
+    page.locator("#igpt-complete").click()
+    page.locator("#igpt-status").get_by_text("784/784 pixels").wait_for()
+    page.wait_for_function(
+        "() => { const el = document.querySelector('#igpt-grid img');"
+        " return el && el.complete && el.naturalWidth > 0; }")
+    grid = page.locator("#igpt-grid img").first
+    # original + 4 completions side by side: far wider than tall
+    width, height = grid.evaluate("el => [el.naturalWidth, el.naturalHeight]")
+    assert width > 4 * height > 0
+    assert "4 completions" in page.locator("#igpt-status").inner_text()
+    assert page.locator("#igpt-bits .js-plotly-plot").count() == 1
+    screenshot(page, "igpt")

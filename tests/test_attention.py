@@ -1,0 +1,340 @@
+"""attention_maps: equality with an eager softmax(QKᵀ/√d), model left as found, all families."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from timm.utils import AttentionExtract
+
+from explorer.attention import (
+    AttentionMaps,
+    attention_maps,
+    class_relevance,
+    high_norm_tokens,
+    mass_mask,
+    prefix_attention_share,
+    query_maps,
+    query_maps_all_layers,
+)
+from explorer.models import load_vit
+
+TINY = dict(pretrained=False, embed_dim=64, depth=2, num_heads=2, dynamic_img_size=True)
+
+
+def tiny(kind: str, **kwargs) -> torch.nn.Module:
+    """Tiny random models of each family the catalogue holds (built in milliseconds)."""
+    torch.manual_seed(0)
+    if kind == "plain":
+        model = timm.create_model("vit_small_patch16_224", img_size=64, **TINY, **kwargs)
+    elif kind == "registers":  # DINOv2 layout: class + 4 registers, 14-px patches
+        model = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=56, **TINY, **kwargs)
+    elif kind == "dinov2":
+        model = timm.create_model("vit_small_patch14_dinov2", img_size=56, **TINY, **kwargs)
+    elif kind == "distilled":
+        model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=64, **TINY, **kwargs)
+    elif kind == "qk_norm":
+        model = timm.create_model(
+            "vit_small_patch16_224", img_size=64, qk_norm=True, **TINY, **kwargs
+        )
+    else:
+        raise ValueError(kind)
+    # Random init makes attention nearly uniform; sharpen it so the checks mean something.
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    """The offline default DINOv2 ViT-S/14 (converted from ONNX into the cache once)."""
+    return load_vit(None)
+
+
+KINDS = ["plain", "registers", "dinov2", "distilled", "qk_norm"]
+PREFIX = {"plain": 1, "registers": 5, "dinov2": 1, "distilled": 2, "qk_norm": 1}
+
+
+def eager_reference(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d) from timm's own eager path (a copy with fused attention off)."""
+    eager = copy.deepcopy(model)
+    for blk in eager.blocks:
+        blk.attn.fused_attn = False
+    with torch.no_grad():
+        out = AttentionExtract(eager, method="hook")(pixels)
+    assert len(out) == len(model.blocks)
+    return torch.stack(list(out.values()))  # (L, B, H, N, N)
+
+
+def hooks_of(model: torch.nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "hooks"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_eager_reference(kind, inline):
+    model = tiny(kind)
+    ph = model.patch_embed.patch_size[0]
+    pixels = torch.randn(2, 3, 4 * ph, 3 * ph)  # batch of 2, non-square 4x3 grid
+    maps = attention_maps(model, pixels, inline=inline)
+    ref = eager_reference(model, pixels)
+    assert maps.grid == (4, 3)
+    assert maps.num_prefix_tokens == PREFIX[kind]
+    assert maps.num_tokens == PREFIX[kind] + 12
+    stacked = maps.stack()
+    assert stacked.shape == ref.shape == (2, 2, 2, maps.num_tokens, maps.num_tokens)
+    torch.testing.assert_close(stacked, ref, atol=1e-5, rtol=0)
+    assert (ref.amax(-1) > 1.5 / maps.num_tokens).any()  # the comparison is not of uniform maps
+
+
+def test_model_left_as_found():
+    model = tiny("registers")
+    pixels = torch.randn(1, 3, 56, 42)
+    with torch.no_grad():
+        before = model(pixels)
+    hooks = hooks_of(model)
+    for inline in (True, False):
+        attention_maps(model, pixels, inline=inline)
+        assert hooks_of(model) == hooks == 0
+        assert all("forward" not in vars(blk.attn) for blk in model.blocks)  # no patch left
+    assert all(blk.attn.fused_attn for blk in model.blocks)  # still the fused path
+    assert not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), before, atol=0, rtol=0)
+
+
+def test_leaves_hooks_removed_after_error():
+    model = tiny("plain")
+    with pytest.raises(RuntimeError):
+        attention_maps(model, torch.randn(1, 1, 64, 64))  # 1 channel: fails inside forward
+    assert hooks_of(model) == 0
+    with pytest.raises(ValueError, match="multiple of the 16x16 patch"):
+        attention_maps(model, torch.randn(1, 3, 64, 60))
+
+
+def test_eval_and_relevance_do_not_touch_parameters():
+    model = tiny("plain", num_classes=5)
+    pixels = torch.randn(1, 3, 64, 64)
+    class_relevance(model, pixels)
+    assert all(p.grad is None for p in model.parameters())
+    assert hooks_of(model) == 0
+
+
+class EarlyExitViT(VisionTransformer):
+    """A ViT whose features come from all but its last block (as some feature extractors do)."""
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        x = self._pos_embed(self.patch_embed(x))
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.norm(x)
+
+
+def test_raises_when_fewer_maps_than_blocks():
+    model = EarlyExitViT(img_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2,
+                         num_classes=0, dynamic_img_size=True).eval()
+    with pytest.raises(RuntimeError, match="2 blocks, but the model has 3"):
+        attention_maps(model, torch.randn(1, 3, 32, 32))
+    assert hooks_of(model) == 0
+
+
+def test_distillation_token_is_a_prefix():
+    model = tiny("distilled")
+    assert isinstance(model, VisionTransformerDistilled)
+    maps = attention_maps(model, torch.randn(1, 3, 48, 64))
+    assert maps.prefix_names == ["class", "distillation"]
+    assert maps.token_index(0, 0) == 2
+    share = prefix_attention_share(maps)
+    assert share.shape == (2, 1, 2)
+    # Each share is a mean of probabilities; class + distillation + patches = 1.
+    ref = eager_reference(model, torch.randn(1, 3, 48, 64))
+    assert ref.shape[-1] == 2 + 12
+
+
+def test_registers_prefix_share_matches_direct_sum():
+    model = tiny("registers")
+    pixels = torch.randn(1, 3, 42, 56)
+    maps = attention_maps(model, pixels)
+    assert maps.prefix_names == ["class"] + [f"register {i}" for i in range(1, 5)]
+    share = prefix_attention_share(maps)
+    ref = eager_reference(model, pixels)
+    expected = ref[:, :, :, 5:, :5].mean(dim=(2, 3))  # (L, B, 5): over heads, patch queries
+    torch.testing.assert_close(share, expected, atol=1e-6, rtol=0)
+    assert (share.sum(-1) < 1).all() and (share >= 0).all()
+
+
+def test_rows_and_query_maps_match_full_probs():
+    model = tiny("qk_norm")
+    maps = attention_maps(model, torch.randn(2, 3, 48, 80))  # 3x5 grid
+    full = maps.probs(1)
+    idx = maps.token_index(2, 4)
+    torch.testing.assert_close(maps.rows(1, [0, idx]), full[:, :, [0, idx]], atol=1e-6, rtol=0)
+    qm = query_maps(maps, 1, idx)
+    assert qm.shape == (2, 2, 3, 5)
+    torch.testing.assert_close(qm.flatten(-2), full[:, :, idx, 1:], atol=1e-6, rtol=0)
+    assert query_maps_all_layers(maps, 0).shape == (2, 2, 2, 3, 5)
+
+
+def test_probs_rows_sum_to_one_and_iter_reuses_buffer():
+    maps = attention_maps(tiny("plain"), torch.randn(1, 3, 32, 64))
+    seen = []
+    for layer, p in maps.iter_probs():
+        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
+        seen.append((layer, p.data_ptr()))
+    assert [s[0] for s in seen] == [0, 1] and seen[0][1] == seen[1][1]
+    assert isinstance(maps, AttentionMaps) and maps.token_norms.shape == (2, 1, 9)
+
+
+def test_class_relevance_shape_and_target():
+    model = tiny("distilled", num_classes=4)
+    rel, target = class_relevance(model, torch.randn(2, 3, 32, 48), target=3)
+    assert rel.shape == (2, 2, 3) and target.tolist() == [3, 3]
+    assert torch.isfinite(rel).all() and (rel >= 0).all()
+    with pytest.raises(ValueError, match="no classifier head"):
+        class_relevance(tiny("plain", num_classes=0), torch.randn(1, 3, 32, 32))
+
+
+def test_class_relevance_gradient_matches_eager_autograd():
+    """The chain rule ∂y/∂A = (∂y/∂O) Vᵀ gives the same relevance as autograd on eager A."""
+    model = tiny("plain", num_classes=3)
+    pixels = torch.randn(1, 3, 32, 48)
+    rel, target = class_relevance(model, pixels)
+
+    eager = copy.deepcopy(model)
+    attn_probs = []
+    for blk in eager.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda _m, _a, out: attn_probs.append(out))
+    logits = eager(pixels)
+    grads = torch.autograd.grad(logits[0, target[0]], attn_probs)
+    R = torch.eye(attn_probs[0].shape[-1])
+    for a, g in zip(attn_probs, grads, strict=True):
+        R = R + (g * a).clamp(min=0).mean(dim=1)[0] @ R
+    torch.testing.assert_close(rel[0].flatten(), R[0, 1:].detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_mass_mask_keeps_share_of_mass():
+    w = torch.tensor([0.5, 0.05, 0.3, 0.15])
+    assert mass_mask(w, 0.6).tolist() == [True, False, True, False]  # 0.5 < 0.6, +0.3 reaches
+    assert mass_mask(w, 0.5).tolist() == [True, False, False, False]
+    assert mass_mask(w, 1.0).all()
+
+
+def test_high_norm_tokens_flags_outliers():
+    norms = torch.tensor([[9.0, 1.0, 1.1, 0.9, 5.0, 1.0]])  # prefix 9.0 is ignored
+    assert high_norm_tokens(norms, 1).tolist() == [[False, False, False, True, False]]
+
+
+def test_offline_default_model_maps(default_model):
+    model, _ = default_model
+    pixels = torch.randn(1, 3, 14 * 6, 14 * 9)
+    maps = attention_maps(model, pixels)
+    assert maps.grid == (6, 9) and maps.num_layers == 12 and maps.num_heads == 6
+    ref = eager_reference(model, pixels)
+    torch.testing.assert_close(maps.stack(), ref, atol=1e-5, rtol=0)
+    # With inline=False the model runs its fused attention: layer 0 sees identical inputs;
+    # deeper layers inherit fp32 rounding differences of fused vs eager (~1e-5 at layer 12).
+    fused = attention_maps(model, pixels, inline=False)
+    torch.testing.assert_close(fused.probs(0), ref[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused.stack(), ref, atol=5e-5, rtol=0)
+    assert hooks_of(model) == 0 and all(blk.attn.fused_attn for blk in model.blocks)
+
+
+def test_offline_default_model_matches_eager_in_float64(default_model):
+    """In float64 the two paths agree far below 1e-5: the formula is the eager one exactly."""
+    model = copy.deepcopy(default_model[0]).double()
+    pixels = torch.randn(1, 3, 14 * 5, 14 * 4, dtype=torch.float64)
+    maps = attention_maps(model, pixels)
+    torch.testing.assert_close(maps.stack(), eager_reference(model, pixels), atol=1e-9, rtol=0)
+
+
+def test_attention_views_and_plots_for_one_image():
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from explorer.attention import attention_views, class_token_maps, query_views
+    from explorer.plots import attention as plots
+
+    model = tiny("registers")
+    maps = attention_maps(model, torch.randn(1, 3, 42, 70))  # 3x5 grid, 5 prefix tokens
+    v = attention_views(maps, layer=1, head_fusion="max", keep=0.5)
+    assert v.heads.shape == (2, 3, 5) and v.per_layer.shape == (2, 3, 5)
+    torch.testing.assert_close(v.fused, v.heads.amax(0))
+    torch.testing.assert_close(v.heads, class_token_maps(maps, 1)[0])
+    assert v.rollout.shape == (3, 5) and v.masks.dtype == torch.bool and v.masks.any()
+    assert v.norms.shape == (20,) and v.high_norm.shape == (15,) and v.prefix_share.shape == (2, 5)
+    in_layer, all_layers = query_views(maps, 2, 4, layer=0, head=1)
+    torch.testing.assert_close(in_layer, maps.rows(0, [maps.token_index(2, 4)])[0, 1, 0, 5:].view(3, 5))
+    assert all_layers.shape == (2, 3, 5)
+    with pytest.raises(ValueError, match="head"):
+        query_views(maps, 0, 0, layer=0, head=7)
+    with pytest.raises(IndexError, match="outside"):
+        query_views(maps, 3, 0, layer=0)
+
+    image = np.full((42, 70, 3), 128, np.uint8)
+    grid = plots.head_grid(image, v.heads, v.fused, "max", 1)
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[1] > 3 * grid.shape[0]
+    assert plots.heat_overlay(image, v.rollout, cell=(1, 2)).shape == (42, 70, 3)
+    assert isinstance(plots.prefix_share_figure(v.prefix_share, maps.prefix_names), go.Figure)
+    assert len(plots.prefix_share_figure(v.prefix_share, maps.prefix_names).data) == 6
+    assert plots.mask_grid(image, v.masks, 0.5, 1).ndim == 3
+
+
+def test_class_token_maps_without_class_token():
+    from explorer.attention import class_token_maps
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, embed_dim=32,
+                              depth=1, num_heads=2, class_token=False, global_pool="avg",
+                              dynamic_img_size=True).eval()
+    maps = attention_maps(model, torch.randn(1, 3, 32, 48))
+    assert maps.num_prefix_tokens == 0 and maps.prefix_names == []
+    received = class_token_maps(maps, 0)
+    torch.testing.assert_close(received.flatten(-2), maps.probs(0).mean(dim=2))
+
+
+def test_on_probs_sees_every_layer_once_and_head_mean_is_kept():
+    model = tiny("registers")
+    pixels = torch.randn(2, 3, 42, 56)
+    for inline in (True, False):
+        seen = []
+        maps = attention_maps(model, pixels, inline=inline,
+                              on_probs=lambda layer, p, seen=seen: seen.append((layer, p.sum(-1).clone())))
+        assert [layer for layer, _ in seen] == [0, 1]
+        torch.testing.assert_close(seen[1][1], torch.ones(2, 2, 17))
+        torch.testing.assert_close(maps.head_mean[1], maps.probs(1).mean(dim=1))
+    assert attention_maps(model, pixels, keep_head_mean=False).head_mean is None
+
+
+def test_other_threads_run_the_ordinary_forward_during_capture():
+    """While one thread captures, another thread's forward through the same model is the
+    model's own (fused) forward and records nothing into the capture."""
+    import threading
+
+    model = tiny("plain")
+    x_other = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x_other)
+    results = {}
+
+    def other():
+        with torch.no_grad():
+            results["other"] = model(x_other)
+
+    def consumer(layer, _p):
+        if layer == 0:  # mid-capture: run a forward from another thread
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+
+    maps = attention_maps(model, torch.randn(2, 3, 64, 48), on_probs=consumer)
+    torch.testing.assert_close(results["other"], expected, atol=0, rtol=0)
+    assert maps.batch_size == 2 and maps.grid == (4, 3)

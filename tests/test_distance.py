@@ -1,0 +1,158 @@
+"""Mean attention distance: hand-derived values, prefix handling, datasets, CNN fields."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from explorer.distance import (
+    dataset_mean_attention_distance,
+    fashion_mnist_images,
+    mean_attention_distance,
+    mobilenet_receptive_fields,
+    model_mean_attention_distance,
+    patch_distance_matrix,
+    random_init_like,
+    theoretical_receptive_fields,
+)
+from explorer.models import load_vit
+
+
+def uniform(n_patches: int, prefix: int = 0, layers: int = 1, heads: int = 1) -> torch.Tensor:
+    N = n_patches + prefix
+    return torch.full((layers, heads, N, N), 1.0 / N)
+
+
+def test_uniform_attention_14x14_grid_of_16px_is_116_5():
+    for prefix in (0, 1, 5):  # "drop" renormalises over patch keys whatever the prefix
+        d = mean_attention_distance(uniform(196, prefix), (14, 14), 16, prefix)
+        assert d.shape == (1, 1)
+        assert d.item() == pytest.approx(116.5, abs=0.1)
+
+
+def test_self_attention_only_is_zero():
+    n, p = 12, 2
+    a = torch.zeros(3, 4, n + p, n + p)
+    a[..., range(n + p), range(n + p)] = 1.0
+    d = mean_attention_distance(a, (3, 4), 14, p)
+    assert d.shape == (3, 4)
+    torch.testing.assert_close(d, torch.zeros(3, 4))
+
+
+def test_non_square_grid_by_hand():
+    # 2x3 grid, 10-px patches, uniform: mean over the 36 ordered pairs of centre distances
+    # = (16 + 6 + 8√2 + 4√5) / 36 patches = 11.738 px.
+    expected = 10 * (16 + 6 + 8 * math.sqrt(2) + 4 * math.sqrt(5)) / 36
+    d = mean_attention_distance(uniform(6), (2, 3), 10, 0)
+    assert d.item() == pytest.approx(expected, abs=1e-4)
+    # the transposed grid gives the same value; a (height, width) patch size is honoured
+    assert mean_attention_distance(uniform(6), (3, 2), (10, 10), 0).item() == pytest.approx(expected)
+    dist = patch_distance_matrix((1, 2), (5, 20))  # two patches side by side, 20 px wide
+    assert dist[0, 1].item() == pytest.approx(20.0)
+
+
+def test_prefix_drop_versus_keep():
+    n, p = 9, 1
+    a = torch.zeros(1, 1, n + p, n + p)
+    a[..., :, 0] = 0.5  # half of every row to the class token
+    a[..., :, p:] += 0.5 / n  # the other half uniform over patches
+    full_uniform = mean_attention_distance(uniform(n), (3, 3), 16, 0).item()
+    drop = mean_attention_distance(a, (3, 3), 16, p).item()
+    keep = mean_attention_distance(a, (3, 3), 16, p, prefix="keep").item()
+    assert drop == pytest.approx(full_uniform, rel=1e-5)
+    assert keep == pytest.approx(0.5 * full_uniform, rel=1e-5)
+    with pytest.raises(ValueError, match="prefix"):
+        mean_attention_distance(a, (3, 3), 16, p, prefix="ignore")
+
+
+def test_batch_and_per_image():
+    a = torch.rand(2, 3, 2, 10, 10).softmax(-1)  # (L, B, H, N, N)
+    per = mean_attention_distance(a, (3, 3), 16, 1, per_image=True)
+    assert per.shape == (3, 2, 2)
+    torch.testing.assert_close(mean_attention_distance(a, (3, 3), 16, 1), per.mean(0))
+    single = mean_attention_distance(a[:, 1], (3, 3), 16, 1)
+    torch.testing.assert_close(per[1], single)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56,
+                             embed_dim=64, depth=2, num_heads=2, dynamic_img_size=True).eval()
+
+
+def test_model_distance_matches_stacked_maps(tiny_model):
+    from explorer.attention import attention_maps
+
+    pixels = torch.randn(1, 3, 42, 70)
+    maps = attention_maps(tiny_model, pixels)
+    expected = mean_attention_distance(maps.stack(), maps.grid, 14, 5)
+    d = model_mean_attention_distance(tiny_model, pixels)
+    torch.testing.assert_close(d, expected)
+    assert d.shape == (2, 2) and (d > 0).all() and (d < math.hypot(42, 70)).all()
+
+
+def test_dataset_version_on_fashion_mnist(tiny_model):
+    imgs = fashion_mnist_images(5)
+    assert len(imgs) == 5 and imgs[0].size == (28, 28) and imgs[0].mode == "RGB"
+    calls = []
+    cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "input_size": (3, 56, 56)}
+    stats = dataset_mean_attention_distance(tiny_model, cfg, imgs, (56, 56), batch_size=2,
+                                            progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+    assert stats.mean.shape == stats.std.shape == (2, 2) and stats.n_images == 5
+    assert (stats.std >= 0).all() and (stats.std > 0).any() and stats.images_per_second > 0
+
+
+def test_random_init_like_same_architecture_new_weights(tiny_model):
+    trained = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        trained.blocks[0].norm1.weight.fill_(3.0)  # as if trained
+    fresh = random_init_like(trained)
+    assert type(fresh) is type(trained) and fresh.num_prefix_tokens == 5
+    assert fresh.blocks[0].attn.qkv.weight.shape == trained.blocks[0].attn.qkv.weight.shape
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
+    assert torch.equal(fresh.blocks[0].norm1.weight, torch.ones(64))  # reset too
+    assert fresh.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    torch.testing.assert_close(random_init_like(trained).blocks[1].mlp.fc1.weight,
+                               fresh.blocks[1].mlp.fc1.weight)  # seeded: reproducible
+
+
+def test_theoretical_receptive_field_by_hand():
+    stages = [
+        ("a", nn.Conv2d(3, 4, 3, stride=1, padding=1)),  # r = 3, j = 1
+        ("b", nn.Conv2d(4, 4, 3, stride=2, padding=1)),  # r = 5, j = 2
+        ("c", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1))),  # r = 9
+    ]
+    fields = theoretical_receptive_fields(stages)
+    assert [(f.size, f.jump) for f in fields] == [(3, 1), (5, 2), (9, 2)]
+    assert [f.start for f in fields] == [0.0, 0.0, 0.0]
+
+
+def test_mobilenet_v2_receptive_fields_offline():
+    from PIL import Image
+
+    image = Image.open("assets/examples/chelsea.jpg").convert("RGB")
+    rf = mobilenet_receptive_fields(image, size=96)
+    assert len(rf.stages) == 19
+    assert rf.theoretical_uncapped[0] == 3 and rf.theoretical_uncapped[-1] == 491
+    assert rf.theoretical_uncapped == sorted(rf.theoretical_uncapped)
+    assert max(rf.theoretical) == 96  # capped at the image side
+    assert rf.erf_maps.shape == (19, 96, 96)
+    assert all(0 <= d < 96 for d in rf.effective_distance)
+    # the effective field is far smaller than the theoretical one, and grows with depth
+    assert rf.effective_distance[-1] > 3 * rf.effective_distance[1]
+    assert all(e < t for e, t in zip(rf.effective_distance, rf.theoretical, strict=True))
+
+
+def test_default_model_14px_patches():
+    model, cfg = load_vit(None)
+    pixels = torch.randn(1, 3, 14 * 8, 14 * 12)  # 8x12 grid of 14-px patches
+    d = model_mean_attention_distance(model, pixels)
+    assert d.shape == (12, 6)
+    assert (d > 0).all() and (d < math.hypot(112, 168)).all()

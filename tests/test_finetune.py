@@ -1,0 +1,405 @@
+"""The fine-tuning engine on a tiny timm ViT (fast), plus one run of the real default model."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from explorer import datasets
+from explorer.finetune import (
+    FEATURE_CACHE,
+    FinetuneConfig,
+    finetune,
+    position_similarity_map,
+    publish,
+    run_finetune,
+    save_checkpoint,
+)
+from explorer.finetune.__main__ import main as cli_main
+from explorer.finetune.data import PixelDataset
+from explorer.finetune.probe import layer_features, layerwise_probe
+from explorer.models import load_vit, model_names
+from explorer.patches import patch_position_embedding
+
+pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
+                                reason="needs Debian's dataset-fashion-mnist")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier stalls when
+    the other core is busy (measured 0.9 s vs 25 s for the same run under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(seed: int = 0, img_size: int = 32) -> torch.nn.Module:
+    """timm's registered test ViT (dim 64, 6 blocks, patch 16): builds in ms, no download."""
+    torch.manual_seed(seed)
+    return timm.create_model("test_vit", pretrained=False, dynamic_img_size=True,
+                             img_size=img_size)
+
+
+@pytest.fixture(scope="module")
+def data():
+    full = datasets.fashion_mnist("train", 120, seed=0)
+    return datasets.train_val_split(full, 0.25, seed=0)
+
+
+def pixels_of(images: datasets.ImageSet, model: torch.nn.Module, size) -> torch.Tensor:
+    config = timm.data.resolve_model_data_config(model)
+    dataset = PixelDataset(images, config, size)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def mean_loss(model, images, size) -> float:
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixels_of(images, model, size))
+    return float(F.cross_entropy(logits, torch.as_tensor(images.labels)))
+
+
+def test_few_steps_reduce_training_loss(data):
+    train, val = data
+    model = tiny_vit()
+    config = FinetuneConfig(mode="full", epochs=4, batch_size=16, lr=2e-3, augment=False,
+                            warmup_frac=0.0)
+    result = finetune(model, train, val, config)
+    first = result.history[0]["loss"]
+    assert len([h for h in result.history if "loss" in h]) == 4 * 6  # 90 images / 16 per step
+    assert mean_loss(result.model, train, result.resolution) < 0.8 * first
+    assert np.isfinite([h.get("loss", 0) for h in result.history]).all()
+    assert 0.0 <= result.val_acc <= 1.0 and result.confusion.sum() == len(val)
+
+
+def test_same_seed_same_run_other_seed_differs(data):
+    train, val = data
+    runs = []
+    for seed in (3, 3, 4):
+        config = FinetuneConfig(mode="last_k", last_k=1, epochs=1, batch_size=16, lr=1e-3,
+                                seed=seed)
+        runs.append(finetune(tiny_vit(), train, val, config))
+    losses = [[h["loss"] for h in r.history if "loss" in h] for r in runs]
+    assert losses[0] == losses[1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].model.state_dict().values(),
+                                                 runs[1].model.state_dict().values(),
+                                                 strict=True))
+    assert losses[0] != losses[2]
+
+
+def test_last_k_trains_only_the_last_blocks(data):
+    train, val = data
+    before = tiny_vit().state_dict()
+    result = finetune(tiny_vit(), train, val,
+                      FinetuneConfig(mode="last_k", last_k=2, max_steps=2, batch_size=16))
+    after = result.model.state_dict()
+    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "")
+               for k in before if k in after and before[k].shape == after[k].shape
+               and not torch.equal(before[k], after[k])}
+    assert changed == {"blocks.4", "blocks.5", "norm"}  # head is new, so not compared
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(data):
+    train, val = data
+    common = dict(mode="full", max_steps=2, lr=1e-3, augment=False, warmup_frac=0.0)
+    big = finetune(tiny_vit(), train, val, FinetuneConfig(batch_size=16, **common))
+    accumulated = finetune(tiny_vit(), train, val,
+                           FinetuneConfig(batch_size=8, grad_accum=2, **common))
+    assert [h["step"] for h in accumulated.history if "loss" in h] == [1, 2]
+    for a, b in zip(big.model.parameters(), accumulated.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_linear_probe_caches_features_and_head_matches_probe(data):
+    train, val = data
+    FEATURE_CACHE.clear()
+    config = FinetuneConfig(mode="linear", epochs=3, batch_size=16)
+    first_events = list(run_finetune(tiny_vit(), train, val, config))
+    second_events = list(run_finetune(tiny_vit(), train, val, config))
+    first, second = first_events[-1].result, second_events[-1].result
+    assert not first.feature_cache_hit and second.feature_cache_hit
+    assert any(e.stage.startswith("features") for e in first_events)
+    assert not any(e.stage.startswith("features") for e in second_events)
+    assert first.val_acc == second.val_acc
+    # The standardisation folded into the head: the whole model predicts what the probe did.
+    with torch.no_grad():
+        preds = first.model(pixels_of(val, first.model, first.resolution)).argmax(-1)
+    assert np.array_equal(preds.numpy(), first.val_preds)
+    # Only the head moved: the backbone is the untouched random init.
+    fresh = tiny_vit().state_dict()
+    for name, tensor in first.model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(tensor, fresh[name]), name
+
+
+def test_checkpoint_reloads_with_identical_logits(data, tmp_path):
+    train, val = data
+    config = FinetuneConfig(mode="last_k", last_k=1, max_steps=3, batch_size=16)
+    result = finetune(tiny_vit(), train, val, config)
+    out = save_checkpoint(result, tmp_path / "ckpt", "test_vit (random init)", config)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["architecture"] == "test_vit" and meta["classes"] == train.classes
+    assert meta["base_model"] == "test_vit (random init)" and meta["resolution"] == [32, 32]
+    assert meta["metrics"]["val_acc"] == pytest.approx(result.val_acc)
+    loaded, data_config = load_vit(f"local:{out}", device="cpu")
+    assert tuple(data_config["input_size"]) == (3, 32, 32)
+    assert loaded.class_names == train.classes
+    x = pixels_of(val, loaded, (32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x), atol=1e-5, rtol=1e-5)
+        assert np.array_equal(loaded(x).argmax(-1).numpy(), result.val_preds)
+    name = publish(out, "tiny test")
+    assert name in model_names()
+
+
+def test_new_resolution_interpolates_position_embeddings(data, tmp_path):
+    train, val = data
+    model = tiny_vit(img_size=64)  # native grid 4x4
+    expected = patch_position_embedding(model, grid=(6, 6)).clone()
+    config = FinetuneConfig(mode="linear", resolution=90, epochs=1)  # snaps to 96 = 6 patches
+    result = finetune(model, train, val, config)
+    assert result.resolution == (96, 96)
+    assert result.model.pos_embed.shape == (1, 1 + 36, 64)
+    # Linear mode leaves the backbone alone: the embeddings are exactly the interpolation.
+    torch.testing.assert_close(patch_position_embedding(result.model), expected)
+    sim = position_similarity_map(result.model)
+    assert sim.shape == (6, 6, 6, 6)
+    torch.testing.assert_close(torch.einsum("ijij->ij", sim), torch.ones(6, 6))
+    out = save_checkpoint(result, tmp_path / "hires", "test_vit", config)
+    loaded, _ = load_vit(f"local:{out}", device="cpu")
+    assert loaded.pos_embed.shape == (1, 37, 64)
+
+
+def test_cancel_stops_between_batches(data):
+    train, val = data
+    cancel = threading.Event()
+    events = []
+    for event in run_finetune(tiny_vit(), train, val,
+                              FinetuneConfig(mode="full", epochs=5, batch_size=8), cancel):
+        events.append(event)
+        if event.stage == "train" and event.done == 2:
+            cancel.set()
+    assert events[-1].stage == "cancelled" and events[-1].result.cancelled
+    assert [e.done for e in events if e.stage == "train"] == [1, 2]
+    assert not any(e.stage == "eval" for e in events)
+
+
+def test_layerwise_probe_on_tiny_model(data):
+    train, val = data
+    model = tiny_vit().eval()
+
+    def batches(images):
+        x = pixels_of(images, model, (32, 32))
+        return [(x[i:i + 32], torch.as_tensor(images.labels[i:i + 32]))
+                for i in range(0, len(x), 32)]
+
+    feats = layer_features(model, batches(val)[0][0])
+    assert feats.shape == (30, 6, 128)  # 6 blocks, class token + mean patch (2 x 64)
+    last = list(layerwise_probe(lambda x: layer_features(model, x), batches(train),
+                                batches(val), 10, "tiny", steps=50))[-1]
+    assert last[0] == "done"
+    probe = last[2]
+    assert probe.depths == [1, 2, 3, 4, 5, 6]
+    assert all(0.0 <= a <= 1.0 for a in probe.val_acc + probe.train_acc)
+    assert max(probe.train_acc) > 0.3  # 90 images, 128 features: a probe fits them well
+
+
+def test_cli_trains_and_saves(tmp_path, capsys):
+    base = tiny_vit()
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(base.state_dict(), str(base_dir / "model.safetensors"))
+    (base_dir / "config.json").write_text(json.dumps(
+        {"architecture": "test_vit", "num_classes": base.num_classes, "img_size": 32}))
+    code = cli_main(["--fashion-mnist", "60", "--model", f"local:{base_dir}", "--mode", "full",
+                     "--max-steps", "2", "--batch-size", "8", "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "step 2/2" in printed and "done: val_acc" in printed
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["mode"] == "full" and meta["num_classes"] == 10
+    assert cli_main(["--data", str(tmp_path / "missing"), "--model", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_default_model_linear_probe_on_fashion_mnist():
+    """The real offline DINOv2 ViT-S/14: a linear probe on 200 images beats chance by far."""
+    train = datasets.fashion_mnist("train", 200, seed=1)
+    val = datasets.fashion_mnist("test", 100, seed=1)
+    from explorer.models import build_vit
+
+    result = finetune(build_vit(None), train, val,
+                      FinetuneConfig(mode="linear", resolution=56, epochs=15, batch_size=32),
+                      model_key="default")
+    assert result.resolution == (56, 56)
+    assert result.val_acc > 0.6  # chance is 0.1; measured 0.73 with 20 images per class
+
+
+def test_igpt_layerwise_probe_with_a_small_random_igpt(data):
+    from explorer.finetune.igpt_probe import igpt_layer_features, igpt_layerwise, igpt_tokens
+    from explorer.igpt.checkpoint import LoadedIGPT
+    from explorer.igpt.model import IGPTConfig, ImageGPT
+    from explorer.igpt.palette import grey_palette
+
+    train, val = data
+    torch.manual_seed(0)
+    model = ImageGPT(IGPTConfig(vocab_size=9, n_positions=784, n_embd=32, n_layer=3, n_head=2))
+    loaded = LoadedIGPT("tiny iGPT", model.eval(), grey_palette(8), 28, 28)
+    tokens = igpt_tokens(val, np.arange(4), loaded.palette, 28, 28)
+    assert tokens.shape == (4, 28, 28) and int(tokens.max()) < 8
+    assert igpt_layer_features(model, tokens).shape == (4, 3, 32)
+    *_, (stage, _, probe) = igpt_layerwise(loaded, train, val, steps=30)
+    assert stage == "done" and probe.depths == [1, 2, 3] and probe.model_name == "tiny iGPT"
+    assert all(0.0 <= a <= 1.0 for a in probe.val_acc)
+
+
+def test_plot_builders(data):
+    from explorer.finetune.probe import LayerwiseProbe
+    from explorer.plots import finetune as plots
+
+    train, val = data
+    history = [{"step": 1, "loss": 2.0, "acc": 0.1}, {"step": 2, "loss": 1.5, "acc": 0.3},
+               {"step": 2, "val_loss": 1.6, "val_acc": 0.25}]
+    curves = plots.training_curves(history)
+    assert [len(t.x) for t in curves.data] == [2, 1, 2, 1]  # loss/acc x train/validation
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    preds = np.array([1, 1, 1, 0, 2, 0])
+    assert list(plots.misclassified_indices(labels, preds)) == [0, 3, 5, 1]  # class round robin
+    conf = np.array([[3, 1], [0, 4]])
+    heat = plots.confusion_figure(conf, ["a", "b"]).data[0]
+    np.testing.assert_allclose(heat.z, [[0.75, 0.25], [0.0, 1.0]])
+    grid = plots.misclassified_grid(val, val.labels, (val.labels + 1) % 10, max_items=5, tile=32)
+    assert grid.dtype == np.uint8 and grid.shape[1] == 5 * 32 + 6 * 3
+    assert plots.misclassified_grid(val, val.labels, val.labels) is None
+    probes = [LayerwiseProbe([1, 2, 3], [0.5, 0.7, 0.6], [0.4, 0.6, 0.5], "a"),
+              LayerwiseProbe([1, 2], [0.5, 0.9], [0.4, 0.8], "b")]
+    assert probes[0].best_depth == 2
+    depth = plots.probe_depth_figure(probes)
+    assert list(depth.data[2].x) == [0.5, 1.0]  # different depths: relative x
+    counts = plots.class_counts_figure(train.class_counts())
+    assert sum(counts.data[0].y) == len(train)
+
+
+def test_tab_turns_bad_data_into_clear_gradio_errors(tmp_path):
+    import zipfile
+
+    import gradio as gr
+
+    from explorer.ui import finetune_tab as tab
+
+    with pytest.raises(gr.Error, match="Upload a .zip"):
+        tab.describe_data(tab.UPLOAD, None, 100)
+    one_class = tmp_path / "one.zip"
+    with zipfile.ZipFile(one_class, "w") as zf:
+        for i in range(12):
+            zf.writestr(f"cats/{i}.png", datasets_png(i))
+    with pytest.raises(gr.Error, match="Only one class folder"):
+        tab.describe_data(tab.UPLOAD, str(one_class), 100)
+    summary, figure = tab.describe_data(tab.BUILTIN, None, 100)
+    assert "100 images in 10 classes" in summary and "80 to train" in summary
+    assert sum(sum(bar.y) for bar in figure.data) == 100
+    config = tab.training_config("Last k blocks", 3.0, 0, 2.0, 0, 16.0)
+    assert (config.mode, config.last_k, config.resolution, config.lr) == ("last_k", 3, None, None)
+    with pytest.raises(gr.Error, match="training settings"):
+        tab.training_config("Full fine-tune", 2, 112, None, 0, 16)  # epochs field emptied
+    with pytest.raises(gr.Error, match="patch tokens"):
+        tab.fresh_model(None, 5000)  # 357 x 357 tokens: refused before any work
+
+
+def datasets_png(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (value * 20, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work(tmp_path):
+    """The CLI under a 2-process launcher (gloo on CPU): each process trains half the batches,
+    and the main process alone saves a checkpoint that loads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    base.mkdir()
+    model = tiny_vit()
+    save_file(model.state_dict(), str(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps(
+        {"architecture": "test_vit", "num_classes": model.num_classes, "img_size": 32}))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "explorer.finetune", "--fashion-mnist",
+         "80", "--model", f"local:{base}", "--mode", "full", "--epochs", "1", "--batch-size",
+         "16", "--out", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 2/2" in done.stdout  # 64 training images / (2 processes x 16) = 2 steps
+    assert done.stdout.count("done: val_acc") == 1  # only the main process reports
+    loaded, _ = load_vit(f"local:{tmp_path / 'out'}", device="cpu")
+    assert loaded.num_classes == 10
+
+
+def test_mixed_precision_only_on_gpu():
+    from explorer.finetune.engine import resolve_mixed_precision
+
+    expected = ("no",) if not torch.cuda.is_available() else ("bf16", "fp16")
+    assert resolve_mixed_precision("auto") in expected  # fp32 on CPU: bf16 is ~100x slower
+    assert resolve_mixed_precision("fp16") == "fp16"
+
+
+@pytest.mark.slow
+def test_tab_queues_training_one_at_a_time_while_other_events_serve(tmp_path, monkeypatch):
+    """Through the HTTP API: a second training waits in the queue, the data view still
+    answers meanwhile, and /finetune_cancel stops the running job between batches."""
+    import time
+
+    import gradio as gr
+    from gradio_client import Client
+    from gradio_client.utils import Status
+
+    from explorer.models import DEFAULT_MODEL
+    from explorer.ui import finetune_tab as tab
+
+    monkeypatch.setattr(tab, "finetuned_dir", lambda: tmp_path)  # keep checkpoints here
+    with gr.Blocks() as demo:
+        tab.build_finetune_tab()
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        first, second, viewer = (Client(demo.local_url, verbose=False) for _ in range(3))
+        args = (tab.BUILTIN, None, 60, DEFAULT_MODEL, "Full fine-tune", 1, 28)
+        running = first.submit(*args, 20, 0, 4, api_name="/finetune")  # ~240 steps
+        deadline = time.monotonic() + 60
+        while running.status().code not in (Status.PROGRESS, Status.ITERATING):
+            assert not running.done() and time.monotonic() < deadline, running.status()
+            time.sleep(0.2)
+        waiting = second.submit(*args, 1, 0, 16, api_name="/finetune")
+        summary, _ = viewer.predict(tab.BUILTIN, None, 60, api_name="/finetune_data")
+        assert "60 images in 10 classes" in summary
+        assert not running.done()
+        assert waiting.status().code == Status.IN_QUEUE
+        assert "Cancelling" in first.predict(api_name="/finetune_cancel")
+        assert running.result()[0].startswith("**Cancelled.**")
+        assert waiting.result()[0] == "**Done.**"
+        assert len(list(tmp_path.iterdir())) == 1  # only the finished job saved a model
+    finally:
+        demo.close()
