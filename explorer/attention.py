@@ -40,6 +40,8 @@ import torch
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
+from explorer.patches import patch_size, prefix_token_names
+
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
@@ -91,24 +93,6 @@ def _this_thread_only(fn):
     return hook
 
 
-def prefix_token_names(model: nn.Module) -> list[str]:
-    """Names of the prefix tokens in timm's order: class, distillation, registers."""
-    names = []
-    if getattr(model, "cls_token", None) is not None:
-        names.append("class")
-    if getattr(model, "dist_token", None) is not None:
-        names.append("distillation")
-    names += [f"register {i + 1}" for i in range(getattr(model, "num_reg_tokens", 0))]
-    num_prefix = int(getattr(model, "num_prefix_tokens", len(names)))
-    names += [f"prefix {i}" for i in range(len(names), num_prefix)]
-    return names[:num_prefix]
-
-
-def _patch_size(model: nn.Module) -> tuple[int, int]:
-    ph, pw = model.patch_embed.patch_size
-    return int(ph), int(pw)
-
-
 @dataclass
 class AttentionMaps:
     """Everything the attention views need from one forward pass.
@@ -120,7 +104,8 @@ class AttentionMaps:
         grid: (rows, cols) of patch tokens for this input.
         patch_size: (height, width) of a patch in input pixels.
         num_prefix_tokens: class + distillation + register tokens before the patches.
-        prefix_names: a name per prefix token ("class", "distillation", "register 1", ...).
+        prefix_names: a name per prefix token: "CLS", "DIST", "REG1", ...
+            (`explorer.patches.prefix_token_names`).
         features: (B, N, D) output of ``model.forward_features`` (after the final norm).
         token_norms: (L, B, N) L2 norm of every token in the residual stream after each
             block (before the final norm): the high-norm "artifact" tokens show here.
@@ -303,7 +288,7 @@ def attention_maps(
         RuntimeError: fewer blocks were captured than the model has (e.g. a block skipped).
     """
     attns = _attention_modules(model)
-    ph, pw = _patch_size(model)
+    ph, pw = patch_size(model)
     if pixels.dim() != 4 or pixels.shape[-2] % ph or pixels.shape[-1] % pw:
         raise ValueError(
             f"Expected (B, 3, H, W) pixels with H, W a multiple of the {ph}x{pw} patch size, "
@@ -579,7 +564,7 @@ def class_relevance(
             R = R + cam @ R
         num_prefix = int(getattr(model, "num_prefix_tokens", 0))
         rel = R[:, _head_rows(model, num_prefix, N), num_prefix:].mean(dim=1)
-        ph, pw = _patch_size(model)
+        ph, pw = patch_size(model)
         grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
     return rel.reshape(B, *grid), target_t
 
@@ -608,8 +593,8 @@ def class_token_maps(maps: AttentionMaps, layer: int) -> torch.Tensor:
     Returns:
         (B, heads, rows, cols).
     """
-    if "class" in maps.prefix_names:
-        return query_maps(maps, layer, maps.prefix_names.index("class"))
+    if "CLS" in maps.prefix_names:
+        return query_maps(maps, layer, maps.prefix_names.index("CLS"))
     p = maps.num_prefix_tokens
     received = maps.probs(layer)[:, :, p:, p:].mean(dim=2)
     return received.reshape(*received.shape[:-1], *maps.grid)

@@ -29,16 +29,18 @@ def grid_for(size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
 def prefix_token_names(model: torch.nn.Module) -> list[str]:
     """Names of the tokens that precede the patch tokens, in sequence order.
 
-    timm's order is class token, then distillation token (DeiT), then register tokens.
+    timm's order is class token, then distillation token (DeiT), then register tokens:
+    "CLS", "DIST", "REG1".."REGn"; any other prefix token is "PREFIX<i>".
     """
     names = []
     if getattr(model, "cls_token", None) is not None:
         names.append("CLS")
     if getattr(model, "dist_token", None) is not None:
         names.append("DIST")
-    names += [f"REG{i}" for i in range(getattr(model, "num_reg_tokens", 0))]
-    assert len(names) == model.num_prefix_tokens, (names, model.num_prefix_tokens)
-    return names
+    names += [f"REG{i + 1}" for i in range(getattr(model, "num_reg_tokens", 0))]
+    num_prefix = int(getattr(model, "num_prefix_tokens", len(names)))
+    names += [f"PREFIX{i}" for i in range(len(names), num_prefix)]
+    return names[:num_prefix]
 
 
 def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:

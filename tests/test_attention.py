@@ -150,7 +150,7 @@ def test_distillation_token_is_a_prefix():
     model = tiny("distilled")
     assert isinstance(model, VisionTransformerDistilled)
     maps = attention_maps(model, torch.randn(1, 3, 48, 64))
-    assert maps.prefix_names == ["class", "distillation"]
+    assert maps.prefix_names == ["CLS", "DIST"]
     assert maps.token_index(0, 0) == 2
     share = prefix_attention_share(maps)
     assert share.shape == (2, 1, 2)
@@ -163,7 +163,7 @@ def test_registers_prefix_share_matches_direct_sum():
     model = tiny("registers")
     pixels = torch.randn(1, 3, 42, 56)
     maps = attention_maps(model, pixels)
-    assert maps.prefix_names == ["class"] + [f"register {i}" for i in range(1, 5)]
+    assert maps.prefix_names == ["CLS"] + [f"REG{i}" for i in range(1, 5)]
     share = prefix_attention_share(maps)
     ref = eager_reference(model, pixels)
     expected = ref[:, :, :, 5:, :5].mean(dim=(2, 3))  # (L, B, 5): over heads, patch queries

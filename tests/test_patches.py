@@ -25,7 +25,7 @@ def test_grid_and_costs_by_hand():
 
 @pytest.mark.parametrize(
     ("kwargs", "names"),
-    [({}, ["CLS"]), ({"reg_tokens": 4, "no_embed_class": True}, ["CLS", "REG0", "REG1", "REG2", "REG3"]),
+    [({}, ["CLS"]), ({"reg_tokens": 4, "no_embed_class": True}, ["CLS", "REG1", "REG2", "REG3", "REG4"]),
      ({"class_token": False, "global_pool": "avg"}, [])],
 )
 def test_prefix_token_names(kwargs, names):

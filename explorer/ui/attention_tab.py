@@ -13,7 +13,6 @@ from explorer import attention, images, models
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
 from explorer.ui import common
-from explorer.ui.tokens_tab import resolution_for
 
 INTRO = """
 **Where does each token look?** Every block mixes tokens with softmax(QKᵀ/√d): one map per
@@ -43,7 +42,7 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
     image = common.load_upload(image_path)
     with common.user_errors():
         model, data_config = models.load_vit(model_name)
-        size = resolution_for(model, data_config, width, height)
+        size = common.resolution_for(model, data_config, width, height)
         pixels = images.prepare_pixels(image, data_config, size, fit)
         maps = attention.attention_maps(model, pixels)
         relevance, note = None, "Class-specific map: only for models with a classifier head."

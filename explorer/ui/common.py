@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from explorer import images, models
+from explorer import images, models, patches
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLES_DIR = ASSETS / "examples"
@@ -103,3 +103,15 @@ def concurrency_limit() -> int:
     and make everyone's latency worse; waiting requests queue instead.
     """
     return int(os.environ.get("VIT_EXPLORER_CONCURRENCY", "2"))
+
+
+def resolution_for(model, data_config, width: float | None, height: float | None):
+    """(height, width) snapped to the model's patch size; None -> native. Tells if it snapped."""
+    patch = patches.patch_size(model)
+    if not width or not height:
+        return images.native_size(data_config)
+    size = (images.snap_to_patch(int(height), patch[0]), images.snap_to_patch(int(width), patch[1]))
+    if size != (int(height), int(width)):
+        gr.Info(f"Resolution snapped to {size[1]}x{size[0]}: a multiple of the {patch[1]} px patch.")
+    images.check_size(size, patch)
+    return size

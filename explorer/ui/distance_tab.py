@@ -7,7 +7,6 @@ import gradio as gr
 from explorer import distance, models
 from explorer.plots import distance as plots
 from explorer.ui import common
-from explorer.ui.tokens_tab import resolution_for
 
 INTRO = """
 **How far does each head look?** For every layer and head: the attention-weighted distance
@@ -34,7 +33,7 @@ RANDOM_LABEL = "random init (same architecture)"
 def _entry(name, width, height, label=None):
     model, config = models.load_vit(name)
     return (label or name or models.DEFAULT_MODEL, model, config,
-            resolution_for(model, config, width, height))
+            common.resolution_for(model, config, width, height))
 
 
 def per_image(image_path, model_name, others, random_init, cnn, width, height, fit, prefix, band):

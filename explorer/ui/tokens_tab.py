@@ -18,24 +18,12 @@ resolution than pretraining.
 """
 
 
-def resolution_for(model, data_config, width: float | None, height: float | None):
-    """(height, width) snapped to the model's patch size; None -> native. Tells if it snapped."""
-    patch = patches.patch_size(model)
-    if not width or not height:
-        return images.native_size(data_config)
-    size = (images.snap_to_patch(int(height), patch[0]), images.snap_to_patch(int(width), patch[1]))
-    if size != (int(height), int(width)):
-        gr.Info(f"Resolution snapped to {size[1]}x{size[0]}: a multiple of the {patch[1]} px patch.")
-    images.check_size(size, patch)
-    return size
-
-
 def tokens(image_path, model_name, width, height, fit):
     """Tokenise one image and build all six views (the `/tokens` API endpoint)."""
     image = common.load_upload(image_path)
     with common.user_errors():
         model, data_config = models.load_vit(model_name)
-        size = resolution_for(model, data_config, width, height)
+        size = common.resolution_for(model, data_config, width, height)
         pixels = images.prepare_pixels(image, data_config, size, fit)
         result = patches.analyse_tokenization(model, pixels)
     shown = images.pixels_to_image(result.pixels, data_config)

@@ -21,6 +21,7 @@ def test_example_renders_all_views(page):
         img = page.locator(f"#{view} img").first
         img.wait_for(state="visible")
         assert img.evaluate("el => el.naturalWidth") > 50, view
+    page.locator("#tokens-cost .js-plotly-plot").first.wait_for(state="visible")  # plotly draws late
     assert page.locator("#tokens-cost .js-plotly-plot").count() == 1
     assert "75,264" in page.locator("#tokens-cost-table").inner_text()  # 336*224 pixel tokens
     screenshot(page, "tokens")
