@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import timm
 import torch
@@ -48,6 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tp-mode", default="full", choices=["full", "last_k"])
     p.add_argument("--layer-train", type=int, default=2_000)
     p.add_argument("--layer-test", type=int, default=1_000)
+    p.add_argument("--igpt", default=None, metavar="DIR",
+                   help="iGPT checkpoint dir to probe (default: the offline assets/igpt)")
     p.add_argument("--skip", default="",
                    help="comma list of parts to skip: probe,tp,layers,igpt")
     p.add_argument("--threads", type=int, default=None,
@@ -190,7 +193,7 @@ def main(argv: list[str]) -> None:
         out["layerwise"] = bench_layerwise(train, test, args.resolution)
         print("layer-wise:", json.dumps(out["layerwise"]), flush=True)
     if "igpt" not in skip:
-        igpt = igpt_layerwise(train, test)
+        igpt = igpt_layerwise(train, test, args.igpt)
         out["layerwise_igpt"] = igpt or "no iGPT checkpoint yet"
         print("layer-wise iGPT:", json.dumps(out["layerwise_igpt"]), flush=True)
     out["loadavg_end"] = os.getloadavg()
@@ -200,18 +203,19 @@ def main(argv: list[str]) -> None:
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}))
 
 
-def igpt_layerwise(train: ImageSet, test: ImageSet) -> dict | None:
-    """The same probe on the iGPT trained here, when its checkpoint exists (else None)."""
+def igpt_layerwise(train: ImageSet, test: ImageSet, directory: str | None = None
+                   ) -> dict | None:
+    """The same probe on the iGPT trained here (or in ``directory``); None if there is none."""
     try:
         from explorer.finetune.igpt_probe import igpt_layerwise_probe
         from explorer.igpt.checkpoint import ASSET_DIR
     except ImportError:
         return None
     start = time.perf_counter()
-    probe = igpt_layerwise_probe(train, test)
+    probe = igpt_layerwise_probe(train, test, directory)
     if probe is None:
         return None
-    train_config = ASSET_DIR / "train_config.json"
+    train_config = Path(directory or ASSET_DIR) / "train_config.json"
     step = json.loads(train_config.read_text()).get("step") if train_config.exists() else None
     return {"model": probe.model_name, "checkpoint_step": step,
             "depths": probe.depths, "val_acc": probe.val_acc,

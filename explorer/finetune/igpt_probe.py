@@ -74,21 +74,23 @@ def igpt_layerwise(loaded, train_set: ImageSet, val_set: ImageSet, batch_size: i
                                steps)
 
 
-def load_offline_igpt():
-    """The Fashion-MNIST iGPT trained here, or None while its checkpoint does not exist."""
+def load_offline_igpt(directory: str | None = None):
+    """The Fashion-MNIST iGPT trained here (or the checkpoint in ``directory``), or None while
+    it does not exist."""
     try:
         from explorer.igpt.checkpoint import OFFLINE_NAME, ModelUnavailableError, load_igpt
     except ImportError:
         return None
     try:
-        return load_igpt(OFFLINE_NAME)
+        return load_igpt(directory or OFFLINE_NAME)
     except (ModelUnavailableError, FileNotFoundError):
         return None
 
 
-def igpt_layerwise_probe(train_set: ImageSet, val_set: ImageSet) -> LayerwiseProbe | None:
-    """Probe vs depth for the offline iGPT; None when it is not there yet."""
-    loaded = load_offline_igpt()
+def igpt_layerwise_probe(train_set: ImageSet, val_set: ImageSet, directory: str | None = None
+                         ) -> LayerwiseProbe | None:
+    """Probe vs depth for the offline iGPT (or ``directory``); None when it is not there."""
+    loaded = load_offline_igpt(directory)
     if loaded is None:
         return None
     *_, (_, _, probe) = igpt_layerwise(loaded, train_set, val_set)
