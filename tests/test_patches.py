@@ -107,3 +107,13 @@ def test_principal_directions_match_svd(shape):
     _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
     cos = (dirs * vh[:3]).sum(-1).abs()
     assert dirs.shape == (3, shape[1]) and torch.allclose(cos, torch.ones(3), atol=1e-4)
+
+
+def test_similarity_mosaic_layout():
+    from explorer.plots.tokens import similarity_tiles
+
+    sim = torch.rand(4, 6, 4, 6) * 2 - 1
+    mosaic = similarity_tiles(sim, width=6 * 7 * 3)  # zoom 3: tiles of (4*3+1) x (6*3+1) px
+    assert mosaic.shape == (4 * 13, 6 * 19, 3)
+    big = similarity_tiles(torch.rand(37, 37, 37, 37), max_tiles=20)  # every 2nd patch: 19 tiles
+    assert big.shape[0] == 19 * 38 and big.shape[1] == 19 * 38

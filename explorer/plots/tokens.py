@@ -88,23 +88,29 @@ def filter_tiles(components: torch.Tensor, tile: int = 56, cols: int = 7) -> np.
     return mosaic(arrays, cols=cols, gap=4, labels=[f"PC{i + 1}" for i in range(len(arrays))])
 
 
-def similarity_tiles(sim: torch.Tensor, width: int = 900, cmap: str = "viridis") -> np.ndarray:
+def similarity_tiles(
+    sim: torch.Tensor, width: int = 900, max_tiles: int = 20, cmap: str = "viridis"
+) -> np.ndarray:
     """One small map per patch: its position embedding's similarity to all others (Fig. 7 centre).
 
     Args:
         sim: (rows, cols, rows, cols) cosine similarities.
         width: approximate mosaic width in pixels.
+        max_tiles: at most this many tiles per side; bigger grids (DINOv2's 37x37) show every
+            k-th patch's map (each map still complete), like the paper's 14x14 figure.
 
     Returns:
         uint8 RGB mosaic laid out like the patch grid, 1 px white gaps; colours span [-1, 1].
     """
-    rows, cols = sim.shape[:2]
-    zoom = max(1, width // (cols * cols + cols))  # pixels per similarity cell
-    colored = colorize(sim.numpy(), cmap, vmin=-1.0, vmax=1.0)  # (r, c, r, c, 3), one call
-    tiles = colored.repeat(zoom, axis=2).repeat(zoom, axis=3)  # (r, c, r*z, c*z, 3)
+    stride = max(1, -(-max(sim.shape[:2]) // max_tiles))
+    sim = sim[::stride, ::stride]
+    tile_rows, tile_cols, rows, cols = sim.shape
+    zoom = max(1, width // (tile_cols * (cols + 1)))  # pixels per similarity cell
+    colored = colorize(sim.numpy(), cmap, vmin=-1.0, vmax=1.0)  # (tr, tc, r, c, 3), one call
+    tiles = colored.repeat(zoom, axis=2).repeat(zoom, axis=3)  # (tr, tc, r*z, c*z, 3)
     tiles = np.pad(tiles, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=255)
     th, tw = tiles.shape[2:4]
-    return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3, 4).reshape(rows * th, cols * tw, 3))
+    return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3, 4).reshape(tile_rows * th, tile_cols * tw, 3))
 
 
 def feature_pca_image(rgb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -77,7 +77,8 @@ def build_tokens_tab() -> None:
         cost_plot = gr.Plot(label="Cost: patches vs one token per pixel", elem_id="tokens-cost")
     cost_md = gr.Markdown(elem_id="tokens-cost-table")
     with gr.Row():
-        pos_native = gr.Image(label="Position-embedding similarity, native grid (ViT Fig. 7 centre)",
+        pos_native = gr.Image(label="Position-embedding similarity, native grid (ViT Fig. 7 centre; "
+                                    "big grids: every k-th patch)",
                               elem_id="tokens-pos-native", format="png", interactive=False)
         pos_chosen = gr.Image(label="... interpolated to the chosen grid",
                               elem_id="tokens-pos-chosen", format="png", interactive=False)
