@@ -142,17 +142,8 @@ def build_attention_tab() -> None:
     session = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
-            image = common.upload_image(label="Image", height=260, elem_id="attn-image")
-            gr.Examples(common.example_images(), inputs=image, label="Examples",
-                        elem_id="attn-examples")
-            model = common.model_dropdown()
-            with gr.Row():
-                width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0,
-                                  elem_id="attn-width")
-                height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0,
-                                   elem_id="attn-height")
-            fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit",
-                           info="0 in width/height = the model's native size")
+            image, model = common.image_and_model("attn", height=260)
+            width, height, fit = common.resolution_inputs("attn")
             run = gr.Button("Show attention", variant="primary", elem_id="attn-run")
         with gr.Column(scale=1):
             layer = gr.Slider(1, 12, value=12, step=1, label="Layer", elem_id="attn-layer")

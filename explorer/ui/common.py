@@ -91,6 +91,28 @@ def model_dropdown(label: str = "Model", value: str | None = None) -> gr.Dropdow
     return dropdown
 
 
+def image_and_model(prefix: str, height: int = 260) -> tuple[gr.Image, gr.Dropdown]:
+    """The image upload with the bundled examples under it, then the model picker.
+
+    Element ids: ``{prefix}-image``, ``{prefix}-examples``.
+    """
+    image = upload_image(label="Image", height=height, elem_id=f"{prefix}-image")
+    gr.Examples(example_images(), inputs=image, label="Examples", elem_id=f"{prefix}-examples")
+    return image, model_dropdown()
+
+
+def resolution_inputs(prefix: str) -> tuple[gr.Number, gr.Number, gr.Radio]:
+    """Width, height (0 = native) and how to fit the image. Ids ``{prefix}-width``/``-height``."""
+    with gr.Row():
+        width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0,
+                          elem_id=f"{prefix}-width")
+        height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0,
+                           elem_id=f"{prefix}-height")
+    fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit",
+                   info="crop keeps the aspect ratio; 0 in width/height = the model's native size")
+    return width, height, fit
+
+
 def refresh_model_choices(current: str | None) -> gr.Dropdown:
     """The dropdown update that lists every model known now, keeping the current choice."""
     return gr.Dropdown(choices=models.model_names(), value=current or models.DEFAULT_MODEL)

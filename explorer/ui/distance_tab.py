@@ -90,10 +90,7 @@ def build_distance_tab() -> None:
     band = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
-            image = common.upload_image(label="Image", height=240, elem_id="dist-image")
-            gr.Examples(common.example_images(), inputs=image, label="Examples",
-                        elem_id="dist-examples")
-            model = common.model_dropdown()
+            image, model = common.image_and_model("dist", height=240)
             others = gr.Dropdown(models.model_names(), value=[], multiselect=True,
                                  label="Overlay other models", elem_id="dist-others",
                                  info="e.g. a model fine-tuned in the app")
@@ -103,10 +100,7 @@ def build_distance_tab() -> None:
             with gr.Row():
                 random_init = gr.Checkbox(True, label="Random init of the same architecture")
                 cnn = gr.Checkbox(True, label="CNN: MobileNetV2 receptive fields")
-            with gr.Row():
-                width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0)
-                height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0)
-            fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit")
+            width, height, fit = common.resolution_inputs("dist")
             prefix = gr.Radio(["drop", "keep"], value="drop", label="Attention to prefix tokens",
                               info="drop: renormalise over patches; keep: count it as distance 0")
             run = gr.Button("Plot distances", variant="primary", elem_id="dist-run")

@@ -52,17 +52,9 @@ def build_tokens_tab() -> None:
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
-            image = common.upload_image(label="Image", height=300, elem_id="tokens-image")
-            model = common.model_dropdown()
-            with gr.Row():
-                width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0,
-                              elem_id="tokens-width")
-                height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0,
-                               elem_id="tokens-height")
-            fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit",
-                           info="crop keeps the aspect ratio; 0 in width/height = native size")
+            image, model = common.image_and_model("tokens", height=300)
+            width, height, fit = common.resolution_inputs("tokens")
             run = gr.Button("Tokenise", variant="primary", elem_id="tokens-run")
-            gr.Examples(common.example_images(), inputs=image, label="Examples", elem_id="tokens-examples")
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="tokens-summary")
             grid = gr.Image(label="Patches and token indices", elem_id="tokens-grid",

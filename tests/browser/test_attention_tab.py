@@ -22,6 +22,7 @@ def test_click_a_patch_changes_the_query_map(page):
         img = page.locator(f"#{view} img").first
         img.wait_for(state="visible")
         assert img.evaluate("el => el.naturalWidth") > 100, view
+    page.locator("#attn-prefix .js-plotly-plot").first.wait_for(state="visible")  # plotly draws late
     assert page.locator("#attn-prefix .js-plotly-plot").count() == 1
 
     shown = page.locator("#attn-input img").first
