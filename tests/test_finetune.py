@@ -160,6 +160,57 @@ def test_checkpoint_reloads_with_identical_logits(data, tmp_path):
     assert name in model_names()
 
 
+def test_probe_block_truncates_and_reloads_with_identical_predictions(data, tmp_path):
+    train, val = data
+    FEATURE_CACHE.clear()
+    config = FinetuneConfig(mode="linear", epochs=2, batch_size=16, probe_block=3)
+    result = finetune(tiny_vit(), train, val, config)
+    assert len(result.model.blocks) == 3 and not result.feature_cache_hit
+    # The probe read the class token after block 3 (then the final norm): what the layer-wise
+    # probe calls block 3's class-token part.
+    x = pixels_of(val, result.model, (32, 32))
+    with torch.no_grad():
+        feats = result.model.forward_head(result.model.forward_features(x), pre_logits=True)
+        per_block = layer_features(tiny_vit(), x)
+        torch.testing.assert_close(feats, per_block[:, 2, :feats.shape[1]], atol=1e-5,
+                                   rtol=1e-5)
+    out = save_checkpoint(result, tmp_path / "block3", "test_vit", config)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["model_kwargs"] == {"depth": 3} and meta["train_config"]["probe_block"] == 3
+    loaded, _ = load_vit(f"local:{out}", device="cpu")
+    assert isinstance(loaded, timm.models.VisionTransformer) and len(loaded.blocks) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x), atol=1e-5, rtol=1e-5)
+        assert np.array_equal(loaded(x).argmax(-1).numpy(), result.val_preds)
+    # The full model's features are cached under another key: no stale block-3 features.
+    full = finetune(tiny_vit(), train, val, FinetuneConfig(mode="linear", epochs=2,
+                                                           batch_size=16))
+    assert not full.feature_cache_hit and len(full.model.blocks) == 6
+    # Mean patch token after block 3 (timm global_pool "avg" with the norm before pooling).
+    config = FinetuneConfig(mode="linear", epochs=2, batch_size=16, probe_block=3,
+                            probe_pool="avg")
+    avg = finetune(tiny_vit(), train, val, config)
+    assert not avg.feature_cache_hit and avg.model.global_pool == "avg"
+    with torch.no_grad():
+        feats = avg.model.forward_head(avg.model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(feats, per_block[:, 2, feats.shape[1]:], atol=1e-5,
+                                   rtol=1e-5)
+    out = save_checkpoint(avg, tmp_path / "block3avg", "test_vit", config)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["model_kwargs"] == {"depth": 3, "global_pool": "avg", "fc_norm": False}
+    loaded, _ = load_vit(f"local:{out}", device="cpu")
+    assert loaded.global_pool == "avg" and len(loaded.blocks) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), avg.model(x), atol=1e-5, rtol=1e-5)
+        assert np.array_equal(loaded(x).argmax(-1).numpy(), avg.val_preds)
+    with pytest.raises(ValueError):
+        FinetuneConfig(mode="full", probe_block=3)
+    with pytest.raises(ValueError):
+        FinetuneConfig(mode="linear", probe_pool="max")
+    with pytest.raises(ValueError):
+        finetune(tiny_vit(), train, val, FinetuneConfig(mode="linear", probe_block=7))
+
+
 def test_new_resolution_interpolates_position_embeddings(data, tmp_path):
     train, val = data
     model = tiny_vit(img_size=64)  # native grid 4x4
@@ -228,6 +279,12 @@ def test_cli_trains_and_saves(tmp_path, capsys):
     assert "step 2/2" in printed and "done: val_acc" in printed
     meta = json.loads((tmp_path / "out" / "config.json").read_text())
     assert meta["mode"] == "full" and meta["num_classes"] == 10
+    code = cli_main(["--fashion-mnist", "60", "--model", f"local:{base_dir}", "--mode", "linear",
+                     "--probe-block", "2", "--epochs", "1", "--out", str(tmp_path / "b2")])
+    assert code == 0
+    meta = json.loads((tmp_path / "b2" / "config.json").read_text())
+    assert meta["model_kwargs"] == {"depth": 2}
+    assert len(load_vit(f"local:{tmp_path / 'b2'}", device="cpu")[0].blocks) == 2
     assert cli_main(["--data", str(tmp_path / "missing"), "--model", "x"]) == 2
 
 
@@ -310,6 +367,9 @@ def test_tab_turns_bad_data_into_clear_gradio_errors(tmp_path):
     assert sum(sum(bar.y) for bar in figure.data) == 100
     config = tab.training_config("Last k blocks", 3.0, 0, 2.0, 0, 16.0)
     assert (config.mode, config.last_k, config.resolution, config.lr) == ("last_k", 3, None, None)
+    probe = tab.training_config("Linear probe (frozen backbone)", 2, 0, 1, 0, 16, 11.0)
+    assert probe.mode == "linear" and probe.probe_block == 11
+    assert tab.training_config("Full fine-tune", 2, 0, 1, 0, 16, 11).probe_block is None
     with pytest.raises(gr.Error, match="training settings"):
         tab.training_config("Full fine-tune", 2, 112, None, 0, 16)  # epochs field emptied
     with pytest.raises(gr.Error, match="patch tokens"):

@@ -43,6 +43,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=2_000, help="official test images")
     p.add_argument("--resolution", type=int, default=112, help="probe resolution (px)")
     p.add_argument("--epochs", type=int, default=30, help="linear-head epochs")
+    p.add_argument("--probe-block", type=int, default=None, metavar="K",
+                   help="linear probe after block K (default: last block)")
+    p.add_argument("--probe-pool", choices=["token", "avg"], default=None,
+                   help="linear probe of the class token or the mean patch token")
     p.add_argument("--tp-resolution", type=int, default=56, help="throughput resolution (px)")
     p.add_argument("--tp-images", type=int, default=192, help="images per throughput run")
     p.add_argument("--tp-rounds", type=int, default=5, help="interleaved rounds")
@@ -60,19 +64,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def bench_linear_probe(train: ImageSet, test: ImageSet, resolution: int, epochs: int) -> dict:
-    """Engine linear probe from a fresh model, empty feature cache: the full wall time."""
+def bench_linear_probe(train: ImageSet, test: ImageSet, resolution: int, epochs: int,
+                       probe_block: int | None = None, probe_pool: str | None = None
+                       ) -> dict:
+    """Engine linear probe from a fresh model, empty feature cache: the full wall time.
+
+    ``probe_block``: probe after that block (the model truncated to it); ``probe_pool``:
+    "token" (class token) or "avg" (mean patch token); None = the model's own (class token).
+    """
     FEATURE_CACHE.clear()
     start = time.perf_counter()
     model = build_vit(DEFAULT_MODEL)
     build_s = time.perf_counter() - start
     config = FinetuneConfig(mode="linear", resolution=resolution, epochs=epochs,
-                            batch_size=256, feature_batch_size=64)
+                            batch_size=256, feature_batch_size=64, probe_block=probe_block,
+                            probe_pool=probe_pool)
     result = finetune(model, train, test, config, model_key=DEFAULT_MODEL)
     wall = time.perf_counter() - start
     n_images = len(train) + len(test)
     return {
         "val_acc": result.val_acc,
+        "probe_block": len(result.model.blocks),
+        "probe_pool": result.model.global_pool,
         "resolution": list(result.resolution),
         "train_images": len(train),
         "test_images": len(test),
@@ -179,7 +192,8 @@ def main(argv: list[str]) -> None:
     if "probe" not in skip:
         train = fashion_mnist("train", args.train, seed=0)
         test = fashion_mnist("test", args.test, seed=0)
-        out["linear_probe"] = bench_linear_probe(train, test, args.resolution, args.epochs)
+        out["linear_probe"] = bench_linear_probe(train, test, args.resolution, args.epochs,
+                                                 args.probe_block, args.probe_pool)
         print("linear probe:", json.dumps(out["linear_probe"]), flush=True)
     if "tp" not in skip:
         data = fashion_mnist("train", args.tp_images, seed=1)

@@ -3,6 +3,7 @@
     python -m explorer.finetune --fashion-mnist 2000 --mode linear --resolution 112
     python -m explorer.finetune --data photos.zip --mode last_k --last-k 2 --epochs 5
     python -m explorer.finetune --fashion-mnist 2000 --layerwise
+    python -m explorer.finetune --fashion-mnist 2000 --mode linear --probe-block 11
     accelerate launch --multi_gpu --num_processes 2 -m explorer.finetune --data ./imgs --mode full
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m explorer.finetune ...   (CPU, gloo)
 
@@ -27,7 +28,7 @@ from explorer.datasets import (
     train_val_split,
 )
 from explorer.finetune.checkpoint import run_name, save_checkpoint
-from explorer.finetune.engine import MODES, FinetuneConfig, run_finetune
+from explorer.finetune.engine import MODES, PROBE_POOLS, FinetuneConfig, run_finetune
 from explorer.models import DEFAULT_MODEL, build_vit
 
 
@@ -53,6 +54,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-block", type=int, default=None, metavar="K",
+                   help="linear mode: probe the features after block K (default: last); "
+                        "the saved model keeps K blocks")
+    p.add_argument("--probe-pool", choices=PROBE_POOLS, default=None,
+                   help="linear mode: probe the class token or the mean patch token "
+                        "(default: the model's own pooling)")
     p.add_argument("--out", type=Path, default=None, help="checkpoint directory to write")
     p.add_argument("--layerwise", action="store_true",
                    help="fit a linear probe after every block instead of training")
@@ -107,7 +114,8 @@ def run(args: argparse.Namespace, train: ImageSet, val: ImageSet, label: str) ->
         mode=args.mode, last_k=args.last_k, resolution=args.resolution, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
         grad_accum=args.grad_accum, augment=not args.no_augment,
-        mixed_precision=args.mixed_precision, seed=args.seed)
+        mixed_precision=args.mixed_precision, seed=args.seed, probe_block=args.probe_block,
+        probe_pool=args.probe_pool)
     event = None
     for event in run_finetune(model, train, val, config, model_key=args.model):
         if event.stage == "train" and event.done % 10 and event.done != event.total:

@@ -4,6 +4,9 @@ A directory with ``model.safetensors`` and ``config.json``; the JSON keeps the k
 `explorer.models.local_checkpoint_files` reads (``architecture``, ``num_classes``,
 ``img_size``, ``classes``, ``pretrained_cfg``) and adds how the model came to be
 (``base_model``, ``resolution``, ``mode``, ``metrics``, ``created_utc``, ``train_config``).
+A linear probe after block K (``probe_block``) saves a model truncated to K blocks, with
+``model_kwargs: {"depth": K}`` so that ``load_vit`` builds the same shorter timm ViT; a probe
+of the mean patch token (``probe_pool="avg"``) adds ``global_pool: "avg", fc_norm: false``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def checkpoint_config(result: FinetuneResult, base_model: str, config: FinetuneC
     architecture = model.pretrained_cfg.get("architecture")
     if not architecture:
         raise ValueError("the model's pretrained_cfg does not name its timm architecture")
-    return {
+    meta = {
         "architecture": architecture,
         "num_classes": len(result.classes),
         "img_size": [height, width],
@@ -62,6 +65,14 @@ def checkpoint_config(result: FinetuneResult, base_model: str, config: FinetuneC
         "timm_version": timm.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    kwargs = {}
+    if config.probe_block is not None:  # truncated: rebuild with as many blocks as were kept
+        kwargs["depth"] = len(model.blocks)
+    if config.probe_pool is not None:  # the pooling the probe read (norm before pooling)
+        kwargs.update(global_pool=model.global_pool, fc_norm=False)
+    if kwargs:
+        meta["model_kwargs"] = kwargs
+    return meta
 
 
 def save_checkpoint(result: FinetuneResult, out_dir: str | os.PathLike, base_model: str,
@@ -90,6 +101,10 @@ def run_name(base_model: str, config: FinetuneConfig, dataset: str) -> str:
     side = "native" if config.resolution is None else f"{config.resolution}px"
     stamp = datetime.now(timezone.utc).strftime("%H%M%S")
     mode = config.mode if config.mode != "last_k" else f"last{config.last_k}"
+    if config.probe_block is not None:
+        mode += f"-block{config.probe_block}"
+    if config.probe_pool is not None:
+        mode += f"-{config.probe_pool}"
     name = f"{dataset}-{mode}-{side}-{stamp}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower()
 

@@ -10,7 +10,12 @@ Modes:
     ``linear``: frozen backbone; its pre-logits features are computed once (and cached, see
         `probe.FEATURE_CACHE`), then only a linear head is trained on them. The features are
         standardised for the optimiser and the standardisation folded back into the head, so
-        the saved model computes exactly the probe's logits.
+        the saved model computes exactly the probe's logits. With ``probe_block=K`` the
+        backbone is first truncated to its first K blocks (then the final norm and the class
+        token, as for the last block), so the probe reads block K's features and the saved
+        model is a plain timm ViT of depth K. ``probe_pool="avg"`` probes the mean patch token
+        (after the final norm) instead of the class token: timm's ``global_pool="avg"`` with
+        ``fc_norm=False``, which the saved model's config records.
     ``last_k``: the last ``k`` blocks, the final norm and the head are trained.
     ``full``: every parameter is trained (position embeddings included).
 """
@@ -38,6 +43,7 @@ from explorer.finetune.probe import FEATURE_CACHE, extract_features, feature_key
 from explorer.finetune.resolution import set_resolution, snap_resolution
 
 MODES = ("linear", "last_k", "full")
+PROBE_POOLS = ("token", "avg")  # timm global_pool values a linear probe may read
 # Learning rates that work for ViT-S/B with AdamW at batch ~32 (a head on standardised
 # features learns fast; pretrained blocks need small steps, as in DeiT/BEiT fine-tuning).
 DEFAULT_LR = {"linear": 1e-2, "last_k": 1e-4, "full": 3e-5}
@@ -65,6 +71,11 @@ class FinetuneConfig:
             or accelerate's "no" / "fp16" / "bf16".
         seed: seeds Python, NumPy, torch and the shuffle; same seed, same run (on one device).
         feature_batch_size: batch for the frozen forward in linear mode (no gradients: larger).
+        probe_block: linear mode only: probe the features after block K (1-based, then
+            the final norm) instead of after the last block; the model is truncated to K
+            blocks, so the saved checkpoint is a timm ViT with ``depth=K``. None = last block.
+        probe_pool: linear mode only: the pooled feature the probe reads, "token" (class
+            token) or "avg" (mean patch token, after the final norm); None = the model's own.
     """
 
     mode: str = "linear"
@@ -81,12 +92,24 @@ class FinetuneConfig:
     mixed_precision: str = "auto"
     seed: int = 0
     feature_batch_size: int = 64
+    probe_block: int | None = None
+    probe_pool: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.last_k < 1:
             raise ValueError("epochs, batch_size, grad_accum and last_k must be >= 1")
+        if self.probe_block is not None:
+            if self.mode != "linear":
+                raise ValueError("probe_block applies to the linear probe (mode 'linear') only")
+            if self.probe_block < 1:
+                raise ValueError("probe_block must be >= 1 (or None for the last block)")
+        if self.probe_pool is not None:
+            if self.mode != "linear":
+                raise ValueError("probe_pool applies to the linear probe (mode 'linear') only")
+            if self.probe_pool not in PROBE_POOLS:
+                raise ValueError(f"probe_pool must be one of {PROBE_POOLS}")
 
     @property
     def peak_lr(self) -> float:
@@ -163,10 +186,14 @@ def make_accelerator(config: FinetuneConfig) -> Accelerator:
 
 
 def prepare_model(model: nn.Module, num_classes: int, config: FinetuneConfig) -> tuple[int, int]:
-    """Set resolution, new head and trainable parameters in place; returns the resolution."""
+    """Set resolution, depth, new head and trainable parameters in place; returns the size."""
+    if config.probe_block is not None:
+        truncate_blocks(model, config.probe_block)
     size = snap_resolution(model, config.resolution)
     set_resolution(model, size)
     model.reset_classifier(num_classes)
+    if config.probe_pool is not None:
+        set_pooling(model, config.probe_pool)
     model.float()
     if config.mode == "full":
         trainable = list(model.parameters())
@@ -180,6 +207,29 @@ def prepare_model(model: nn.Module, num_classes: int, config: FinetuneConfig) ->
     for p in trainable:
         p.requires_grad_(True)
     return size
+
+
+def truncate_blocks(model: nn.Module, depth: int) -> None:
+    """Keep the first ``depth`` blocks of a timm ViT (in place): the model then computes the
+    features after block ``depth``, followed by the final norm and pooling as before."""
+    if depth > len(model.blocks):
+        raise ValueError(f"probe_block {depth} > the model's {len(model.blocks)} blocks")
+    model.blocks = model.blocks[:depth]
+    if hasattr(model, "feature_info"):
+        model.feature_info = model.feature_info[:depth]
+
+
+def set_pooling(model: nn.Module, pool: str) -> None:
+    """Pool the final-normed tokens with timm's ``global_pool`` ``pool`` (in place); only for
+    ViTs whose norm comes before pooling (no fc_norm, no attention pool), so "avg" is the mean
+    patch token after the final norm, as in DINOv2's linear evaluation."""
+    if pool == model.global_pool:
+        return
+    if not isinstance(model.fc_norm, nn.Identity) or model.attn_pool is not None:
+        raise ValueError("probe_pool needs a ViT that normalises before pooling (no fc_norm)")
+    if pool == "token" and not model.has_class_token:
+        raise ValueError("this model has no class token to probe")
+    model.global_pool = pool
 
 
 def cosine_schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:

@@ -69,9 +69,10 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def feature_key(model: nn.Module, model_key: str | None, images: ImageSet,
                 size: tuple[int, int]) -> str:
-    """Cache key: which weights, which images, which resolution."""
+    """Cache key: which weights (and how many of their blocks), which images, which size."""
     who = model_key or weights_fingerprint(model)
-    return f"{who}|{size[0]}x{size[1]}|{images.fingerprint()}"
+    depth, pool = len(model.blocks), getattr(model, "global_pool", "")
+    return f"{who}|{depth}blocks|{pool}|{size[0]}x{size[1]}|{images.fingerprint()}"
 
 
 def pre_logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

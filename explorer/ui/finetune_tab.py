@@ -63,13 +63,16 @@ class UiConfig:
     epochs: float
     lr: float | None
     batch_size: float
+    probe_block: float | None = 0  # linear probe only; 0 / empty = last block
 
     def to_config(self) -> FinetuneConfig:
+        mode = MODE_LABELS[self.mode_label]
         return FinetuneConfig(
-            mode=MODE_LABELS[self.mode_label], last_k=int(self.last_k),
+            mode=mode, last_k=int(self.last_k),
             resolution=int(self.resolution) if self.resolution else None,
             epochs=int(self.epochs), lr=float(self.lr) if self.lr else None,
-            batch_size=int(self.batch_size))
+            batch_size=int(self.batch_size),
+            probe_block=int(self.probe_block) if self.probe_block and mode == "linear" else None)
 
 
 def load_data(source: str, zip_path: str | None, n_images: float) -> datasets.ImageSet:
@@ -108,18 +111,22 @@ def describe_data(source, zip_path, n_images):
 
 
 def train(source, zip_path, n_images, model_name, mode_label, last_k, resolution, epochs, lr,
-          batch_size, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+          batch_size, probe_block=0, request: gr.Request = None,
+          progress=gr.Progress()):  # noqa: B008
     """Train and stream curves, then show results (the `/finetune` API endpoint).
 
     Yields (status, curves, results, confusion, misclassified, position map, checkpoint).
     """
-    config = training_config(mode_label, last_k, resolution, epochs, lr, batch_size)
+    config = training_config(mode_label, last_k, resolution, epochs, lr, batch_size,
+                             probe_block)
     data = load_data(source, zip_path, n_images)
     cancel = _cancel_events.setdefault(_session(request), threading.Event())
     cancel.clear()
     try:
         train_set, val_set = datasets.train_val_split(data, 0.2, seed=config.seed)
         model = fresh_model(model_name, config.resolution)
+        if (config.probe_block or 0) > len(model.blocks):
+            raise gr.Error(f"This model has {len(model.blocks)} blocks; probe one of those.")
         events = run_finetune(model, train_set, val_set, config, cancel, model_key=model_name)
         history, last_update = [], 0.0
         for event in common_errors(events):
@@ -276,6 +283,8 @@ def build_finetune_tab() -> None:
                                elem_id="ft-lr")
                 batch_size = gr.Number(32, label="Batch size", precision=0, minimum=1,
                                        maximum=512, elem_id="ft-batch")
+            probe_block = gr.Number(0, label="Linear probe: features after block (0 = last)",
+                                    precision=0, minimum=0, elem_id="ft-probe-block")
             with gr.Row():
                 start = gr.Button("Train", variant="primary", elem_id="ft-train")
                 stop = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
@@ -305,7 +314,7 @@ def build_finetune_tab() -> None:
     show_data.click(**data_event, api_name="finetune_data")
     zip_file.upload(**data_event, api_name="finetune_data_upload")
     start.click(train, inputs=[*data_inputs, model, mode, last_k, resolution, epochs, lr,
-                               batch_size],
+                               batch_size, probe_block],
                 outputs=[status, curves, result_md, confusion, wrong, pos_map, checkpoint],
                 api_name="finetune", concurrency_limit=1, concurrency_id="finetune",
                 show_progress_on=[status])
