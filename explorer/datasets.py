@@ -405,6 +405,27 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
+def read_fashion_mnist(split: str = "train", root: str | os.PathLike = FASHION_MNIST_DIR
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """All of one Fashion-MNIST split: (N, 28, 28) uint8 images and (N,) int64 labels.
+
+    N is 60,000 for "train" and 10,000 for "test"; `DatasetError` if the files are missing.
+    """
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = Path(root)
+    image_file = root / f"{prefix}-images-idx3-ubyte.gz"
+    if not image_file.is_file():
+        raise DatasetError(
+            f"Fashion-MNIST is not installed ({image_file} missing); on Debian/Ubuntu install "
+            "the 'dataset-fashion-mnist' package."
+        )
+    images = _read_idx(image_file, 16).reshape(-1, 28, 28)  # header: magic, n, rows, cols
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)  # magic, n
+    return images, labels
+
+
 def fashion_mnist(split: str = "train", n: int | None = None, seed: int = 0,
                   root: str | os.PathLike = FASHION_MNIST_DIR) -> ImageSet:
     """A stratified subset of Fashion-MNIST (28x28 grey clothes, 10 classes).
@@ -418,18 +439,7 @@ def fashion_mnist(split: str = "train", n: int | None = None, seed: int = 0,
     Returns:
         `ImageSet` whose sources are an (n, 28, 28) uint8 array.
     """
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    root = Path(root)
-    image_file = root / f"{prefix}-images-idx3-ubyte.gz"
-    if not image_file.is_file():
-        raise DatasetError(
-            f"Fashion-MNIST is not installed ({image_file} missing); on Debian/Ubuntu install "
-            "the 'dataset-fashion-mnist' package."
-        )
-    images = _read_idx(image_file, 16).reshape(-1, 28, 28)
-    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    images, labels = read_fashion_mnist(split, root)
     full = ImageSet(list(FASHION_MNIST_CLASSES), labels, images)
     if n is None or n >= len(labels):
         return full

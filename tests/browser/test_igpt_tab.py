@@ -21,5 +21,6 @@ def test_completion_streams_into_grid(page):
     width, height = grid.evaluate("el => [el.naturalWidth, el.naturalHeight]")
     assert width > 4 * height > 0
     assert "4 completions" in page.locator("#igpt-status").inner_text()
+    page.locator("#igpt-bits .js-plotly-plot").first.wait_for(state="visible")  # plotly draws late
     assert page.locator("#igpt-bits .js-plotly-plot").count() == 1
     screenshot(page, "igpt")
