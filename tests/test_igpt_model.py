@@ -8,6 +8,7 @@ from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 from explorer.igpt.likelihood import bits_per_dim, pixel_nll_bits
 from explorer.igpt.model import IGPTConfig, ImageGPT
+from tests.igpt_helpers import known_distribution_model
 
 
 def tiny_hf(seed: int = 0, std: float = 0.3) -> ImageGPTForCausalImageModeling:
@@ -72,22 +73,6 @@ def test_too_long_sequence_raises():
     ours = ImageGPT.from_hf(tiny_hf())
     with pytest.raises(ValueError, match="n_positions"):
         ours(torch.zeros(1, 37, dtype=torch.long))
-
-
-def known_distribution_model(probs: torch.Tensor) -> ImageGPT:
-    """A model whose next-colour distribution is `probs` at every position: blocks output
-    zero (residual identity), the input is the constant e_0 from the position embedding, ln_f
-    scales it to sqrt(C) e_0, and the head's column 0 holds log p / sqrt(C)."""
-    C = 8
-    m = ImageGPT(IGPTConfig(vocab_size=len(probs) + 1, n_positions=16, n_embd=C, n_layer=1,
-                            n_head=1, layer_norm_epsilon=1e-12))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        m.transformer.ln_f.weight.fill_(1.0)
-        m.transformer.wpe.weight[:, 0] = 1.0
-        m.lm_head.weight[:, 0] = probs.log() / math.sqrt(C)
-    return m.eval()
 
 
 def test_nll_bits_of_known_distribution():

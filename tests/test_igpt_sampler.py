@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-from explorer.igpt.model import IGPTConfig, ImageGPT
+from explorer.igpt.model import ImageGPT
 from explorer.igpt.sampler import SampleConfig, complete, complete_stream, filter_logits
 from explorer.igpt.sequence import with_start
+from tests.igpt_helpers import known_distribution_model
 
 
 def tiny_hf(seed: int = 0, std: float = 0.3) -> ImageGPTForCausalImageModeling:
@@ -30,20 +31,6 @@ def generate(hf, input_ids: torch.Tensor, new: int) -> torch.Tensor:
     return hf.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                        max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
                        pad_token_id=0)
-
-
-def constant_model(probs: torch.Tensor) -> ImageGPT:
-    """Predicts `probs` at every position (see test_igpt_model.known_distribution_model)."""
-    C = 8
-    m = ImageGPT(IGPTConfig(vocab_size=len(probs) + 1, n_positions=16, n_embd=C, n_layer=1,
-                            n_head=1, layer_norm_epsilon=1e-12))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        m.transformer.ln_f.weight.fill_(1.0)
-        m.transformer.wpe.weight[:, 0] = 1.0
-        m.lm_head.weight[:, 0] = probs.log() / math.sqrt(C)
-    return m.eval()
 
 
 def test_greedy_equals_transformers_generate():
@@ -121,7 +108,7 @@ def test_seed_reproducibility():
 def test_sampling_frequencies_follow_the_distribution():
     # 1 position, many samples: empirical frequencies of colour 0 under top_p=0.7 must match
     # the renormalised probability 0.5 / 0.8
-    m = constant_model(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    m = known_distribution_model(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     out = complete(m, torch.zeros(4000, 0, dtype=torch.long), 1, SampleConfig(top_p=0.7, seed=0))
     assert set(out.unique().tolist()) == {0, 1}
     freq0 = (out == 0).float().mean().item()

@@ -39,11 +39,8 @@ class Session:
 
 
 def _analyse(image_path, model_name, width, height, fit) -> Session:
-    image = common.load_upload(image_path)
+    model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
-        model, data_config = models.load_vit(model_name)
-        size = common.resolution_for(model, data_config, width, height)
-        pixels = images.prepare_pixels(image, data_config, size, fit)
         maps = attention.attention_maps(model, pixels)
         relevance, note = None, "Class-specific map: only for models with a classifier head."
         if getattr(model, "num_classes", 0):
@@ -53,6 +50,7 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
             relevance, note = rel[0].numpy(), f"Relevance for the predicted **{label}** (Chefer et al.)."
     share = attention.prefix_attention_share(maps)[:, 0]
     rows, cols = maps.grid
+    size = tuple(pixels.shape[-2:])
     summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
                f"{maps.num_layers} layers x {maps.num_heads} heads, prefix: "
                f"{', '.join(maps.prefix_names) or 'none'}.")

@@ -137,3 +137,16 @@ def resolution_for(model, data_config, width: float | None, height: float | None
         gr.Info(f"Resolution snapped to {size[1]}x{size[0]}: a multiple of the {patch[1]} px patch.")
     images.check_size(size, patch)
     return size
+
+
+def model_and_pixels(image_path, model_name, width, height, fit):
+    """Callback prologue of the image tabs: the upload, the model, and its prepared input.
+
+    Returns:
+        ``(model, data_config, pixels)``; pixels is (1, 3, H, W) at the chosen resolution.
+    """
+    image = load_upload(image_path)
+    with user_errors():
+        model, data_config = models.load_vit(model_name)
+        size = resolution_for(model, data_config, width, height)
+        return model, data_config, images.prepare_pixels(image, data_config, size, fit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from explorer import images, models, patches
+from explorer import images, patches
 from explorer.plots import tokens as token_plots
 from explorer.ui import common
 
@@ -20,11 +20,8 @@ resolution than pretraining.
 
 def tokens(image_path, model_name, width, height, fit):
     """Tokenise one image and build all six views (the `/tokens` API endpoint)."""
-    image = common.load_upload(image_path)
+    model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
-        model, data_config = models.load_vit(model_name)
-        size = common.resolution_for(model, data_config, width, height)
-        pixels = images.prepare_pixels(image, data_config, size, fit)
         result = patches.analyse_tokenization(model, pixels)
     shown = images.pixels_to_image(result.pixels, data_config)
     prefix = len(result.prefix_names)
