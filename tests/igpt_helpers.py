@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 from explorer.igpt.model import IGPTConfig, ImageGPT
 
@@ -23,3 +24,17 @@ def known_distribution_model(probs: torch.Tensor) -> ImageGPT:
         m.transformer.wpe.weight[:, 0] = 1.0
         m.lm_head.weight[:, 0] = probs.log() / math.sqrt(C)
     return m.eval()
+
+
+def tiny_hf(seed: int = 0, std: float = 0.3) -> ImageGPTForCausalImageModeling:
+    """A 2-layer ImageGPT with 16 colours + start token, 6×6 images; large random weights (LN
+    gains included) so every part of the network matters and greedy choices are clear-cut
+    (no near-ties that rounding could flip)."""
+    torch.manual_seed(seed)
+    cfg = ImageGPTConfig(vocab_size=17, n_positions=36, n_embd=32, n_layer=2, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = ImageGPTForCausalImageModeling._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, std)
+    return hf

@@ -4,24 +4,10 @@ import math
 
 import pytest
 import torch
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 from explorer.igpt.likelihood import bits_per_dim, pixel_nll_bits
 from explorer.igpt.model import IGPTConfig, ImageGPT
-from tests.igpt_helpers import known_distribution_model
-
-
-def tiny_hf(seed: int = 0, std: float = 0.3) -> ImageGPTForCausalImageModeling:
-    """A 2-layer ImageGPT with 16 colours + start token, 6×6 images; large random weights (LN
-    gains included) so every part of the network matters."""
-    torch.manual_seed(seed)
-    cfg = ImageGPTConfig(vocab_size=17, n_positions=36, n_embd=32, n_layer=2, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = ImageGPTForCausalImageModeling._from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, std)
-    return hf
+from tests.igpt_helpers import known_distribution_model, tiny_hf
 
 
 def test_state_dict_names_and_shapes_match_transformers():

@@ -4,25 +4,11 @@ import math
 
 import pytest
 import torch
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 from explorer.igpt.model import ImageGPT
 from explorer.igpt.sampler import SampleConfig, complete, complete_stream, filter_logits
 from explorer.igpt.sequence import with_start
-from tests.igpt_helpers import known_distribution_model
-
-
-def tiny_hf(seed: int = 0, std: float = 0.3) -> ImageGPTForCausalImageModeling:
-    """2 layers, 16 colours + start token (16), 6×6 images, large random weights so that the
-    greedy choice is clear-cut (no near-ties that rounding could flip)."""
-    torch.manual_seed(seed)
-    cfg = ImageGPTConfig(vocab_size=17, n_positions=36, n_embd=32, n_layer=2, n_head=4,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = ImageGPTForCausalImageModeling._from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, std)
-    return hf
+from tests.igpt_helpers import known_distribution_model, tiny_hf
 
 
 def generate(hf, input_ids: torch.Tensor, new: int) -> torch.Tensor:

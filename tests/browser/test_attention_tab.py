@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import open_tab, screenshot
+from tests.browser.helpers import assert_images_rendered, open_tab, pick_example, plot_in, screenshot
 
 VIEWS = ["attn-heads", "attn-strip", "attn-rollout", "attn-masks", "attn-norms"]
 
@@ -13,17 +13,12 @@ def _src(page, elem_id: str) -> str:
 
 def test_click_a_patch_changes_the_query_map(page):
     open_tab(page, "Attention maps")
-    page.locator("#attn-examples .gallery-item").nth(1).click()  # chelsea the cat
-    page.locator("#attn-image img").first.wait_for(state="visible")
+    pick_example(page, "attn", 1)  # chelsea the cat
     page.locator("#attn-run").click()
     page.locator("#attn-summary").get_by_text("heads").wait_for()
     assert "16x16 patches" in page.locator("#attn-summary").inner_text()  # 224 px / 14 px
-    for view in VIEWS:
-        img = page.locator(f"#{view} img").first
-        img.wait_for(state="visible")
-        assert img.evaluate("el => el.naturalWidth") > 100, view
-    page.locator("#attn-prefix .js-plotly-plot").first.wait_for(state="visible")  # plotly draws late
-    assert page.locator("#attn-prefix .js-plotly-plot").count() == 1
+    assert_images_rendered(page, VIEWS, min_width=100)
+    plot_in(page, "attn-prefix")
 
     shown = page.locator("#attn-input img").first
     box = shown.bounding_box()

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import open_tab, screenshot
+from tests.browser.helpers import open_tab, pick_example, plot_in, screenshot
 
 TRACE_NAMES = "el => el.data.map(t => t.name)"
 
 
 def test_distance_plot_renders_with_band_and_cnn(page):
     open_tab(page, "Mean attention distance")
-    page.locator("#dist-examples .gallery-item").first.click()
-    page.locator("#dist-image img").first.wait_for(state="visible")
+    pick_example(page, "dist")
     page.locator("#dist-run").click()
     page.locator("#dist-info").get_by_text("images/s").wait_for()
-    plot = page.locator("#dist-plot .js-plotly-plot").first
-    plot.wait_for()
+    plot = plot_in(page, "dist-plot")
     names = plot.evaluate(TRACE_NAMES)
     assert "dinov2_vits14 (offline)" in names
     assert "random init (same architecture)" in names

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import open_tab, screenshot
+from tests.browser.helpers import open_tab, pick_example, plot_in, screenshot
 
 
 def test_completion_streams_into_grid(page):
     open_tab(page, "iGPT")
-    page.locator("#igpt-examples .gallery-item").first.click()
-    page.locator("#igpt-image img").first.wait_for(state="visible")
+    pick_example(page, "igpt")
     page.locator("#igpt-analyse").click()
     page.locator("#igpt-bits-text").get_by_text("bits per dimension").wait_for()
     page.locator("#igpt-complete").click()
@@ -21,6 +20,5 @@ def test_completion_streams_into_grid(page):
     width, height = grid.evaluate("el => [el.naturalWidth, el.naturalHeight]")
     assert width > 4 * height > 0
     assert "4 completions" in page.locator("#igpt-status").inner_text()
-    page.locator("#igpt-bits .js-plotly-plot").first.wait_for(state="visible")  # plotly draws late
-    assert page.locator("#igpt-bits .js-plotly-plot").count() == 1
+    plot_in(page, "igpt-bits")
     screenshot(page, "igpt")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import open_tab, screenshot
+from tests.browser.helpers import assert_images_rendered, open_tab, pick_example, plot_in, screenshot
 
 VIEWS = ["tokens-grid", "tokens-sequence", "tokens-filters", "tokens-pos-native",
          "tokens-pos-chosen", "tokens-pca"]
@@ -10,19 +10,14 @@ VIEWS = ["tokens-grid", "tokens-sequence", "tokens-filters", "tokens-pos-native"
 
 def test_example_renders_all_views(page):
     open_tab(page, "Patch tokens")
-    page.locator("#tokens-examples .gallery-item").nth(1).click()  # chelsea the cat
-    page.locator("#tokens-image img").first.wait_for(state="visible")
+    pick_example(page, "tokens", 1)  # chelsea the cat
     page.locator("#tokens-width input").fill("336")
     page.locator("#tokens-run").click()
     summary = page.locator("#tokens-summary")
     summary.get_by_text("patch tokens").wait_for()
     assert "24x16" in summary.inner_text()  # 336x224 with 14 px patches: non-square grid
-    for view in VIEWS:
-        img = page.locator(f"#{view} img").first
-        img.wait_for(state="visible")
-        assert img.evaluate("el => el.naturalWidth") > 50, view
-    page.locator("#tokens-cost .js-plotly-plot").first.wait_for(state="visible")  # plotly draws late
-    assert page.locator("#tokens-cost .js-plotly-plot").count() == 1
+    assert_images_rendered(page, VIEWS, min_width=50)
+    plot_in(page, "tokens-cost")
     assert "75,264" in page.locator("#tokens-cost-table").inner_text()  # 336*224 pixel tokens
     screenshot(page, "tokens")
 
@@ -37,6 +32,6 @@ def test_bad_upload_gives_clear_message_and_app_keeps_serving(page, tmp_path):
     page.locator("#tokens-run").click()
     page.get_by_text("needs at least").first.wait_for()
     # the same page still works afterwards
-    page.locator("#tokens-examples .gallery-item").first.click()
+    pick_example(page, "tokens")
     page.locator("#tokens-run").click()
     page.locator("#tokens-summary").get_by_text("patch tokens").wait_for()
