@@ -99,8 +99,9 @@ class AttentionMaps:
 
     Attributes:
         q: per block, (B, heads, N, head_dim) queries as the attention used them, already
-            multiplied by the softmax scale (1/sqrt(head_dim)).
-        k: per block, (B, heads, N, head_dim) keys.
+            multiplied by the softmax scale (1/sqrt(head_dim)). Empty if the capture was
+            asked not to keep them (``keep_qk=False``): then `probs` and `rows` are unavailable.
+        k: per block, (B, heads, N, head_dim) keys (empty like ``q``).
         grid: (rows, cols) of patch tokens for this input.
         patch_size: (height, width) of a patch in input pixels.
         num_prefix_tokens: class + distillation + register tokens before the patches.
@@ -109,6 +110,7 @@ class AttentionMaps:
         features: (B, N, D) output of ``model.forward_features`` (after the final norm).
         token_norms: (L, B, N) L2 norm of every token in the residual stream after each
             block (before the final norm): the high-norm "artifact" tokens show here.
+        num_heads: attention heads per block.
         logits: (B, classes) for models with a classifier head, else None.
         head_mean: per block, (B, N, N) attention averaged over heads, if it was kept
             (``attention_maps(..., keep_head_mean=True)``): the fast path for rollout.
@@ -122,24 +124,27 @@ class AttentionMaps:
     prefix_names: list[str]
     features: torch.Tensor
     token_norms: torch.Tensor
+    num_heads: int
     logits: torch.Tensor | None = None
     head_mean: list[torch.Tensor] | None = None
 
     @property
     def num_layers(self) -> int:
-        return len(self.q)
-
-    @property
-    def num_heads(self) -> int:
-        return self.q[0].shape[1]
+        return self.token_norms.shape[0]
 
     @property
     def num_tokens(self) -> int:
-        return self.q[0].shape[2]
+        return self.token_norms.shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.q[0].shape[0]
+        return self.token_norms.shape[1]
+
+    def _qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.q:
+            raise ValueError("These maps were captured with keep_qk=False: no q and k to "
+                             "compute probabilities from; capture with keep_qk=True.")
+        return self.q[layer], self.k[layer]
 
     def token_index(self, row: int, col: int) -> int:
         """Token index of the patch at grid position (row, col)."""
@@ -159,7 +164,7 @@ class AttentionMaps:
         Returns:
             (B, heads, N, N); rows (queries) sum to 1.
         """
-        q, k = self.q[layer], self.k[layer]
+        q, k = self._qk(layer)
         out = torch.matmul(q, k.transpose(-2, -1), out=out)
         return _softmax_(out)
 
@@ -169,9 +174,9 @@ class AttentionMaps:
         Returns:
             (B, heads, R, N) for R = len(queries).
         """
-        index = torch.as_tensor(queries, dtype=torch.long, device=self.q[layer].device)
-        q = self.q[layer].index_select(2, index)
-        return torch.matmul(q, self.k[layer].transpose(-2, -1)).softmax(dim=-1)
+        q, k = self._qk(layer)
+        index = torch.as_tensor(queries, dtype=torch.long, device=q.device)
+        return torch.matmul(q.index_select(2, index), k.transpose(-2, -1)).softmax(dim=-1)
 
     def iter_probs(self, layers: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(layer, probs)`` for each layer, reusing one buffer.
@@ -186,8 +191,9 @@ class AttentionMaps:
 
     def stack(self) -> torch.Tensor:
         """All layers at once: (L, B, heads, N, N). At high resolution this is large."""
-        L, (B, H, N, _) = self.num_layers, self.q[0].shape
-        out = torch.empty(L, B, H, N, N, dtype=self.q[0].dtype, device=self.q[0].device)
+        q = self._qk(0)[0]
+        L, (B, H, N, _) = self.num_layers, q.shape
+        out = torch.empty(L, B, H, N, N, dtype=q.dtype, device=q.device)
         for layer in range(L):
             self.probs(layer, out=out[layer])
         return out
@@ -215,13 +221,91 @@ def _inline_ok(attn: nn.Module) -> bool:
             and not attn.training)
 
 
-def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: list):
+# Rows of one head's (N, N) map processed together in the CPU path: R * N floats ~ 512 KB,
+# so the block is still in L2 when its softmax, head-mean share and `@ v` read it.
+_BLOCK_BYTES = 1 << 19
+# Below this size one image's (H, N, N) maps are done in one batched pass (224 px: 1.6 MB).
+_IMAGE_BYTES = 2 << 20
+
+
+def attend_materialised(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    probs_out: torch.Tensor,
+    mean_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention that also writes its probabilities: softmax(q kᵀ) @ v.
+
+    On CPU the work goes image by image (and, for large maps, head by head in blocks of
+    query rows) in pieces small enough to stay in L2, so each block of probabilities is
+    written once and read back from cache by its softmax, its share of the head mean and
+    ``@ v`` (the batched version makes
+    four passes over a map that does not fit in cache: measured 1.3-1.6x slower in the
+    forward, BENCHMARKS.md "Attention maps"). On other devices: batched matmuls.
+
+    Args:
+        q: (B, H, N, d) queries, already scaled.
+        k: (B, H, N, d) keys.
+        v: (B, H, N, d) values.
+        probs_out: (B, H, N, N) contiguous buffer: receives the probabilities.
+        mean_out: optional (B, N, N) contiguous buffer: receives their mean over heads.
+
+    Returns:
+        (B, N, H, d) contiguous attention output (heads not yet merged).
+    """
+    B, H, N, d = q.shape
+    out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
+    if q.device.type != "cpu":
+        probs = _softmax_(torch.matmul(q, k.transpose(-2, -1), out=probs_out))
+        if mean_out is not None:
+            torch.mean(probs, dim=1, out=mean_out)
+        out.copy_(torch.matmul(probs, v).transpose(1, 2))
+        return out
+    kt = k.transpose(-2, -1).contiguous()  # (B, H, d, N): a plain GEMM operand
+    v = v.contiguous()
+    if H * N * N * q.element_size() <= _IMAGE_BYTES:  # one image's maps fit in L2
+        # one image per thread at a time: each core keeps its image's maps in its own L2
+        step = max(1, torch.get_num_threads())
+        for b in range(0, B, step):
+            e = min(B, b + step)
+            probs = probs_out[b:e]  # (c, H, N, N)
+            torch.matmul(q[b:e], kt[b:e], out=probs)
+            _softmax_(probs)
+            if mean_out is not None:
+                torch.mean(probs, dim=1, out=mean_out[b:e])
+            out[b:e].copy_(torch.matmul(probs, v[b:e]).transpose(1, 2))
+        return out
+    rows = max(1, min(N, _BLOCK_BYTES // (N * q.element_size())))
+    for b in range(B):
+        # heads outer: one head's keys and values stay in L2 while its row blocks go by
+        for h in range(H):
+            q_h, kt_h, v_h, probs_h = q[b, h], kt[b, h], v[b, h], probs_out[b, h]
+            for start in range(0, N, rows):
+                stop = min(N, start + rows)
+                block = probs_h[start:stop]  # (R, N), contiguous
+                torch.mm(q_h[start:stop], kt_h, out=block)
+                _softmax_(block)
+                if mean_out is not None:
+                    if h == 0:
+                        mean_out[b, start:stop].copy_(block)
+                    else:
+                        mean_out[b, start:stop].add_(block)
+                torch.mm(block, v_h, out=out[b, start:stop, h])
+        if mean_out is not None:
+            mean_out[b].mul_(1.0 / H)
+    return out
+
+
+def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: dict,
+                    keep_head_mean: bool):
     """A per-instance ``forward`` for timm `Attention` that materialises the probabilities.
 
-    The same computation as timm's eager path (q·scale @ kᵀ, softmax, @ v), with the
-    (B, H, N, N) map written into one workspace reused by every block, so the capture
-    forward computes q kᵀ once (the fused kernel would compute it, and we again). Only the
-    capturing thread takes this path; any other thread runs the class's own (fused) forward.
+    The same computation as timm's eager path (q·scale @ kᵀ, softmax, @ v) by
+    `attend_materialised`, with the (B, H, N, N) map written into one workspace reused by
+    every block, so the capture forward computes q kᵀ once (the fused kernel would compute
+    it, and we again). Only the capturing thread takes this path; any other thread runs the
+    class's own (fused) forward.
     """
     owner = threading.get_ident()
     own_forward = type(attn).forward
@@ -233,13 +317,13 @@ def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: li
         H, d = attn.num_heads, attn.head_dim
         q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q) * attn.scale, attn.k_norm(k)  # (B, H, N, d)
-        buf = workspace[0]
+        buf = workspace.get("probs")
         if buf is None or buf.shape != (B, H, N, N) or buf.dtype != q.dtype:
-            buf = workspace[0] = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)
-        probs = _softmax_(torch.matmul(q, k.transpose(-2, -1), out=buf))
-        record(layer, q, k, probs)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(B, N, H * d)
-        return attn.proj_drop(attn.proj(attn.norm(out)))
+            buf = workspace["probs"] = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)
+        mean = torch.empty(B, N, N, dtype=q.dtype, device=q.device) if keep_head_mean else None
+        out = attend_materialised(q, k, v, buf, mean)
+        record(layer, q, k, buf, mean)
+        return attn.proj_drop(attn.proj(attn.norm(out.view(B, N, H * d))))
 
     return forward
 
@@ -250,6 +334,7 @@ def attention_maps(
     on_probs: ProbsConsumer | None = None,
     keep_head_mean: bool = True,
     inline: bool = True,
+    keep_qk: bool = True,
 ) -> AttentionMaps:
     """Run ``model`` once on ``pixels`` and capture what every attention view needs.
 
@@ -278,6 +363,10 @@ def attention_maps(
             tensor is a reused buffer, valid only during the call.
         keep_head_mean: keep each layer's (B, N, N) head-mean map for a fast rollout.
         inline: see above.
+        keep_qk: keep every layer's q and k (what `probs` and `rows` compute from). Pass
+            False when ``on_probs`` is all you need (a reduction over a dataset): holding
+            them makes every batch allocate fresh memory (measured: 1.3x slower distance
+            batches on this CPU, BENCHMARKS.md "Mean attention distance").
 
     Returns:
         `AttentionMaps`; attention probabilities come from its `probs`/`rows` on demand.
@@ -300,11 +389,14 @@ def attention_maps(
     ks: list[torch.Tensor | None] = [None] * L
     means: list[torch.Tensor | None] = [None] * L
     norms: list[torch.Tensor | None] = [None] * L
+    seen = [False] * L  # blocks whose attention the inline capture computed
 
-    def record(i, q, k, probs):
-        qs[i], ks[i] = q, k
+    def record(i, q, k, probs, mean=None):
+        seen[i] = True
+        if keep_qk:
+            qs[i], ks[i] = q, k
         if keep_head_mean:
-            means[i] = probs.mean(dim=1)
+            means[i] = probs.mean(dim=1) if mean is None else mean
         if on_probs is not None:
             on_probs(i, probs)
 
@@ -320,11 +412,11 @@ def attention_maps(
 
         return _this_thread_only(hook)
 
-    handles, patched, workspace = [], [], [None]
+    handles, patched, workspace = [], [], {}
     for i, (attn, blk) in enumerate(zip(attns, blocks, strict=True)):
         handles.append(blk.register_forward_hook(norm_hook(i)))
         if inline and _inline_ok(attn):
-            attn.forward = _inline_forward(attn, i, record, workspace)
+            attn.forward = _inline_forward(attn, i, record, workspace, keep_head_mean)
             patched.append(attn)
         else:
             handles.append(attn.q_norm.register_forward_hook(keep(qs, i, attn.scale)))
@@ -337,25 +429,29 @@ def attention_maps(
         for attn in patched:
             del attn.forward  # back to the class's own (fused) forward
 
-    captured = sum(q is not None and k is not None for q, k in zip(qs, ks, strict=True))
-    if captured < L:
+    captured = sum(s or (q is not None and k is not None)
+                   for s, q, k in zip(seen, qs, ks, strict=True))
+    if captured < L or any(n is None for n in norms):
         raise RuntimeError(f"Captured attention of {captured} blocks, but the model has {L}.")
     grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
-    if qs[0].shape[2] != num_prefix + grid[0] * grid[1]:
+    token_norms = torch.stack(norms)  # (L, B, N)
+    if token_norms.shape[-1] != num_prefix + grid[0] * grid[1]:
         raise RuntimeError(
-            f"{qs[0].shape[2]} tokens do not match {num_prefix} prefix + "
+            f"{token_norms.shape[-1]} tokens do not match {num_prefix} prefix + "
             f"{grid[0]}x{grid[1]} patches."
         )
     maps = AttentionMaps(
         q=qs, k=ks, grid=grid, patch_size=(ph, pw), num_prefix_tokens=num_prefix,
         prefix_names=prefix_token_names(model), features=features,
-        token_norms=torch.stack(norms), logits=logits,
+        token_norms=token_norms, num_heads=int(attns[0].num_heads), logits=logits,
     )
     if not patched and (on_probs is not None or keep_head_mean):  # hooks path: one pass now
         for i, p in maps.iter_probs():
             record(i, qs[i], ks[i], p)
     maps.head_mean = means if keep_head_mean and all(m is not None for m in means) else None
+    if not keep_qk:
+        maps.q, maps.k = [], []
     return maps
 
 

@@ -150,7 +150,7 @@ def model_mean_attention_distance(
     grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
     layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix)
     per_layer: list[torch.Tensor] = []
-    attention_maps(model, pixels, keep_head_mean=False,
+    attention_maps(model, pixels, keep_head_mean=False, keep_qk=False,
                    on_probs=lambda _layer, a: per_layer.append(layer_distance(a)))
     return _finish(per_layer, per_image)
 

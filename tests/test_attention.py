@@ -13,6 +13,7 @@ from timm.utils import AttentionExtract
 
 from explorer.attention import (
     AttentionMaps,
+    attend_materialised,
     attention_maps,
     class_relevance,
     high_norm_tokens,
@@ -93,6 +94,32 @@ def test_matches_eager_reference(kind, inline):
     assert stacked.shape == ref.shape == (2, 2, 2, maps.num_tokens, maps.num_tokens)
     torch.testing.assert_close(stacked, ref, atol=1e-5, rtol=0)
     assert (ref.amax(-1) > 1.5 / maps.num_tokens).any()  # the comparison is not of uniform maps
+
+
+@pytest.mark.parametrize("tokens", [50, 700], ids=["per-image", "row-blocks"])
+def test_attend_materialised_matches_softmax_reference(tokens):
+    """Both CPU paths (one image's maps in cache / head by head in row blocks with a ragged
+    last block) give softmax(q kᵀ), its head mean and softmax(q kᵀ) @ v."""
+    torch.manual_seed(0)
+    B, H, d = 2, 2, 16
+    q, k, v = (torch.randn(B, H, tokens, d) for _ in range(3))
+    probs, mean = torch.empty(B, H, tokens, tokens), torch.empty(B, tokens, tokens)
+    out = attend_materialised(q, k, v, probs, mean)
+    ref = (q @ k.transpose(-2, -1)).softmax(-1)
+    torch.testing.assert_close(probs, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mean, ref.mean(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, (ref @ v).transpose(1, 2), atol=1e-5, rtol=0)
+    assert out.shape == (B, tokens, H, d) and out.is_contiguous()
+
+
+def test_large_grid_uses_row_blocks_and_matches_eager():
+    """A 27x27 grid (730 tokens, 4.3 MB of maps per image) goes through the row-block path."""
+    model = tiny("plain")
+    pixels = torch.randn(1, 3, 27 * 16, 27 * 16)
+    maps = attention_maps(model, pixels)
+    ref = eager_reference(model, pixels)
+    torch.testing.assert_close(maps.stack(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps.head_mean[1], ref[1].mean(1), atol=1e-6, rtol=0)
 
 
 def test_model_left_as_found():
@@ -312,6 +339,22 @@ def test_on_probs_sees_every_layer_once_and_head_mean_is_kept():
         torch.testing.assert_close(seen[1][1], torch.ones(2, 2, 17))
         torch.testing.assert_close(maps.head_mean[1], maps.probs(1).mean(dim=1))
     assert attention_maps(model, pixels, keep_head_mean=False).head_mean is None
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "hooks"])
+def test_keep_qk_false_still_feeds_on_probs_but_keeps_no_q_and_k(inline):
+    model = tiny("dinov2")
+    pixels = torch.randn(2, 3, 42, 56)
+    ref = attention_maps(model, pixels)
+    seen = []
+    maps = attention_maps(model, pixels, inline=inline, keep_qk=False,
+                          on_probs=lambda layer, p: seen.append(p.clone()))
+    assert maps.q == [] and maps.k == []
+    assert (maps.num_layers, maps.batch_size, maps.num_heads, maps.num_tokens) == (2, 2, 2, 13)
+    torch.testing.assert_close(torch.stack(seen), ref.stack(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(maps.head_mean[0], ref.head_mean[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="keep_qk"):
+        maps.probs(0)
 
 
 def test_other_threads_run_the_ordinary_forward_during_capture():
