@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,8 +61,11 @@ class LoadedIGPT:
         return 1 if self.palette.is_grey else 3
 
 
-def load_igpt(name: str) -> LoadedIGPT:
+def load_igpt(name: str, fast: bool = False) -> LoadedIGPT:
     """By catalogue name, hub repo id ("owner/name") or local directory path.
+
+    ``fast=True``: the model is `explorer.igpt.fast.fast_decoder`'s copy (int8 weights,
+    bfloat16 key/value cache) for quicker sampling from big models; built once and cached.
 
     Raises:
         ModelUnavailableError: files missing, or a hub model requested without internet.
@@ -76,11 +80,16 @@ def load_igpt(name: str) -> LoadedIGPT:
         else:
             raise ModelUnavailableError(f"No iGPT model called {name!r}: not in the catalogue "
                                         "and not a directory.")
-    return _load_cached(spec.source, spec.location, name)
+    return _load_cached(spec.source, spec.location, name, fast)
 
 
-@lru_cache(maxsize=2)  # a hub model can be GBs: keep at most two in memory
-def _load_cached(source: str, location: str, name: str) -> LoadedIGPT:
+@lru_cache(maxsize=3)  # a hub model can be GBs: a model, its fast copy and one more at most
+def _load_cached(source: str, location: str, name: str, fast: bool = False) -> LoadedIGPT:
+    if fast:
+        from explorer.igpt.fast import fast_decoder
+
+        base = _load_cached(source, location, name, False)  # the same cache key as a plain load
+        return dataclasses.replace(base, model=fast_decoder(base.model))
     if source == "hub":
         return _load_hub(location, name)
     return load_local(location, name)

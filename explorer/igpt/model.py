@@ -126,18 +126,21 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_head, -1).transpose(1, 2)
         causal = T > 1
         if cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, :, pos:pos + T] = k
-            v_cache[:, :, pos:pos + T] = v
-            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]
-            # a block of T new queries after `pos` cached keys: causal only within the block
-            causal = T > 1 and pos == 0
             if T > 1 and pos > 0:
                 raise ValueError("multi-token steps after a prefix are not supported")
-            if T == 1:  # one query per sequence: two batched GEMVs beat SDPA's flash kernel
+            k_cache, v_cache = cache
+            k_cache[:, :, pos:pos + T] = k  # cast to the cache's dtype if it differs
+            v_cache[:, :, pos:pos + T] = v
+            if T == 1:  # one query per sequence against everything cached so far
+                k, v = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1]
+                if k.dtype != q.dtype:  # reduced-precision cache (`fast.py`): fused, in its dtype
+                    y = F.scaled_dot_product_attention(q.to(k.dtype), k, v).to(q.dtype)
+                    return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+                # fp32: two batched GEMVs beat SDPA's flash kernel for a single query
                 att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, 1, t)
                 y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
                 return self.c_proj(y)
+            # a prefill block at position 0: causal attention over its own (fresh) keys
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
@@ -188,6 +191,8 @@ class ImageGPT(nn.Module):
     logits: position t predicts the colour of pixel t.
     """
 
+    kv_dtype: torch.dtype | None = None  # key/value cache dtype; None = the weights' dtype
+
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
         self.config = cfg
@@ -223,12 +228,15 @@ class ImageGPT(nn.Module):
         return self.lm_head(tr.ln_f(x))
 
     def new_cache(self, batch: int, length: int | None = None) -> list[tuple[torch.Tensor, ...]]:
-        """Preallocated key/value cache: n_layer pairs of (B, nh, length, hs) zeros."""
+        """Preallocated key/value cache: n_layer pairs of (B, nh, length, hs) zeros
+        (dtype `kv_dtype`)."""
         c = self.config
         length = length or c.n_positions
-        p = self.lm_head.weight
+        p = self.transformer.wpe.weight
+        dtype = self.kv_dtype or p.dtype
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
-        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(c.n_layer)]
+        return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype))
+                for _ in range(c.n_layer)]
 
     # ---- conversion to and from transformers -------------------------------------------------
 

@@ -51,9 +51,15 @@ def fashion_mnist_examples() -> list[str]:
     return paths
 
 
-def load_model(name: str):
+DECODERS = {
+    "exact (fp32)": False,
+    "fast (int8 weights, bf16 cache)": True,
+}
+
+
+def load_model(name: str, fast: bool = False):
     try:
-        return load_igpt(name or OFFLINE_NAME)
+        return load_igpt(name or OFFLINE_NAME, fast=fast)
     except ModelUnavailableError as err:
         raise gr.Error(str(err)) from err
 
@@ -76,17 +82,19 @@ def analyse(image_path, model_name):
 
 
 def complete(image_path, model_name, rows, n, temperature, top_k, top_p, seed,
-             progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+             decoder="exact (fp32)", progress=gr.Progress()):  # noqa: B008 (gradio injects it)
     """Stream N completions of the image below `rows` kept rows (the `igpt_complete` API)."""
     if not 1 <= int(n) <= MAX_SAMPLES:
         raise gr.Error(f"Completions must be between 1 and {MAX_SAMPLES}.")
+    if decoder not in DECODERS:
+        raise gr.Error(f"Decoder must be one of: {', '.join(DECODERS)}.")
     try:
         cfg = SampleConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                            seed=int(seed) if seed is not None else None)
     except ValueError as err:
         raise gr.Error(str(err)) from err
     image = common.load_upload(image_path)
-    m = load_model(model_name)
+    m = load_model(model_name, fast=DECODERS[decoder])
     _, tokens = pipeline.image_tokens(image, m)
     rows = max(0, min(int(rows), m.height - 1))
     start, total = rows * m.width, m.height * m.width
@@ -153,6 +161,10 @@ def build_igpt_tab() -> None:
         top_k = gr.Slider(0, 64, value=0, step=1, label="Top-k (0 = off)")
         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (1 = off)")
         seed = gr.Number(value=0, precision=0, label="Seed")
+    decoder = gr.Radio(list(DECODERS), value="exact (fp32)", label="Decoder",
+                       elem_id="igpt-decoder",
+                       info="fast: int8 weights and a bfloat16 cache, ~2x faster for big models "
+                            "(iGPT-S and up) with nearly the same predictions; exact: fp32.")
     go = gr.Button("Complete", variant="primary", elem_id="igpt-complete")
     grid = gr.Image(label="Original (left), then completions: rows below the red ticks are "
                           "generated", format="png", interactive=False, elem_id="igpt-grid")
@@ -163,7 +175,7 @@ def build_igpt_tab() -> None:
                        cost_md],
               api_name="igpt_analyse", concurrency_limit=common.concurrency_limit(),
               concurrency_id="analysis")
-    go.click(complete, inputs=[image, model, rows, n, temperature, top_k, top_p, seed],
+    go.click(complete, inputs=[image, model, rows, n, temperature, top_k, top_p, seed, decoder],
              outputs=[grid, status], api_name="igpt_complete",
              concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
     model.change(rows_for_model, inputs=model, outputs=rows, api_name="igpt_model_rows",

@@ -22,3 +22,9 @@ def test_completion_streams_into_grid(page):
     assert "4 completions" in page.locator("#igpt-status").inner_text()
     plot_in(page, "igpt-bits")
     screenshot(page, "igpt")
+    # the fast decoder (int8 weights, bf16 cache) completes too, with fewer samples
+    page.locator("#igpt-decoder").get_by_text("fast (int8 weights, bf16 cache)").click()
+    page.locator("#igpt-n input[type=number]").fill("2")
+    page.locator("#igpt-n input[type=number]").press("Enter")
+    page.locator("#igpt-complete").click()
+    page.locator("#igpt-status").get_by_text("2 completions: 784/784 pixels").wait_for()
