@@ -262,7 +262,7 @@ def attend_materialised(
             torch.mean(probs, dim=1, out=mean_out)
         out.copy_(torch.matmul(probs, v).transpose(1, 2))
         return out
-    kt = k.transpose(-2, -1).contiguous()  # (B, H, d, N): a plain GEMM operand
+    kt = k.transpose(-2, -1).contiguous()  # (B, H, d, N): a plain GEMM operand (no copy if so)
     v = v.contiguous()
     if H * N * N * q.element_size() <= _IMAGE_BYTES:  # one image's maps fit in L2
         # one image per thread at a time: each core keeps its image's maps in its own L2
@@ -270,11 +270,14 @@ def attend_materialised(
         for b in range(0, B, step):
             e = min(B, b + step)
             probs = probs_out[b:e]  # (c, H, N, N)
-            torch.matmul(q[b:e], kt[b:e], out=probs)
+            # 3-d bmm with a contiguous out: 4-d matmul(out=) computes into a temporary first
+            torch.bmm(q[b:e].reshape(-1, N, d), kt[b:e].view(-1, d, N),
+                      out=probs.view(-1, N, N))
             _softmax_(probs)
             if mean_out is not None:
                 torch.mean(probs, dim=1, out=mean_out[b:e])
-            out[b:e].copy_(torch.matmul(probs, v[b:e]).transpose(1, 2))
+            pv = torch.bmm(probs.view(-1, N, N), v[b:e].view(-1, N, d))  # (c H, N, d)
+            out[b:e].copy_(pv.view(e - b, H, N, d).transpose(1, 2))
         return out
     rows = max(1, min(N, _BLOCK_BYTES // (N * q.element_size())))
     for b in range(B):
@@ -317,6 +320,9 @@ def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: di
         H, d = attn.num_heads, attn.head_dim
         q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q) * attn.scale, attn.k_norm(k)  # (B, H, N, d)
+        # k as a view of a compact (B, H, d, N) copy: the GEMM operand, and what the maps keep
+        # (a view into the qkv output would keep all of q, k and v alive for every layer)
+        k = k.transpose(-2, -1).contiguous().transpose(-2, -1)
         buf = workspace.get("probs")
         if buf is None or buf.shape != (B, H, N, N) or buf.dtype != q.dtype:
             buf = workspace["probs"] = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)

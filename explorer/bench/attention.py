@@ -114,8 +114,10 @@ def measure(size: int, repeats: int) -> list[tuple[str, float, float, float, int
     with torch.no_grad():
         for name, fn in runs.items():  # warm-up, and every variant must produce 12 maps
             counts[name] = fn(x)
-        for _ in range(repeats):
-            for name, fn in runs.items():
+        names = list(runs)
+        for r in range(repeats):  # rotate the order each round: no variant always runs first
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                fn = runs[name]
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn(x)
                 wall[name].append((time.perf_counter() - start) * 1e3)
@@ -159,5 +161,6 @@ def main(argv: list[str]) -> None:
             row.append(f"{med:.0f} (min {best:.0f}) **{med / base_wall:.2f}×**")
             row.append(f"{cpu:.0f} **{cpu / base_cpu:.2f}×**")
         print(f"| {name} | " + " | ".join(row) + f" | {results[args.sizes[0]][i][4]} |")
-    print(f"\nmedians of {args.repeats} interleaved rounds after one warm-up round; "
+    print(f"\nmedians of {args.repeats} interleaved rounds (order rotated each round) after one "
+          "warm-up round; "
           "CPU = process CPU time, all threads.")
