@@ -96,12 +96,23 @@ def test_matches_eager_reference(kind, inline):
     assert (ref.amax(-1) > 1.5 / maps.num_tokens).any()  # the comparison is not of uniform maps
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("tokens", [50, 700], ids=["per-image", "row-blocks"])
-def test_attend_materialised_matches_softmax_reference(tokens):
-    """Both CPU paths (one image's maps in cache / head by head in row blocks with a ragged
-    last block) give softmax(q kᵀ), its head mean and softmax(q kᵀ) @ v."""
+def test_attend_materialised_matches_softmax_reference(tokens, threads):
+    """Both CPU paths (one image's maps in cache, images in groups of one per thread / head by
+    head in row blocks with a ragged last block) give softmax(q kᵀ), its head mean and
+    softmax(q kᵀ) @ v."""
     torch.manual_seed(0)
-    B, H, d = 2, 2, 16
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_attend(tokens)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_attend(tokens):
+    B, H, d = 3, 3, 16
     q, k, v = (torch.randn(B, H, tokens, d) for _ in range(3))
     probs, mean = torch.empty(B, H, tokens, tokens), torch.empty(B, tokens, tokens)
     out = attend_materialised(q, k, v, probs, mean)
