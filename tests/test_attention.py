@@ -13,6 +13,7 @@ from timm.utils import AttentionExtract
 
 from explorer.attention import (
     AttentionMaps,
+    _attend_batched,
     attend_materialised,
     attention_maps,
     class_relevance,
@@ -109,6 +110,18 @@ def test_attend_materialised_matches_softmax_reference(tokens, threads):
         _check_attend(tokens)
     finally:
         torch.set_num_threads(before)
+
+
+def test_batched_attend_path_matches_the_cpu_path():
+    """The path other devices take (four batched ops), checked on the CPU."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
+    p1, p2 = torch.empty(2, 3, 40, 40), torch.empty(2, 3, 40, 40)
+    m1, m2 = torch.empty(2, 40, 40), torch.empty(2, 40, 40)
+    out = _attend_batched(q, k, v, p1, m1)
+    torch.testing.assert_close(out, attend_materialised(q, k, v, p2, m2), atol=1e-6, rtol=0)
+    torch.testing.assert_close((p1, m1), (p2, m2), atol=1e-7, rtol=0)
+    assert out.shape == (2, 40, 3, 8) and out.is_contiguous()
 
 
 def _check_attend(tokens):
