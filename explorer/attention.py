@@ -280,19 +280,21 @@ def attend_materialised(
     rows = max(1, min(N, _BLOCK_BYTES // (N * q.element_size())))
     for b in range(B):
         # heads outer: one head's keys and values stay in L2 while its row blocks go by
+        n_blocks = -(-N // rows)
+        mean_blocks = [None] * n_blocks if mean_out is None else mean_out[b].split(rows)
         for h in range(H):
-            q_h, kt_h, v_h, probs_h = q[b, h], kt[b, h], v[b, h], probs_out[b, h]
-            for start in range(0, N, rows):
-                stop = min(N, start + rows)
-                block = probs_h[start:stop]  # (R, N), contiguous
-                torch.mm(q_h[start:stop], kt_h, out=block)
+            kt_h, v_h = kt[b, h], v[b, h]
+            blocks = zip(q[b, h].split(rows), probs_out[b, h].split(rows),
+                         out[b, :, h].split(rows), mean_blocks, strict=True)
+            for q_block, block, out_block, mean_block in blocks:  # block: (R, N), contiguous
+                torch.mm(q_block, kt_h, out=block)
                 _softmax_(block)
-                if mean_out is not None:
+                if mean_block is not None:
                     if h == 0:
-                        mean_out[b, start:stop].copy_(block)
+                        mean_block.copy_(block)
                     else:
-                        mean_out[b, start:stop].add_(block)
-                torch.mm(block, v_h, out=out[b, start:stop, h])
+                        mean_block.add_(block)
+                torch.mm(block, v_h, out=out_block)
         if mean_out is not None:
             mean_out[b].mul_(1.0 / H)
     return out

@@ -66,3 +66,13 @@ def test_fast_model_is_cached_and_completes(offline, test_tokens):
 def test_tab_rejects_an_unknown_decoder():
     with pytest.raises(gr.Error, match="Decoder must be one of"):
         next(igpt_tab.complete("x.png", OFFLINE_NAME, 14, 2, 1.0, 0, 1.0, 0, decoder="turbo"))
+
+
+def test_fast_decoder_keeps_no_second_copy_of_the_weights(offline):
+    fast = fast_decoder(offline.model)
+    original = {p.data_ptr() for p in offline.model.parameters()}
+    kept = [n for n, p in fast.named_parameters()]  # fp32 tensors left in the copy
+    assert all(n.startswith(("transformer.wte", "transformer.wpe", "transformer.ln_f"))
+               or ".ln_" in n for n in kept), kept
+    assert not any(p.data_ptr() in original for p in fast.parameters())  # small ones: copies
+    assert isinstance(offline.model.transformer.h[0].mlp.c_fc, Conv1D)  # original untouched

@@ -65,7 +65,14 @@ def fast_decoder(model: ImageGPT) -> ImageGPT:
     if not torch.backends.quantized.supported_engines or \
             torch.backends.quantized.supported_engines == ["none"]:
         raise RuntimeError("This PyTorch build has no int8 quantisation engine.")
-    fast = copy.deepcopy(model).float().cpu().eval()
+    first = next(model.parameters())
+    if first.dtype != torch.float32 or first.device.type != "cpu":
+        model = copy.deepcopy(model).float().cpu()  # Module.float() would change the caller's
+    # Copy everything but the big matrices, which are shared until replaced below: no second
+    # fp32 copy of the weights is ever held (iGPT-L's are 5.6 GB).
+    big = [m for m in model.modules() if isinstance(m, Conv1D)] + [model.lm_head]
+    memo = {id(p): p for m in big for p in m.parameters()}
+    fast = copy.deepcopy(model, memo).eval()
     with warnings.catch_warnings():  # torch.ao's eager quantisation warns that it moves to torchao
         warnings.simplefilter("ignore")
         for block in fast.transformer.h:
