@@ -242,9 +242,9 @@ def attend_materialised(
     On CPU the work goes image by image (and, for large maps, head by head in blocks of
     query rows) in pieces small enough to stay in L2, so each block of probabilities is
     written once and read back from cache by its softmax, its share of the head mean and
-    ``@ v`` (the batched version makes
-    four passes over a map that does not fit in cache: measured 1.3-1.6x slower in the
-    forward, BENCHMARKS.md "Attention maps"). On other devices: batched matmuls.
+    ``@ v``; the batched version makes four passes over a map that does not fit in cache
+    (measured on ViT-S/14 at 518 px, 1 thread: the capture forward went from 1.58x to 1.48x
+    the fused forward; BENCHMARKS.md "Attention maps"). On other devices: batched matmuls.
 
     Args:
         q: (B, H, N, d) queries, already scaled.
@@ -379,8 +379,9 @@ def attention_maps(
         inline: see above.
         keep_qk: keep every layer's q and k (what `probs` and `rows` compute from). Pass
             False when ``on_probs`` is all you need (a reduction over a dataset): holding
-            them makes every batch allocate fresh memory (measured: 1.3x slower distance
-            batches on this CPU, BENCHMARKS.md "Mean attention distance").
+            them makes every batch allocate fresh memory (measured on this CPU: mean attention
+            distance over batches of 32 went from 1.28-1.38x to 1.14-1.16x the plain forward
+            when it stopped keeping them; BENCHMARKS.md "Mean attention distance").
 
     Returns:
         `AttentionMaps`; attention probabilities come from its `probs`/`rows` on demand.
