@@ -40,7 +40,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
-from explorer.patches import patch_size, prefix_token_names
+from explorer.patches import grid_for, patch_size, prefix_token_names
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -448,7 +448,7 @@ def attention_maps(
                    for s, q, k in zip(seen, qs, ks, strict=True))
     if captured < L or any(n is None for n in norms):
         raise RuntimeError(f"Captured attention of {captured} blocks, but the model has {L}.")
-    grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+    grid = grid_for(pixels.shape[-2:], (ph, pw))
     num_prefix = int(getattr(model, "num_prefix_tokens", 0))
     token_norms = torch.stack(norms)  # (L, B, N)
     if token_norms.shape[-1] != num_prefix + grid[0] * grid[1]:
@@ -676,7 +676,7 @@ def class_relevance(
         num_prefix = int(getattr(model, "num_prefix_tokens", 0))
         rel = R[:, _head_rows(model, num_prefix, N), num_prefix:].mean(dim=1)
         ph, pw = patch_size(model)
-        grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+        grid = grid_for(pixels.shape[-2:], (ph, pw))
     return rel.reshape(B, *grid), target_t
 
 

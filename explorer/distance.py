@@ -29,10 +29,9 @@ from torch import nn
 
 from explorer import datasets
 from explorer.attention import AttentionMaps, attention_maps
-from explorer.images import ImageError, load_image, prepare_pixels
+from explorer.images import EXAMPLES_DIR, ImageError, load_image, prepare_pixels
+from explorer.patches import grid_for, patch_size
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-EXAMPLES_DIR = ASSETS / "examples"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 Progress = Callable[[int, int], None]  # (images done, images in total)
@@ -146,18 +145,13 @@ def model_mean_attention_distance(
     Each layer is reduced while the forward runs (`attention_maps` ``on_probs``): the
     attention probabilities are computed once and never kept.
     """
-    ph, pw = _patch(model)
-    grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+    ph, pw = patch_size(model)
+    grid = grid_for(pixels.shape[-2:], (ph, pw))
     layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix)
     per_layer: list[torch.Tensor] = []
     attention_maps(model, pixels, keep_head_mean=False, keep_qk=False,
                    on_probs=lambda _layer, a: per_layer.append(layer_distance(a)))
     return _finish(per_layer, per_image)
-
-
-def _patch(model: nn.Module) -> tuple[int, int]:
-    ph, pw = model.patch_embed.patch_size
-    return int(ph), int(pw)
 
 
 # ---------------------------------------------------------------------------------------

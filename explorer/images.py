@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"  # bundled photos
 MAX_PIXELS = 40_000_000  # refuse to decode more (a 20000x20000 PNG is 400 MP: a "bomb")
 MAX_SIDE = 2048  # larger images are downscaled right after decoding; no view needs more
 MIN_SIDE = 8  # below this there is nothing to tokenise

@@ -32,8 +32,7 @@ import torch
 from timm.utils import AttentionExtract
 
 from explorer.attention import attention_maps, attention_rollout
-from explorer.distance import EXAMPLES_DIR
-from explorer.images import load_image, prepare_pixels
+from explorer.images import EXAMPLES_DIR, load_image, prepare_pixels
 from explorer.models import load_vit
 
 

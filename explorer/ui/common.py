@@ -5,20 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
 from explorer import images, models, patches
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-EXAMPLES_DIR = ASSETS / "examples"
-
 
 def example_images() -> list[str]:
     """Paths of the bundled example photos (licences in assets/examples/LICENSE.md)."""
-    return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+    return sorted(str(p) for p in images.EXAMPLES_DIR.glob("*.jpg"))
 
 
 def upload_image(**kwargs) -> gr.Image:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from explorer import distance, models
+from explorer import distance, models, patches
 from explorer.plots import distance as plots
 from explorer.ui import common
 
@@ -46,8 +46,8 @@ def per_image(image_path, model_name, others, random_init, cnn, width, height, f
             entries.append((RANDOM_LABEL, distance.random_init_cached(main[0], main[1]), *main[2:]))
         series, rate = distance.compare_models(image, entries, fit, prefix)
         rf = distance.mobilenet_receptive_fields(image, max(main[3])) if cnn else None
-    patch = main[1].patch_embed.patch_size
-    grid = (main[3][0] // patch[0], main[3][1] // patch[1])
+    patch = patches.patch_size(main[1])
+    grid = patches.grid_for(main[3], patch)
     shown_band = band[1:] if band and band[0] == main[0] else None
     fig = plots.distance_figure(series, shown_band, rf, distance.uniform_distance(grid, patch))
     info = (f"{main[0]}: attention maps + distance at {main[3][1]}x{main[3][0]} px: "
