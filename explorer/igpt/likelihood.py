@@ -18,12 +18,19 @@ def pixel_nll_bits(model: ImageGPT, tokens: torch.Tensor, batch_size: int = 64) 
     One forward pass per batch: the start token plus pixels 0..L-2 go in, and position t's
     distribution scores pixel t (teacher forcing).
     """
+    def nats(inputs, targets):
+        return F.cross_entropy(model(inputs).transpose(1, 2), targets, reduction="none")
+
+    return _bits(model, tokens, batch_size, nats)
+
+
+def _bits(model: ImageGPT, tokens: torch.Tensor, batch_size: int, nats) -> torch.Tensor:
+    """(B, H, W) tokens -> (B, H, W) bits, batch by batch; ``nats(inputs, targets)`` scores
+    one batch's (b, L) inputs (start token first) against its (b, L) targets in nats."""
     out = []
     for chunk in tokens.split(batch_size):
         inputs, targets = model_inputs(chunk, model.config.start_token)  # (b, L), (b, L)
-        logits = model(inputs)  # (b, L, K)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (b, L) nats
-        out.append(nll.view(chunk.shape) / math.log(2))
+        out.append(nats(inputs, targets).view(chunk.shape) / math.log(2))
     return torch.cat(out)
 
 
@@ -47,14 +54,13 @@ def pixel_nll_bits_decoding(model: ImageGPT, tokens: torch.Tensor,
 
     tokens: (B, H, W) -> (B, H, W) bits.
     """
-    out = []
-    for chunk in tokens.split(batch_size):
-        inputs, targets = model_inputs(chunk, model.config.start_token)  # (b, L), (b, L)
+    def nats(inputs, targets):
         b, L = inputs.shape
         caches = model.new_cache(b, L)
         nll = torch.empty(b, L)
         for t in range(L):
             logits = model(inputs[:, t:t + 1], caches, pos=t)[:, -1]  # (b, K)
             nll[:, t] = F.cross_entropy(logits.float(), targets[:, t], reduction="none")
-        out.append(nll.view(chunk.shape) / math.log(2))
-    return torch.cat(out)
+        return nll
+
+    return _bits(model, tokens, batch_size, nats)
