@@ -12,6 +12,7 @@ import os
 import gradio as gr
 import torch
 
+from explorer import kernels
 from explorer.ui import common, gradio_fixes
 from explorer.ui.attention_tab import build_attention_tab
 from explorer.ui.distance_tab import build_distance_tab
@@ -80,6 +81,7 @@ def configure_threads() -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_threads()
+    kernels.build_in_background()  # the attention kernel compiles (~10 s, once) while we start
     build_demo().launch(server_name=args.host, server_port=args.port, share=args.share,
                         theme=gr.themes.Soft())
 

@@ -40,6 +40,7 @@ import torch
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
+from explorer import kernels
 from explorer.patches import grid_for, patch_size, prefix_token_names
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -223,41 +224,79 @@ def _inline_ok(attn: nn.Module) -> bool:
             and not attn.training)
 
 
-# Rows of one head's (N, N) map processed together in the CPU path: R * N floats ~ 512 KB,
-# so the block is still in L2 when its softmax, head-mean share and `@ v` read it.
+# Rows of one head's (N, N) map processed together on CPU: R * N floats ~ 512 KB, so the
+# block is still in L2 when its softmax, head-mean share and `@ v` read it.
 _BLOCK_BYTES = 1 << 19
-# Below this size one image's (H, N, N) maps are done in one batched pass (224 px: 1.6 MB).
+# Below this size one image's (H, N, N) maps are done in one batched pass (224 px: 1.6 MB);
+# the PyTorch-ops path only.
 _IMAGE_BYTES = 2 << 20
+
+
+def native_attend_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether `attend_materialised` runs the compiled kernel for CPU tensors of ``dtype``."""
+    return dtype == torch.float32 and kernels.attend_op() is not None
 
 
 def attend_materialised(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    probs_out: torch.Tensor,
+    probs_out: torch.Tensor | None = None,
     mean_out: torch.Tensor | None = None,
+    native: bool = True,
 ) -> torch.Tensor:
-    """Attention that also writes its probabilities: softmax(q kᵀ) @ v.
+    """Attention that also yields its probabilities: softmax(q kᵀ) @ v.
 
-    On CPU the work goes image by image (and, for large maps, head by head in blocks of
-    query rows) in pieces small enough to stay in L2, so each block of probabilities is
-    written once and read back from cache by its softmax, its share of the head mean and
-    ``@ v``; the batched version makes four passes over a map that does not fit in cache
-    (measured on ViT-S/14 at 518 px, 1 thread: the capture forward went from 1.58x to 1.48x
-    the fused forward; BENCHMARKS.md "Attention maps"). On other devices: batched matmuls.
+    On CPU the work goes in blocks of query rows small enough to stay in L2, so each block
+    of probabilities is computed once and read back from cache by its softmax, its share of
+    the head mean and ``@ v``. For float32 the compiled kernel (`explorer.kernels`, built on
+    first use) does this in one call, blocks spread over the threads; otherwise, or with
+    ``native=False``, PyTorch ops do the same block by block (slower: one op per block and
+    head from Python). Other devices: four batched ops. Measured on ViT-S/14 at 518 px,
+    BENCHMARKS.md "Attention maps".
 
     Args:
         q: (B, H, N, d) queries, already scaled.
         k: (B, H, N, d) keys.
         v: (B, H, N, d) values.
-        probs_out: (B, H, N, N) contiguous buffer: receives the probabilities.
+        probs_out: optional (B, H, N, N) contiguous buffer: receives the probabilities. Pass
+            one only if something reads them: without it the kernel keeps each block in cache
+            and never writes the maps to memory (at 518 px, 45 MB per layer).
         mean_out: optional (B, N, N) contiguous buffer: receives their mean over heads.
+        native: allow the compiled kernel (False: PyTorch ops, e.g. to compare).
 
     Returns:
         (B, N, H, d) contiguous attention output (heads not yet merged).
     """
+    B, H, N, d = q.shape
+    if q.device.type == "cpu" and native and native_attend_available(q.dtype) \
+            and q.dtype == k.dtype == v.dtype:
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k.stride(-1) != 1 and k.stride(-2) != 1:
+            k = k.contiguous()
+        rows = _kernel_block_rows(B, N, q.element_size(), torch.get_num_threads())
+        return kernels.attend_op()(q, k, v.contiguous(), probs_out, mean_out, rows)
+    if probs_out is None:
+        probs_out = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)
     if q.device.type != "cpu":
         return _attend_batched(q, k, v, probs_out, mean_out)
+    return _attend_blocks(q, k, v, probs_out, mean_out)
+
+
+def _kernel_block_rows(batch: int, tokens: int, itemsize: int, threads: int) -> int:
+    """Query rows per block for the kernel: ~`_BLOCK_BYTES` of map per block, and blocks in a
+    multiple of the thread count (at least 3 per thread on small inputs) so no thread idles."""
+    rows = max(1, min(tokens, _BLOCK_BYTES // (tokens * itemsize)))
+    blocks = min(tokens, max(-(-tokens // rows), -(-3 * threads // batch)))
+    while (batch * blocks) % threads and blocks < tokens:
+        blocks += 1
+    return -(-tokens // blocks)
+
+
+def _attend_blocks(q, k, v, probs_out, mean_out=None) -> torch.Tensor:
+    """`attend_materialised` with PyTorch ops on CPU: image by image when one image's maps
+    fit in L2, else head by head in blocks of query rows. Same arguments and result."""
     B, H, N, d = q.shape
     out = torch.empty(B, N, H, d, dtype=q.dtype, device=q.device)
     kt = k.transpose(-2, -1).contiguous()  # (B, H, d, N): a plain GEMM operand (no copy if so)
@@ -309,14 +348,15 @@ def _attend_batched(q, k, v, probs_out, mean_out=None) -> torch.Tensor:
 
 
 def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: dict,
-                    keep_head_mean: bool):
+                    keep_head_mean: bool, want_probs: bool):
     """A per-instance ``forward`` for timm `Attention` that materialises the probabilities.
 
     The same computation as timm's eager path (q·scale @ kᵀ, softmax, @ v) by
-    `attend_materialised`, with the (B, H, N, N) map written into one workspace reused by
-    every block, so the capture forward computes q kᵀ once (the fused kernel would compute
-    it, and we again). Only the capturing thread takes this path; any other thread runs the
-    class's own (fused) forward.
+    `attend_materialised`, so the capture forward computes q kᵀ once (the fused kernel would
+    compute it, and we again). The full (B, H, N, N) map is written, into one workspace
+    reused by every block, only when ``want_probs`` (an ``on_probs`` reader) or when the
+    PyTorch-ops path needs it as scratch; the head mean is always computed. Only the
+    capturing thread takes this path; any other thread runs the class's own (fused) forward.
     """
     owner = threading.get_ident()
     own_forward = type(attn).forward
@@ -331,9 +371,12 @@ def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: di
         # k as a view of a compact (B, H, d, N) copy: the GEMM operand, and what the maps keep
         # (a view into the qkv output would keep all of q, k and v alive for every layer)
         k = k.transpose(-2, -1).contiguous().transpose(-2, -1)
-        buf = workspace.get("probs")
-        if buf is None or buf.shape != (B, H, N, N) or buf.dtype != q.dtype:
-            buf = workspace["probs"] = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)
+        buf = None  # the full maps: written only for a reader, or as the PyTorch path's scratch
+        if want_probs or not (q.device.type == "cpu" and native_attend_available(q.dtype)):
+            buf = workspace.get("probs")
+            if buf is None or buf.shape != (B, H, N, N) or buf.dtype != q.dtype:
+                buf = workspace["probs"] = torch.empty(B, H, N, N, dtype=q.dtype,
+                                                       device=q.device)
         mean = torch.empty(B, N, N, dtype=q.dtype, device=q.device) if keep_head_mean else None
         out = attend_materialised(q, k, v, buf, mean)
         record(layer, q, k, buf, mean)
@@ -431,7 +474,8 @@ def attention_maps(
     for i, (attn, blk) in enumerate(zip(attns, blocks, strict=True)):
         handles.append(blk.register_forward_hook(norm_hook(i)))
         if inline and _inline_ok(attn):
-            attn.forward = _inline_forward(attn, i, record, workspace, keep_head_mean)
+            attn.forward = _inline_forward(attn, i, record, workspace, keep_head_mean,
+                                           want_probs=on_probs is not None)
             patched.append(attn)
         else:
             handles.append(attn.q_norm.register_forward_hook(keep(qs, i, attn.scale)))

@@ -8,8 +8,12 @@ machines drift; ratios within one run do not), batch 1, fp32, the offline defaul
 Printed as a markdown table: median ms and the ratio to the fused forward.
 
 - fused forward: ``model.forward_features`` as the app runs it.
-- ours: `attention_maps` (each block's probabilities computed once, inside the forward,
-  head means kept) + the class-row rollout (a vector-matrix chain over the head means).
+- ours: `attention_maps` (each block's probabilities computed once, inside the forward, by
+  the compiled kernel: head means kept, q and k kept for `.probs`/`.rows`, the full maps not
+  written to memory) + the class-row rollout (a vector-matrix chain over the head means).
+- ours + handed: the same, but every layer's full maps are also written and handed to an
+  ``on_probs`` reader (what mean attention distance uses).
+- ours, PyTorch-ops path: ``EXPLORER_NATIVE=0``, what runs where the kernel cannot be built.
 - ours, stored: the same forward, but every layer's (1, H, N, N) map kept (cloned) and the
   rollout run on them: the design we did not choose, measured to justify on-demand.
 - ``timm.utils.AttentionExtract`` (fx and hook) on a copy built with fused attention off
@@ -58,6 +62,20 @@ def _hf_dinov2(size: int) -> torch.nn.Module:
     return Dinov2Model._from_config(cfg, attn_implementation="eager").eval()
 
 
+@contextlib.contextmanager
+def _native_off():
+    """The capture without the compiled kernel (what runs where no C++ compiler exists)."""
+    before = os.environ.get("EXPLORER_NATIVE")
+    os.environ["EXPLORER_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["EXPLORER_NATIVE"]
+        else:
+            os.environ["EXPLORER_NATIVE"] = before
+
+
 def variants(model: torch.nn.Module, size: int) -> dict[str, Callable[[torch.Tensor], int]]:
     """name -> function of pixels returning how many attention maps it produced."""
     eager = _eager_copy(model)
@@ -74,6 +92,16 @@ def variants(model: torch.nn.Module, size: int) -> dict[str, Callable[[torch.Ten
         rollout = attention_rollout(maps, rows=[0])  # computes each layer's probs once
         assert rollout.shape[-2] == 1
         return maps.num_layers
+
+    def ours_handed(x):
+        seen = []
+        maps = attention_maps(model, x, on_probs=lambda layer, _p: seen.append(layer))
+        attention_rollout(maps, rows=[0])
+        return len(seen)
+
+    def ours_torch_ops(x):
+        with _native_off():
+            return ours(x)
 
     def ours_stored(x):
         kept = []
@@ -93,6 +121,8 @@ def variants(model: torch.nn.Module, size: int) -> dict[str, Callable[[torch.Ten
     return {
         "timm fused forward (no maps)": fused,
         "**ours**: `attention_maps` + every layer's probs once + class-row rollout": ours,
+        "ours + every layer's full (1, H, N, N) maps handed to `on_probs` once": ours_handed,
+        "ours, PyTorch-ops path (no compiled kernel)": ours_torch_ops,
         "ours, stored variant: every layer's maps kept + rollout": ours_stored,
         "`timm.utils.AttentionExtract` fx, eager-built model (maps only)": timm_fx,
         "`AttentionExtract` hook, eager-built model (maps only)": timm_hook,

@@ -1,0 +1,107 @@
+"""Native CPU kernels, compiled on first use, with a plain-PyTorch fallback.
+
+One kernel today: ``attend`` (``attend.cpp``), the attention forward that also yields its
+probabilities, fused per block of query rows. `attend_op()` returns it, or None where it
+cannot be built (no C++ compiler, or switched off with ``EXPLORER_NATIVE=0``); callers then
+use PyTorch ops, which give the same numbers more slowly.
+
+The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja), takes ~10 s once and
+is cached on disk per torch version, source and CPU (``-march=native``) under
+``$EXPLORER_KERNEL_CACHE`` (default ``~/.cache/vit-explorer/kernels``). The app starts it in
+the background at launch (`build_in_background`), so the first request does not wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("attend.cpp")
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # the model cache's sibling: "op" and "error" once tried
+
+
+def enabled() -> bool:
+    """False when switched off with ``EXPLORER_NATIVE=0`` (e.g. to compare with the fallback)."""
+    return os.environ.get("EXPLORER_NATIVE", "1") != "0"
+
+
+def _cpu_key() -> str:
+    """The CPU's feature flags (``-march=native`` code is only valid on such a CPU)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
+def build_directory() -> Path:
+    """Where this torch + source + CPU combination is built."""
+    key = hashlib.sha256()
+    for part in (torch.__version__, SOURCE.read_bytes(), " ".join(CFLAGS), _cpu_key()):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    root = Path(os.environ.get("EXPLORER_KERNEL_CACHE",
+                               Path.home() / ".cache" / "vit-explorer" / "kernels"))
+    return root / f"attend-{key.hexdigest()[:16]}"
+
+
+def _build() -> Callable | None:
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="explorer_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS, build_directory=str(directory), is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.explorer_kernels.attend
+
+
+def attend_op() -> Callable | None:
+    """The compiled ``attend`` op, building it the first time; None if it cannot be built.
+
+    ``attend(q, k, v, probs, mean, block_rows) -> out``: q, k, v (B, H, N, d) float32 on
+    CPU (q scaled, unit stride in d; k unit stride in d or N), probs (B, H, N, N) and mean
+    (B, N, N) contiguous or None, out (B, N, H, d).
+    """
+    if not enabled():
+        return None
+    if "op" in _state:
+        return _state["op"]  # type: ignore[return-value]
+    with _lock:
+        if "op" not in _state:
+            try:
+                _state["op"] = _build()
+            except Exception as exc:  # no compiler, no ninja, a build error: fall back
+                _state["op"], _state["error"] = None, f"{type(exc).__name__}: {exc}"
+                log.warning("Native attention kernel unavailable, using PyTorch ops: %s",
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return _state["op"]  # type: ignore[return-value]
+
+
+def build_error() -> str | None:
+    """Why the kernel could not be built, if it was tried and failed."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def build_in_background() -> threading.Thread:
+    """Start building (or loading from the disk cache) without blocking the caller."""
+    thread = threading.Thread(target=attend_op, name="explorer-kernel-build", daemon=True)
+    thread.start()
+    return thread
