@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-app}"
 
-# Debian packages: the built-in Fashion-MNIST data; Chromium + driver for browser tests.
-debs=(dataset-fashion-mnist)
+# Debian packages: the built-in Fashion-MNIST data; a C++ compiler and ninja for the
+# attention kernel (explorer/kernels, compiled on first use; without them the app falls back
+# to slower PyTorch ops); Chromium + driver for browser tests.
+debs=(dataset-fashion-mnist g++ ninja-build)
 [ "$mode" = test ] && debs+=(chromium chromium-driver)
 missing=()
 for deb in "${debs[@]}"; do dpkg -s "$deb" >/dev/null 2>&1 || missing+=("$deb"); done
