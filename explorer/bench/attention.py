@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import torch
 from timm.utils import AttentionExtract
 
 from explorer.attention import attention_maps, attention_rollout
+from explorer.bench.machine import describe
 from explorer.images import EXAMPLES_DIR, load_image, prepare_pixels
 from explorer.models import load_vit
 
@@ -173,14 +173,6 @@ def measure(size: int, repeats: int, kind: str = "astronaut"
             for n in runs]
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m explorer.bench attention")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518])
@@ -193,7 +185,7 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
 
     print(f"# Attention maps, DINOv2 ViT-S/14, batch 1, fp32, {torch.get_num_threads()} threads")
-    print(f"CPU: {_cpu_name()} ({os.cpu_count()} logical); torch {torch.__version__}, "
+    print(f"CPU: {describe()}; torch {torch.__version__}, "
           f"timm {timm.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(f"input: {args.input}")

@@ -19,7 +19,7 @@ import time
 import torch
 
 from explorer.attention import attention_maps
-from explorer.bench.attention import _cpu_name
+from explorer.bench.machine import describe
 from explorer.distance import (
     dataset_mean_attention_distance,
     fashion_mnist_images,
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# Mean attention distance; CPU: {_cpu_name()} ({os.cpu_count()} logical); "
+    print(f"# Mean attention distance; CPU: {describe()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"load average before: {os.getloadavg()[0]:.2f}\n")

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from explorer.bench.machine import cpu_name
 from explorer.datasets import ImageSet, fashion_mnist
 from explorer.finetune.data import PixelDataset, make_loader
 from explorer.finetune.engine import FinetuneConfig, cosine_schedule, finetune, prepare_model
@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(args.threads)
     out = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, "
                    f"torch threads {torch.get_num_threads()}, "
                    f"cuda {torch.cuda.is_available()}",
         "loadavg_start": os.getloadavg(),

@@ -22,12 +22,12 @@ N Fashion-MNIST test images with the offline model through the decode path, fp32
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from explorer.bench.machine import describe
 from explorer.igpt.fast import fast_decoder
 from explorer.igpt.model import IGPTConfig, ImageGPT
 from explorer.igpt.sampler import SampleConfig, complete_stream
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> None:
     bw = read_bandwidth_gbs()
     print(f"# iGPT sampler: {args.batch} completions of the bottom half of a {SIDE}×{SIDE} "
           f"image ({length - keep} new tokens), top-k {TOP_K}, fp32, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, {describe()}")
     print(f"measured read bandwidth: {bw:.1f} GB/s\n")
     head = ("model", "decoder", "params", "ours tok/s", "generate tok/s", "speed-up",
             "ours ms/step", "generate ms/step", "MB read/step (W+KV)", "floor ms/step",
