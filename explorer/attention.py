@@ -26,7 +26,7 @@ again): on CPU a compiled kernel (`explorer.kernels`, `attend_materialised`) doe
 softmax, the head mean and ``@ v`` block by block in cache, and writes the full maps to
 memory only for an ``on_probs`` reader. Measured on this project's 2-core CPU, ViT-S/14:
 the capture plus class-row rollout costs 1.08-1.13x the plain fused forward at 224 px and
-1.14-1.16x at 518 px, against 1.63-2.23x for `timm.utils.AttentionExtract` and Hugging
+1.13-1.19x at 518 px, against 1.63-2.29x for `timm.utils.AttentionExtract` and Hugging
 Face's ``output_attentions`` at 518 px. The model's fused-attention setting is never touched
 and everything attached for the capture is removed afterwards, also when several threads
 capture through one model at once (see `attention_maps`).
