@@ -6,7 +6,7 @@ cannot be built (no C++ compiler, or switched off with ``EXPLORER_NATIVE=0``); c
 use PyTorch ops, which give the same numbers more slowly.
 
 The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja), takes ~10 s once and
-is cached on disk per torch version, source and CPU (``-march=native``) under
+is cached on disk per torch and Python version, source and CPU (``-march=native``) under
 ``$EXPLORER_KERNEL_CACHE`` (default ``~/.cache/vit-explorer/kernels``). The app starts it in
 the background at launch (`build_in_background`), so the first request does not wait.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -51,9 +52,10 @@ def _cpu_key() -> str:
 
 
 def build_directory() -> Path:
-    """Where this torch + source + CPU combination is built."""
+    """Where this torch + Python + source + CPU combination is built."""
     key = hashlib.sha256()
-    for part in (torch.__version__, SOURCE.read_bytes(), " ".join(CFLAGS), _cpu_key()):
+    for part in (torch.__version__, sys.version, SOURCE.read_bytes(), " ".join(CFLAGS),
+                 _cpu_key()):
         key.update(part if isinstance(part, bytes) else part.encode())
     root = Path(os.environ.get("EXPLORER_KERNEL_CACHE",
                                Path.home() / ".cache" / "vit-explorer" / "kernels"))
