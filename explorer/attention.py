@@ -319,19 +319,26 @@ def attend_materialised(
         (B, N, H, d) contiguous attention output (heads not yet merged).
     """
     B, H, N, d = q.shape
-    if q.device.type == "cpu" and native and native_attend_available(q.dtype) \
-            and q.dtype == k.dtype == v.dtype:
+    op = _kernel_for(q, k, v) if native else None
+    if op is not None:
         if q.stride(-1) != 1:
             q = q.contiguous()
         if k.stride(-1) != 1 and k.stride(-2) != 1:
             k = k.contiguous()
         rows = _kernel_block_rows(B, N, q.element_size(), torch.get_num_threads())
-        return kernels.attend_op()(q, k, v.contiguous(), probs_out, mean_out, rows)
+        return op(q, k, v.contiguous(), probs_out, mean_out, rows)
     if probs_out is None:
         probs_out = torch.empty(B, H, N, N, dtype=q.dtype, device=q.device)
     if q.device.type != "cpu":
         return _attend_batched(q, k, v, probs_out, mean_out)
     return _attend_blocks(q, k, v, probs_out, mean_out)
+
+
+def _kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable | None:
+    """The compiled op if `attend_materialised` runs it on these tensors, else None."""
+    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
+        return None
+    return kernels.attend_op() if native_attend_available(q.dtype) else None
 
 
 def _kernel_block_rows(batch: int, tokens: int, itemsize: int, threads: int) -> int:
@@ -418,7 +425,7 @@ def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: di
         # (a view into the qkv output would keep all of q, k and v alive for every layer)
         k = k.transpose(-2, -1).contiguous().transpose(-2, -1)
         buf = None  # the full maps: written only for a reader, or as the PyTorch path's scratch
-        if want_probs or not (q.device.type == "cpu" and native_attend_available(q.dtype)):
+        if want_probs or _kernel_for(q, k, v) is None:
             buf = workspace.get("probs")
             if buf is None or buf.shape != (B, H, N, N) or buf.dtype != q.dtype:
                 buf = workspace["probs"] = torch.empty(B, H, N, N, dtype=q.dtype,

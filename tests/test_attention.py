@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 
 import pytest
 import timm
@@ -28,6 +26,7 @@ from explorer.attention import (
     query_maps_all_layers,
 )
 from explorer.models import load_vit
+from tests.kernel_helpers import needs_compiler
 
 TINY = dict(pretrained=False, embed_dim=64, depth=2, num_heads=2, dynamic_img_size=True)
 
@@ -101,8 +100,6 @@ def test_matches_eager_reference(kind, inline):
     assert (ref.amax(-1) > 1.5 / maps.num_tokens).any()  # the comparison is not of uniform maps
 
 
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                    reason="no C++ compiler: the native kernel cannot build")
 NATIVE = pytest.param(True, id="native", marks=needs_compiler)
 PATHS = [NATIVE, pytest.param(False, id="torch-ops")]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,10 +13,9 @@ import torch
 
 from explorer import kernels
 from explorer.attention import _kernel_block_rows, attention_maps
+from tests.kernel_helpers import needs_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
-                                    reason="no C++ compiler: the native kernel cannot build")
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -36,6 +37,12 @@ _state: dict[str, object] = {}  # the model cache's sibling: "op" and "error" on
 def enabled() -> bool:
     """False when switched off with ``EXPLORER_NATIVE=0`` (e.g. to compare with the fallback)."""
     return os.environ.get("EXPLORER_NATIVE", "1") != "0"
+
+
+def compiler_available() -> bool:
+    """Whether the C++ compiler `torch.utils.cpp_extension` would use (``$CXX``, else
+    ``c++``) is on the PATH: without one the kernel cannot build."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 def _cpu_key() -> str:
