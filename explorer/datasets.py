@@ -31,7 +31,9 @@ from PIL import Image
 from explorer.images import ImageError, load_image
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's `dataset-fashion-mnist`; an operator (or a GPU box without the package) can point
+# elsewhere with VIT_EXPLORER_FASHION_MNIST, a folder holding the same four IDX .gz files.
+FASHION_MNIST_DIR = Path(os.environ.get("VIT_EXPLORER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 # Label order of the IDX files (Zalando's README).
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

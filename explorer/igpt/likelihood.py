@@ -27,9 +27,9 @@ def pixel_nll_bits(model: ImageGPT, tokens: torch.Tensor, batch_size: int = 64) 
 def _bits(model: ImageGPT, tokens: torch.Tensor, batch_size: int, nats) -> torch.Tensor:
     """(B, H, W) tokens -> (B, H, W) bits, batch by batch; ``nats(inputs, targets)`` scores
     one batch's (b, L) inputs (start token first) against its (b, L) targets in nats."""
-    out = []
+    out, device = [], model.transformer.wte.weight.device  # score where the model lives
     for chunk in tokens.split(batch_size):
-        inputs, targets = model_inputs(chunk, model.config.start_token)  # (b, L), (b, L)
+        inputs, targets = model_inputs(chunk.to(device), model.config.start_token)  # (b, L), (b, L)
         out.append(nats(inputs, targets).view(chunk.shape) / math.log(2))
     return torch.cat(out)
 
@@ -57,7 +57,7 @@ def pixel_nll_bits_decoding(model: ImageGPT, tokens: torch.Tensor,
     def nats(inputs, targets):
         b, L = inputs.shape
         caches = model.new_cache(b, L)
-        nll = torch.empty(b, L)
+        nll = torch.empty(b, L, device=inputs.device)
         for t in range(L):
             logits = model(inputs[:, t:t + 1], caches, pos=t)[:, -1]  # (b, K)
             nll[:, t] = F.cross_entropy(logits.float(), targets[:, t], reduction="none")

@@ -81,6 +81,7 @@ def complete_stream(model: ImageGPT, prefix: torch.Tensor, length: int,
         not yet generated are 0). The last yield is the finished completion.
     """
     cfg = cfg or SampleConfig()
+    prefix = prefix.to(model.transformer.wte.weight.device)  # sample where the model lives
     B, P = prefix.shape
     if not 0 <= P < length <= model.config.n_positions:
         raise ValueError(f"need 0 <= prefix ({P}) < length ({length}) <= n_positions")
