@@ -26,6 +26,16 @@ def grid_for(size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
     return size[0] // patch[0], size[1] // patch[1]
 
 
+def has_class_token(model: torch.nn.Module) -> bool:
+    """Whether the model's first token is a class token: the one place this is decided.
+
+    From timm's own attributes: a ``cls_token`` parameter that is present and counted among
+    ``num_prefix_tokens``. A model with registers but no class token (``class_token=False``)
+    has prefix tokens, none of which is a class token.
+    """
+    return getattr(model, "cls_token", None) is not None and int(getattr(model, "num_prefix_tokens", 1)) > 0
+
+
 def prefix_token_names(model: torch.nn.Module) -> list[str]:
     """Names of the tokens that precede the patch tokens, in sequence order.
 
@@ -33,7 +43,7 @@ def prefix_token_names(model: torch.nn.Module) -> list[str]:
     "CLS", "DIST", "REG1".."REGn"; any other prefix token is "PREFIX<i>".
     """
     names = []
-    if getattr(model, "cls_token", None) is not None:
+    if has_class_token(model):
         names.append("CLS")
     if getattr(model, "dist_token", None) is not None:
         names.append("DIST")
