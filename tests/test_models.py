@@ -157,3 +157,58 @@ def test_old_explorer_checkpoint_format_gets_a_clear_message(tmp_path):
         "model_kwargs": {"depth": 2}}))
     with pytest.raises(models.ModelUnavailableError, match="older ViT Explorer"):
         models.load_vit(f"local:{tmp_path}")
+
+
+def _tiny_igpt_dir(directory) -> None:
+    from explorer.igpt.checkpoint import export_pretrained
+    from explorer.igpt.model import IGPTConfig, ImageGPT
+    from explorer.igpt.palette import grey_palette
+
+    torch.manual_seed(0)
+    model = ImageGPT(IGPTConfig(vocab_size=5, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    export_pretrained(model.eval(), grey_palette(4), directory, size=(4, 4))
+
+
+def test_two_threads_asking_for_one_igpt_load_it_once(tmp_path, monkeypatch):
+    """The iGPT cache is a KeyedCache too: the second first request waits for the first load
+    instead of loading the (possibly GB-sized) model again."""
+    from explorer.igpt import checkpoint
+
+    _tiny_igpt_dir(tmp_path)
+    loads = []
+    real_load = checkpoint.load_local
+
+    def counted_load(directory, name=None):
+        loads.append(str(directory))
+        time.sleep(0.2)  # the second thread arrives while the first is still loading
+        return real_load(directory, name)
+
+    monkeypatch.setattr(checkpoint, "load_local", counted_load)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(checkpoint.load_igpt(str(tmp_path))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [str(tmp_path)] and len(results) == 2 and results[0] is results[1]
+    assert isinstance(checkpoint.IGPT_CACHE, KeyedCache)
+    assert checkpoint.IGPT_CACHE.max_items is not None  # bounded
+
+
+def test_one_model_unavailable_error_for_vit_and_igpt():
+    """Both loaders raise the one error class, and the UI turns it into a message."""
+    import gradio as gr
+
+    from explorer import errors
+    from explorer.igpt import checkpoint
+    from explorer.ui.common import user_errors
+
+    assert models.ModelUnavailableError is errors.ModelUnavailableError
+    assert checkpoint.ModelUnavailableError is errors.ModelUnavailableError
+    with pytest.raises(gr.Error, match="not in the catalogue"):
+        with user_errors():
+            checkpoint.load_igpt("no-such-igpt")
+    with pytest.raises(gr.Error, match="no model called"):
+        with user_errors():
+            models.load_vit("vit_that_does_not_exist_anywhere")
