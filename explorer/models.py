@@ -29,9 +29,15 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub.errors import (
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from explorer import hub
 from explorer.cache import KeyedCache
 from explorer.errors import ModelUnavailableError
 
@@ -288,14 +294,42 @@ def _build_hub(name: str) -> torch.nn.Module:
         raise ModelUnavailableError(
             f"timm has no model called '{name}' (a Hugging Face repo is 'hf-hub:owner/name')."
         )
+    if not _hub_weights_cached(name) and not hub.reachable():
+        # Fail now: huggingface_hub would retry each file with backoff for most of a minute.
+        raise ModelUnavailableError(
+            f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached "
+            "(no internet here?). Hub models need internet the first time; offline, use the "
+            "default model or a local checkpoint."
+        )
     try:
         model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
-    except Exception as err:  # network, missing files, auth: all mean "not here"
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as err:
+        # The hub answered: no such repo (or a gated one), revision or weights file.
+        raise ModelUnavailableError(
+            f"The Hugging Face hub has no '{name}' that timm can load ({type(err).__name__}); "
+            "check the name (a private or gated repo also needs a login)."
+        ) from err
+    except Exception as err:  # no connection, offline mode, broken download: "not here"
         raise ModelUnavailableError(
             f"Could not download '{name}' from the Hugging Face hub ({type(err).__name__}). "
             "Hub models need internet; offline, use the default model or a local checkpoint."
         ) from err
     return model
+
+
+def _hub_weights_cached(name: str) -> bool:
+    """Whether the files timm fetches for ``name`` are in the local Hugging Face cache: the
+    weights for a registry name (its config is timm's own), config and weights for a repo."""
+    if name.startswith("hf-hub:"):
+        repo, needs = name[len("hf-hub:") :].split("@")[0], ("config.json",)
+        filename = None
+    else:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not cfg.hf_hub_id:
+            return False
+        repo, needs, filename = cfg.hf_hub_id, (), cfg.hf_hub_filename
+    weights = [f for f in (filename, "model.safetensors", "pytorch_model.bin") if f]
+    return hub.cached(repo, *needs) and any(hub.cached(repo, w) for w in weights)
 
 
 def _resolve_local(name: str) -> Path:
@@ -353,9 +387,6 @@ def _build_local(name: str) -> torch.nn.Module:
         raise ModelUnavailableError(
             f"timm could not rebuild the checkpoint in {path}: {str(err).splitlines()[0]}"
         ) from err
-    labels = model.pretrained_cfg.get("label_names")
-    if labels:  # label_names may be a list or an {index: name} dict (timm allows gaps)
-        model.class_names = list(labels.values()) if isinstance(labels, dict) else list(labels)
     return model
 
 
@@ -371,6 +402,9 @@ def build_vit(name: str | None) -> torch.nn.Module:
         model = _build_hub(entry.architecture if entry else name)
     if not isinstance(model, VisionTransformer):
         raise ModelUnavailableError(f"'{name}' is not a Vision Transformer (timm VisionTransformer).")
+    labels = model.pretrained_cfg.get("label_names")  # saved by save_for_hf, local or on the hub
+    if labels:  # a list, or an {index: name} dict where timm allows gaps
+        model.class_names = list(labels.values()) if isinstance(labels, dict) else list(labels)
     return model
 
 

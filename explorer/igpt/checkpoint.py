@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from explorer import hub
 from explorer.cache import KeyedCache
 from explorer.errors import ModelUnavailableError
 from explorer.igpt.model import IGPTConfig, ImageGPT
@@ -139,7 +140,7 @@ def _load_hub(repo: str, name: str) -> LoadedIGPT:
     from transformers import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 
     cached = _hub_cached(repo)
-    if not cached and not hub_reachable():
+    if not cached and not hub.reachable():
         raise ModelUnavailableError(
             f"{repo} is not in the local Hugging Face cache and the Hub cannot be reached (no "
             f"internet here?). Offline, use the default model '{OFFLINE_NAME}' or a local "
@@ -163,27 +164,10 @@ def _load_hub(repo: str, name: str) -> LoadedIGPT:
 
 def _hub_cached(repo: str) -> bool:
     """Whether the repo's config and processor files are already in the local HF cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return all(isinstance(try_to_load_from_cache(repo, f), str)
-               for f in ("config.json", "preprocessor_config.json"))
+    return hub.cached(repo, "config.json", "preprocessor_config.json")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the Hub endpoint, so offline machines fail in seconds instead of
-    after transformers' retries (about a minute)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+hub_reachable = hub.reachable  # the quick TCP check, shared with the ViT loader
 
 
 def export_pretrained(model: ImageGPT, palette: Palette, directory: str | Path,
