@@ -1,9 +1,10 @@
 """Two quick questions about the Hugging Face hub, asked before any download.
 
-huggingface_hub retries a failed connection with backoff, so an offline machine asking for a
-model it never fetched waits most of a minute per file before failing. A TCP check of the
-endpoint answers "no internet" in milliseconds, and the local cache says whether the files
-are there anyway; the ViT and iGPT loaders use both to fail fast with a clear message.
+huggingface_hub retries a failed connection with exponential backoff, so an offline machine
+asking for a model it never fetched waits through every retry, per file, before failing. A
+TCP check of the endpoint answers "no internet" at once, and the local cache says whether the
+files are there anyway; the ViT and iGPT loaders use both to fail fast with a clear message
+(`tests/test_hub.py` checks that they do).
 """
 
 from __future__ import annotations

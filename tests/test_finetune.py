@@ -304,6 +304,7 @@ def test_cli_trains_and_saves(tmp_path, capsys):
     meta = json.loads((tmp_path / "out" / "config.json").read_text())
     assert meta["fine_tune"]["mode"] == "full" and meta["num_classes"] == 10
     assert meta["fine_tune"]["base_model"] == f"local:{base_dir}"
+    assert plain_timm(tmp_path / "out").num_classes == 10
     code = cli_main(["--fashion-mnist", "60", "--model", f"local:{base_dir}", "--mode", "linear",
                      "--probe-block", "2", "--epochs", "1", "--out", str(tmp_path / "b2")])
     assert code == 0
