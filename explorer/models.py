@@ -368,7 +368,10 @@ def local_checkpoint_dir(path: Path) -> Path:
         )
     if not meta.is_file():
         raise ModelUnavailableError(f"Expected config.json beside model.safetensors in {path}.")
-    config = json.loads(meta.read_text())
+    try:
+        config = json.loads(meta.read_text())
+    except ValueError as err:
+        raise ModelUnavailableError(f"{meta} is not valid JSON: {err}") from err
     if "architecture" not in config:
         raise ModelUnavailableError(f"{meta} does not name the timm 'architecture'.")
     if "pretrained_cfg" not in config and ("model_kwargs" in config or "classes" in config):

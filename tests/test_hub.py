@@ -99,13 +99,21 @@ def _last_json_line(done) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def tiny_igpt(seed: int):
+    """A 2-layer transformers ImageGPT: 16 colours + start token, 6x6 images."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    torch.manual_seed(seed)
+    config = ImageGPTConfig(vocab_size=17, n_positions=36, n_embd=32, n_layer=2, n_head=4)
+    return ImageGPTForCausalImageModeling(config).eval()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The stand-in hub with its four repos, the test inputs and the reference outputs."""
     from transformers import ImageGPTImageProcessor
 
     from explorer.igpt.model import ImageGPT
-    from tests.igpt_helpers import tiny_hf
 
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
@@ -123,7 +131,7 @@ def served(tmp_path_factory):
         reference[f"hf-hub:{VIT_TYPED}"] = typed(inputs["pixels"])
 
     for seed, name in enumerate((IGPT_CATALOGUE, IGPT_TYPED)):
-        hf = tiny_hf(seed=seed)  # 16 colours + start token, 6x6 images
+        hf = tiny_igpt(seed)
         directory = root / name.replace("/", "--")
         hf.save_pretrained(directory)
         clusters = torch.rand(16, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -188,3 +196,19 @@ def test_without_a_hub_the_offline_message_and_the_cache(served, online):
         assert name.removeprefix("hf-hub:") in message
         assert "default model" in message  # what to do instead
     assert result["loaded"] == [f"hf-hub:{VIT_TYPED}", IGPT_CATALOGUE]
+
+
+def test_every_hub_catalogue_entry_is_what_the_stand_in_exercises():
+    """The stand-in serves one registry ViT and one OpenAI repo name; every hub entry of both
+    catalogues takes the same path: a timm name whose weights live in a hub repo, or a repo."""
+    from explorer import models
+    from explorer.igpt.checkpoint import CATALOGUE as IGPT_CATALOGUE_ENTRIES
+
+    hub_vits = [e for e in models.CATALOGUE.values() if e.source == "hub"]
+    assert hub_vits
+    for entry in hub_vits:
+        cfg = timm.models.get_pretrained_cfg(entry.architecture)
+        assert cfg is not None and cfg.hf_hub_id, entry.name
+    hub_igpts = [s for s in IGPT_CATALOGUE_ENTRIES.values() if s.source == "hub"]
+    assert IGPT_CATALOGUE in {s.location for s in hub_igpts}
+    assert all(s.location.count("/") == 1 for s in hub_igpts)
