@@ -29,8 +29,9 @@ from pathlib import Path
 
 import timm
 import torch
-from huggingface_hub.errors import (
-    RemoteEntryNotFoundError,
+from huggingface_hub.utils import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -295,7 +296,7 @@ def _build_hub(name: str) -> torch.nn.Module:
             f"timm has no model called '{name}' (a Hugging Face repo is 'hf-hub:owner/name')."
         )
     if not _hub_weights_cached(name) and not hub.reachable():
-        # Fail now: huggingface_hub would retry each file with backoff for most of a minute.
+        # Fail now: huggingface_hub would first retry each file with exponential backoff.
         raise ModelUnavailableError(
             f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached "
             "(no internet here?). Hub models need internet the first time; offline, use the "
@@ -303,14 +304,19 @@ def _build_hub(name: str) -> torch.nn.Module:
         )
     try:
         model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
-    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as err:
-        # The hub answered: no such repo (or a gated one), revision or weights file.
-        raise ModelUnavailableError(
-            f"The Hugging Face hub has no '{name}' that timm can load ({type(err).__name__}); "
-            "check the name (a private or gated repo also needs a login)."
-        ) from err
-    except Exception as err:  # no connection, offline mode, broken download: "not here"
-        raise ModelUnavailableError(
+    except Exception as err:
+        # The hub answered "no such repo (or a gated one), revision or file"; a
+        # LocalEntryNotFoundError is the cache answering because the hub could not be asked.
+        answered = isinstance(
+            err, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)
+        ) and not isinstance(err, LocalEntryNotFoundError)
+        if answered:
+            raise ModelUnavailableError(
+                f"The Hugging Face hub has no '{name}' that timm can load "
+                f"({type(err).__name__}); check the name (a private or gated repo also needs "
+                "a login)."
+            ) from err
+        raise ModelUnavailableError(  # no connection, offline mode, broken download
             f"Could not download '{name}' from the Hugging Face hub ({type(err).__name__}). "
             "Hub models need internet; offline, use the default model or a local checkpoint."
         ) from err

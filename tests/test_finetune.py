@@ -167,7 +167,7 @@ def test_checkpoint_reloads_with_identical_logits_in_plain_timm(data, tmp_path):
     x = pixels_of(val, result.model, (32, 32))
     reloaded = plain_timm(out)
     assert reloaded.pretrained_cfg["label_names"] == train.classes
-    assert timm.data.resolve_model_data_config(reloaded)["input_size"] == (3, 32, 32)
+    assert tuple(timm.data.resolve_model_data_config(reloaded)["input_size"]) == (3, 32, 32)
     assert_same_logits(reloaded, result.model, x)
     # The app's loader goes through the same timm path and keeps the class names.
     loaded, data_config = load_vit(f"local:{out}", device="cpu")
@@ -250,7 +250,7 @@ def test_new_resolution_interpolates_position_embeddings(data, tmp_path):
     out = save_checkpoint(result, tmp_path / "hires", "test_vit", config)
     loaded = plain_timm(out)
     assert loaded.pos_embed.shape == (1, 37, 64)
-    assert timm.data.resolve_model_data_config(loaded)["input_size"] == (3, 96, 96)
+    assert tuple(timm.data.resolve_model_data_config(loaded)["input_size"]) == (3, 96, 96)
     assert_same_logits(loaded, result.model, pixels_of(val, result.model, (96, 96)))
 
 

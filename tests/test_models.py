@@ -115,7 +115,7 @@ def test_local_checkpoint_in_timm_layout_round_trip(tmp_path):
     loaded, config = models.load_vit(name, device="cpu")
     assert models.load_vit(f"local:{tmp_path}", device="cpu")[0].class_names == ["a", "b", "c"]
     assert loaded.class_names == ["a", "b", "c"] and len(loaded.blocks) == 2
-    assert config["input_size"] == (3, 64, 64)
+    assert tuple(config["input_size"]) == (3, 64, 64)
     x = torch.randn(1, 3, 64, 96)  # non-square works: dynamic_img_size
     with torch.no_grad():
         assert torch.equal(loaded(x[..., :64]), source(x[..., :64]))

@@ -57,13 +57,18 @@ def fine_tune_record(result: FinetuneResult, base_model: str, config: FinetuneCo
 
 
 def rebuild_args(result: FinetuneResult, config: FinetuneConfig) -> dict:
-    """timm constructor arguments for changes the engine made after construction.
+    """timm constructor arguments that rebuild the trained model, ``model_args`` in config.json.
 
-    timm records the factory's arguments, the head (``num_classes``, ``global_pool``) and the
-    input size itself; truncating the blocks and dropping ``fc_norm`` it cannot see.
+    Recent timm records most of these itself (factory arguments, head, input size); the
+    engine's own changes after construction (fewer blocks, no ``fc_norm``) it cannot see, and
+    older timm records none, so all that shape the weights or the logits are given here.
     """
     model = result.model
-    args: dict = {"depth": len(model.blocks)}  # fewer than built after a probe_block probe
+    args: dict = {
+        "depth": len(model.blocks),  # fewer than built after a probe_block probe
+        "img_size": list(model.patch_embed.img_size),  # the grid the position embedding has
+        "global_pool": model.global_pool,
+    }
     if config.probe_pool is not None:  # the pooling the probe read (norm before pooling)
         args["fc_norm"] = False
     return args
@@ -78,24 +83,31 @@ def save_checkpoint(result: FinetuneResult, out_dir: str | os.PathLike, base_mod
         or ``load_vit(f"local:{out_dir}")`` rebuild the model.
     """
     out_dir = Path(out_dir)
-    if not result.model.pretrained_cfg.get("architecture"):
+    model = result.model
+    if not model.pretrained_cfg.get("architecture"):
         raise ValueError("the model's pretrained_cfg does not name its timm architecture")
     height, width = result.resolution
-    data_config = timm.data.resolve_model_data_config(result.model)
+    data_config = timm.data.resolve_model_data_config(model)
+    # Preprocessing travels with the weights: these weights were trained on whole images (no
+    # centre crop) at the training resolution. Written through pretrained_cfg, which every
+    # timm with the local-dir: loader saves (save_for_hf's data_config= is newer).
+    as_trained = {**model.pretrained_cfg, "input_size": (3, height, width), "crop_pct": 1.0,
+                  "mean": tuple(data_config["mean"]), "std": tuple(data_config["std"]),
+                  "interpolation": data_config.get("interpolation", "bicubic")}
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(
-        result.model,  # safetensors copies tensors off the GPU itself
-        str(tmp),
-        model_config={"label_names": list(result.classes),
-                      "fine_tune": fine_tune_record(result, base_model, config)},
-        model_args=rebuild_args(result, config),
-        safe_serialization=True,
-        # Inputs as trained: the training resolution, the whole image (no centre crop).
-        data_config={"input_size": (3, height, width), "crop_pct": 1.0,
-                     "mean": data_config["mean"], "std": data_config["std"],
-                     "interpolation": data_config.get("interpolation", "bicubic")},
-    )
+    source_cfg, model.pretrained_cfg = model.pretrained_cfg, as_trained
+    try:
+        save_for_hf(
+            model,  # safetensors copies tensors off the GPU itself
+            str(tmp),
+            model_config={"label_names": list(result.classes),
+                          "fine_tune": fine_tune_record(result, base_model, config)},
+            model_args=rebuild_args(result, config),
+            safe_serialization=True,
+        )
+    finally:
+        model.pretrained_cfg = source_cfg
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
