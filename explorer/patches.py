@@ -147,9 +147,18 @@ class AttentionCost:
     attention_entries: int
     attention_flops: int
 
+    @property
+    def attention_bytes(self) -> int:
+        """Bytes of one head's float32 attention matrix (what materialising it costs)."""
+        return 4 * self.attention_entries
+
 
 def attention_cost(tokens: int, width: int) -> AttentionCost:
-    """Self-attention cost of one layer for ``tokens`` tokens of ``width`` channels."""
+    """Self-attention cost of one layer for ``tokens`` tokens of ``width`` channels.
+
+    The one place this is computed: the tokenisation tab prices patches against pixels with
+    it, and `explorer.igpt.sequence.attention_cost` prices iGPT's pixel sequence with it.
+    """
     return AttentionCost(tokens, tokens * tokens, 4 * tokens * tokens * width)
 
 
