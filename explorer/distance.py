@@ -29,10 +29,8 @@ from torch import nn
 
 from explorer import datasets
 from explorer.attention import AttentionMaps, attention_maps
-from explorer.images import EXAMPLES_DIR, ImageError, load_image, prepare_pixels
+from explorer.images import ImageError, example_paths, open_image, prepare_pixels
 from explorer.patches import grid_for, patch_size
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 Progress = Callable[[int, int], None]  # (images done, images in total)
 
@@ -159,29 +157,9 @@ def model_mean_attention_distance(
 # ---------------------------------------------------------------------------------------
 
 
-def folder_images(folder: str | Path, limit: int | None = None) -> list[Image.Image]:
-    """RGB images from a folder (sorted by name; unreadable files are skipped)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(f"No folder at {folder}.")
-    out = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        try:
-            out.append(load_image(path).image)
-        except ImageError:
-            continue
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise ImageError(f"No readable images in {folder}.")
-    return out
-
-
 def example_images() -> list[Image.Image]:
-    """The photos bundled in assets/examples."""
-    return folder_images(EXAMPLES_DIR)
+    """The photos bundled in assets/examples (`explorer.images.example_paths`)."""
+    return [open_image(p) for p in example_paths()]
 
 
 def fashion_mnist_images(n: int) -> list[Image.Image]:
@@ -202,7 +180,10 @@ def dataset_images(source: str, n: int = 64, folder: str | None = None) -> list[
     if source == "folder":
         if not folder:
             raise ImageError("Give a folder path for the 'folder' dataset.")
-        return folder_images(folder, limit=n)
+        try:  # the hardened reader: symlinks never followed, file and byte caps
+            return datasets.folder_images(folder, n)
+        except datasets.DatasetError as err:
+            raise ImageError(str(err)) from err
     raise ValueError(f"Unknown dataset {source!r}; choose from {DATASETS}.")
 
 

@@ -127,3 +127,19 @@ def test_size_checks():
         images.check_size((225, 336), (14, 14))
     with pytest.raises(images.ImageError, match="tokens"):
         images.check_size((14 * 100, 14 * 100), (14, 14))
+
+
+def test_examples_are_the_bundled_image_files_in_name_order(tmp_path, monkeypatch):
+    names = [p.name for p in images.example_paths()]
+    assert names == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]  # not LICENSE.md
+    # Any image suffix counts, links and other files do not; the UI and distance use this list.
+    for name in ("b.png", "a.JPEG", "notes.txt"):
+        (tmp_path / name).write_bytes(_png_bytes(Image.new("RGB", (8, 8))))
+    (tmp_path / "c.png").symlink_to(tmp_path / "b.png")
+    monkeypatch.setattr(images, "EXAMPLES_DIR", tmp_path)
+    assert [p.name for p in images.example_paths()] == ["a.JPEG", "b.png"]
+    from explorer import distance
+    from explorer.ui import common
+
+    assert common.example_images() == [str(tmp_path / "a.JPEG"), str(tmp_path / "b.png")]
+    assert [im.size for im in distance.example_images()] == [(8, 8), (8, 8)]
