@@ -58,7 +58,8 @@ def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:
 
     Computed from numpy's eigen-decomposition of the smaller Gram matrix in float64. Not
     ``torch.linalg.svd``/``eigh``: on a busy 2-core CPU (two requests at once) torch's
-    threaded LAPACK calls were measured at 3-9 s for these sizes, numpy's eigh at <= 0.5 s.
+    threaded LAPACK calls were many times slower for these sizes (BENCHMARKS.md, "Serving
+    and first load").
 
     Args:
         x: (n, d) samples.
