@@ -32,6 +32,8 @@ def test_every_mode_becomes_rgb(mode):
         assert img.mode == mode
     loaded = images.load_image(img)
     assert loaded.image.mode == "RGB" and loaded.image.size == (40, 30)
+    if mode not in ("I;16", "I", "F"):  # opaque 8-bit modes: PIL's own RGB, pixel for pixel
+        assert np.array_equal(np.asarray(loaded.image), np.asarray(img.convert("RGB")))
     if mode in ("I;16", "I", "F"):  # range stretched: a 16-bit ramp is not an all-white image
         gray = np.asarray(loaded.image)[..., 0]
         assert gray[:, 0].max() == 0 and gray[:, -1].min() == 255
