@@ -142,3 +142,31 @@ class KeyedCache(Generic[V]):
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._items
+
+
+def weights_fingerprint(model: torch.nn.Module, skip_prefixes: tuple[str, ...] = ()) -> str:
+    """A key for results computed from a model's weights: equal models, equal keys.
+
+    Digests the class, timm architecture name, and every parameter's and buffer's name,
+    shape, dtype, sum and sum of squares (float64; one transfer from the device), so two
+    models with other weights never share a cache entry under one name, while hashing every
+    byte (seconds for a large model) is avoided.
+
+    Args:
+        skip_prefixes: state-dict names to leave out, e.g. ``("head.",)`` for results the
+            classifier does not change (pre-logits features, attention).
+    """
+    import hashlib
+
+    digest = hashlib.sha1(type(model).__qualname__.encode())
+    digest.update(str(getattr(model, "pretrained_cfg", {}).get("architecture")).encode())
+    moments = []
+    for name, tensor in model.state_dict().items():
+        if skip_prefixes and name.startswith(skip_prefixes):
+            continue
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        t = tensor.detach().double()
+        moments += [t.sum(), t.square().sum()]
+    if moments:
+        digest.update(torch.stack(moments).cpu().numpy().tobytes())
+    return digest.hexdigest()

@@ -22,15 +22,15 @@ import stat
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from explorer.images import ImageError, load_image
+from explorer.images import IMAGE_SUFFIXES, ImageError, load_image
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Debian's `dataset-fashion-mnist`; an operator (or a GPU box without the package) can point
 # elsewhere with VIT_EXPLORER_FASHION_MNIST, a folder holding the same four IDX .gz files.
 FASHION_MNIST_DIR = Path(os.environ.get("VIT_EXPLORER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -46,6 +46,7 @@ SKIP_CORRUPT = "corrupt or unreadable image"
 SKIP_SYMLINK = "symbolic link"
 SKIP_OUTSIDE_CLASS = "not inside a class folder"
 SKIP_HIDDEN = "hidden or system file"
+SKIP_TOO_LARGE = "file too large"
 
 
 class DatasetError(ValueError):
@@ -57,9 +58,11 @@ class Limits:
     """Caps for untrusted archives and folders.
 
     Attributes:
-        max_files: entries in the archive (directories included) — bounds work and inodes.
-        max_total_bytes: bytes actually decompressed, summed over all files.
-        max_file_bytes: bytes of one decompressed file (no single image needs more).
+        max_files: entries in the archive (directories included), or files listed in a
+            folder — bounds work and inodes.
+        max_total_bytes: bytes actually decompressed (a zip) or of the image files (a
+            folder), summed over all files.
+        max_file_bytes: bytes of one file (no single image needs more).
         min_images: images needed in total after skipping bad files.
         min_per_class: images needed per class: one to train on and one to validate.
     """
@@ -97,7 +100,7 @@ class ImageSet:
         source = self.sources[index]
         if isinstance(source, np.ndarray):
             return Image.fromarray(source).convert("RGB")
-        return load_image(source).image
+        return read_image(source)
 
     def class_counts(self) -> dict[str, int]:
         """Images per class, in class order (classes with no images included, as 0)."""
@@ -292,20 +295,94 @@ def _class_root(root: Path) -> Path:
         root = entries[0]
 
 
+def read_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Image:
+    """Decode one file of a user's folder as RGB, never through a symbolic link.
+
+    The file is opened with ``O_NOFOLLOW`` (a link swapped in after listing is refused, not
+    followed) and read only if it is a regular file of at most ``limits.max_file_bytes``.
+
+    Raises:
+        ImageError: a link, not a regular file, too large, unreadable, or not an image.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    name = Path(path).name
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise ImageError(f"Could not open {name!r} ({err.strerror}).") from err
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"{name!r} is not a regular file.")
+        data = file.read(limits.max_file_bytes + 1)
+    if len(data) > limits.max_file_bytes:
+        raise ImageError(f"{name!r} is larger than {limits.max_file_bytes >> 20} MB.")
+    return load_image(data).image
+
+
+class _Budget:
+    """The folder caps, counted while walking: files listed and bytes of the image files."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.files, self.bytes = limits, 0, 0
+
+    def add_file(self) -> None:
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise DatasetError(f"The folder holds more than {self.limits.max_files:,} files.")
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+        if self.bytes > self.limits.max_total_bytes:
+            raise DatasetError(
+                f"The folder's images add up to more than {self.limits.max_total_bytes >> 20} MB.")
+
+
+def _image_files(top: Path, skipped: Counter, budget: _Budget) -> Iterator[Path]:
+    """Image files anywhere below ``top``, sorted, lazily: symbolic links (to files or
+    folders) are counted and never followed, hidden and oversized files skipped."""
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or d == "__MACOSX":
+                continue
+            if Path(dirpath, d).is_symlink():
+                budget.add_file()
+                skipped[SKIP_SYMLINK] += 1
+            else:
+                kept.append(d)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            budget.add_file()
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                skipped[SKIP_SYMLINK] += 1
+            elif name.startswith("."):
+                skipped[SKIP_HIDDEN] += 1
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[SKIP_NOT_IMAGE] += 1
+            elif (size := path.lstat().st_size) > budget.limits.max_file_bytes:
+                skipped[SKIP_TOO_LARGE] += 1
+            else:
+                budget.add_bytes(size)
+                yield path
+
+
 def load_image_folder(root: str | os.PathLike, limits: Limits = Limits(),
                       skipped: dict[str, int] | None = None) -> ImageSet:
     """Index an ImageFolder tree: one sub-folder per class, images anywhere below it.
 
     Each image is decoded once here so broken files are found before training starts;
-    symlinks are never followed.
+    symlinks are never followed (see `folder_images` for the same walk without classes).
 
     Args:
         root: the folder (a single wrapper folder inside it is descended into).
-        limits: file cap and minimum data needed.
+        limits: file and byte caps and minimum data needed.
         skipped: counts already skipped upstream (by `extract_zip`), added to the report.
 
     Raises:
-        DatasetError: missing folder, fewer than two classes, or too few images.
+        DatasetError: missing folder, too many files or bytes, fewer than two classes, or
+            too few images.
     """
     root = Path(root)
     if not root.is_dir():
@@ -326,13 +403,10 @@ def load_image_folder(root: str | os.PathLike, limits: Limits = Limits(),
     paths: list[Path] = []
     labels: list[int] = []
     classes: list[str] = []
-    seen = 0
+    budget = _Budget(limits)
     for class_dir in class_dirs:
-        files = _walk_files(class_dir, skipped)
-        seen += len(files)
-        if seen > limits.max_files:
-            raise DatasetError(f"The folder holds more than {limits.max_files:,} files.")
-        good = [p for p in files if _usable_image(p, skipped)]
+        good = [p for p in _image_files(class_dir, skipped, budget)
+                if _usable_image(p, skipped, limits)]
         if good:
             labels += [len(classes)] * len(good)
             classes.append(class_dir.name)
@@ -342,26 +416,39 @@ def load_image_folder(root: str | os.PathLike, limits: Limits = Limits(),
     return ImageSet(classes, np.asarray(labels, dtype=np.int64), paths, dict(skipped))
 
 
-def _walk_files(class_dir: Path, skipped: Counter) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            if path.is_symlink():
-                skipped[SKIP_SYMLINK] += 1
-            elif name.startswith("."):
-                skipped[SKIP_HIDDEN] += 1
-            elif path.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped[SKIP_NOT_IMAGE] += 1
-            else:
-                files.append(path)
-    return files
+def folder_images(root: str | os.PathLike, n: int | None = None, limits: Limits = Limits()
+                  ) -> list[Image.Image]:
+    """Up to ``n`` RGB images from anywhere below ``root``, sorted by path, unlabelled.
+
+    The same walk as `load_image_folder`: symbolic links never followed, hidden files
+    skipped, the file and byte caps of ``limits``; files that do not decode are skipped.
+
+    Raises:
+        DatasetError: missing folder, too many files or bytes, or no readable image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"No folder at {os.fspath(root)!r}.")
+    skipped: Counter[str] = Counter()
+    out = []
+    for path in _image_files(root, skipped, _Budget(limits)):
+        try:
+            out.append(read_image(path, limits))
+        except ImageError:
+            skipped[SKIP_CORRUPT] += 1
+            continue
+        if n is not None and len(out) >= n:
+            break
+    if not out:
+        note = ", ".join(f"{k} {reason}" for reason, k in skipped.items())
+        note = f" Skipped: {note}." if note else ""
+        raise DatasetError(f"No readable images in {os.fspath(root)!r}.{note}")
+    return out
 
 
-def _usable_image(path: Path, skipped: Counter) -> bool:
+def _usable_image(path: Path, skipped: Counter, limits: Limits) -> bool:
     try:
-        load_image(path)
+        read_image(path, limits)
     except ImageError:
         skipped[SKIP_CORRUPT] += 1
         return False

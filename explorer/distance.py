@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +27,9 @@ from torch import nn
 
 from explorer import datasets
 from explorer.attention import AttentionMaps, attention_maps
-from explorer.images import EXAMPLES_DIR, ImageError, load_image, prepare_pixels
+from explorer.cache import KeyedCache, weights_fingerprint
+from explorer.images import ImageError, example_paths, open_image, prepare_pixels
 from explorer.patches import grid_for, patch_size
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 Progress = Callable[[int, int], None]  # (images done, images in total)
 
@@ -159,29 +156,9 @@ def model_mean_attention_distance(
 # ---------------------------------------------------------------------------------------
 
 
-def folder_images(folder: str | Path, limit: int | None = None) -> list[Image.Image]:
-    """RGB images from a folder (sorted by name; unreadable files are skipped)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(f"No folder at {folder}.")
-    out = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        try:
-            out.append(load_image(path).image)
-        except ImageError:
-            continue
-        if limit is not None and len(out) >= limit:
-            break
-    if not out:
-        raise ImageError(f"No readable images in {folder}.")
-    return out
-
-
 def example_images() -> list[Image.Image]:
-    """The photos bundled in assets/examples."""
-    return folder_images(EXAMPLES_DIR)
+    """The photos bundled in assets/examples (`explorer.images.example_paths`)."""
+    return [open_image(p) for p in example_paths()]
 
 
 def fashion_mnist_images(n: int) -> list[Image.Image]:
@@ -202,7 +179,10 @@ def dataset_images(source: str, n: int = 64, folder: str | None = None) -> list[
     if source == "folder":
         if not folder:
             raise ImageError("Give a folder path for the 'folder' dataset.")
-        return folder_images(folder, limit=n)
+        try:  # the hardened reader: symlinks never followed, file and byte caps
+            return datasets.folder_images(folder, n)
+        except datasets.DatasetError as err:
+            raise ImageError(str(err)) from err
     raise ValueError(f"Unknown dataset {source!r}; choose from {DATASETS}.")
 
 
@@ -266,28 +246,34 @@ def dataset_mean_attention_distance(
     return DistanceStats(d.mean(dim=0), std, len(d), time.perf_counter() - start, tuple(size))
 
 
-class StatsCache:
-    """A small LRU of dataset statistics, keyed by (model, dataset, n, size, prefix)."""
-
-    def __init__(self, max_items: int = 16):
-        self.max_items = max_items
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, compute: Callable[[], DistanceStats]) -> DistanceStats:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = compute()  # outside the lock: may take a minute
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-        return value
+# Dataset statistics take a minute each; keyed by the weights (`cached_dataset_distance`).
+DATASET_STATS: KeyedCache[DistanceStats] = KeyedCache(max_items=16)
 
 
-DATASET_STATS = StatsCache()
+def cached_dataset_distance(
+    model: nn.Module,
+    data_config: dict,
+    source: str,
+    n: int,
+    folder: str | None,
+    size: tuple[int, int],
+    prefix: str = "drop",
+    progress: Progress | None = None,
+) -> DistanceStats:
+    """`dataset_mean_attention_distance` over `dataset_images`, computed once per key.
+
+    The key holds the model's weights fingerprint and input normalisation, so two models
+    (even under one name) never share an entry; two requests for one key compute it once.
+    """
+    key = (weights_fingerprint(model, ("head.",)), tuple(data_config["mean"]),
+           tuple(data_config["std"]), source, int(n), folder or "", tuple(size), prefix)
+
+    def compute() -> DistanceStats:
+        images = dataset_images(source, int(n), folder)
+        return dataset_mean_attention_distance(model, data_config, images, size, prefix=prefix,
+                                               progress=progress)
+
+    return DATASET_STATS.get_or_build(key, compute)
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,22 +297,14 @@ def random_init_like(model: nn.Module, seed: int = 0) -> nn.Module:
     return fresh.eval()
 
 
-_RANDOM_LOCK = threading.Lock()
-_RANDOM: OrderedDict = OrderedDict()
+# Random re-initialisations for the UI, two at most (each is a whole model).
+RANDOM_INITS: KeyedCache[nn.Module] = KeyedCache(max_items=2)
 
 
-def random_init_cached(name: str, model: nn.Module, max_items: int = 2) -> nn.Module:
-    """`random_init_like` kept per model name (a small LRU), so the UI pays for it once."""
-    with _RANDOM_LOCK:
-        if name in _RANDOM:
-            _RANDOM.move_to_end(name)
-            return _RANDOM[name]
-    fresh = random_init_like(model)
-    with _RANDOM_LOCK:
-        _RANDOM[name] = fresh
-        while len(_RANDOM) > max_items:
-            _RANDOM.popitem(last=False)
-    return fresh
+def random_init_cached(name: str, model: nn.Module) -> nn.Module:
+    """`random_init_like`, kept per model (name and weights), so the UI pays for it once."""
+    key = (name, weights_fingerprint(model))
+    return RANDOM_INITS.get_or_build(key, lambda: random_init_like(model))
 
 
 def compare_models(
@@ -372,8 +350,7 @@ def mobilenet_v2_weights_path() -> Path:
     return path
 
 
-_CNN_LOCK = threading.Lock()
-_CNN: dict[str, nn.Module] = {}
+_CNN: KeyedCache[nn.Module] = KeyedCache(max_items=1)  # the one CNN, loaded once
 
 
 def load_mobilenet_v2() -> tuple[nn.Module, dict]:
@@ -384,16 +361,16 @@ def load_mobilenet_v2() -> tuple[nn.Module, dict]:
     """
     from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-    with _CNN_LOCK:
-        if "mobilenet_v2" not in _CNN:
-            model = mobilenet_v2(weights=None)
-            state = torch.load(mobilenet_v2_weights_path(), weights_only=True, map_location="cpu")
-            model.load_state_dict(state)
-            _CNN["mobilenet_v2"] = model.eval()
+    def build() -> nn.Module:
+        model = mobilenet_v2(weights=None)
+        state = torch.load(mobilenet_v2_weights_path(), weights_only=True, map_location="cpu")
+        model.load_state_dict(state)
+        return model.eval()
+
+    model = _CNN.get_or_build("mobilenet_v2", build)
     t = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
     size = int(t.crop_size[0])
-    return _CNN["mobilenet_v2"], {"mean": tuple(t.mean), "std": tuple(t.std),
-                                  "input_size": (3, size, size)}
+    return model, {"mean": tuple(t.mean), "std": tuple(t.std), "input_size": (3, size, size)}
 
 
 @dataclass

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"  # bundled photos
+# File names read as images, wherever files are listed (folders, zips, the examples).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MAX_PIXELS = 40_000_000  # refuse to decode more (a 20000x20000 PNG is 400 MP: a "bomb")
 MAX_SIDE = 2048  # larger images are downscaled right after decoding; no view needs more
 MIN_SIDE = 8  # below this there is nothing to tokenise
@@ -140,6 +142,16 @@ def load_image(src, max_side: int = MAX_SIDE) -> LoadedImage:
 def open_image(src, max_side: int = MAX_SIDE) -> Image.Image:
     """`load_image` without the notes: an RGB PIL image, or `ImageError`."""
     return load_image(src, max_side=max_side).image
+
+
+def example_paths() -> list[Path]:
+    """The bundled example photos, sorted by name: the one list every tab and dataset uses.
+
+    Licences are in assets/examples/LICENSE.md. Only regular image files count (no
+    symlinks), so what ships in the folder is what is shown.
+    """
+    return sorted(p for p in EXAMPLES_DIR.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.is_symlink())
 
 
 # Decompression-bomb guard for every PIL decode in this process, not only ours.

@@ -58,7 +58,8 @@ def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:
 
     Computed from numpy's eigen-decomposition of the smaller Gram matrix in float64. Not
     ``torch.linalg.svd``/``eigh``: on a busy 2-core CPU (two requests at once) torch's
-    threaded LAPACK calls were measured at 3-9 s for these sizes, numpy's eigh at <= 0.5 s.
+    threaded LAPACK calls were many times slower for these sizes (BENCHMARKS.md, "Serving
+    and first load").
 
     Args:
         x: (n, d) samples.
@@ -147,9 +148,18 @@ class AttentionCost:
     attention_entries: int
     attention_flops: int
 
+    @property
+    def attention_bytes(self) -> int:
+        """Bytes of one head's float32 attention matrix (what materialising it costs)."""
+        return 4 * self.attention_entries
+
 
 def attention_cost(tokens: int, width: int) -> AttentionCost:
-    """Self-attention cost of one layer for ``tokens`` tokens of ``width`` channels."""
+    """Self-attention cost of one layer for ``tokens`` tokens of ``width`` channels.
+
+    The one place this is computed: the tokenisation tab prices patches against pixels with
+    it, and `explorer.igpt.sequence.attention_cost` prices iGPT's pixel sequence with it.
+    """
     return AttentionCost(tokens, tokens * tokens, 4 * tokens * tokens * width)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from explorer import datasets
 from explorer.datasets import DatasetError, Limits, ingest_zip, load_image_folder
+from explorer.images import ImageError
 
 
 def png_bytes(value: int, size: int = 16) -> bytes:
@@ -196,3 +197,75 @@ def test_conflicting_and_duplicate_names(tmp_path, work):
     with pytest.raises(DatasetError, match="twice"):
         ingest_zip(archive, work_dir=work)
     assert job_dirs(work) == []
+
+
+def outside_secret(tmp_path: Path) -> Path:
+    """A valid image outside the user's folder: reading it through a link would leak it."""
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(png_bytes(200))
+    return secret
+
+
+def test_symlink_to_a_file_outside_is_never_read_by_either_reader(tmp_path, monkeypatch):
+    secret = outside_secret(tmp_path)
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            (root / c / f"{i}.png").write_bytes(png_bytes(i * 40))
+    (root / "a" / "leak.png").symlink_to(secret)
+    (root / "b" / "deeper").symlink_to(secret.parent, target_is_directory=True)
+    opened = []
+    plain_open = datasets.os.open
+    monkeypatch.setattr(datasets.os, "open", lambda p, *a: opened.append(Path(p)) or plain_open(p, *a))
+    labelled = load_image_folder(root)
+    flat = datasets.folder_images(root)
+    assert len(labelled) == len(flat) == 10
+    assert labelled.skipped == {datasets.SKIP_SYMLINK: 2}
+    assert all(p.parent.parent == root for p in labelled.sources)
+    assert not [p for p in opened if "leak" in p.name or "deeper" in str(p)]
+    # A link swapped in after listing is refused at open time (O_NOFOLLOW), not followed.
+    (root / "a" / "0.png").unlink()
+    (root / "a" / "0.png").symlink_to(secret)
+    with pytest.raises(ImageError, match="Could not open"):
+        labelled.image(0)
+    with pytest.raises(ImageError, match="Could not open"):
+        datasets.read_image(root / "a" / "0.png")
+
+
+def test_distance_folder_dataset_uses_the_hardened_reader(tmp_path):
+    from explorer import distance
+
+    secret = outside_secret(tmp_path)
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "1.png").write_bytes(png_bytes(10))
+    (root / "2.png").symlink_to(secret)
+    (root / "3.png").write_bytes(png_bytes(30))
+    got = distance.dataset_images("folder", n=8, folder=str(root))
+    assert [im.getpixel((0, 0)) for im in got] == [(10, 245, 128), (30, 225, 128)]
+    (root / "1.png").unlink()
+    (root / "3.png").unlink()
+    with pytest.raises(ImageError, match="No readable images.*1 symbolic link"):
+        distance.dataset_images("folder", n=8, folder=str(root))
+
+
+def test_folder_caps_on_files_and_bytes(tmp_path):
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            (root / c / f"{i}.png").write_bytes(png_bytes(i * 40))
+    size = (root / "a" / "0.png").stat().st_size
+    with pytest.raises(DatasetError, match="more than 9 files"):
+        load_image_folder(root, Limits(max_files=9))
+    with pytest.raises(DatasetError, match="more than 9 files"):
+        datasets.folder_images(root, limits=Limits(max_files=9))
+    with pytest.raises(DatasetError, match="add up to more than"):
+        load_image_folder(root, Limits(max_total_bytes=5 * size))
+    big = root / "a" / "big.png"
+    big.write_bytes(png_bytes(1, size=256))
+    data = load_image_folder(root, Limits(max_file_bytes=big.stat().st_size - 1))
+    assert data.skipped == {datasets.SKIP_TOO_LARGE: 1} and len(data) == 10
+    assert len(datasets.folder_images(root, n=3)) == 3

@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import nn
 
+from explorer import distance
+from explorer.cache import KeyedCache
 from explorer.distance import (
     dataset_mean_attention_distance,
     fashion_mnist_images,
@@ -20,6 +22,7 @@ from explorer.distance import (
     random_init_like,
     theoretical_receptive_fields,
 )
+from explorer.images import prepare_pixels
 from explorer.models import load_vit
 
 
@@ -106,7 +109,48 @@ def test_dataset_version_on_fashion_mnist(tiny_model):
                                             progress=lambda done, total: calls.append((done, total)))
     assert calls == [(2, 5), (4, 5), (5, 5)]
     assert stats.mean.shape == stats.std.shape == (2, 2) and stats.n_images == 5
-    assert (stats.std >= 0).all() and (stats.std > 0).any() and stats.images_per_second > 0
+    # The batched statistic is the mean and spread of the images taken one at a time.
+    one_by_one = torch.stack([model_mean_attention_distance(
+        tiny_model, prepare_pixels(im, cfg, (56, 56))) for im in imgs])
+    torch.testing.assert_close(stats.mean, one_by_one.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.std, one_by_one.std(0), atol=1e-4, rtol=1e-4)
+    assert (stats.std > 0).all() and stats.images_per_second > 0
+
+
+def test_dataset_cache_keys_by_weights_and_builds_once(tiny_model, monkeypatch):
+    calls = []
+
+    def fake(model, config, images, size, prefix="drop", progress=None):
+        calls.append(model)
+        return distance.DistanceStats(torch.zeros(2, 2), torch.zeros(2, 2), len(images), 1.0,
+                                      size)
+
+    monkeypatch.setattr(distance, "dataset_mean_attention_distance", fake)
+    monkeypatch.setattr(distance, "DATASET_STATS", KeyedCache(max_items=16))
+    cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 56, 56)}
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.blocks[1].attn.qkv.weight.mul_(2)  # same architecture and name, other weights
+    args = ("bundled examples", 2, None, (56, 56))
+    first = distance.cached_dataset_distance(tiny_model, cfg, *args)
+    assert distance.cached_dataset_distance(tiny_model, cfg, *args) is first
+    assert distance.cached_dataset_distance(other, cfg, *args) is not first
+    assert calls == [tiny_model, other] and len(distance.DATASET_STATS) == 2
+    head_only = copy.deepcopy(tiny_model)
+    head_only.reset_classifier(3)  # a new classifier does not change attention
+    assert distance.cached_dataset_distance(head_only, cfg, *args) is first
+
+
+def test_random_init_cache_per_weights_and_bounded(tiny_model, monkeypatch):
+    monkeypatch.setattr(distance, "RANDOM_INITS", KeyedCache(max_items=2))
+    a = distance.random_init_cached("m", tiny_model)
+    assert distance.random_init_cached("m", tiny_model) is a
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.pos_embed.add_(1)
+    assert distance.random_init_cached("m", other) is not a
+    distance.random_init_cached("n", tiny_model)
+    assert len(distance.RANDOM_INITS) == 2  # the oldest went
 
 
 def test_random_init_like_same_architecture_new_weights(tiny_model):
@@ -156,3 +200,10 @@ def test_default_model_14px_patches():
     d = model_mean_attention_distance(model, pixels)
     assert d.shape == (12, 6)
     assert (d > 0).all() and (d < math.hypot(112, 168)).all()
+    # The same statistic from the kept maps: the 14 px patches and 8x12 grid are read right.
+    from explorer.attention import attention_maps
+
+    maps = attention_maps(model, pixels)
+    assert maps.grid == (8, 12)
+    expected = mean_attention_distance(maps.stack(), (8, 12), 14, model.num_prefix_tokens)
+    torch.testing.assert_close(d, expected, atol=1e-3, rtol=1e-4)

@@ -85,7 +85,9 @@ def test_raster_order_and_start_token():
 
 
 def test_attention_cost_is_quadratic():
-    c28, c64 = attention_cost(28, 28), attention_cost(64, 64)
-    assert c28["seq_len"] == 785 and c64["seq_len"] == 4097
+    c28, c64 = attention_cost(28, 28, 64), attention_cost(64, 64, 64)
+    assert c28["seq_len"] == 785 and c64["seq_len"] == 4097  # pixels + the start token
     assert c28["attn_entries"] == 785 ** 2
-    assert attention_cost(224, 224)["pixels"] == 50176
+    assert c28["attn_mb"] == 785 ** 2 * 4 / 1e6  # one fp32 matrix per head and layer
+    assert c28["attn_flops"] == 4 * 785 ** 2 * 64  # QKᵀ and attention @ V, 2 FLOPs per MAC
+    assert attention_cost(224, 224, 64)["pixels"] == 50176

@@ -32,6 +32,8 @@ def test_every_mode_becomes_rgb(mode):
         assert img.mode == mode
     loaded = images.load_image(img)
     assert loaded.image.mode == "RGB" and loaded.image.size == (40, 30)
+    if mode not in ("I;16", "I", "F"):  # opaque 8-bit modes: PIL's own RGB, pixel for pixel
+        assert np.array_equal(np.asarray(loaded.image), np.asarray(img.convert("RGB")))
     if mode in ("I;16", "I", "F"):  # range stretched: a 16-bit ramp is not an all-white image
         gray = np.asarray(loaded.image)[..., 0]
         assert gray[:, 0].max() == 0 and gray[:, -1].min() == 255
@@ -127,3 +129,19 @@ def test_size_checks():
         images.check_size((225, 336), (14, 14))
     with pytest.raises(images.ImageError, match="tokens"):
         images.check_size((14 * 100, 14 * 100), (14, 14))
+
+
+def test_examples_are_the_bundled_image_files_in_name_order(tmp_path, monkeypatch):
+    names = [p.name for p in images.example_paths()]
+    assert names == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]  # not LICENSE.md
+    # Any image suffix counts, links and other files do not; the UI and distance use this list.
+    for name in ("b.png", "a.JPEG", "notes.txt"):
+        (tmp_path / name).write_bytes(_png_bytes(Image.new("RGB", (8, 8))))
+    (tmp_path / "c.png").symlink_to(tmp_path / "b.png")
+    monkeypatch.setattr(images, "EXAMPLES_DIR", tmp_path)
+    assert [p.name for p in images.example_paths()] == ["a.JPEG", "b.png"]
+    from explorer import distance
+    from explorer.ui import common
+
+    assert common.example_images() == [str(tmp_path / "a.JPEG"), str(tmp_path / "b.png")]
+    assert [im.size for im in distance.example_images()] == [(8, 8), (8, 8)]

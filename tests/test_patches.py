@@ -21,6 +21,18 @@ def test_grid_and_costs_by_hand():
     assert (vit.tokens, pix.tokens) == (197, 50_176)
     assert vit.attention_entries == 197**2 and pix.attention_entries == 50_176**2
     assert vit.attention_flops == 4 * 197**2 * 768
+    assert vit.attention_bytes == 4 * 197**2  # one fp32 matrix per head
+
+
+def test_igpt_cost_is_the_same_cost_of_its_pixel_sequence():
+    from explorer.igpt.sequence import attention_cost as igpt_cost
+
+    # 28x28 pixels read after iGPT's start token: 785 tokens, priced by the one function.
+    one = patches.attention_cost(28 * 28 + 1, 512)
+    igpt = igpt_cost(28, 28, 512)
+    assert (igpt["seq_len"], igpt["attn_entries"], igpt["attn_flops"]) == (
+        one.tokens, one.attention_entries, one.attention_flops)
+    assert igpt["attn_mb"] * 1e6 == one.attention_bytes
 
 
 @pytest.mark.parametrize(

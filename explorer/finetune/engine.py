@@ -2,15 +2,17 @@
 
 `run_finetune` is a generator: it yields a `TrainEvent` per optimiser step (and per feature
 batch in linear-probe mode), and its last event carries the `FinetuneResult`. Accelerate
-handles device placement, mixed precision (GPU only: bf16/fp16 matmuls are ~100x slower than
-fp32 on our CPUs), gradient accumulation and, under ``accelerate launch``, data-parallel
+handles device placement, mixed precision (GPU only: on CPUs bf16/fp16 matmuls are slower
+than fp32), gradient accumulation and, under ``accelerate launch``, data-parallel
 training on several GPUs. A `threading.Event` stops a run between two batches.
 
 Modes:
     ``linear``: frozen backbone; its pre-logits features are computed once (and cached, see
-        `probe.FEATURE_CACHE`), then only a linear head is trained on them. The features are
-        standardised for the optimiser and the standardisation folded back into the head, so
-        the saved model computes exactly the probe's logits. With ``probe_block=K`` the
+        `probe.FEATURE_CACHE`), then only a linear head is trained on them by the one probe
+        trainer, `probe.train_linear_probe` (its recipe: `probe.ProbeRecipe`; epochs, batch
+        size and learning rate come from the config). The features are standardised for the
+        optimiser and the standardisation folded back into the head, so the saved model
+        computes exactly the probe's logits. With ``probe_block=K`` the
         backbone is first truncated to its first K blocks (then the final norm and the class
         token, as for the last block), so the probe reads block K's features and the saved
         model is a plain timm ViT of depth K. ``probe_pool="avg"`` probes the mean patch token
@@ -26,7 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import timm
@@ -35,18 +37,27 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from explorer.datasets import ImageSet
 from explorer.finetune.data import PixelDataset, make_loader
-from explorer.finetune.probe import FEATURE_CACHE, extract_features, feature_key
+from explorer.finetune.probe import (
+    FEATURE_CACHE,
+    PROBE_RECIPE,
+    extract_features,
+    feature_key,
+    train_linear_probe,
+)
 from explorer.finetune.resolution import set_resolution, snap_resolution
+from explorer.patches import has_class_token
 
 MODES = ("linear", "last_k", "full")
 PROBE_POOLS = ("token", "avg")  # timm global_pool values a linear probe may read
-# Learning rates that work for ViT-S/B with AdamW at batch ~32 (a head on standardised
-# features learns fast; pretrained blocks need small steps, as in DeiT/BEiT fine-tuning).
-DEFAULT_LR = {"linear": 1e-2, "last_k": 1e-4, "full": 3e-5}
+# Learning rates that work for ViT-S/B with AdamW at batch ~32 (pretrained blocks need small
+# steps, as in DeiT/BEiT fine-tuning); the linear probe's is the probe recipe's.
+DEFAULT_LR = {"linear": PROBE_RECIPE.lr, "last_k": 1e-4, "full": 3e-5}
+# AdamW weight decay: DeiT's 0.05 for network weights; the probe recipe's for a linear head.
+DEFAULT_WEIGHT_DECAY = {"linear": PROBE_RECIPE.weight_decay, "last_k": 0.05, "full": 0.05}
 
 
 @dataclass
@@ -61,10 +72,11 @@ class FinetuneConfig:
         epochs: passes over the training set.
         max_steps: stop after this many optimiser steps (demos, tests); None = no cap.
         lr: peak learning rate; None = `DEFAULT_LR` for the mode.
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay; None = `DEFAULT_WEIGHT_DECAY` for the mode.
         batch_size: images per process per forward.
         grad_accum: batches accumulated per optimiser step (effective batch = product).
-        warmup_frac: share of steps with linear warm-up before the cosine decay.
+        warmup_frac: share of steps with linear warm-up before the cosine decay (network
+            modes; the linear probe follows `probe.ProbeRecipe`: no warm-up).
         augment: random horizontal flips while training (not in linear mode: features are
             computed once, so there is nothing to augment).
         mixed_precision: "auto" (bf16 on GPUs that support it, else fp16; fp32 on CPU),
@@ -84,7 +96,7 @@ class FinetuneConfig:
     epochs: int = 3
     max_steps: int | None = None
     lr: float | None = None
-    weight_decay: float = 0.05
+    weight_decay: float | None = None
     batch_size: int = 32
     grad_accum: int = 1
     warmup_frac: float = 0.05
@@ -114,6 +126,11 @@ class FinetuneConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    @property
+    def decay(self) -> float:
+        """The AdamW weight decay this run uses."""
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.mode]
 
 
 @dataclass
@@ -227,7 +244,7 @@ def set_pooling(model: nn.Module, pool: str) -> None:
         return
     if not isinstance(model.fc_norm, nn.Identity) or model.attn_pool is not None:
         raise ValueError("probe_pool needs a ViT that normalises before pooling (no fc_norm)")
-    if pool == "token" and not model.has_class_token:
+    if pool == "token" and not has_class_token(model):
         raise ValueError("this model has no class token to probe")
     model.global_pool = pool
 
@@ -314,7 +331,7 @@ def _train_network(accelerator, model, train_set, val_set, data_config, config, 
     val_loader = make_loader(PixelDataset(val_set, data_config, result.resolution),
                              config.feature_batch_size, shuffle=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.decay)
     yield from _fit(accelerator, model, optimizer, train_loader, val_loader, config, cancel,
                     result)
 
@@ -392,16 +409,22 @@ def _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch):
         labels_all.append(labels.cpu())
         index_all.append(index.cpu())
     order = torch.cat(index_all).argsort()
-    result.val_preds = torch.cat(preds)[order].numpy()
-    result.val_labels = torch.cat(labels_all)[order].numpy()
-    result.val_acc = float((result.val_preds == result.val_labels).mean())
-    result.confusion = confusion_matrix(result.val_labels, result.val_preds,
-                                        len(result.classes))
-    metrics = {"step": step, "epoch": step / steps_per_epoch, "val_loss": loss_sum / len(order),
+    yield _record_eval(result, torch.cat(labels_all)[order].numpy(),
+                       torch.cat(preds)[order].numpy(), loss_sum / len(order), step,
+                       steps_per_epoch, start)
+
+
+def _record_eval(result: FinetuneResult, labels: np.ndarray, preds: np.ndarray,
+                 val_loss: float, step: int, steps_per_epoch: int, start: float) -> TrainEvent:
+    """Store one evaluation (in validation-set order) in ``result``; its event."""
+    result.val_preds, result.val_labels = preds, labels
+    result.val_acc = float((preds == labels).mean())
+    result.confusion = confusion_matrix(labels, preds, len(result.classes))
+    metrics = {"step": step, "epoch": step / steps_per_epoch, "val_loss": val_loss,
                "val_acc": result.val_acc}
     result.history.append(metrics)
     result.timings["eval"] = result.timings.get("eval", 0.0) + time.perf_counter() - start
-    yield TrainEvent("eval", step, step, metrics)
+    return TrainEvent("eval", step, step, metrics)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -413,17 +436,6 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 # ---------------------------------------------------------------------------------------
 # Linear probe
 # ---------------------------------------------------------------------------------------
-
-
-class _FeatureHead(nn.Module):
-    """Maps (features, ...) batches to logits; what `_fit` trains in linear mode."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, num_classes)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features)
 
 
 def _linear_probe(accelerator, model, train_set, val_set, data_config, config, cancel, result,
@@ -447,26 +459,57 @@ def _linear_probe(accelerator, model, train_set, val_set, data_config, config, c
         features[name] = cached
     result.timings["features"] = time.perf_counter() - start
 
-    set_seed(config.seed)  # loaders drew from the RNG only when extracting: same head init
-    train_x, val_x = features["train"], features["val"]
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_data = TensorDataset((train_x - mean) / std, torch.as_tensor(train_set.labels),
-                               torch.arange(len(train_set)))
-    val_data = TensorDataset((val_x - mean) / std, torch.as_tensor(val_set.labels),
-                             torch.arange(len(val_set)))
-    head = _FeatureHead(train_x.shape[1], len(train_set.classes))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.peak_lr,
-                                  weight_decay=config.weight_decay)
-    yield from _fit(accelerator, head, optimizer,
-                    make_loader(train_data, config.batch_size, shuffle=True, seed=config.seed),
-                    make_loader(val_data, config.feature_batch_size, shuffle=False),
-                    config, cancel, result)
-    # Fold the standardisation into the model's head: W (f - mu) / sigma + b.
-    trained = accelerator.unwrap_model(head).linear
+    # The head is tiny: every process trains the same one on all the features (no sharding).
+    device = accelerator.device
+    train_x, val_x = features["train"].to(device), features["val"].to(device)
+    train_y = torch.as_tensor(train_set.labels, device=device)
+    batch = min(config.batch_size, len(train_set))
+    steps_per_epoch = math.ceil(len(train_set) / batch)
+    steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+    recipe = replace(PROBE_RECIPE, steps=steps, lr=config.peak_lr, weight_decay=config.decay,
+                     batch_size=batch, seed=config.seed)
+    training = train_linear_probe(train_x, train_y, len(train_set.classes), recipe, cancel)
+    train_time, start = 0.0, time.perf_counter()
+    while True:
+        try:
+            s = next(training)
+        except StopIteration as stop:
+            classifier = stop.value
+            break
+        metrics = {"step": s.step, "epoch": s.step / steps_per_epoch, "loss": s.loss,
+                   "acc": s.acc, "lr": s.lr, "images": s.seen,
+                   "time": train_time + time.perf_counter() - start}
+        result.history.append(metrics)
+        yield TrainEvent("train", s.step, s.total, metrics)
+        if s.epoch_done and s.step < s.total:  # evaluate after each epoch, as `_fit` does
+            train_time += time.perf_counter() - start
+            yield _evaluate_probe(s.classifier(), val_x, val_set, result, s.step,
+                                  steps_per_epoch)
+            start = time.perf_counter()
+    train_time += time.perf_counter() - start
+    result.timings["train"] = train_time
+    result.timings["train_images_per_s"] = (result.history[-1]["images"] / train_time
+                                            if train_time and result.history else float("nan"))
+    if classifier is None:  # cancelled
+        result.cancelled = True
+        return
+    yield _evaluate_probe(classifier, val_x, val_set, result, steps, steps_per_epoch)
     with torch.no_grad():
-        weight = trained.weight.detach().cpu() / std
-        model.head.weight.copy_(weight)
-        model.head.bias.copy_(trained.bias.detach().cpu() - weight @ mean)
+        model.head.weight.copy_(classifier.weight.cpu())
+        model.head.bias.copy_(classifier.bias.cpu())
+
+
+@torch.no_grad()
+def _evaluate_probe(classifier: nn.Linear, val_x: torch.Tensor, val_set: ImageSet,
+                    result: FinetuneResult, step: int, steps_per_epoch: int) -> TrainEvent:
+    start = time.perf_counter()
+    logits = classifier(val_x).float().cpu()
+    labels = torch.as_tensor(val_set.labels)
+    val_loss = F.cross_entropy(logits, labels).item()
+    return _record_eval(result, labels.numpy(), logits.argmax(-1).numpy(), val_loss, step,
+                        steps_per_epoch, start)
 
 
 def _relay(extraction, stage: str):

@@ -1,4 +1,4 @@
-"""Frozen features and linear probes: the cache behind linear-probe mode, and probe vs depth.
+"""Frozen features and linear probes: the feature cache, the one probe trainer, probe vs depth.
 
 A linear probe measures how linearly separable a frozen representation is (iGPT's and
 DINOv2's headline numbers are linear probes). `layerwise_probe` fits one probe per block and
@@ -8,69 +8,33 @@ of the network, while for discriminative / self-distilled ViTs they keep improvi
 
 from __future__ import annotations
 
-import hashlib
+import math
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.datasets import ImageSet
+from explorer.patches import has_class_token
 
-
-class FeatureCache:
-    """A small, thread-safe LRU of feature tensors (CPU), keyed by weights + data + size."""
-
-    def __init__(self, max_entries: int = 6):
-        self.max_entries = max_entries
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-FEATURE_CACHE = FeatureCache()
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A cheap key for the frozen backbone: architecture + a hash of every backbone tensor."""
-    digest = hashlib.sha1(str(model.pretrained_cfg.get("architecture")).encode())
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("head."):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().sum().cpu().numpy().tobytes())
-    return digest.hexdigest()
+# Frozen features (CPU tensors), six sets at most: a train/val pair for three models or sizes.
+FEATURE_CACHE: KeyedCache[torch.Tensor] = KeyedCache(max_items=6)
 
 
 def feature_key(model: nn.Module, model_key: str | None, images: ImageSet,
                 size: tuple[int, int]) -> str:
-    """Cache key: which weights (and how many of their blocks), which images, which size."""
-    who = model_key or weights_fingerprint(model)
+    """Cache key: which weights (and how many of their blocks), which images, which size.
+
+    The backbone's weights fingerprint is always part of it (``model_key``, a name, only
+    labels the entry), so a checkpoint re-saved under the same name never reads stale
+    features; the classifier is left out, as pre-logits features do not depend on it.
+    """
+    who = f"{model_key or ''}#{weights_fingerprint(model, ('head.',))}"
     depth, pool = len(model.blocks), getattr(model, "global_pool", "")
     return f"{who}|{depth}blocks|{pool}|{size[0]}x{size[1]}|{images.fingerprint()}"
 
@@ -128,47 +92,163 @@ def layer_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     for item in per_block:  # (patches (B, N, D), prefix (B, P, D)) or patches alone
         patches, prefix = item if isinstance(item, tuple) else (item, None)
         parts = [patches.mean(1)]
-        if prefix is not None and getattr(model, "has_class_token", False):
+        if prefix is not None and has_class_token(model):
             parts.insert(0, prefix[:, 0])
         out.append(torch.cat(parts, -1))
     return torch.stack(out, 1)
 
 
-def fit_linear_classifier(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
-                          steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4,
-                          seed: int = 0) -> nn.Linear:
-    """Multinomial logistic regression, full batch with Adam on standardised features.
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """How every linear probe here is trained: the fine-tune engine's linear mode and the
+    layer-wise probes (ViT and iGPT) all call `train_linear_probe` with this recipe.
+
+    Multinomial logistic regression on frozen features. The features are standardised with
+    the training set's mean and std (as MAE's linear probe does with a parameter-free
+    BatchNorm), so one learning rate suits every model, layer and feature scale; the
+    standardisation is folded into the returned layer, which reads raw features. The head
+    starts at zero: the problem is convex, so there is no symmetry to break, and zero is the
+    uniform prediction. AdamW with a cosine decay to zero over the run and no warm-up (a zero
+    head on unit-variance inputs has no large early gradients to tame).
+
+    Attributes:
+        steps: optimiser steps; the layer-wise probes use this default, the engine sets
+            epochs x batches per epoch.
+        lr: peak learning rate. Adam's steps are about ``lr`` per weight whatever the
+            gradient's scale, and standardised features need weights of order one: 1e-2
+            over a few hundred steps gets there, and keeps minibatch noise small.
+        weight_decay: AdamW's decoupled decay of the weight (not the bias): a light pull
+            that keeps separable data from driving the weights to infinity.
+        batch_size: examples per step; None = the whole training set (full batch, no
+            shuffle: the result does not depend on the seed).
+        seed: the shuffle of the minibatches.
+    """
+
+    steps: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int | None = None
+    seed: int = 0
+
+
+PROBE_RECIPE = ProbeRecipe()
+
+
+@dataclass
+class ProbeStep:
+    """Progress of `train_linear_probe` after one optimiser step.
+
+    Attributes:
+        step, total: steps done and planned.
+        loss, acc: cross-entropy and accuracy of this step's batch (before the update).
+        lr: the learning rate this step used.
+        seen: training examples read so far.
+        epoch_done: this step finished a pass over the training set.
+        classifier: the probe as it stands, folded (raw features -> logits).
+    """
+
+    step: int
+    total: int
+    loss: float
+    acc: float
+    lr: float
+    seen: int
+    epoch_done: bool
+    classifier: Callable[[], nn.Linear]
+
+
+def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                       recipe: ProbeRecipe = PROBE_RECIPE,
+                       cancel: threading.Event | None = None,
+                       ) -> Generator[ProbeStep, None, nn.Linear | None]:
+    """The one linear-probe trainer (see `ProbeRecipe` for the recipe and its reasons).
+
+    Runs on the device of ``train_x``.
 
     Args:
-        train_x: (N, F) features; train_y: (N,) labels.
+        train_x: (N, F) frozen features; train_y: (N,) int labels in [0, num_classes).
+        recipe: steps, learning rate, weight decay, batch size, seed.
+        cancel: set it to stop before the next step.
+
+    Yields:
+        A `ProbeStep` after every step.
 
     Returns:
-        A linear layer on the raw (unstandardised) features: standardisation is folded in.
+        The trained probe as an ``nn.Linear`` on raw features (standardisation folded in),
+        or None when cancelled.
     """
-    generator = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    x = (train_x - mean) / std
-    linear = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.01)
-        linear.bias.zero_()
-    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
-    for _ in range(steps):
+    n, dim = train_x.shape
+    x = train_x.float()
+    mean, std = x.mean(0), x.std(0, correction=0).clamp_min(1e-6)
+    z = (x - mean) / std  # (N, F) unit variance per feature
+    y = train_y.to(x.device, torch.long)
+    linear = nn.Linear(dim, num_classes).to(x.device)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.AdamW([{"params": [linear.weight], "weight_decay": recipe.weight_decay},
+                                   {"params": [linear.bias], "weight_decay": 0.0}],
+                                  lr=recipe.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / max(1, recipe.steps))))
+    batch = n if recipe.batch_size is None else max(1, min(recipe.batch_size, n))
+    per_epoch = math.ceil(n / batch)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    order = torch.arange(n)
+
+    def classifier() -> nn.Linear:
+        return fold_standardisation(linear, mean, std)
+
+    seen = 0
+    for step in range(recipe.steps):
+        if cancel is not None and cancel.is_set():
+            return None
+        i = step % per_epoch
+        if i == 0 and batch < n:
+            order = torch.randperm(n, generator=generator)
+        index = order[i * batch:(i + 1) * batch].to(x.device)
+        logits = linear(z[index])
+        loss = F.cross_entropy(logits, y[index])
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(linear(x), train_y)
-        loss = loss + weight_decay * linear.weight.square().sum()
         loss.backward()
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
-    folded = nn.Linear(x.shape[1], num_classes)
+        scheduler.step()
+        seen += len(index)
+        acc = (logits.argmax(-1) == y[index]).float().mean().item()
+        yield ProbeStep(step + 1, recipe.steps, loss.item(), acc, lr, seen, i == per_epoch - 1,
+                        classifier)
+    return classifier()
+
+
+def fold_standardisation(linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """A layer on raw features equal to ``linear`` on standardised ones:
+    W (f - mean) / std + b = (W / std) f + (b - (W / std) mean)."""
+    folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
     with torch.no_grad():
         folded.weight.copy_(linear.weight / std)
         folded.bias.copy_(linear.bias - folded.weight @ mean)
-    return folded
+    return folded.requires_grad_(False)
+
+
+def fit_linear_classifier(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                          recipe: ProbeRecipe = PROBE_RECIPE) -> nn.Linear:
+    """`train_linear_probe` run to the end: the probe on raw features.
+
+    Args:
+        train_x: (N, F) features; train_y: (N,) labels.
+    """
+    training = train_linear_probe(train_x, train_y, num_classes, recipe)
+    while True:
+        try:
+            next(training)
+        except StopIteration as done:
+            return done.value
 
 
 def probe_accuracy(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of rows of ``x`` (N, F) whose argmax logit is the label in ``y`` (N,)."""
     with torch.no_grad():
-        return float((linear(x).argmax(-1) == y).float().mean())
+        return (linear(x).argmax(-1) == y).sum().item() / len(y)
 
 
 @dataclass
@@ -209,6 +289,7 @@ def layerwise_probe(
         features_fn: (B, ...) inputs -> (B, L, F) per-layer features (called under no_grad).
         train_batches, val_batches: iterables of (inputs, labels).
         num_classes: number of classes.
+        steps: optimiser steps of each layer's probe (the rest is `PROBE_RECIPE`).
 
     Yields:
         ("features", batches done, None) while extracting, ("probe", layers done, None) while
@@ -228,11 +309,12 @@ def layerwise_probe(
             yield "features", done, None
         feats[split] = (torch.cat(xs), torch.cat(ys))
     (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
+    recipe = replace(PROBE_RECIPE, steps=steps)
     train_acc, val_acc = [], []
     for layer in range(train_x.shape[1]):
         if cancel is not None and cancel.is_set():
             return
-        linear = fit_linear_classifier(train_x[:, layer], train_y, num_classes, steps=steps)
+        linear = fit_linear_classifier(train_x[:, layer], train_y, num_classes, recipe)
         train_acc.append(probe_accuracy(linear, train_x[:, layer], train_y))
         val_acc.append(probe_accuracy(linear, val_x[:, layer], val_y))
         yield "probe", layer + 1, None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from explorer import patches
+
 
 def raster(tokens: torch.Tensor) -> torch.Tensor:
     """(..., H, W) -> (..., H*W): row by row, left to right (pixel (r, c) at r * W + c)."""
@@ -36,12 +38,22 @@ def prefix_len(rows_kept: int, width: int) -> int:
     return rows_kept * width
 
 
-def attention_cost(height: int, width: int) -> dict:
-    """The lecture's quadratic-cost point: sequence length and attention-matrix entries.
+def attention_cost(height: int, width: int, embed_dim: int) -> dict:
+    """The lecture's quadratic-cost point for an image of height x width pixels read by iGPT.
 
-    Returns {"pixels": H*W, "seq_len": H*W (+1 with the start token), "attn_entries": L^2
-    per head per layer, "attn_mb": fp32 MB for one head of one layer}.
+    The sequence is one token per pixel after the start token; its cost comes from
+    `explorer.patches.attention_cost`, the one place self-attention cost is computed.
+
+    Args:
+        embed_dim: the model's width (channels per token), for the FLOP count.
+
+    Returns:
+        {"size": "H×W", "pixels": H*W, "seq_len": L = H*W + 1, "attn_entries": L² per head
+        per layer, "attn_mb": fp32 MB of one head's matrix in one layer, "attn_flops": QKᵀ
+        and attention @ V of one layer, all heads}.
     """
-    L = height * width
-    return {"size": f"{height}×{width}", "pixels": L, "seq_len": L + 1,
-            "attn_entries": (L + 1) ** 2, "attn_mb": (L + 1) ** 2 * 4 / 1e6}
+    pixels = height * width
+    cost = patches.attention_cost(pixels + 1, embed_dim)  # + the start token
+    return {"size": f"{height}×{width}", "pixels": pixels, "seq_len": cost.tokens,
+            "attn_entries": cost.attention_entries, "attn_mb": cost.attention_bytes / 1e6,
+            "attn_flops": cost.attention_flops}

@@ -14,8 +14,8 @@ from explorer.errors import ModelUnavailableError
 
 
 def example_images() -> list[str]:
-    """Paths of the bundled example photos (licences in assets/examples/LICENSE.md)."""
-    return sorted(str(p) for p in images.EXAMPLES_DIR.glob("*.jpg"))
+    """`explorer.images.example_paths` as the strings ``gr.Examples`` takes."""
+    return [str(p) for p in images.example_paths()]
 
 
 def upload_image(**kwargs) -> gr.Image:

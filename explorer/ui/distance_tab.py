@@ -62,15 +62,9 @@ def dataset_band(model_name, source, n, folder, width, height, prefix,
     """Mean and spread per head over a dataset, cached per model (`/distance_dataset`)."""
     with common.user_errors():
         label, model, config, size = _entry(model_name, width, height)
-        key = (label, source, int(n), folder or "", size, prefix)
-
-        def compute():
-            imgs = distance.dataset_images(source, int(n), folder)
-            return distance.dataset_mean_attention_distance(
-                model, config, imgs, size, prefix=prefix,
-                progress=lambda done, total: progress(done / total, desc=f"{done}/{total} images"))
-
-        stats = distance.DATASET_STATS.get(key, compute)
+        stats = distance.cached_dataset_distance(
+            model, config, source, int(n), folder, size, prefix,
+            progress=lambda done, total: progress(done / total, desc=f"{done}/{total} images"))
     band = (label, f"{source}: mean ± std over {stats.n_images} images", stats.mean, stats.std)
     info = (f"Dataset band: {stats.n_images} images ({source}) at {size[1]}x{size[0]}, "
             f"**{stats.images_per_second:.1f} images/s** (first computation; cached afterwards).")

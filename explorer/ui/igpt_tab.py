@@ -71,7 +71,8 @@ def analyse(image_path, model_name):
     small, tokens = pipeline.image_tokens(image, m)
     photo, photo9 = pipeline.in_rgb9(image)
     s = pipeline.surprise(m, tokens)
-    costs = [attention_cost(m.height, m.width)] + [attention_cost(h, w) for h, w in OTHER_SIZES]
+    dim = m.model.config.n_embd
+    costs = [attention_cost(h, w, dim) for h, w in ((m.height, m.width), *OTHER_SIZES)]
     summary = (f"**{m.name}**: {m.height}×{m.width} pixels → {m.height * m.width} tokens + the "
                f"start token, palette: {m.palette.name} ({m.palette.size} colours).")
     return (summary, igpt_plots.upscale(small), igpt_plots.tokens_to_image(tokens, m.palette, 10),
