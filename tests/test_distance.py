@@ -87,10 +87,10 @@ def tiny_model():
 
 
 def test_model_distance_matches_stacked_maps(tiny_model):
-    from explorer.attention import attention_maps
+    from explorer.attention import capture
 
     pixels = torch.randn(1, 3, 42, 70)
-    maps = attention_maps(tiny_model, pixels)
+    maps = capture(tiny_model, pixels)
     expected = mean_attention_distance(maps.stack(), maps.grid, 14, 5)
     d = model_mean_attention_distance(tiny_model, pixels)
     torch.testing.assert_close(d, expected)
