@@ -243,8 +243,8 @@ def _inline_forward(attn: nn.Module, layer: int, record: Callable, workspace: di
     def forward(x):
         B, N, _ = x.shape
         H = attn.num_heads
-        probs = None
-        if want_probs or not native.runs_on(x, x, x):
+        probs = None  # the full maps: for a reader, or as the PyTorch ops' scratch
+        if want_probs or not native.runs_on(x, x, x):  # (q, k, v share x's device and dtype)
             probs = workspace.get("probs")
             if probs is None or probs.shape != (B, H, N, N) or probs.dtype != x.dtype:
                 probs = workspace["probs"] = x.new_empty(B, H, N, N)

@@ -76,10 +76,6 @@ class AttentionMaps:
     def batch_size(self) -> int:
         return self.token_norms.shape[1]
 
-    @property
-    def device(self) -> torch.device:
-        return self.token_norms.device
-
     def _qk(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.q:
             raise ValueError("These maps were captured without QueryKeys(): no q and k to "
