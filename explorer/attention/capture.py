@@ -103,12 +103,7 @@ def capture(
         RuntimeError: fewer blocks were captured than the model has (e.g. a block skipped).
     """
     attns = attention_modules(model)
-    ph, pw = patch_size(model)
-    if pixels.dim() != 4 or pixels.shape[-2] % ph or pixels.shape[-1] % pw:
-        raise ValueError(
-            f"Expected (B, 3, H, W) pixels with H, W a multiple of the {ph}x{pw} patch size, "
-            f"got {tuple(pixels.shape)}."
-        )
+    ph, pw = _whole_patches(model, pixels)
     keep_qk = any(isinstance(r, QueryKeys) for r in reductions)
     keep_mean = any(isinstance(r, HeadMean) for r in reductions)
     readers = [r.fn for r in reductions if isinstance(r, EachLayer)]
@@ -170,6 +165,17 @@ def capture(
     if not keep_qk:
         maps.q, maps.k = [], []
     return maps
+
+
+def _whole_patches(model: nn.Module, pixels: torch.Tensor) -> tuple[int, int]:
+    """The model's patch size, checked to tile ``pixels`` ((B, 3, H, W))."""
+    ph, pw = patch_size(model)
+    if pixels.dim() != 4 or pixels.shape[-2] % ph or pixels.shape[-1] % pw:
+        raise ValueError(
+            f"Expected (B, 3, H, W) pixels with H, W a multiple of the {ph}x{pw} patch size, "
+            f"got {tuple(pixels.shape)}."
+        )
+    return ph, pw
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -1,9 +1,9 @@
 """`AttentionMaps`: what one capture forward leaves for every attention view.
 
 Full attention probabilities are not stored: they are computed on demand, one layer at a
-time, from each block's kept q and k (2 MB per layer for ViT-S/14 at 518 px, where the full
-maps of one layer are 45 MB and writing them to fresh memory costs more than computing them
-again; BENCHMARKS.md "Attention maps"):
+time, from each block's kept q and k ((B, H, N, d) each, N/d times smaller than the layer's
+(B, H, N, N) maps; writing all maps to fresh memory costs more than computing them again,
+see BENCHMARKS.md "Attention maps"). The views need each layer once or only a few rows:
 
     >>> maps = capture(model, pixels)              # one forward, (B, 3, H, W) in
     >>> p = maps.probs(5)                          # (B, heads, N, N), a fresh tensor
