@@ -4,7 +4,7 @@ One kernel today: ``attend`` (``attend.cpp``), the attention forward that also y
 probabilities, fused per block of query rows. `attend_op()` returns it, or None where it
 cannot be built (no C++ compiler, or switched off with ``EXPLORER_NATIVE=0``); the capture
 then uses PyTorch ops (`explorer.attention.attend`), which give the same numbers more slowly.
-`explorer.attention.native` is the one caller.
+The attention capture reaches it only through `explorer.attention.native`.
 
 The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja), runs once and is
 cached on disk per torch and Python version, source and CPU (``-march=native``) under
