@@ -81,7 +81,7 @@ def configure_threads() -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_threads()
-    kernels.build_in_background()  # the attention kernel compiles (~10 s, once) while we start
+    kernels.build_in_background()  # the attention kernel compiles (once) while we start
     build_demo().launch(server_name=args.host, server_port=args.port, share=args.share,
                         theme=gr.themes.Soft())
 

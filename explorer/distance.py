@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from explorer import datasets
-from explorer.attention import AttentionMaps, attention_maps
+from explorer.attention import AttentionMaps, EachLayer, capture
 from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.images import ImageError, example_paths, open_image, prepare_pixels
 from explorer.patches import grid_for, patch_size
@@ -139,15 +139,14 @@ def model_mean_attention_distance(
 ) -> torch.Tensor:
     """`mean_attention_distance` of ``model`` on ``pixels`` ((B, 3, H, W)): (L, H) px.
 
-    Each layer is reduced while the forward runs (`attention_maps` ``on_probs``): the
-    attention probabilities are computed once and never kept.
+    Each layer is reduced while the forward runs (the capture's `EachLayer` reduction, and
+    nothing else kept): the attention probabilities are computed once and never stored.
     """
     ph, pw = patch_size(model)
     grid = grid_for(pixels.shape[-2:], (ph, pw))
     layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix)
     per_layer: list[torch.Tensor] = []
-    attention_maps(model, pixels, keep_head_mean=False, keep_qk=False,
-                   on_probs=lambda _layer, a: per_layer.append(layer_distance(a)))
+    capture(model, pixels, [EachLayer(lambda _layer, a: per_layer.append(layer_distance(a)))])
     return _finish(per_layer, per_image)
 
 

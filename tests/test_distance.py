@@ -90,10 +90,10 @@ def tiny_model():
 
 
 def test_model_distance_matches_stacked_maps(tiny_model):
-    from explorer.attention import attention_maps
+    from explorer.attention import capture
 
     pixels = torch.randn(1, 3, 42, 70)
-    maps = attention_maps(tiny_model, pixels)
+    maps = capture(tiny_model, pixels)
     expected = mean_attention_distance(maps.stack(), maps.grid, 14, 5)
     d = model_mean_attention_distance(tiny_model, pixels)
     torch.testing.assert_close(d, expected)
@@ -201,9 +201,9 @@ def test_default_model_14px_patches():
     assert d.shape == (12, 6)
     assert (d > 0).all() and (d < math.hypot(112, 168)).all()
     # The same statistic from the kept maps: the 14 px patches and 8x12 grid are read right.
-    from explorer.attention import attention_maps
+    from explorer.attention import capture
 
-    maps = attention_maps(model, pixels)
+    maps = capture(model, pixels)
     assert maps.grid == (8, 12)
     expected = mean_attention_distance(maps.stack(), (8, 12), 14, model.num_prefix_tokens)
     torch.testing.assert_close(d, expected, atol=1e-3, rtol=1e-4)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from explorer import kernels
-from explorer.attention import _kernel_block_rows, attention_maps
+from explorer.attention import capture, native
 from tests.kernel_helpers import needs_compiler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ],
 )
 def test_block_plan(batch, tokens, threads, rows):
-    assert _kernel_block_rows(batch, tokens, 4, threads) == rows
+    assert native.block_rows(batch, tokens, 4, threads) == rows
     blocks = -(-tokens // rows)
     assert blocks * rows >= tokens and (blocks - 1) * rows < tokens
 
@@ -54,13 +54,13 @@ def test_failed_build_falls_back_to_pytorch_ops(tmp_path):
     code = (
         "import torch, timm\n"
         "from explorer import kernels\n"
-        "from explorer.attention import attention_maps, native_attend_available\n"
-        "assert not native_attend_available(), 'kernel built with no compiler?'\n"
+        "from explorer.attention import capture, native\n"
+        "assert not native.available(), 'kernel built with no compiler?'\n"
         "assert kernels.build_error(), 'no reason recorded'\n"
         "torch.manual_seed(0)\n"
         "m = timm.create_model('vit_small_patch16_224', pretrained=False, img_size=32,\n"
         "                      embed_dim=32, depth=2, num_heads=2).eval()\n"
-        "maps = attention_maps(m, torch.randn(1, 3, 32, 32))\n"
+        "maps = capture(m, torch.randn(1, 3, 32, 32))\n"
         "p = maps.probs(1)\n"
         "assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-6)\n"
         "print('fallback ok')\n"
@@ -86,7 +86,7 @@ def test_concurrent_captures_with_the_kernel_agree():
     model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=96,
                               embed_dim=64, depth=3, num_heads=4, dynamic_img_size=True).eval()
     pixels = [torch.randn(1, 3, 96, 96), torch.randn(2, 3, 64, 112)]
-    alone = [attention_maps(model, x) for x in pixels]
+    alone = [capture(model, x) for x in pixels]
     got: list = [None, None]
 
     start = threading.Barrier(2)
@@ -94,7 +94,7 @@ def test_concurrent_captures_with_the_kernel_agree():
     def run(i):
         start.wait()
         for _ in range(5):
-            got[i] = attention_maps(model, pixels[i])
+            got[i] = capture(model, pixels[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:

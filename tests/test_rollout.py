@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from explorer.attention import attention_maps, attention_rollout, cls_rollout_map
+from explorer.attention import attention_rollout, capture, cls_rollout_map
 
 
 def random_attention(L=3, H=4, N=7, B=None, seed=0) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_rollout_from_maps_matches_rollout_of_stack():
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56,
                               embed_dim=64, depth=3, num_heads=2, dynamic_img_size=True).eval()
-    maps = attention_maps(model, torch.randn(2, 3, 42, 70))  # 3x5 grid, 5 prefix tokens
+    maps = capture(model, torch.randn(2, 3, 42, 70))  # 3x5 grid, 5 prefix tokens
     full = attention_rollout(maps.stack())
     torch.testing.assert_close(attention_rollout(maps), full)
     torch.testing.assert_close(attention_rollout(maps, rows=[0]), full[:, [0]])

@@ -8,11 +8,11 @@ machines drift; ratios within one run do not), batch 1, fp32, the offline defaul
 Printed as a markdown table: median ms and the ratio to the fused forward.
 
 - fused forward: ``model.forward_features`` as the app runs it.
-- ours: `attention_maps` (each block's probabilities computed once, inside the forward, by
+- ours: `capture` (each block's probabilities computed once, inside the forward, by
   the compiled kernel: head means kept, q and k kept for `.probs`/`.rows`, the full maps not
   written to memory) + the class-row rollout (a vector-matrix chain over the head means).
 - ours + handed: the same, but every layer's full maps are also written and handed to an
-  ``on_probs`` reader (what mean attention distance uses).
+  `EachLayer` reader (what mean attention distance uses).
 - ours, PyTorch-ops path: ``EXPLORER_NATIVE=0``, what runs where the kernel cannot be built.
 - ours, stored: the same forward, but every layer's (1, H, N, N) map kept (cloned) and the
   rollout run on them: the design we did not choose, measured to justify on-demand.
@@ -34,7 +34,7 @@ import timm
 import torch
 from timm.utils import AttentionExtract
 
-from explorer.attention import attention_maps, attention_rollout
+from explorer.attention import VIEWS, EachLayer, QueryKeys, attention_rollout, capture
 from explorer.bench.machine import describe
 from explorer.images import EXAMPLES_DIR, load_image, prepare_pixels
 from explorer.models import load_vit
@@ -88,14 +88,14 @@ def variants(model: torch.nn.Module, size: int) -> dict[str, Callable[[torch.Ten
         return 0
 
     def ours(x):
-        maps = attention_maps(model, x)
+        maps = capture(model, x)
         rollout = attention_rollout(maps, rows=[0])  # computes each layer's probs once
         assert rollout.shape[-2] == 1
         return maps.num_layers
 
     def ours_handed(x):
         seen = []
-        maps = attention_maps(model, x, on_probs=lambda layer, _p: seen.append(layer))
+        maps = capture(model, x, [*VIEWS, EachLayer(lambda layer, _p: seen.append(layer))])
         attention_rollout(maps, rows=[0])
         return len(seen)
 
@@ -105,7 +105,7 @@ def variants(model: torch.nn.Module, size: int) -> dict[str, Callable[[torch.Ten
 
     def ours_stored(x):
         kept = []
-        attention_maps(model, x, keep_head_mean=False, on_probs=lambda _l, p: kept.append(p.clone()))
+        capture(model, x, [QueryKeys(), EachLayer(lambda _l, p: kept.append(p.clone()))])
         attention_rollout(kept, rows=[0])
         return len(kept)
 
@@ -120,8 +120,8 @@ def variants(model: torch.nn.Module, size: int) -> dict[str, Callable[[torch.Ten
 
     return {
         "timm fused forward (no maps)": fused,
-        "**ours**: `attention_maps` + every layer's probs once + class-row rollout": ours,
-        "ours + every layer's full (1, H, N, N) maps handed to `on_probs` once": ours_handed,
+        "**ours**: `capture` + every layer's probs once + class-row rollout": ours,
+        "ours + every layer's full (1, H, N, N) maps handed to `EachLayer` once": ours_handed,
         "ours, PyTorch-ops path (no compiled kernel)": ours_torch_ops,
         "ours, stored variant: every layer's maps kept + rollout": ours_stored,
         "`timm.utils.AttentionExtract` fx, eager-built model (maps only)": timm_fx,

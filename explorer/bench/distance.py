@@ -4,7 +4,7 @@
 
 One run, batch by batch interleaved: for each batch of Fashion-MNIST images (already
 resized and normalised, so both sides time the model work only) the plain fused
-``forward_features`` and then ours (`attention_maps` + one distance contraction per layer).
+``forward_features`` and then ours (`capture` + one distance contraction per layer).
 A second table times only the post-processing at 518 px on one image's maps: the distance
 of all 12 layers by one ``einsum`` per layer against a broadcast-and-sum version.
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from explorer.attention import attention_maps
+from explorer.attention import capture
 from explorer.bench.machine import describe
 from explorer.distance import (
     dataset_mean_attention_distance,
@@ -51,7 +51,7 @@ def dataset_table(n_images: int, size: int, batch: int, rounds: int) -> list[str
     ratios = []
     with torch.no_grad():
         model.forward_features(pixels[:batch])  # warm-up both paths
-        maps = attention_maps(model, pixels[:batch])
+        maps = capture(model, pixels[:batch])
         mean_attention_distance(maps, maps.grid, maps.patch_size, maps.num_prefix_tokens)
         for r in range(rounds):  # each round: all images, batch by batch, plain then ours
             for i in range(0, n_images, batch):
@@ -96,7 +96,7 @@ def postprocessing_table(size: int = 518, repeats: int = 5) -> list[str]:
     model, _ = load_vit(None)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
-        maps = attention_maps(model, x)
+        maps = capture(model, x)
         grid, patch, p = maps.grid, maps.patch_size, maps.num_prefix_tokens
         stack = maps.stack()  # (12, 1, 6, N, N) computed once: only the reductions are timed
         ours_t, slow_t = [], []

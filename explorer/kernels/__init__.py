@@ -2,11 +2,12 @@
 
 One kernel today: ``attend`` (``attend.cpp``), the attention forward that also yields its
 probabilities, fused per block of query rows. `attend_op()` returns it, or None where it
-cannot be built (no C++ compiler, or switched off with ``EXPLORER_NATIVE=0``); callers then
-use PyTorch ops, which give the same numbers more slowly.
+cannot be built (no C++ compiler, or switched off with ``EXPLORER_NATIVE=0``); the capture
+then uses PyTorch ops (`explorer.attention.attend`), which give the same numbers more slowly.
+The attention capture reaches it only through `explorer.attention.native`.
 
-The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja), takes ~10 s once and
-is cached on disk per torch and Python version, source and CPU (``-march=native``) under
+The build uses ``torch.utils.cpp_extension`` (a C++ compiler and ninja), runs once and is
+cached on disk per torch and Python version, source and CPU (``-march=native``) under
 ``$EXPLORER_KERNEL_CACHE`` (default ``~/.cache/vit-explorer/kernels``). The app starts it in
 the background at launch (`build_in_background`), so the first request does not wait.
 """

@@ -143,17 +143,18 @@ def token_norm_map(image, norms, grid, flagged, cmap="inferno", alpha=0.6) -> np
     return out
 
 
-def token_norm_figure(norms, names: list[str], threshold: float, layer: int) -> go.Figure:
+def token_norm_figure(norms, names: list[str], threshold, layer: int) -> go.Figure:
     """Histogram of patch-token norms with the high-norm threshold; prefix tokens as lines.
 
     Args:
         norms: (N,) all token norms of one image after block ``layer``.
+        threshold: the high-norm threshold (a float or a 0-dim tensor).
     """
     norms = _np(norms)
     p = len(names)
     fig = go.Figure(go.Histogram(x=norms[p:], nbinsx=60, name="patch tokens",
                                  marker_color="#4c78a8"))
-    fig.add_vline(x=threshold, line_dash="dash", line_color="red",
+    fig.add_vline(x=float(threshold), line_dash="dash", line_color="red",
                   annotation_text="high-norm threshold", annotation_position="top right")
     for j, name in enumerate(names):
         fig.add_vline(x=float(norms[j]), line_color="#f58518",

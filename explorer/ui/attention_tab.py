@@ -12,7 +12,7 @@ import numpy as np
 from explorer import attention, images, models
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
-from explorer.ui import common
+from explorer.ui import attention_view, common
 
 INTRO = """
 **Where does each token look?** Every block mixes tokens with softmax(QKᵀ/√d): one map per
@@ -41,13 +41,14 @@ class Session:
 def _analyse(image_path, model_name, width, height, fit) -> Session:
     model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
-        maps = attention.attention_maps(model, pixels)
+        maps = attention.capture(model, pixels)
         relevance, note = None, "Class-specific map: only for models with a classifier head."
         if getattr(model, "num_classes", 0):
             rel, target = attention.class_relevance(model, pixels)
             names = getattr(model, "class_names", None)
             label = names[int(target[0])] if names else f"class {int(target[0])}"
-            relevance, note = rel[0].numpy(), f"Relevance for the predicted **{label}** (Chefer et al.)."
+            relevance = rel[0].cpu().numpy()  # the numpy boundary: off the model's device
+            note = f"Relevance for the predicted **{label}** (Chefer et al.)."
     share = attention.prefix_attention_share(maps)[:, 0]
     rows, cols = maps.grid
     size = tuple(pixels.shape[-2:])
@@ -63,9 +64,9 @@ def render(session: Session | None, layer, fusion, roll_fusion, discard, start, 
         raise gr.Error("Run the analysis first (press Show attention).")
     maps, shown, layer = session.maps, session.shown, int(layer) - 1
     with common.user_errors(), _index_errors():
-        v = attention.attention_views(maps, min(layer, maps.num_layers - 1), fusion, roll_fusion,
-                                      float(discard), int(start) - 1, float(keep),
-                                      prefix_share=session.prefix_share)
+        v = attention_view.attention_views(maps, min(layer, maps.num_layers - 1), fusion,
+                                           roll_fusion, float(discard), int(start) - 1,
+                                           float(keep), prefix_share=session.prefix_share)
     flagged = int(v.high_norm.sum())
     norm_note = (f"Block {v.layer + 1}: **{flagged}** patch token(s) above {v.norm_threshold:.1f} "
                  "(2x the median patch norm).")
@@ -118,7 +119,7 @@ def query(session: Session | None, row, col, layer, head, opacity, cmap):
     maps, cell = session.maps, (int(row), int(col))
     head_arg = head if head in HEAD_CHOICES else int(str(head).split()[-1]) - 1
     with common.user_errors(), _index_errors():
-        in_layer, all_layers = attention.query_views(maps, *cell, int(layer) - 1, head_arg)
+        in_layer, all_layers = attention_view.query_views(maps, *cell, int(layer) - 1, head_arg)
     info = (f"Query patch row {cell[0]}, column {cell[1]} (token {maps.token_index(*cell)}), "
             f"layer {int(layer)}, head: {head}.")
     return (plots.heat_overlay(session.shown, in_layer, opacity, cmap, cell),
