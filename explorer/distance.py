@@ -30,7 +30,7 @@ from torch import nn
 from explorer import datasets
 from explorer.attention import AttentionMaps, attention_maps
 from explorer.images import EXAMPLES_DIR, ImageError, load_image, prepare_pixels
-from explorer.patches import grid_for, patch_size
+from explorer.patches import grid_for, model_device, patch_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -119,7 +119,7 @@ class LayerDistance:
         if a.shape[-1] != p + n:
             raise ValueError(f"Attention over {a.shape[-1]} tokens, expected {p} prefix + {n}.")
         rows = a[..., p:, :]  # (..., H, n, N): patch queries only
-        d = torch.einsum("...qk,qk->...q", rows, self.dist.to(a.dtype))  # one contraction
+        d = torch.einsum("...qk,qk->...q", rows, self.dist.to(a.device, a.dtype))  # one contraction
         if self.prefix == "drop" and p:
             d = d / (1.0 - rows[..., :p].sum(dim=-1)).clamp_min(1e-12)
         return d.mean(dim=-1)
@@ -258,6 +258,7 @@ def dataset_mean_attention_distance(
     per_image = []
     for i in range(0, len(images), batch_size):
         batch = torch.cat([prepare_pixels(im, data_config, size) for im in images[i : i + batch_size]])
+        batch = batch.to(model_device(model))
         per_image.append(model_mean_attention_distance(model, batch, prefix, per_image=True))
         if progress is not None:
             progress(min(i + batch_size, len(images)), len(images))
@@ -345,7 +346,7 @@ def compare_models(
     """
     out, rate = [], 0.0
     for i, (label, model, config, size) in enumerate(entries):
-        pixels = prepare_pixels(image, config, size, fit)
+        pixels = prepare_pixels(image, config, size, fit).to(model_device(model))
         start = time.perf_counter()
         out.append((label, model_mean_attention_distance(model, pixels, prefix)))
         if i == 0:
@@ -480,15 +481,15 @@ def effective_receptive_fields(
     """
     fields = theoretical_receptive_fields(stages)
     H, W = pixels.shape[-2:]
-    x = pixels.detach().clone().requires_grad_(True)
+    x = pixels.detach().to(model_device(model)).clone().requires_grad_(True)
     outputs = []
     with torch.enable_grad():
         h = x
         for _, stage in stages:
             h = stage(h)
             outputs.append(h)
-        ys = torch.arange(H, dtype=torch.float32)[:, None]
-        xs = torch.arange(W, dtype=torch.float32)[None, :]
+        ys = torch.arange(H, dtype=torch.float32, device=x.device)[:, None]
+        xs = torch.arange(W, dtype=torch.float32, device=x.device)[None, :]
         maps, distances, uniform = [], [], []
         for i, (out, rf) in enumerate(zip(outputs, fields, strict=True)):
             cy, cx = out.shape[-2] // 2, out.shape[-1] // 2

@@ -392,8 +392,8 @@ def _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch):
         labels_all.append(labels.cpu())
         index_all.append(index.cpu())
     order = torch.cat(index_all).argsort()
-    result.val_preds = torch.cat(preds)[order].numpy()
-    result.val_labels = torch.cat(labels_all)[order].numpy()
+    result.val_preds = torch.cat(preds)[order].cpu().numpy()
+    result.val_labels = torch.cat(labels_all)[order].cpu().numpy()
     result.val_acc = float((result.val_preds == result.val_labels).mean())
     result.confusion = confusion_matrix(result.val_labels, result.val_preds,
                                         len(result.classes))
