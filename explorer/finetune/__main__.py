@@ -60,7 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--probe-pool", choices=PROBE_POOLS, default=None,
                    help="linear mode: probe the class token or the mean patch token "
                         "(default: the model's own pooling)")
-    p.add_argument("--out", type=Path, default=None, help="checkpoint directory to write")
+    p.add_argument("--out", type=Path, default=None,
+                   help="checkpoint directory to write (timm's layout: config.json + "
+                        "model.safetensors)")
     p.add_argument("--layerwise", action="store_true",
                    help="fit a linear probe after every block instead of training")
     return p.parse_args(argv)
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace, train: ImageSet, val: ImageSet, label: str) ->
     result = event.result
     if args.out is not None and _is_main_process():
         out = save_checkpoint(result, args.out, args.model, config)
-        say(f"saved {out} (load with --model local:{out})")
+        say(f"saved {out} in timm's layout: --model local:{out}, or "
+            f"timm.create_model('local-dir:{out}', pretrained=True)")
     elif args.out is None:
         say(f"not saved (pass --out DIR; e.g. runs/{run_name(args.model, config, label)})")
     return 0

@@ -1,17 +1,23 @@
-"""Saving fine-tuned models in the local checkpoint format `explorer.models` loads.
+"""Saving fine-tuned models in timm's own checkpoint layout.
 
-A directory with ``model.safetensors`` and ``config.json``; the JSON keeps the keys
-`explorer.models.local_checkpoint_files` reads (``architecture``, ``num_classes``,
-``img_size``, ``classes``, ``pretrained_cfg``) and adds how the model came to be
-(``base_model``, ``resolution``, ``mode``, ``metrics``, ``created_utc``, ``train_config``).
-A linear probe after block K (``probe_block``) saves a model truncated to K blocks, with
-``model_kwargs: {"depth": K}`` so that ``load_vit`` builds the same shorter timm ViT; a probe
-of the mean patch token (``probe_pool="avg"``) adds ``global_pool: "avg", fc_norm: false``.
+`save_checkpoint` writes what `timm.models.save_for_hf` writes: ``model.safetensors`` and a
+``config.json`` with ``architecture``, ``num_classes``, ``label_names`` (the class names),
+``model_args`` (how to rebuild this very model) and ``pretrained_cfg`` (mean, std, the
+training resolution as ``input_size``, crop). So plain timm rebuilds it with identical
+logits::
+
+    model = timm.create_model("local-dir:<dir>", pretrained=True)
+    model.pretrained_cfg["label_names"]  # the class names
+
+and `explorer.models.load_vit(f"local:{dir}")` loads it the same way. How the model came to
+be (base model, mode, metrics, training config) is kept under ``config.json["fine_tune"]``,
+which timm ignores. A linear probe after block K (``probe_block``) is a model truncated to K
+blocks, recorded as ``model_args["depth"]``; a probe of the mean patch token
+(``probe_pool="avg"``) records ``global_pool: "avg", fc_norm: false``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import timm
-from safetensors.torch import save_file
+from timm.models import save_for_hf
 
 from explorer.finetune.engine import FinetuneConfig, FinetuneResult
 from explorer.models import cache_dir, register_local_model
@@ -32,28 +38,11 @@ def finetuned_dir() -> Path:
     return cache_dir() / "finetuned"
 
 
-def checkpoint_config(result: FinetuneResult, base_model: str, config: FinetuneConfig) -> dict:
-    """The ``config.json`` content for a fine-tuned model."""
-    model = result.model
-    data_config = timm.data.resolve_model_data_config(model)
-    height, width = result.resolution
-    architecture = model.pretrained_cfg.get("architecture")
-    if not architecture:
-        raise ValueError("the model's pretrained_cfg does not name its timm architecture")
-    meta = {
-        "architecture": architecture,
-        "num_classes": len(result.classes),
-        "img_size": [height, width],
-        "classes": list(result.classes),
-        "pretrained_cfg": {
-            "mean": list(data_config["mean"]),
-            "std": list(data_config["std"]),
-            "input_size": [3, height, width],
-            "interpolation": data_config.get("interpolation", "bicubic"),
-            "crop_pct": 1.0,
-        },
+def fine_tune_record(result: FinetuneResult, base_model: str, config: FinetuneConfig) -> dict:
+    """How the model came to be: stored as ``config.json["fine_tune"]`` (timm ignores it)."""
+    return {
         "base_model": base_model,
-        "resolution": [height, width],
+        "resolution": list(result.resolution),
         "mode": config.mode,
         "metrics": {
             "val_acc": result.val_acc,
@@ -65,31 +54,48 @@ def checkpoint_config(result: FinetuneResult, base_model: str, config: FinetuneC
         "timm_version": timm.__version__,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    kwargs = {}
-    if config.probe_block is not None:  # truncated: rebuild with as many blocks as were kept
-        kwargs["depth"] = len(model.blocks)
+
+
+def rebuild_args(result: FinetuneResult, config: FinetuneConfig) -> dict:
+    """timm constructor arguments for changes the engine made after construction.
+
+    timm records the factory's arguments, the head (``num_classes``, ``global_pool``) and the
+    input size itself; truncating the blocks and dropping ``fc_norm`` it cannot see.
+    """
+    model = result.model
+    args: dict = {"depth": len(model.blocks)}  # fewer than built after a probe_block probe
     if config.probe_pool is not None:  # the pooling the probe read (norm before pooling)
-        kwargs.update(global_pool=model.global_pool, fc_norm=False)
-    if kwargs:
-        meta["model_kwargs"] = kwargs
-    return meta
+        args["fc_norm"] = False
+    return args
 
 
 def save_checkpoint(result: FinetuneResult, out_dir: str | os.PathLike, base_model: str,
                     config: FinetuneConfig) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (created; atomic rename).
+    """Write the checkpoint in timm's layout into ``out_dir`` (created; atomic rename).
 
     Returns:
-        The checkpoint directory, loadable with ``load_vit(f"local:{out_dir}")``.
+        The checkpoint directory: ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)``
+        or ``load_vit(f"local:{out_dir}")`` rebuild the model.
     """
     out_dir = Path(out_dir)
+    if not result.model.pretrained_cfg.get("architecture"):
+        raise ValueError("the model's pretrained_cfg does not name its timm architecture")
+    height, width = result.resolution
+    data_config = timm.data.resolve_model_data_config(result.model)
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    meta = checkpoint_config(result, base_model, config)
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2, default=float))
+    save_for_hf(
+        result.model,  # safetensors copies tensors off the GPU itself
+        str(tmp),
+        model_config={"label_names": list(result.classes),
+                      "fine_tune": fine_tune_record(result, base_model, config)},
+        model_args=rebuild_args(result, config),
+        safe_serialization=True,
+        # Inputs as trained: the training resolution, the whole image (no centre crop).
+        data_config={"input_size": (3, height, width), "crop_pct": 1.0,
+                     "mean": data_config["mean"], "std": data_config["std"],
+                     "interpolation": data_config.get("interpolation", "bicubic")},
+    )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

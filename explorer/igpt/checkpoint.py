@@ -1,5 +1,8 @@
 """Which iGPT models exist and how to load them: a catalogue as data, one bounded cache.
 
+Loaded models live in `IGPT_CACHE` (an `explorer.cache.KeyedCache`): at most three, and two
+first requests for one model load it once (a hub model can be GBs).
+
 - the offline default, trained here on Fashion-MNIST, in `assets/igpt/`;
 - OpenAI's `openai/imagegpt-small|medium|large` through transformers, from the Hugging Face
   Hub (needs internet), with their own 512 k-means colour clusters;
@@ -12,20 +15,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from explorer.cache import KeyedCache
+from explorer.errors import ModelUnavailableError
 from explorer.igpt.model import IGPTConfig, ImageGPT
 from explorer.igpt.palette import Palette, cluster_palette, load_palette, save_palette
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "igpt"
 OFFLINE_NAME = "Fashion-MNIST iGPT (trained here, offline)"
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model cannot be loaded (no internet, missing files); the message says why for a human."""
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,22 @@ def load_igpt(name: str, fast: bool = False) -> LoadedIGPT:
     return _load_cached(spec.source, spec.location, name, fast)
 
 
-@lru_cache(maxsize=3)  # a hub model can be GBs: a model, its fast copy and one more at most
-def _load_cached(source: str, location: str, name: str, fast: bool = False) -> LoadedIGPT:
-    if fast:
-        from explorer.igpt.fast import fast_decoder
+# A hub model can be GBs: a model, its fast copy and one more at most.
+IGPT_CACHE: KeyedCache[LoadedIGPT] = KeyedCache(max_items=3)
 
-        base = _load_cached(source, location, name, False)  # the same cache key as a plain load
-        return dataclasses.replace(base, model=fast_decoder(base.model))
-    if source == "hub":
-        return _load_hub(location, name)
-    return load_local(location, name)
+
+def _load_cached(source: str, location: str, name: str, fast: bool = False) -> LoadedIGPT:
+    def build() -> LoadedIGPT:
+        if fast:
+            from explorer.igpt.fast import fast_decoder
+
+            base = _load_cached(source, location, name, False)  # the plain load's cache key
+            return dataclasses.replace(base, model=fast_decoder(base.model))
+        if source == "hub":
+            return _load_hub(location, name)
+        return load_local(location, name)
+
+    return IGPT_CACHE.get_or_build((source, location, name, fast), build)
 
 
 def load_local(directory: str | Path, name: str | None = None) -> LoadedIGPT:

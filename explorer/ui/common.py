@@ -10,6 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from explorer import images, models, patches
+from explorer.errors import ModelUnavailableError
 
 
 def example_images() -> list[str]:
@@ -51,7 +52,7 @@ def user_errors() -> Iterator[None]:
     """Turn the errors meant for people into `gr.Error`; anything else stays a bug."""
     try:
         yield
-    except (images.ImageError, models.ModelUnavailableError) as err:
+    except (images.ImageError, ModelUnavailableError) as err:  # ViT and iGPT loaders alike
         raise gr.Error(str(err)) from err
     except Exception as err:  # out-of-memory is the user's size choice, not a bug
         if "out of memory" in str(err).lower() or isinstance(err, MemoryError):

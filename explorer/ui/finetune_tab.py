@@ -2,8 +2,9 @@
 
 Training events share one concurrency group of size one (``concurrency_id="finetune"``):
 one job at a time, others wait in the queue, and the analysis tabs (group "analysis") keep
-serving. The trained model is saved as safetensors + JSON and registered, so it appears in
-every tab's model picker.
+serving. The trained model is saved in timm's checkpoint layout (config.json +
+model.safetensors, loadable with ``timm.create_model("local-dir:<dir>", pretrained=True)``)
+and registered, so it appears in every tab's model picker.
 """
 
 from __future__ import annotations
