@@ -42,17 +42,18 @@ Progress = Callable[[int, int], None]  # (images done, images in total)
 # ---------------------------------------------------------------------------------------
 
 
-def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int], device=None) -> torch.Tensor:
     """(rows*cols, 2) centre of every patch in input pixels, (y, x), row-major like tokens."""
     (rows, cols), (ph, pw) = grid, patch_size
-    ys = (torch.arange(rows, dtype=torch.float64) + 0.5) * ph
-    xs = (torch.arange(cols, dtype=torch.float64) + 0.5) * pw
+    ys = (torch.arange(rows, dtype=torch.float64, device=device) + 0.5) * ph
+    xs = (torch.arange(cols, dtype=torch.float64, device=device) + 0.5) * pw
     return torch.cartesian_prod(ys, xs)
 
 
-def patch_distance_matrix(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+def patch_distance_matrix(grid: tuple[int, int], patch_size: tuple[int, int],
+                          device=None) -> torch.Tensor:
     """(n, n) Euclidean distance in pixels between patch centres, n = rows * cols."""
-    c = patch_centres(grid, patch_size)
+    c = patch_centres(grid, patch_size, device)
     return torch.cdist(c, c).float()
 
 
@@ -102,16 +103,18 @@ def mean_attention_distance(
 class LayerDistance:
     """Mean attention distance of one layer's attention: the per-layer contraction.
 
-    Holds the (n, N) patch-distance matrix (zero columns for prefix keys), built once.
+    Holds the (n, N) patch-distance matrix (zero columns for prefix keys), built once on
+    ``device`` (that of the attention it will reduce).
     """
 
-    def __init__(self, grid, patch_size, num_prefix_tokens: int, prefix: str = "drop"):
+    def __init__(self, grid, patch_size, num_prefix_tokens: int, prefix: str = "drop",
+                 device=None):
         if prefix not in ("drop", "keep"):
             raise ValueError(f"prefix must be 'drop' or 'keep', not {prefix!r}.")
         ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
         self.p, self.n, self.prefix = num_prefix_tokens, grid[0] * grid[1], prefix
-        dist = patch_distance_matrix(grid, (ph, pw))
-        self.dist = torch.cat([torch.zeros(self.n, self.p), dist], dim=1)  # prefix keys: 0
+        dist = patch_distance_matrix(grid, (ph, pw), device)
+        self.dist = torch.cat([dist.new_zeros(self.n, self.p), dist], dim=1)  # prefix keys: 0
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         """(..., H, N, N) attention -> (..., H) mean distance in pixels."""
@@ -145,9 +148,11 @@ def model_mean_attention_distance(
     Each layer is reduced while the forward runs (`attention_maps` ``on_probs``): the
     attention probabilities are computed once and never kept.
     """
+    pixels = pixels.to(model_device(model))
     ph, pw = patch_size(model)
     grid = grid_for(pixels.shape[-2:], (ph, pw))
-    layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix)
+    layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix,
+                                   device=model_device(model))
     per_layer: list[torch.Tensor] = []
     attention_maps(model, pixels, keep_head_mean=False, keep_qk=False,
                    on_probs=lambda _layer, a: per_layer.append(layer_distance(a)))
@@ -501,7 +506,7 @@ def effective_receptive_fields(
             distances.append(float((w * dist).sum()))
             half = (rf.size - 1) / 2
             inside = ((ys - centre_y).abs() <= half) & ((xs - centre_x).abs() <= half)
-            uniform.append(float(dist[inside].mean()))
+            uniform.append(float((dist * inside).sum() / inside.sum()))  # no data-dependent shape
             maps.append(w / w.max().clamp_min(1e-30))
     side = float(max(H, W))
     return CNNReceptiveFields(

@@ -25,7 +25,9 @@ CLASS_NAMES = ["ant", "bee", "cat", "dog"]
 def odd_vit(seed: int = 0) -> torch.nn.Module:
     """The odd-shaped ViT with seeded random weights (eval mode, CPU)."""
     torch.manual_seed(seed)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, **ARGS).eval()
+    # dynamic_img_size is how explorer.models builds every ViT (any multiple of the patch).
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True,
+                              **ARGS).eval()
     # The data config travels with the weights: trained at SIZE px, not the 224 of the
     # architecture's default entry.
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, SIZE, SIZE)}
