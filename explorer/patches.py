@@ -7,9 +7,11 @@ distillation and register tokens, and any (height, width) multiple of the patch 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
@@ -105,6 +107,20 @@ def model_geometry(model: torch.nn.Module, data_config: dict) -> ModelGeometry:
         prefix_names=tuple(prefix_token_names(model)),
         class_token=has_class_token(model),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def architecture_geometry(architecture: str, **model_args) -> ModelGeometry:
+    """`model_geometry` of a timm architecture, built on the ``meta`` device: no weights are
+    made or read, so a UI can lay out its controls before any model loads.
+
+    Args:
+        architecture: a timm model name (its pretrained tag, if any, picks the data config).
+        model_args: constructor arguments, as the loader would pass them.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    return model_geometry(model, timm.data.resolve_model_data_config(model))
 
 
 def prefix_token_names(model: torch.nn.Module) -> list[str]:

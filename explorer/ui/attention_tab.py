@@ -24,7 +24,6 @@ tokens. **Click a patch** on the input to see what that patch attends to.
 
 HEAD_CHOICES = ["mean", "max", "min"]
 N_VIEWS = 10  # outputs of `render`
-UNKNOWN_DEPTH = 2  # sliders' range until the model's depth arrives (gradio needs min < max)
 
 
 def head_choices(num_heads: int) -> list[str]:
@@ -182,15 +181,17 @@ def build_attention_tab() -> None:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     gr.Markdown(INTRO)
     session = gr.State(None)
+    geometry = common.default_geometry()  # the picker starts on the default model
+    depth, labels = geometry.depth, view_labels(geometry)
     with gr.Row():
         with gr.Column(scale=1):
             image, model = common.image_and_model("attn", height=260)
             width, height, fit = common.resolution_inputs("attn")
             run = gr.Button("Show attention", variant="primary", elem_id="attn-run")
         with gr.Column(scale=1):
-            # Layer, start and head limits come from the model (`model_controls`, on load and
-            # on every model change, and again with each analysis).
-            layer = gr.Slider(1, UNKNOWN_DEPTH, value=UNKNOWN_DEPTH, step=1, label="Layer",
+            # Layer, start and head limits come from the model: the default's at first, then
+            # `model_controls` on every model change and `analyse_and_render` with each run.
+            layer = gr.Slider(1, max(depth, 2), value=depth, step=1, label="Layer",
                               elem_id="attn-layer",
                               info="1 = first block; the maximum is the model's depth")
             fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Fuse heads by")
@@ -198,7 +199,7 @@ def build_attention_tab() -> None:
                 roll_fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Rollout head fusion")
                 discard = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio",
                                     info="share of the weakest links dropped per layer")
-                start = gr.Slider(1, UNKNOWN_DEPTH, value=1, step=1, label="Start layer",
+                start = gr.Slider(1, max(depth, 2), value=1, step=1, label="Start layer",
                                   elem_id="attn-start")
             keep = gr.Slider(0.1, 1.0, value=0.6, step=0.05, label="DINO mask: attention mass kept")
             with gr.Row():
@@ -209,7 +210,8 @@ def build_attention_tab() -> None:
             shown = gr.Image(label="Input as the model sees it: click a patch", format="png",
                              interactive=False, elem_id="attn-input")
             query_info = gr.Markdown("Click a patch on the input image.", elem_id="attn-query-info")
-            query_head = gr.Dropdown(HEAD_CHOICES, value="mean", label="Query map: head",
+            query_head = gr.Dropdown(head_choices(geometry.num_heads), value="mean",
+                                     label="Query map: head",
                                      elem_id="attn-query-head")
             with gr.Row():
                 q_row = gr.Number(label="Patch row (0-based)", precision=0, elem_id="attn-q-row")
@@ -218,12 +220,12 @@ def build_attention_tab() -> None:
                          interactive=False, elem_id="attn-query")
     query_strip = gr.Image(label="Clicked patch: attention in every layer", format="png",
                            interactive=False, elem_id="attn-query-strip")
-    heads = gr.Image(label="Class token -> patches, every head of the chosen layer, and fused",
+    heads = gr.Image(label=labels["heads"],
                      format="png", interactive=False, elem_id="attn-heads")
-    strip = gr.Image(label="Class token -> patches, every layer (fused)", format="png",
+    strip = gr.Image(label=labels["strip"], format="png",
                      interactive=False, elem_id="attn-strip")
     with gr.Row():
-        rollout = gr.Image(label="Attention rollout (class token)", format="png",
+        rollout = gr.Image(label=labels["rollout"], format="png",
                            interactive=False, elem_id="attn-rollout")
         with gr.Column():
             relevance = gr.Image(label="Class-specific relevance", format="png",
@@ -244,9 +246,9 @@ def build_attention_tab() -> None:
     views = [heads, strip, rollout, masks, prefix_plot, norm_map, norm_plot, norm_note,
              relevance, relevance_note]
     controls = [layer, start, query_head, heads, strip, rollout]
-    gr.on(None, model_controls, inputs=model, outputs=controls,
-          api_name="attention_geometry", concurrency_limit=common.concurrency_limit(),
-          concurrency_id="analysis", show_progress="hidden")  # None: on load and model change
+    model.change(model_controls, inputs=model, outputs=controls, api_name="attention_geometry",
+                 concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
+                 show_progress="hidden")
     run.click(analyse_and_render, inputs=[image, model, width, height, fit, *settings, query_head],
               outputs=[session, summary, shown, *views, *controls, query_img, query_strip,
                        query_info],

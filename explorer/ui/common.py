@@ -145,6 +145,12 @@ def resolution_for(model, data_config, width: float | None, height: float | None
     return size
 
 
+def default_geometry() -> patches.ModelGeometry:
+    """The default model's geometry without loading it: what the controls start with."""
+    entry = models.CATALOGUE[models.DEFAULT_MODEL]
+    return patches.architecture_geometry(entry.architecture, dynamic_img_size=True)
+
+
 def model_geometry(model_name: str | None) -> patches.ModelGeometry | None:
     """The geometry of the named ViT (loaded, cached), or None when it cannot be loaded here.
 
