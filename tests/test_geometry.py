@@ -209,3 +209,16 @@ def test_api_geometry_endpoints(odd):
         assert f"grid of **{GRID}x{GRID}**" in summary and "(REG1)" in summary
     finally:
         demo.close()
+
+
+def test_build_time_geometry_is_the_loaded_default_models():
+    """Controls start from the default's architecture built on meta: the same geometry as
+    the loaded weights give."""
+    model, config = models.load_vit(None)
+    assert common.default_geometry() == patches.model_geometry(model, config)
+
+
+def test_an_unavailable_model_leaves_the_controls_alone(tmp_path):
+    assert common.model_geometry(f"local:{tmp_path / 'nothing-here'}") is None
+    updates = attention_tab.model_controls(f"local:{tmp_path / 'nothing-here'}")
+    assert len(updates) == 6 and all(u == gr.skip() for u in updates)

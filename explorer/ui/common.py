@@ -159,7 +159,7 @@ def model_geometry(model_name: str | None) -> patches.ModelGeometry | None:
     """
     try:
         model, data_config = models.load_vit(model_name)
-    except models.ModelUnavailableError:
+    except ModelUnavailableError:
         return None
     return patches.model_geometry(model, data_config)
 
