@@ -106,3 +106,17 @@ def test_callback_prologue_puts_pixels_on_the_models_device(monkeypatch):
     _, _, pixels = common.model_and_pixels(str(images.EXAMPLES_DIR / "rocket.jpg"), "any",
                                            0, 0, "crop")
     assert pixels.device.type == "meta" and pixels.shape == (1, 3, 64, 64)
+
+
+def test_no_numpy_without_cpu_in_explorer():
+    """A CUDA tensor's ``.numpy()`` raises: every call in the package goes through ``.cpu()``
+    (``explorer.plots.colors.as_array`` for the views)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "explorer"
+    bare = re.compile(r"(?<!\.cpu\(\))\.numpy\(\)")
+    offenders = [f"{path.relative_to(root.parent)}:{i}"
+                 for path in sorted(root.rglob("*.py"))
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if bare.search(line)]
+    assert not offenders, offenders
