@@ -84,7 +84,7 @@ def default_size(native: tuple[int, int], patch: tuple[int, int],
     high resolution still answers quickly on a CPU.
     """
     grid = grid_for(native, patch)
-    scale = min(1.0, max_grid / max(grid))
+    scale = min(1.0, max_grid / max(*grid, 1))
     return tuple(max(1, round(g * scale)) * p for g, p in zip(grid, patch, strict=True))
 
 
