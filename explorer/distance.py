@@ -29,7 +29,7 @@ from explorer import datasets
 from explorer.attention import AttentionMaps, EachLayer, capture
 from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.images import ImageError, example_paths, open_image, prepare_pixels
-from explorer.patches import grid_for, patch_size
+from explorer.patches import grid_for, model_device, patch_size
 
 Progress = Callable[[int, int], None]  # (images done, images in total)
 
@@ -39,17 +39,18 @@ Progress = Callable[[int, int], None]  # (images done, images in total)
 # ---------------------------------------------------------------------------------------
 
 
-def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+def patch_centres(grid: tuple[int, int], patch_size: tuple[int, int], device=None) -> torch.Tensor:
     """(rows*cols, 2) centre of every patch in input pixels, (y, x), row-major like tokens."""
     (rows, cols), (ph, pw) = grid, patch_size
-    ys = (torch.arange(rows, dtype=torch.float64) + 0.5) * ph
-    xs = (torch.arange(cols, dtype=torch.float64) + 0.5) * pw
+    ys = (torch.arange(rows, dtype=torch.float64, device=device) + 0.5) * ph
+    xs = (torch.arange(cols, dtype=torch.float64, device=device) + 0.5) * pw
     return torch.cartesian_prod(ys, xs)
 
 
-def patch_distance_matrix(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
+def patch_distance_matrix(grid: tuple[int, int], patch_size: tuple[int, int],
+                          device=None) -> torch.Tensor:
     """(n, n) Euclidean distance in pixels between patch centres, n = rows * cols."""
-    c = patch_centres(grid, patch_size)
+    c = patch_centres(grid, patch_size, device)
     return torch.cdist(c, c).float()
 
 
@@ -99,16 +100,18 @@ def mean_attention_distance(
 class LayerDistance:
     """Mean attention distance of one layer's attention: the per-layer contraction.
 
-    Holds the (n, N) patch-distance matrix (zero columns for prefix keys), built once.
+    Holds the (n, N) patch-distance matrix (zero columns for prefix keys), built once on
+    ``device`` (that of the attention it will reduce).
     """
 
-    def __init__(self, grid, patch_size, num_prefix_tokens: int, prefix: str = "drop"):
+    def __init__(self, grid, patch_size, num_prefix_tokens: int, prefix: str = "drop",
+                 device=None):
         if prefix not in ("drop", "keep"):
             raise ValueError(f"prefix must be 'drop' or 'keep', not {prefix!r}.")
         ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
         self.p, self.n, self.prefix = num_prefix_tokens, grid[0] * grid[1], prefix
-        dist = patch_distance_matrix(grid, (ph, pw))
-        self.dist = torch.cat([torch.zeros(self.n, self.p), dist], dim=1)  # prefix keys: 0
+        dist = patch_distance_matrix(grid, (ph, pw), device)
+        self.dist = torch.cat([dist.new_zeros(self.n, self.p), dist], dim=1)  # prefix keys: 0
 
     def __call__(self, a: torch.Tensor) -> torch.Tensor:
         """(..., H, N, N) attention -> (..., H) mean distance in pixels."""
@@ -116,7 +119,7 @@ class LayerDistance:
         if a.shape[-1] != p + n:
             raise ValueError(f"Attention over {a.shape[-1]} tokens, expected {p} prefix + {n}.")
         rows = a[..., p:, :]  # (..., H, n, N): patch queries only
-        d = torch.einsum("...qk,qk->...q", rows, self.dist.to(a.dtype))  # one contraction
+        d = torch.einsum("...qk,qk->...q", rows, self.dist.to(a.device, a.dtype))  # one contraction
         if self.prefix == "drop" and p:
             d = d / (1.0 - rows[..., :p].sum(dim=-1)).clamp_min(1e-12)
         return d.mean(dim=-1)
@@ -142,9 +145,11 @@ def model_mean_attention_distance(
     Each layer is reduced while the forward runs (the capture's `EachLayer` reduction, and
     nothing else kept): the attention probabilities are computed once and never stored.
     """
+    pixels = pixels.to(model_device(model))
     ph, pw = patch_size(model)
     grid = grid_for(pixels.shape[-2:], (ph, pw))
-    layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix)
+    layer_distance = LayerDistance(grid, (ph, pw), int(model.num_prefix_tokens), prefix,
+                                   device=model_device(model))
     per_layer: list[torch.Tensor] = []
     capture(model, pixels, [EachLayer(lambda _layer, a: per_layer.append(layer_distance(a)))])
     return _finish(per_layer, per_image)
@@ -237,6 +242,7 @@ def dataset_mean_attention_distance(
     per_image = []
     for i in range(0, len(images), batch_size):
         batch = torch.cat([prepare_pixels(im, data_config, size) for im in images[i : i + batch_size]])
+        batch = batch.to(model_device(model))
         per_image.append(model_mean_attention_distance(model, batch, prefix, per_image=True))
         if progress is not None:
             progress(min(i + batch_size, len(images)), len(images))
@@ -322,7 +328,7 @@ def compare_models(
     """
     out, rate = [], 0.0
     for i, (label, model, config, size) in enumerate(entries):
-        pixels = prepare_pixels(image, config, size, fit)
+        pixels = prepare_pixels(image, config, size, fit).to(model_device(model))
         start = time.perf_counter()
         out.append((label, model_mean_attention_distance(model, pixels, prefix)))
         if i == 0:
@@ -456,15 +462,15 @@ def effective_receptive_fields(
     """
     fields = theoretical_receptive_fields(stages)
     H, W = pixels.shape[-2:]
-    x = pixels.detach().clone().requires_grad_(True)
+    x = pixels.detach().to(model_device(model)).clone().requires_grad_(True)
     outputs = []
     with torch.enable_grad():
         h = x
         for _, stage in stages:
             h = stage(h)
             outputs.append(h)
-        ys = torch.arange(H, dtype=torch.float32)[:, None]
-        xs = torch.arange(W, dtype=torch.float32)[None, :]
+        ys = torch.arange(H, dtype=torch.float32, device=x.device)[:, None]
+        xs = torch.arange(W, dtype=torch.float32, device=x.device)[None, :]
         maps, distances, uniform = [], [], []
         for i, (out, rf) in enumerate(zip(outputs, fields, strict=True)):
             cy, cx = out.shape[-2] // 2, out.shape[-1] // 2
@@ -476,7 +482,7 @@ def effective_receptive_fields(
             distances.append(float((w * dist).sum()))
             half = (rf.size - 1) / 2
             inside = ((ys - centre_y).abs() <= half) & ((xs - centre_x).abs() <= half)
-            uniform.append(float(dist[inside].mean()))
+            uniform.append(float((dist * inside).sum() / inside.sum()))  # no data-dependent shape
             maps.append(w / w.max().clamp_min(1e-30))
     side = float(max(H, W))
     return CNNReceptiveFields(

@@ -233,4 +233,4 @@ def pixels_to_image(pixels: torch.Tensor, data_config: dict) -> np.ndarray:
     mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
     std = torch.tensor(data_config["std"]).view(3, 1, 1)
     rgb = (pixels * std + mean).clamp(0, 1).permute(1, 2, 0)
-    return (rgb * 255 + 0.5).to(torch.uint8).numpy()
+    return (rgb * 255 + 0.5).to(torch.uint8).cpu().numpy()

@@ -7,9 +7,11 @@ distillation and register tokens, and any (height, width) multiple of the patch 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
@@ -19,6 +21,11 @@ def patch_size(model: torch.nn.Module) -> tuple[int, int]:
     """(height, width) of one patch in pixels."""
     ph, pw = model.patch_embed.patch_size
     return int(ph), int(pw)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live: analyses create their tensors there."""
+    return next(model.parameters()).device
 
 
 def grid_for(size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
@@ -34,6 +41,86 @@ def has_class_token(model: torch.nn.Module) -> bool:
     has prefix tokens, none of which is a class token.
     """
     return getattr(model, "cls_token", None) is not None and int(getattr(model, "num_prefix_tokens", 1)) > 0
+
+
+DEFAULT_MAX_GRID = 16  # patches per side shown by default: 224 px for a 14 px patch
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What the UI's controls need to know about a ViT, read from the model itself.
+
+    Attributes:
+        depth: number of transformer blocks (``len(model.blocks)``).
+        num_heads: attention heads per block (``blocks[i].attn.num_heads``; the most of any
+            block, should a model vary them).
+        patch: (height, width) of a patch in pixels.
+        native_size: (height, width) the weights were trained at (timm's data config).
+        default_size: (height, width) offered by default: the native size, or, when that
+            grid has more than ``DEFAULT_MAX_GRID`` patches a side (DINOv2's 37 at 518 px),
+            the same aspect with ``DEFAULT_MAX_GRID`` patches on the longer side.
+        prefix_names: the prefix tokens, in order (`prefix_token_names`).
+        class_token: whether the first token is a class token (`has_class_token`).
+    """
+
+    depth: int
+    num_heads: int
+    patch: tuple[int, int]
+    native_size: tuple[int, int]
+    default_size: tuple[int, int]
+    prefix_names: tuple[str, ...]
+    class_token: bool
+
+    @property
+    def default_grid(self) -> tuple[int, int]:
+        return grid_for(self.default_size, self.patch)
+
+
+def default_size(native: tuple[int, int], patch: tuple[int, int],
+                 max_grid: int = DEFAULT_MAX_GRID) -> tuple[int, int]:
+    """The size offered by default: ``native``, shrunk to at most ``max_grid`` patches a side.
+
+    Shrinking keeps the aspect ratio (to whole patches, at least one) so a model trained at a
+    high resolution still answers quickly on a CPU.
+    """
+    grid = grid_for(native, patch)
+    scale = min(1.0, max_grid / max(*grid, 1))
+    return tuple(max(1, round(g * scale)) * p for g, p in zip(grid, patch, strict=True))
+
+
+def model_geometry(model: torch.nn.Module, data_config: dict) -> ModelGeometry:
+    """The geometry of ``model`` as `ModelGeometry`.
+
+    Args:
+        model: a timm VisionTransformer (any device, ``meta`` included: no tensor is read).
+        data_config: its ``timm.data.resolve_model_data_config(model)``.
+    """
+    patch = patch_size(model)
+    _, height, width = data_config["input_size"]
+    native = (int(height), int(width))
+    return ModelGeometry(
+        depth=len(model.blocks),
+        num_heads=max(int(block.attn.num_heads) for block in model.blocks),
+        patch=patch,
+        native_size=native,
+        default_size=default_size(native, patch),
+        prefix_names=tuple(prefix_token_names(model)),
+        class_token=has_class_token(model),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def architecture_geometry(architecture: str, **model_args) -> ModelGeometry:
+    """`model_geometry` of a timm architecture, built on the ``meta`` device: no weights are
+    made or read, so a UI can lay out its controls before any model loads.
+
+    Args:
+        architecture: a timm model name (its pretrained tag, if any, picks the data config).
+        model_args: constructor arguments, as the loader would pass them.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    return model_geometry(model, timm.data.resolve_model_data_config(model))
 
 
 def prefix_token_names(model: torch.nn.Module) -> list[str]:
@@ -56,29 +143,38 @@ def prefix_token_names(model: torch.nn.Module) -> list[str]:
 def principal_directions(x: torch.Tensor, k: int) -> torch.Tensor:
     """Top-``k`` principal directions of the rows of ``x`` (centred here), largest first.
 
-    Computed from numpy's eigen-decomposition of the smaller Gram matrix in float64. Not
-    ``torch.linalg.svd``/``eigh``: on a busy 2-core CPU (two requests at once) torch's
-    threaded LAPACK calls were many times slower for these sizes (BENCHMARKS.md, "Serving
-    and first load").
+    From the eigen-decomposition of the smaller Gram matrix in float64, on ``x``'s device.
+    On the CPU the decomposition is numpy's: there torch's threaded LAPACK ``eigh``/``svd``
+    was several times slower under concurrent requests (BENCHMARKS.md,
+    "Serving and first load").
 
     Args:
         x: (n, d) samples.
 
     Returns:
-        (min(k, n, d), d) orthonormal directions (signs arbitrary, as with any PCA).
+        (min(k, n, d), d) orthonormal directions (signs arbitrary, as with any PCA), float32
+        on ``x``'s device.
     """
-    x = x.detach().double().cpu().numpy()
-    x = x - x.mean(axis=0, keepdims=True)
+    x = x.detach().double()
+    x = x - x.mean(dim=0, keepdim=True)
     n, d = x.shape
     k = min(k, n, d)
     if d <= n:
-        _, vecs = np.linalg.eigh(x.T @ x)  # ascending eigenvalues
-        dirs = vecs[:, ::-1][:, :k].T
+        _, vecs = _eigh(x.T @ x)  # ascending eigenvalues
+        dirs = vecs.flip(-1)[:, :k].T
     else:
-        vals, vecs = np.linalg.eigh(x @ x.T)  # (n, n): right vectors are xᵀu / sqrt(λ)
-        u, top = vecs[:, ::-1][:, :k], np.maximum(vals[::-1][:k], 1e-30)
-        dirs = (x.T @ u / np.sqrt(top)).T
-    return torch.from_numpy(np.ascontiguousarray(dirs)).float()
+        vals, vecs = _eigh(x @ x.T)  # (n, n): right vectors are xᵀu / sqrt(λ)
+        u, top = vecs.flip(-1)[:, :k], vals.flip(-1)[:k].clamp_min(1e-30)
+        dirs = (x.T @ u / top.sqrt()).T
+    return dirs.float().contiguous()
+
+
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, on its own device."""
+    if gram.device.type == "cpu":
+        vals, vecs = np.linalg.eigh(gram.cpu().numpy())
+        return torch.from_numpy(vals), torch.from_numpy(np.ascontiguousarray(vecs))
+    return torch.linalg.eigh(gram)
 
 
 def patch_embedding_components(model: torch.nn.Module, k: int = 28) -> torch.Tensor:
@@ -91,7 +187,7 @@ def patch_embedding_components(model: torch.nn.Module, k: int = 28) -> torch.Ten
     Returns:
         (k, 3, ph, pw) components, each scaled to [0, 1] for display as an RGB tile.
     """
-    weight = model.patch_embed.proj.weight.detach().float().cpu()  # (D, 3, ph, pw)
+    weight = model.patch_embed.proj.weight.detach().float()  # (D, 3, ph, pw)
     comps = principal_directions(weight.flatten(1), k)  # (k, 3*ph*pw)
     lo = comps.min(dim=1, keepdim=True).values
     hi = comps.max(dim=1, keepdim=True).values
@@ -111,7 +207,7 @@ def patch_position_embedding(model: torch.nn.Module, grid: tuple[int, int] | Non
     """
     native = tuple(int(g) for g in model.patch_embed.grid_size)
     pos_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    pos = model.pos_embed.detach().float().cpu()
+    pos = model.pos_embed.detach().float()
     grid = tuple(grid) if grid is not None else native
     if grid != native:
         # The same call timm's VisionTransformer._pos_embed makes with dynamic_img_size.
@@ -204,7 +300,7 @@ def feature_pca_rgb(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tens
     Returns:
         (rows, cols, 3) float tensor in [0, 1].
     """
-    x = features.float().cpu()
+    x = features.detach().float()
     x = x - x.mean(dim=0, keepdim=True)
     proj = x @ principal_directions(x, 3).T  # (N, 3)
     lo = torch.quantile(proj, 0.01, dim=0, keepdim=True)
@@ -251,8 +347,8 @@ def analyse_tokenization(model: torch.nn.Module, pixels: torch.Tensor) -> Tokeni
     size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
     grid = grid_for(size, patch)
     native_grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    device = next(model.parameters()).device
-    features = last_layer_patch_features(model, pixels.to(device))[0]
+    pixels = pixels.to(model_device(model))
+    features = last_layer_patch_features(model, pixels)[0]
     return TokenizationResult(
         pixels=pixels,
         size=size,

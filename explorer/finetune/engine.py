@@ -409,8 +409,8 @@ def _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch):
         labels_all.append(labels.cpu())
         index_all.append(index.cpu())
     order = torch.cat(index_all).argsort()
-    yield _record_eval(result, torch.cat(labels_all)[order].numpy(),
-                       torch.cat(preds)[order].numpy(), loss_sum / len(order), step,
+    yield _record_eval(result, torch.cat(labels_all)[order].cpu().numpy(),
+                       torch.cat(preds)[order].cpu().numpy(), loss_sum / len(order), step,
                        steps_per_epoch, start)
 
 

@@ -40,7 +40,7 @@ def in_rgb9(image: Image.Image, max_side: int = 256) -> tuple[np.ndarray, np.nda
     img = image.convert("RGB")
     img.thumbnail((max_side, max_side), Image.BOX)
     arr = np.asarray(img)
-    return arr, rgb9_dequantize(rgb9_quantize(torch.from_numpy(arr.copy()))).numpy()
+    return arr, rgb9_dequantize(rgb9_quantize(torch.from_numpy(arr.copy()))).cpu().numpy()
 
 
 @dataclass

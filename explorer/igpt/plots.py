@@ -14,7 +14,7 @@ MARK = (220, 40, 40)  # the line that marks where the kept rows end
 
 def tokens_to_image(tokens: torch.Tensor, palette: Palette, scale: int = 1) -> Image.Image:
     """(H, W) tokens -> RGB PIL image, each pixel blown up to scale×scale (nearest)."""
-    rgb = palette.dequantize(tokens).numpy()  # (H, W, 3) uint8
+    rgb = palette.dequantize(tokens).cpu().numpy()  # (H, W, 3) uint8
     img = Image.fromarray(rgb, "RGB")
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
@@ -38,7 +38,7 @@ def completion_grid(real: torch.Tensor, samples: torch.Tensor, palette: Palette,
     hidden = torch.zeros(H * W, dtype=torch.bool)
     if filled is not None:
         hidden[filled:] = True
-    hidden = hidden.view(H, W).numpy()
+    hidden = hidden.view(H, W).cpu().numpy()
     for i in range(n):
         for j in range(1 + k):
             tile = tokens_to_image(real[i] if j == 0 else samples[i, j - 1], palette)
@@ -66,7 +66,7 @@ def palette_swatch(palette: Palette, cell: int | None = None, per_row: int = 32)
     """All colours of the palette as a grid of cells, token 0 top-left, in token order.
 
     Small palettes get big cells with their token number written in."""
-    colors = palette.colors.numpy()  # (K, 3)
+    colors = palette.colors.cpu().numpy()  # (K, 3)
     K = len(colors)
     cell = cell or (36 if K <= 32 else 14)
     per_row = min(per_row, K)
@@ -92,7 +92,7 @@ def sequence_ribbon(tokens: torch.Tensor, palette: Palette, per_line: int | None
     H, W = tokens.shape
     per_line = per_line or 2 * W
     seq = tokens.flatten()[:max_tokens]
-    colors = palette.dequantize(seq).numpy()
+    colors = palette.dequantize(seq).cpu().numpy()
     n = len(seq) + 1  # + start token
     lines = -(-n // per_line)
     img = Image.new("RGB", (per_line * cell, lines * (cell + 3)), (255, 255, 255))
@@ -113,7 +113,7 @@ def bits_heatmap(bits: torch.Tensor, title: str = ""):
     import plotly.graph_objects as go
 
     H, W = bits.shape
-    fig = go.Figure(go.Heatmap(z=bits.numpy(), colorscale="Inferno", zmin=0,
+    fig = go.Figure(go.Heatmap(z=bits.cpu().numpy(), colorscale="Inferno", zmin=0,
                                colorbar={"title": "bits"},
                                hovertemplate="row %{y}, col %{x}: %{z:.2f} bits<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")

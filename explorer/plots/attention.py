@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
-import torch
 from PIL import Image, ImageDraw
 
-from explorer.plots.colors import colorize, font, mosaic, overlay, upscale
+from explorer.plots.colors import as_array, colorize, font, mosaic, overlay, upscale
 
 TILE = 192  # longer side of one tile in grids (keeps PNGs small and grids readable)
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _tile_image(image: np.ndarray, tile: int = TILE) -> np.ndarray:
@@ -51,7 +46,7 @@ def heat_overlay(
     cell: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """One (rows, cols) map over the image at full size; optional box on a query patch."""
-    heat = _np(heat)
+    heat = as_array(heat)
     out = overlay(image, heat, alpha=alpha, cmap=cmap)
     return mark_patch(out, heat.shape, cell) if cell is not None else out
 
@@ -66,7 +61,7 @@ def overlay_grid(
     cell: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Tiles of (k, rows, cols) maps over a small copy of the image, each scaled on its own."""
-    heats = _np(heats)
+    heats = as_array(heats)
     small = _tile_image(image)
     tiles = [heat_overlay(small, h, alpha, cmap, cell) for h in heats]
     cols = cols or min(len(tiles), 7)
@@ -79,14 +74,14 @@ def head_grid(image, heads, fused, how: str, layer: int, alpha=0.6, cmap="infern
     Args:
         heads: (H, rows, cols); fused: (rows, cols).
     """
-    heats = np.concatenate([_np(heads), _np(fused)[None]])
+    heats = np.concatenate([as_array(heads), as_array(fused)[None]])
     labels = [f"L{layer + 1} head {h + 1}" for h in range(len(heats) - 1)] + [f"L{layer + 1} {how}"]
     return overlay_grid(image, heats, labels, alpha, cmap)
 
 
 def layer_strip(image, per_layer, alpha=0.6, cmap="inferno", cell=None, title="layer"):
     """All layers at a glance: (L, rows, cols) maps, one tile per layer."""
-    per_layer = _np(per_layer)
+    per_layer = as_array(per_layer)
     labels = [f"{title} {i + 1}" for i in range(len(per_layer))]
     return overlay_grid(image, per_layer, labels, alpha, cmap, cols=min(len(labels), 12), cell=cell)
 
@@ -97,7 +92,7 @@ def mask_grid(image, masks, keep: float, layer: int) -> np.ndarray:
     Args:
         masks: (H, rows, cols) bool.
     """
-    masks = _np(masks).astype(bool)
+    masks = as_array(masks).astype(bool)
     small = _tile_image(image)
     tiles = []
     for m in masks:
@@ -114,7 +109,7 @@ def prefix_share_figure(share, names: list[str]) -> go.Figure:
     Args:
         share: (L, P) from `explorer.attention.prefix_attention_share` (one image).
     """
-    share = _np(share)
+    share = as_array(share)
     layers = np.arange(1, share.shape[0] + 1)
     fig = go.Figure()
     for j, name in enumerate(names):
@@ -137,8 +132,8 @@ def token_norm_map(image, norms, grid, flagged, cmap="inferno", alpha=0.6) -> np
         norms: (rows*cols,) patch-token norms; flagged: (rows*cols,) bool.
     """
     rows, cols = grid
-    out = overlay(image, _np(norms).reshape(rows, cols), alpha=alpha, cmap=cmap)
-    for i in np.flatnonzero(_np(flagged)):
+    out = overlay(image, as_array(norms).reshape(rows, cols), alpha=alpha, cmap=cmap)
+    for i in np.flatnonzero(as_array(flagged)):
         out = mark_patch(out, grid, divmod(int(i), cols))
     return out
 
@@ -150,7 +145,7 @@ def token_norm_figure(norms, names: list[str], threshold, layer: int) -> go.Figu
         norms: (N,) all token norms of one image after block ``layer``.
         threshold: the high-norm threshold (a float or a 0-dim tensor).
     """
-    norms = _np(norms)
+    norms = as_array(norms)
     p = len(names)
     fig = go.Figure(go.Histogram(x=norms[p:], nbinsx=60, name="patch tokens",
                                  marker_color="#4c78a8"))

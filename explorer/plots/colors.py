@@ -1,12 +1,23 @@
-"""Colour maps, overlays and tile mosaics shared by every view (numpy/PIL only)."""
+"""Colour maps, overlays and tile mosaics shared by every view (numpy/PIL; `as_array` is
+where tensors leave their device)."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 COLORMAPS = ["inferno", "viridis", "magma", "jet", "gray"]
+
+
+def as_array(x) -> np.ndarray:
+    """A tensor on any device (or array-like) as a numpy array: the one place views leave
+    the model's device. Floating tensors become float32; other dtypes are kept."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        return (x.float() if x.is_floating_point() else x).cpu().numpy()
+    return np.asarray(x)
 
 
 def colorize(values: np.ndarray, cmap: str = "inferno", vmin=None, vmax=None) -> np.ndarray:

@@ -6,13 +6,9 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from explorer.plots.colors import colorize, mosaic, upscale
+from explorer.plots.colors import as_array, colorize, mosaic, upscale
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def distance_figure(
@@ -33,10 +29,10 @@ def distance_figure(
         uniform: distance of uniform attention over the whole grid (the "global" ceiling).
     """
     fig = go.Figure()
-    depth = max((int(d.shape[0]) for _, d in series), default=12)
+    depth = max((int(d.shape[0]) for _, d in series), default=1)
     if band is not None:
         label, mean, std = band
-        mean, std = _np(mean), _np(std)
+        mean, std = as_array(mean), as_array(std)
         layers = np.arange(1, mean.shape[0] + 1)
         low, high = (mean - std).min(axis=1), (mean + std).max(axis=1)
         fig.add_trace(go.Scatter(x=np.r_[layers, layers[::-1]], y=np.r_[high, low[::-1]],
@@ -46,7 +42,7 @@ def distance_figure(
                                  line={"color": "rgba(90,90,90,0.8)", "dash": "dot"},
                                  name=f"{label}: mean over heads"))
     for i, (label, dist) in enumerate(series):
-        d = _np(dist)
+        d = as_array(dist)
         L, H = d.shape
         rng = np.random.default_rng(i)  # small, fixed jitter so heads do not overlap
         x = np.repeat(np.arange(1, L + 1), H) + rng.uniform(-0.18, 0.18, L * H) + 0.08 * i
@@ -84,11 +80,23 @@ def distance_figure(
     return fig
 
 
+def spread_stages(num_stages: int, count: int = 7) -> list[int]:
+    """``count`` stage indices spread evenly from the first to the last (fewer if it has fewer)."""
+    if num_stages <= 0:
+        return []
+    return sorted({round(i * (num_stages - 1) / max(count - 1, 1)) for i in range(count)})
+
+
 def erf_mosaic(cnn, stages: list[int] | None = None, cmap: str = "inferno", tile: int = 160) -> np.ndarray:
-    """Effective receptive field maps (normalised |gradient|) of some CNN stages, as one PNG."""
-    maps = _np(cnn.erf_maps)
-    stages = stages or sorted({1, 3, 6, 10, 13, 16, len(maps) - 1})
+    """Effective receptive field maps (normalised |gradient|) of some CNN stages, as one PNG.
+
+    Args:
+        cnn: `explorer.distance.CNNReceptiveFields`.
+        stages: indices into its stages; default `spread_stages` over all of them.
+    """
+    maps = as_array(cnn.erf_maps)
+    stages = stages if stages is not None else spread_stages(len(maps))
     tiles = [upscale(colorize(np.sqrt(maps[s]), cmap, 0, 1), (tile, tile), smooth=True)
              for s in stages]  # sqrt: the tails stay visible
-    labels = [f"block {s}: {cnn.effective_distance[s]:.0f} px" for s in stages]
+    labels = [f"{cnn.stages[s]}: {cnn.effective_distance[s]:.0f} px" for s in stages]
     return mosaic(tiles, cols=len(tiles), labels=labels)

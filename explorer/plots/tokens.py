@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from explorer.patches import AttentionCost
-from explorer.plots.colors import colorize, font, mosaic, upscale
+from explorer.plots.colors import as_array, colorize, font, mosaic, upscale
 
 PREFIX_COLORS = {"CLS": (220, 60, 60), "DIST": (60, 140, 220), "REG": (90, 170, 90)}
 
@@ -82,7 +82,7 @@ def filter_tiles(components: torch.Tensor, tile: int = 56, cols: int = 7) -> np.
         components: (k, 3, ph, pw) in [0, 1].
     """
     arrays = [
-        upscale((c.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8), (tile, tile))
+        upscale((as_array(c.permute(1, 2, 0)) * 255 + 0.5).astype(np.uint8), (tile, tile))
         for c in components
     ]
     return mosaic(arrays, cols=cols, gap=4, labels=[f"PC{i + 1}" for i in range(len(arrays))])
@@ -106,7 +106,7 @@ def similarity_tiles(
     sim = sim[::stride, ::stride]
     tile_rows, tile_cols, rows, cols = sim.shape
     zoom = max(1, width // (tile_cols * (cols + 1)))  # pixels per similarity cell
-    colored = colorize(sim.numpy(), cmap, vmin=-1.0, vmax=1.0)  # (tr, tc, r, c, 3), one call
+    colored = colorize(as_array(sim), cmap, vmin=-1.0, vmax=1.0)  # (tr, tc, r, c, 3), one call
     tiles = colored.repeat(zoom, axis=2).repeat(zoom, axis=3)  # (tr, tc, r*z, c*z, 3)
     tiles = np.pad(tiles, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=255)
     th, tw = tiles.shape[2:4]
@@ -115,7 +115,7 @@ def similarity_tiles(
 
 def feature_pca_image(rgb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(rows, cols, 3) PCA colours in [0, 1] upscaled (nearest) to ``size`` = (height, width)."""
-    return upscale((rgb.numpy() * 255 + 0.5).astype(np.uint8), size)
+    return upscale((as_array(rgb) * 255 + 0.5).astype(np.uint8), size)
 
 
 def cost_figure(costs: dict[str, AttentionCost], size: tuple[int, int]) -> go.Figure:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 
-from explorer import attention, images, models
+from explorer import attention, images, models, patches
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
 from explorer.ui import attention_view, common
@@ -26,14 +26,52 @@ HEAD_CHOICES = ["mean", "max", "min"]
 N_VIEWS = 10  # outputs of `render`
 
 
+def head_choices(num_heads: int) -> list[str]:
+    """The query-head dropdown's choices: the fusions, then "head 1" .. "head <num_heads>"."""
+    return HEAD_CHOICES + [f"head {h}" for h in range(1, num_heads + 1)]
+
+
+def view_labels(geometry: patches.ModelGeometry) -> dict[str, str]:
+    """Labels of the views whose source token depends on the model: its class token, if it
+    has one, else what the patches receive on average (`explorer.patches.has_class_token`)."""
+    source = "Class token" if geometry.class_token else "Mean over patch queries"
+    return {"heads": f"{source} -> patches, every head of the chosen layer, and fused",
+            "strip": f"{source} -> patches, every layer (fused)",
+            "rollout": f"Attention rollout ({source.lower()})"}
+
+
+def geometry_updates(geometry: patches.ModelGeometry | None, layer=None, start=None, head=None):
+    """Control updates for a model: layer and start sliders, head choices, view labels.
+
+    Keeps a chosen value that still fits the model (layer default: the last; start: the
+    first); ``None`` (no model) changes nothing.
+    """
+    if geometry is None:
+        return tuple(gr.skip() for _ in range(6))
+    depth, choices = geometry.depth, head_choices(geometry.num_heads)
+    labels = view_labels(geometry)
+    return (gr.Slider(maximum=depth, value=min(int(layer or depth), depth)),
+            gr.Slider(maximum=depth, value=min(int(start or 1), depth)),
+            gr.Dropdown(choices=choices, value=head if head in choices else "mean"),
+            gr.Image(label=labels["heads"]), gr.Image(label=labels["strip"]),
+            gr.Image(label=labels["rollout"]))
+
+
+def model_controls(model_name):
+    """Controls for a newly picked model (`/attention_geometry`): its last layer, rollout from
+    its first, its heads (query map back to "mean"), and view labels for its tokens."""
+    return geometry_updates(common.model_geometry(model_name))
+
+
 @dataclass
 class Session:
     """What one analysis leaves for the follow-up events (kept in `gr.State`)."""
 
     maps: attention.AttentionMaps
+    geometry: patches.ModelGeometry
     shown: np.ndarray  # (H, W, 3) the model's input as displayed
     prefix_share: object  # (L, P) tensor, computed once per image
-    relevance: np.ndarray | None  # class-specific map, classifier models only
+    relevance: object | None  # (rows, cols) class-specific map, classifier models only
     relevance_note: str
     note: str
 
@@ -47,15 +85,15 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
             rel, target = attention.class_relevance(model, pixels)
             names = getattr(model, "class_names", None)
             label = names[int(target[0])] if names else f"class {int(target[0])}"
-            relevance = rel[0].cpu().numpy()  # the numpy boundary: off the model's device
-            note = f"Relevance for the predicted **{label}** (Chefer et al.)."
+            relevance, note = rel[0], f"Relevance for the predicted **{label}** (Chefer et al.)."
     share = attention.prefix_attention_share(maps)[:, 0]
     rows, cols = maps.grid
     size = tuple(pixels.shape[-2:])
     summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
                f"{maps.num_layers} layers x {maps.num_heads} heads, prefix: "
                f"{', '.join(maps.prefix_names) or 'none'}.")
-    return Session(maps, images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
+    return Session(maps, patches.model_geometry(model, data_config),
+                   images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
 
 
 def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
@@ -92,14 +130,18 @@ def rerender(session: Session | None, *settings):
 
 
 def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
-                       discard, start, keep, opacity, cmap):
-    """Analyse an image and build every view (the `/attention` endpoint)."""
+                       discard, start, keep, opacity, cmap, head="mean"):
+    """Analyse an image and build every view (the `/attention` endpoint).
+
+    Also returns the controls fitted to the analysed model (`geometry_updates`), so the layer
+    and head choices always match the maps shown.
+    """
     session = _analyse(image_path, model_name, width, height, fit)
+    depth = session.geometry.depth
+    layer, start = min(int(layer or depth), depth), min(int(start or 1), depth)
     views = render(session, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
-    depth = session.maps.num_layers
-    sliders = (gr.Slider(maximum=depth, value=min(int(layer), depth)),
-               gr.Slider(maximum=depth, value=min(int(start), depth)))
-    return (session, session.note, session.shown, *views, *sliders,
+    return (session, session.note, session.shown, *views,
+            *geometry_updates(session.geometry, layer, start, head),
             None, None, "Click a patch on the input image.")
 
 
@@ -139,19 +181,26 @@ def build_attention_tab() -> None:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     gr.Markdown(INTRO)
     session = gr.State(None)
+    geometry = common.default_geometry()  # the picker starts on the default model
+    depth, labels = geometry.depth, view_labels(geometry)
     with gr.Row():
         with gr.Column(scale=1):
             image, model = common.image_and_model("attn", height=260)
             width, height, fit = common.resolution_inputs("attn")
             run = gr.Button("Show attention", variant="primary", elem_id="attn-run")
         with gr.Column(scale=1):
-            layer = gr.Slider(1, 12, value=12, step=1, label="Layer", elem_id="attn-layer")
+            # Layer, start and head limits come from the model: the default's at first, then
+            # `model_controls` on every model change and `analyse_and_render` with each run.
+            layer = gr.Slider(1, max(depth, 2), value=depth, step=1, label="Layer",
+                              elem_id="attn-layer",
+                              info="1 = first block; the maximum is the model's depth")
             fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Fuse heads by")
             with gr.Accordion("Rollout", open=True):
                 roll_fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Rollout head fusion")
                 discard = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio",
                                     info="share of the weakest links dropped per layer")
-                start = gr.Slider(1, 12, value=1, step=1, label="Start layer")
+                start = gr.Slider(1, max(depth, 2), value=1, step=1, label="Start layer",
+                                  elem_id="attn-start")
             keep = gr.Slider(0.1, 1.0, value=0.6, step=0.05, label="DINO mask: attention mass kept")
             with gr.Row():
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
@@ -161,8 +210,9 @@ def build_attention_tab() -> None:
             shown = gr.Image(label="Input as the model sees it: click a patch", format="png",
                              interactive=False, elem_id="attn-input")
             query_info = gr.Markdown("Click a patch on the input image.", elem_id="attn-query-info")
-            query_head = gr.Dropdown(HEAD_CHOICES + [f"head {h}" for h in range(1, 17)],
-                                     value="mean", label="Query map: head", elem_id="attn-query-head")
+            query_head = gr.Dropdown(head_choices(geometry.num_heads), value="mean",
+                                     label="Query map: head",
+                                     elem_id="attn-query-head")
             with gr.Row():
                 q_row = gr.Number(label="Patch row (0-based)", precision=0, elem_id="attn-q-row")
                 q_col = gr.Number(label="Patch column (0-based)", precision=0, elem_id="attn-q-col")
@@ -170,12 +220,12 @@ def build_attention_tab() -> None:
                          interactive=False, elem_id="attn-query")
     query_strip = gr.Image(label="Clicked patch: attention in every layer", format="png",
                            interactive=False, elem_id="attn-query-strip")
-    heads = gr.Image(label="Class token -> patches, every head of the chosen layer, and fused",
+    heads = gr.Image(label=labels["heads"],
                      format="png", interactive=False, elem_id="attn-heads")
-    strip = gr.Image(label="Class token -> patches, every layer (fused)", format="png",
+    strip = gr.Image(label=labels["strip"], format="png",
                      interactive=False, elem_id="attn-strip")
     with gr.Row():
-        rollout = gr.Image(label="Attention rollout (class token)", format="png",
+        rollout = gr.Image(label=labels["rollout"], format="png",
                            interactive=False, elem_id="attn-rollout")
         with gr.Column():
             relevance = gr.Image(label="Class-specific relevance", format="png",
@@ -195,8 +245,12 @@ def build_attention_tab() -> None:
     settings = [layer, fusion, roll_fusion, discard, start, keep, opacity, cmap]
     views = [heads, strip, rollout, masks, prefix_plot, norm_map, norm_plot, norm_note,
              relevance, relevance_note]
-    run.click(analyse_and_render, inputs=[image, model, width, height, fit, *settings],
-              outputs=[session, summary, shown, *views, layer, start, query_img, query_strip,
+    controls = [layer, start, query_head, heads, strip, rollout]
+    model.change(model_controls, inputs=model, outputs=controls, api_name="attention_geometry",
+                 concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
+                 show_progress="hidden")
+    run.click(analyse_and_render, inputs=[image, model, width, height, fit, *settings, query_head],
+              outputs=[session, summary, shown, *views, *controls, query_img, query_strip,
                        query_info],
               api_name="attention", concurrency_limit=common.concurrency_limit(),
               concurrency_id="analysis")

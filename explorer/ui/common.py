@@ -99,14 +99,19 @@ def image_and_model(prefix: str, height: int = 260) -> tuple[gr.Image, gr.Dropdo
 
 
 def resolution_inputs(prefix: str) -> tuple[gr.Number, gr.Number, gr.Radio]:
-    """Width, height (0 = native) and how to fit the image. Ids ``{prefix}-width``/``-height``."""
+    """Width, height (0 = the model's default) and how to fit the image.
+
+    Ids ``{prefix}-width``/``-height``. The default size comes from the loaded model
+    (`explorer.patches.ModelGeometry.default_size`), so no size is written here.
+    """
     with gr.Row():
-        width = gr.Number(value=224, label="Width (px)", precision=0, minimum=0,
+        width = gr.Number(value=0, label="Width (px)", precision=0, minimum=0,
                           elem_id=f"{prefix}-width")
-        height = gr.Number(value=224, label="Height (px)", precision=0, minimum=0,
+        height = gr.Number(value=0, label="Height (px)", precision=0, minimum=0,
                            elem_id=f"{prefix}-height")
     fit = gr.Radio(["crop", "stretch"], value="crop", label="Fit",
-                   info="crop keeps the aspect ratio; 0 in width/height = the model's native size")
+                   info="crop keeps the aspect ratio; 0 in width/height = the model's default "
+                        f"(its native size, at most {patches.DEFAULT_MAX_GRID} patches a side)")
     return width, height, fit
 
 
@@ -125,25 +130,50 @@ def concurrency_limit() -> int:
 
 
 def resolution_for(model, data_config, width: float | None, height: float | None):
-    """(height, width) snapped to the model's patch size; None -> native. Tells if it snapped."""
-    patch = patches.patch_size(model)
-    if not width or not height:
-        return images.native_size(data_config)
-    size = (images.snap_to_patch(int(height), patch[0]), images.snap_to_patch(int(width), patch[1]))
-    if size != (int(height), int(width)):
-        gr.Info(f"Resolution snapped to {size[1]}x{size[0]}: a multiple of the {patch[1]} px patch.")
+    """(height, width) snapped to the model's patch size; 0/None -> the model's default side.
+
+    Tells the person (`gr.Info`) when a typed size was snapped.
+    """
+    geometry = patches.model_geometry(model, data_config)
+    patch = geometry.patch
+    wanted = (int(height or 0) or geometry.default_size[0], int(width or 0) or geometry.default_size[1])
+    size = (images.snap_to_patch(wanted[0], patch[0]), images.snap_to_patch(wanted[1], patch[1]))
+    if size != wanted:
+        gr.Info(f"Resolution snapped to {size[1]}x{size[0]}: a multiple of the {patch[1]}x{patch[0]} "
+                "px patch.")
     images.check_size(size, patch)
     return size
+
+
+def default_geometry() -> patches.ModelGeometry:
+    """The default model's geometry without loading it: what the controls start with."""
+    entry = models.CATALOGUE[models.DEFAULT_MODEL]
+    return patches.architecture_geometry(entry.architecture, dynamic_img_size=True)
+
+
+def model_geometry(model_name: str | None) -> patches.ModelGeometry | None:
+    """The geometry of the named ViT (loaded, cached), or None when it cannot be loaded here.
+
+    For control updates on a model change: a model that is unavailable leaves the controls
+    as they are, and the analysis itself then tells the person why.
+    """
+    try:
+        model, data_config = models.load_vit(model_name)
+    except ModelUnavailableError:
+        return None
+    return patches.model_geometry(model, data_config)
 
 
 def model_and_pixels(image_path, model_name, width, height, fit):
     """Callback prologue of the image tabs: the upload, the model, and its prepared input.
 
     Returns:
-        ``(model, data_config, pixels)``; pixels is (1, 3, H, W) at the chosen resolution.
+        ``(model, data_config, pixels)``; pixels is (1, 3, H, W) at the chosen resolution,
+        on the model's device.
     """
     image = load_upload(image_path)
     with user_errors():
         model, data_config = models.load_vit(model_name)
         size = resolution_for(model, data_config, width, height)
-        return model, data_config, images.prepare_pixels(image, data_config, size, fit)
+        pixels = images.prepare_pixels(image, data_config, size, fit)
+    return model, data_config, pixels.to(patches.model_device(model))

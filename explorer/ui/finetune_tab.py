@@ -272,8 +272,10 @@ def build_finetune_tab() -> None:
             model = common.model_dropdown()
             mode = gr.Radio(list(MODE_LABELS), value=next(iter(MODE_LABELS)), label="Mode",
                             elem_id="ft-mode")
-            last_k = gr.Slider(1, 12, value=2, step=1, label="k (last blocks trained)",
-                               elem_id="ft-last-k")
+            # Block limits come from the model: the default's, then `depth_controls`.
+            depth = common.default_geometry().depth
+            last_k = gr.Slider(1, max(depth, 2), value=min(DEFAULT_LAST_K, depth), step=1,
+                               label="k (last blocks trained)", elem_id="ft-last-k")
             with gr.Row():
                 resolution = gr.Number(112, label="Resolution (px, 0 = native)", precision=0,
                                        minimum=0, elem_id="ft-resolution")
@@ -285,7 +287,7 @@ def build_finetune_tab() -> None:
                 batch_size = gr.Number(32, label="Batch size", precision=0, minimum=1,
                                        maximum=512, elem_id="ft-batch")
             probe_block = gr.Number(0, label="Linear probe: features after block (0 = last)",
-                                    precision=0, minimum=0, elem_id="ft-probe-block")
+                                    precision=0, minimum=0, maximum=depth, elem_id="ft-probe-block")
             with gr.Row():
                 start = gr.Button("Train", variant="primary", elem_id="ft-train")
                 stop = gr.Button("Cancel", variant="stop", elem_id="ft-cancel")
@@ -323,3 +325,20 @@ def build_finetune_tab() -> None:
                     outputs=[status, depth_plot], api_name="finetune_layerwise",
                     concurrency_limit=1, concurrency_id="finetune", show_progress_on=[status])
     stop.click(cancel_job, outputs=status, api_name="finetune_cancel", queue=False)
+    model.change(depth_controls, inputs=model, outputs=[last_k, probe_block],
+                 api_name="finetune_geometry", concurrency_limit=common.concurrency_limit(),
+                 concurrency_id="analysis", show_progress="hidden")
+
+
+DEFAULT_LAST_K = 2
+
+
+def depth_controls(model_name):
+    """The block controls for the picked model (`/finetune_geometry`): k up to its depth
+    (default `DEFAULT_LAST_K`), the probed block up to its depth (0 = last)."""
+    geometry = common.model_geometry(model_name)
+    if geometry is None:
+        return gr.skip(), gr.skip()
+    depth = geometry.depth
+    return (gr.Slider(maximum=depth, value=min(DEFAULT_LAST_K, depth)),
+            gr.Number(maximum=depth, info=f"this model has {depth} blocks"))

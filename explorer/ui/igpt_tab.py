@@ -45,7 +45,7 @@ def fashion_mnist_examples() -> list[str]:
         i = int((labels == c).nonzero()[0])
         path = out / f"fmnist-test-{i}-{CLASS_NAMES[c].split('/')[0].replace(' ', '-')}.png"
         if not path.exists():
-            img = Image.fromarray(images[i].numpy(), "L")
+            img = Image.fromarray(images[i].cpu().numpy(), "L")
             img.resize((28 * EXAMPLE_SCALE,) * 2, Image.NEAREST).save(path)
         paths.append(str(path))
     return paths
@@ -107,13 +107,28 @@ def complete(image_path, model_name, rows, n, temperature, top_k, top_p, seed,
         yield grid, f"Original, then {int(n)} completions: {filled}/{total} pixels."
 
 
-def rows_for_model(model_name):
-    """Keep-rows slider limits for the chosen model (its height is known for the catalogue)."""
-    spec = CATALOGUE.get(model_name)
-    height = spec.height if spec is not None and spec.height else None
+def model_height(model_name) -> int | None:
+    """The image height of an iGPT: from the catalogue when listed, else from the loaded
+    model (local checkpoints); None when it cannot be loaded here."""
+    spec = CATALOGUE.get(model_name or OFFLINE_NAME)
+    if spec is not None and spec.height:
+        return spec.height
+    try:
+        return load_igpt(model_name).height
+    except ModelUnavailableError:
+        return None
+
+
+def rows_slider(height: int | None) -> gr.Slider:
+    """Keep-rows limits for an image ``height`` rows tall: keep 1 .. height - 1, half by default."""
     if height is None:
         return gr.Slider()
     return gr.Slider(maximum=height - 1, value=height // 2)
+
+
+def rows_for_model(model_name):
+    """Keep-rows slider for the chosen model (the `/igpt_model_rows` endpoint)."""
+    return rows_slider(model_height(model_name))
 
 
 def build_igpt_tab() -> None:
@@ -156,7 +171,9 @@ def build_igpt_tab() -> None:
             cost_md = gr.Markdown(elem_id="igpt-cost")
     gr.Markdown("### Hide the bottom, let the model paint it back")
     with gr.Row():
-        rows = gr.Slider(1, 27, value=14, step=1, label="Rows to keep", elem_id="igpt-rows")
+        height = model_height(OFFLINE_NAME) or 2  # a catalogue entry: nothing is loaded here
+        rows = gr.Slider(1, height - 1, value=height // 2, step=1, label="Rows to keep",
+                         elem_id="igpt-rows")
         n = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Completions", elem_id="igpt-n")
         temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature")
         top_k = gr.Slider(0, 64, value=0, step=1, label="Top-k (0 = off)")

@@ -28,7 +28,7 @@ def tokens(image_path, model_name, width, height, fit):
     summary = (
         f"**{result.size[1]}x{result.size[0]} px** -> grid of **{result.grid[1]}x{result.grid[0]}** "
         f"patches of {result.patch[1]}x{result.patch[0]} px = **{result.grid[0] * result.grid[1]}** "
-        f"patch tokens + {prefix} prefix ({', '.join(result.prefix_names)}). Position embeddings "
+        f"patch tokens + {prefix} prefix ({', '.join(result.prefix_names) or 'none'}). Position embeddings "
         f"were trained on a {result.native_grid[1]}x{result.native_grid[0]} grid."
     )
     return (
