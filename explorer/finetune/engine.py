@@ -505,10 +505,10 @@ def _linear_probe(accelerator, model, train_set, val_set, data_config, config, c
 def _evaluate_probe(classifier: nn.Linear, val_x: torch.Tensor, val_set: ImageSet,
                     result: FinetuneResult, step: int, steps_per_epoch: int) -> TrainEvent:
     start = time.perf_counter()
-    logits = classifier(val_x).float().cpu()
-    labels = torch.as_tensor(val_set.labels)
-    val_loss = F.cross_entropy(logits, labels).item()
-    return _record_eval(result, labels.numpy(), logits.argmax(-1).numpy(), val_loss, step,
+    logits = classifier(val_x).float()
+    labels = np.asarray(val_set.labels)
+    val_loss = F.cross_entropy(logits, torch.as_tensor(labels, device=logits.device)).item()
+    return _record_eval(result, labels, logits.argmax(-1).cpu().numpy(), val_loss, step,
                         steps_per_epoch, start)
 
 
