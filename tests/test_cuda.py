@@ -68,7 +68,10 @@ def exact_matmul():
 def test_tokenisation(pair):
     cpu, gpu, x, xg = pair
     a, b = patches.analyse_tokenization(cpu, x), patches.analyse_tokenization(gpu, xg)
-    close(b.filters, a.filters)
+    # Principal components have arbitrary signs: a flipped component maps [0, 1] to 1 - x.
+    for fb, fa in zip(b.filters, a.filters, strict=True):
+        same = torch.allclose(fb.cpu(), fa, atol=2e-4, rtol=1e-3)
+        assert same or torch.allclose(1 - fb.cpu(), fa, atol=2e-4, rtol=1e-3)
     close(b.pos_similarity_native, a.pos_similarity_native)
     close(b.pos_similarity, a.pos_similarity)
 
