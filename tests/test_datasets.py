@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -234,21 +235,27 @@ def test_symlink_to_a_file_outside_is_never_read_by_either_reader(tmp_path, monk
         datasets.read_image(root / "a" / "0.png")
 
 
-def test_distance_folder_dataset_uses_the_hardened_reader(tmp_path):
+def test_distance_zip_dataset_uses_the_hardened_ingestion(tmp_path):
+    """The distance tab's dataset band reads an uploaded zip as the fine-tune tab does:
+    symlink entries skipped, zip-slip refused, the temp folder gone afterwards, and no
+    message naming it."""
     from explorer import distance
 
-    secret = outside_secret(tmp_path)
-    root = tmp_path / "photos"
-    root.mkdir()
-    (root / "1.png").write_bytes(png_bytes(10))
-    (root / "2.png").symlink_to(secret)
-    (root / "3.png").write_bytes(png_bytes(30))
-    got = distance.dataset_images("folder", n=8, folder=str(root))
-    assert [im.getpixel((0, 0)) for im in got] == [(10, 245, 128), (30, 225, 128)]
-    (root / "1.png").unlink()
-    (root / "3.png").unlink()
-    with pytest.raises(ImageError, match="No readable images.*1 symbolic link"):
-        distance.dataset_images("folder", n=8, folder=str(root))
+    jobs = set(Path(tempfile.gettempdir()).glob("vit-explorer-job-*"))
+    archive = make_zip(tmp_path / "photos.zip", {"a/1.png": png_bytes(10), "3.png": png_bytes(30)},
+                       symlinks={"2.png": "/etc/passwd"})
+    got = distance.dataset_images("uploaded zip", n=8, zip_path=str(archive))
+    assert [im.getpixel((0, 0)) for im in got] == [(30, 225, 128), (10, 245, 128)]
+    only_link = make_zip(tmp_path / "link.zip", {}, symlinks={"2.png": "/etc/passwd"})
+    with pytest.raises(ImageError, match="No readable images in the zip") as err:
+        distance.dataset_images("uploaded zip", n=8, zip_path=str(only_link))
+    assert "vit-explorer-job" not in str(err.value) and "/" not in str(err.value)
+    slip = make_zip(tmp_path / "slip.zip", {"../../x.png": png_bytes(1)})
+    with pytest.raises(ImageError, match="climbs out"):
+        distance.dataset_images("uploaded zip", n=8, zip_path=str(slip))
+    assert set(Path(tempfile.gettempdir()).glob("vit-explorer-job-*")) <= jobs  # cleaned up
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        distance.dataset_images("folder", n=8, zip_path=str(tmp_path))
 
 
 def test_folder_caps_on_files_and_bytes(tmp_path):

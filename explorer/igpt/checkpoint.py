@@ -110,10 +110,10 @@ def load_local(directory: str | Path, name: str | None = None) -> LoadedIGPT:
     if not cfg_path.exists() or not pre_path.exists():
         if d.resolve() == ASSET_DIR:
             raise ModelUnavailableError(
-                f"The offline iGPT model is missing from {d}: train and export it with "
+                "The offline iGPT model is missing from assets/igpt: train and export it with "
                 "`python -m explorer.igpt.train` (see assets/igpt/README.md).")
         raise ModelUnavailableError(
-            f"{d} is not an iGPT checkpoint directory: it needs config.json and "
+            f"'{d.name}' is not an iGPT checkpoint directory: it needs config.json and "
             "preprocessor_config.json (as written by save_pretrained / explorer.igpt.train).")
     model = ImageGPT(IGPTConfig.from_hf(json.loads(cfg_path.read_text())))
     if (d / "model.safetensors").exists():
@@ -123,7 +123,7 @@ def load_local(directory: str | Path, name: str | None = None) -> LoadedIGPT:
     elif (d / "pytorch_model.bin").exists():
         state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise ModelUnavailableError(f"No model.safetensors or pytorch_model.bin in {d}.")
+        raise ModelUnavailableError(f"No model.safetensors or pytorch_model.bin in '{d.name}'.")
     state = {k: v for k, v in state.items() if not k.endswith(".attn.bias")}  # old causal masks
     model.load_state_dict(state, strict=True)
     pre = json.loads(pre_path.read_text())

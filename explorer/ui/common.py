@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import gradio as gr
 from PIL import Image
 
-from explorer import images, models, patches
-from explorer.errors import ModelUnavailableError
+from explorer import datasets, images, models, patches, sessions
+from explorer.errors import ModelUnavailableError, without_paths
 
 
 def example_images() -> list[str]:
@@ -52,8 +52,8 @@ def user_errors() -> Iterator[None]:
     """Turn the errors meant for people into `gr.Error`; anything else stays a bug."""
     try:
         yield
-    except (images.ImageError, ModelUnavailableError) as err:  # ViT and iGPT loaders alike
-        raise gr.Error(str(err)) from err
+    except (images.ImageError, ModelUnavailableError, datasets.DatasetError) as err:
+        raise gr.Error(without_paths(str(err))) from err  # no server path reaches a visitor
     except Exception as err:  # out-of-memory is the user's size choice, not a bug
         if "out of memory" in str(err).lower() or isinstance(err, MemoryError):
             raise gr.Error("Out of memory: try a lower resolution.") from err
@@ -71,17 +71,45 @@ def load_upload(path: str | None) -> Image.Image:
     return loaded.image
 
 
-def model_dropdown(label: str = "Model", value: str | None = None) -> gr.Dropdown:
-    """A model picker: the catalogue plus local/fine-tuned checkpoints, refreshed on focus.
+def session_id(request: gr.Request | None = None) -> str:
+    """The visitor's session: gradio's ``session_hash`` of ``request``, else of the event
+    running now (gradio keeps its request in a context variable while a callback runs)."""
+    from gradio.context import LocalContext
 
-    ``allow_custom_value`` lets people type any timm ViT name (used when online).
+    request = request or LocalContext.request.get(None)
+    return getattr(request, "session_hash", None) or "no-session"
+
+
+def load_name(model_name: str | None, request: gr.Request | None = None) -> str:
+    """A ViT name from the web -> the name to load (`explorer.sessions.resolve_web_name`):
+    paths and ``local:`` are refused, a session's fine-tune is found for that session only."""
+    with user_errors():
+        return sessions.resolve_web_name(model_name, session_id(request))
+
+
+def model_names(request: gr.Request | None = None) -> list[str]:
+    """What this session's pickers list: catalogue, operator models, its fine-tunes."""
+    return sessions.web_model_names(session_id(request))
+
+
+def end_session(request: gr.Request) -> None:
+    """``demo.unload``: the visitor closed the tab; their fine-tunes' files are deleted."""
+    sessions.FINETUNES.end(session_id(request))
+
+
+def model_dropdown(label: str = "Model", value: str | None = None) -> gr.Dropdown:
+    """A model picker: the catalogue plus operator and this session's fine-tuned checkpoints,
+    refreshed on focus.
+
+    ``allow_custom_value`` lets people type any timm ViT name (used when online); typed
+    names go through `load_name`.
     """
     dropdown = gr.Dropdown(
         choices=models.model_names(),
         value=value or models.DEFAULT_MODEL,
         label=label,
         allow_custom_value=True,
-        info="Offline default, timm hub ViTs (need internet), fine-tuned or local:<path>.",
+        info="Offline default, timm hub ViTs (need internet), or a model fine-tuned here.",
     )
     dropdown.focus(refresh_model_choices, inputs=dropdown, outputs=dropdown,
                    api_name=False, queue=False, show_progress="hidden")
@@ -115,9 +143,10 @@ def resolution_inputs(prefix: str) -> tuple[gr.Number, gr.Number, gr.Radio]:
     return width, height, fit
 
 
-def refresh_model_choices(current: str | None) -> gr.Dropdown:
-    """The dropdown update that lists every model known now, keeping the current choice."""
-    return gr.Dropdown(choices=models.model_names(), value=current or models.DEFAULT_MODEL)
+def refresh_model_choices(current: str | None, request: gr.Request) -> gr.Dropdown:
+    """The dropdown update that lists every model this session may pick now, keeping the
+    current choice."""
+    return gr.Dropdown(choices=model_names(request), value=current or models.DEFAULT_MODEL)
 
 
 def concurrency_limit() -> int:
@@ -158,7 +187,8 @@ def model_geometry(model_name: str | None) -> patches.ModelGeometry | None:
     as they are, and the analysis itself then tells the person why.
     """
     try:
-        model, data_config = models.load_vit(model_name)
+        name = sessions.resolve_web_name(model_name, session_id())
+        model, data_config = models.load_vit(name)
     except ModelUnavailableError:
         return None
     return patches.model_geometry(model, data_config)
@@ -172,8 +202,9 @@ def model_and_pixels(image_path, model_name, width, height, fit):
         on the model's device.
     """
     image = load_upload(image_path)
+    name = load_name(model_name)
     with user_errors():
-        model, data_config = models.load_vit(model_name)
+        model, data_config = models.load_vit(name)
         size = resolution_for(model, data_config, width, height)
         pixels = images.prepare_pixels(image, data_config, size, fit)
     return model, data_config, pixels.to(patches.model_device(model))

@@ -31,7 +31,7 @@ RANDOM_LABEL = "random init (same architecture)"
 
 
 def _entry(name, width, height, label=None):
-    model, config = models.load_vit(name)
+    model, config = models.load_vit(common.load_name(name))  # the web name stays the label
     return (label or name or models.DEFAULT_MODEL, model, config,
             common.resolution_for(model, config, width, height))
 
@@ -57,13 +57,15 @@ def per_image(image_path, model_name, others, random_init, cnn, width, height, f
     return fig, plots.erf_mosaic(rf) if rf is not None else None, info
 
 
-def dataset_band(model_name, source, n, folder, width, height, prefix,
+def dataset_band(model_name, source, n, zip_file, width, height, prefix,
                  progress=gr.Progress()):  # noqa: B008
-    """Mean and spread per head over a dataset, cached per model (`/distance_dataset`)."""
+    """Mean and spread per head over a dataset, cached per model (`/distance_dataset`).
+
+    ``zip_file``: the uploaded zip for the "uploaded zip" source (no server folders)."""
     with common.user_errors():
         label, model, config, size = _entry(model_name, width, height)
         stats = distance.cached_dataset_distance(
-            model, config, source, int(n), folder, size, prefix,
+            model, config, source, int(n), zip_file, size, prefix,
             progress=lambda done, total: progress(done / total, desc=f"{done}/{total} images"))
     band = (label, f"{source}: mean ± std over {stats.n_images} images", stats.mean, stats.std)
     info = (f"Dataset band: {stats.n_images} images ({source}) at {size[1]}x{size[0]}, "
@@ -78,6 +80,11 @@ def refresh(image_path, *args):
     return per_image(image_path, *args)
 
 
+def other_models(current, request: gr.Request):
+    """The overlay picker's choices for this session, keeping the current ones."""
+    return gr.Dropdown(choices=common.model_names(request), value=current)
+
+
 def build_distance_tab() -> None:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     gr.Markdown(INTRO)
@@ -88,8 +95,7 @@ def build_distance_tab() -> None:
             others = gr.Dropdown(models.model_names(), value=[], multiselect=True,
                                  label="Overlay other models", elem_id="dist-others",
                                  info="e.g. a model fine-tuned in the app")
-            others.focus(lambda cur: gr.Dropdown(choices=models.model_names(), value=cur),
-                         inputs=others, outputs=others, api_name="distance_models", queue=False,
+            others.focus(other_models, inputs=others, outputs=others, api_name="distance_models", queue=False,
                          show_progress="hidden")
             with gr.Row():
                 random_init = gr.Checkbox(True, label="Random init of the same architecture")
@@ -101,7 +107,8 @@ def build_distance_tab() -> None:
             with gr.Accordion("Dataset band", open=True):
                 source = gr.Radio(list(distance.DATASETS), value="Fashion-MNIST", label="Dataset")
                 n = gr.Slider(4, 512, value=64, step=4, label="Images", elem_id="dist-band-n")
-                folder = gr.Textbox(label="Folder (for 'folder')", placeholder="/path/to/images")
+                zip_file = gr.File(label="Zip of images (for 'uploaded zip')",
+                                   file_types=[".zip"], type="filepath", elem_id="dist-band-zip")
                 band_run = gr.Button("Compute dataset band", elem_id="dist-band-run")
                 band_info = gr.Markdown(elem_id="dist-band-info")
         with gr.Column(scale=2):
@@ -114,7 +121,7 @@ def build_distance_tab() -> None:
     inputs = [image, model, others, random_init, cnn, width, height, fit, prefix, band]
     run.click(per_image, inputs=inputs, outputs=[plot, erf, info], api_name="distance",
               concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
-    band_run.click(dataset_band, inputs=[model, source, n, folder, width, height, prefix],
+    band_run.click(dataset_band, inputs=[model, source, n, zip_file, width, height, prefix],
                    outputs=[band, band_info], api_name="distance_dataset",
                    concurrency_limit=common.concurrency_limit(), concurrency_id="analysis").then(
         refresh, inputs=inputs, outputs=[plot, erf, info], api_name="distance_refresh")

@@ -4,14 +4,16 @@ Training events share one concurrency group of size one (``concurrency_id="finet
 one job at a time, others wait in the queue, and the analysis tabs (group "analysis") keep
 serving. The trained model is saved in timm's checkpoint layout (config.json +
 model.safetensors, loadable with ``timm.create_model("local-dir:<dir>", pretrained=True)``)
-and registered, so it appears in every tab's model picker.
+and registered for the session that trained it (`explorer.sessions.FINETUNES`): it appears
+in that session's pickers in every tab, with its download, and nowhere else; its files go
+when the session ends, idles out or the disk quota needs room.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -19,11 +21,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from explorer import datasets, images, models, patches
+from explorer import datasets, images, models, patches, sessions
+from explorer.errors import without_paths
 from explorer.finetune import (
     FinetuneConfig,
     position_similarity_map,
-    publish,
     run_finetune,
     save_checkpoint,
     zip_checkpoint,
@@ -42,14 +44,15 @@ probe* freezes the backbone, computes its features once and trains only a linear
 measure iGPT and DINOv2 report. *Last k blocks* and *full* fine-tune the network itself.
 Training at a resolution other than the model's native one interpolates its position
 embeddings to the new grid, as ViT does when fine-tuning at higher resolution. The result
-appears in every tab's model picker, to compare attention before and after.
+appears in every tab's model picker (for you only: fine-tunes are private to this browser
+session and deleted when it ends), to compare attention before and after.
 """
 BUILTIN, UPLOAD = "Built-in Fashion-MNIST", "Upload a zip"
 MODE_LABELS = {"Linear probe (frozen backbone)": "linear", "Last k blocks": "last_k",
                "Full fine-tune": "full"}
 MAX_ZIP_BYTES = 200 << 20  # compressed upload; the unpacked size is capped by `Limits`
 UPDATE_EVERY_S = 0.5  # stream UI updates at most this often
-DOWNLOAD_PREFIX = "vit-explorer-ckpt-"
+DOWNLOAD_PREFIX = "vit-explorer-ckpt-"  # + a random token: another session cannot guess it
 
 _cancel_events: dict[str, threading.Event] = {}  # session -> its running job's cancel flag
 
@@ -95,7 +98,7 @@ def _dataset_errors():
     try:
         yield
     except datasets.DatasetError as err:
-        raise gr.Error(str(err)) from err
+        raise gr.Error(without_paths(str(err))) from err
 
 
 def describe_data(source, zip_path, n_images):
@@ -125,14 +128,14 @@ def train(source, zip_path, n_images, model_name, mode_label, last_k, resolution
     cancel.clear()
     try:
         train_set, val_set = datasets.train_val_split(data, 0.2, seed=config.seed)
-        model = fresh_model(model_name, config.resolution)
+        model = fresh_model(model_name, config.resolution, request)
         if (config.probe_block or 0) > len(model.blocks):
             raise gr.Error(f"This model has {len(model.blocks)} blocks; probe one of those.")
         events = run_finetune(model, train_set, val_set, config, cancel, model_key=model_name)
         history, last_update = [], 0.0
         for event in common_errors(events):
             if event.result is not None:
-                yield finish(event.result, val_set, model_name, config, source)
+                yield finish(event.result, val_set, model_name, config, source, request)
                 break
             if event.stage in ("train", "eval"):
                 history.append(event.metrics)
@@ -153,11 +156,12 @@ def training_config(*values) -> FinetuneConfig:
         raise gr.Error(f"Please check the training settings ({err}).") from err
 
 
-def fresh_model(model_name: str, resolution: int | None):
+def fresh_model(model_name: str, resolution: int | None, request: gr.Request | None = None):
     """A new copy of the model to train (never the cached one other tabs use), after checking
     that the resolution makes a sensible number of tokens."""
+    name = common.load_name(model_name, request)
     with common.user_errors():
-        model = models.build_vit(model_name)
+        model = models.build_vit(name)
         images.check_size(snap_resolution(model, resolution), patches.patch_size(model))
     return model
 
@@ -179,17 +183,13 @@ def live_update(event, history: list[dict]):
     return status, curves, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
 
-def finish(result, val_set, model_name, config, source):
-    """Outputs after training: save + register the model, build the result views."""
+def finish(result, val_set, model_name, config, source, request=None):
+    """Outputs after training: save the model for this session, build the result views."""
     curves = plots.training_curves(result.history)
     if result.cancelled:
         return ("**Cancelled.** Nothing was saved.", curves, "", None, None, None, None)
     label = run_name(model_name, config, "fashion-mnist" if source == BUILTIN else "upload")
-    out = save_checkpoint(result, finetuned_dir() / label, model_name, config)
-    picker_name = publish(out, label)
-    _remove_old_downloads()
-    download = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX)) / f"{label}.zip"
-    shutil.move(zip_checkpoint(out), download)  # served from the temp dir gradio allows
+    picker_name, download = save_for_session(result, label, model_name, config, request)
     grid = plots.misclassified_grid(val_set, result.val_labels, result.val_preds)
     summary = (f"**Validation accuracy {result.val_acc:.1%}** on {len(val_set)} images at "
                f"{result.resolution[1]}×{result.resolution[0]} px. Saved as "
@@ -201,12 +201,29 @@ def finish(result, val_set, model_name, config, source):
             str(download))
 
 
-def _remove_old_downloads(max_age_s: float = 3600) -> None:
-    """Download zips are ~80 MB each (fp32 ViT-S): drop those older than an hour."""
-    cutoff = time.time() - max_age_s
-    for folder in Path(tempfile.gettempdir()).glob(DOWNLOAD_PREFIX + "*"):
-        if folder.stat().st_mtime < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+def save_for_session(result, label, model_name, config, request=None) -> tuple[str, Path]:
+    """Save the checkpoint and its download zip under random folder names and register both
+    with the session (`explorer.sessions.FINETUNES`), which deletes them when it ends.
+
+    The zip is written inside gradio's cache folder, so gradio serves it as it is (no copy
+    that would outlive the session); its random folder is the only way to its URL.
+
+    Returns:
+        ``(picker name, download zip)``.
+    """
+    folder = finetuned_dir() / "sessions" / secrets.token_hex(8)
+    try:
+        out = save_checkpoint(result, folder / label, model_name, config)
+    except OSError as err:  # a full disk, permissions: say so without the server's path
+        shutil.rmtree(folder, ignore_errors=True)
+        raise gr.Error(f"Could not save the model ({err.strerror or type(err).__name__}).") from err
+    downloads = Path(gr.utils.get_upload_folder()) / (DOWNLOAD_PREFIX + secrets.token_urlsafe(16))
+    downloads.mkdir(parents=True)
+    download = downloads / f"{label}.zip"
+    shutil.move(zip_checkpoint(out), download)
+    name = sessions.unguessable_name(label)
+    sessions.FINETUNES.add(common.session_id(request), name, out, files=(folder, downloads))
+    return name, download
 
 
 def layerwise(source, zip_path, n_images, model_name, resolution, request: gr.Request,
@@ -220,7 +237,7 @@ def layerwise(source, zip_path, n_images, model_name, resolution, request: gr.Re
     cancel.clear()
     try:
         train_set, val_set = datasets.train_val_split(data, 0.2, seed=0)
-        model = fresh_model(model_name, int(resolution) if resolution else None)
+        model = fresh_model(model_name, int(resolution) if resolution else None, request)
         size = snap_resolution(model, int(resolution) if resolution else None)
         runs = [(model_name, vit_layerwise_probe(model, train_set, val_set, size, 64,
                                                  model_name, cancel))]

@@ -8,6 +8,8 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from explorer import sessions
+from explorer.errors import without_paths
 from explorer.igpt import pipeline
 from explorer.igpt import plots as igpt_plots
 from explorer.igpt.checkpoint import CATALOGUE, OFFLINE_NAME, ModelUnavailableError, load_igpt
@@ -26,7 +28,7 @@ attention costs grow with its square.
 
 The offline model was trained here on Fashion-MNIST (28×28, 8 grey levels); OpenAI's
 `openai/imagegpt-small|medium|large` (32×32, 512 colour clusters) load from the Hub when
-online, and any local checkpoint directory works too.
+online; from Python, any local checkpoint directory works too.
 """
 
 EXAMPLE_CLASSES = (0, 1, 3, 7, 9, 8)  # T-shirt, trouser, dress, sneaker, ankle boot, bag
@@ -58,10 +60,16 @@ DECODERS = {
 
 
 def load_model(name: str, fast: bool = False):
+    """The iGPT a web visitor named: catalogue or hub repo, never a path
+    (`explorer.sessions.resolve_igpt_web_name`)."""
     try:
-        return load_igpt(name or OFFLINE_NAME, fast=fast)
+        return load_igpt(web_name(name), fast=fast)
     except ModelUnavailableError as err:
-        raise gr.Error(str(err)) from err
+        raise gr.Error(without_paths(str(err))) from err
+
+
+def web_name(name: str | None) -> str:
+    return sessions.resolve_igpt_web_name(name, CATALOGUE, OFFLINE_NAME)
 
 
 def analyse(image_path, model_name):
@@ -114,7 +122,7 @@ def model_height(model_name) -> int | None:
     if spec is not None and spec.height:
         return spec.height
     try:
-        return load_igpt(model_name).height
+        return load_igpt(web_name(model_name)).height
     except ModelUnavailableError:
         return None
 
@@ -144,8 +152,8 @@ def build_igpt_tab() -> None:
                 gr.Markdown(f"*No Fashion-MNIST examples: {err}* Upload any image instead.")
             model = gr.Dropdown(list(CATALOGUE), value=OFFLINE_NAME, label="iGPT model",
                                 allow_custom_value=True, elem_id="igpt-model",
-                                info="Offline default; OpenAI's need internet; or type a local "
-                                     "checkpoint directory (config.json + weights + palette).")
+                                info="Offline default; OpenAI's need internet (type a hub "
+                                     "repo such as openai/imagegpt-small).")
             run = gr.Button("Tokenise and score", variant="primary", elem_id="igpt-analyse")
         with gr.Column(scale=2):
             summary = gr.Markdown(elem_id="igpt-summary")
