@@ -254,7 +254,7 @@ class SessionModels:
 
     def _sweep_forever(self) -> None:
         while True:
-            time.sleep(min(60.0, max(0.2, self.limits.idle_s / 4)))
+            time.sleep(min(5.0, max(0.2, self.limits.idle_s / 4)))  # a dict scan: cheap
             self.sweep()
 
 
