@@ -305,6 +305,12 @@ def test_fine_tunes_are_private_and_deleted_when_the_session_ends(demo):
     assert "4x4" in summary
     msg = _refused(lambda: bob.predict(handle_file(IMAGE), name, 0, 0, "crop", api_name="/tokens"))
     assert "private" in msg
+    # the distance tab's overlay picker offers it to alice (its choices follow her session)
+    _plot, _erf, info = alice.predict(handle_file(IMAGE), OPERATOR_MODEL, [name], False, False,
+                                      0, 0, "crop", "drop", None, api_name="/distance")
+    assert "images/s" in info
+    _refused(lambda: bob.predict(handle_file(IMAGE), OPERATOR_MODEL, [name], False, False, 0, 0,
+                                 "crop", "drop", None, api_name="/distance"), typed=name)
     # bob cannot reach alice's download either: its folder has a random name
     assert re.search(r"vit-explorer-ckpt-[\w-]{16,}", str(files[-1]))
     alice.close()  # the heartbeat ends: gradio's unload event deletes alice's files

@@ -40,7 +40,7 @@ def upload_image(**kwargs) -> gr.Image:
                 if path:
                     images.load_image(path)
             except images.ImageError as image_err:
-                raise gr.Error(str(image_err)) from err
+                raise gr.Error(without_paths(str(image_err))) from err
             raise gr.Error(f"Could not read this upload as an image ({type(err).__name__}).") from err
 
     component.preprocess = preprocess
