@@ -89,6 +89,61 @@ def test_without_paths_keeps_hub_ids():
         "hf-hub:owner/name and openai/imagegpt-small")
 
 
+def _message(call) -> str:
+    with pytest.raises(Exception) as err:  # noqa: PT011 (each loader's own error class)
+        call()
+    return str(err.value)
+
+
+def test_loader_dataset_and_saving_messages_name_no_path(tmp_path, monkeypatch):
+    """Every error path behind the web fields, fed a server folder: the message names the
+    folder at most, never its path (what the UI shows, after `without_paths` too)."""
+    import json
+
+    import gradio as gr
+
+    from explorer.finetune import FinetuneConfig
+    from explorer.finetune.engine import FinetuneResult
+    from explorer.igpt.checkpoint import load_local
+    from explorer.ui import common, finetune_tab
+
+    ckpt = tmp_path / "ckpt"
+    odd_vit.save_odd_vit(ckpt)
+    broken = {
+        "missing": lambda: None,
+        "weights-only": lambda: (ckpt / "config.json").unlink(),
+        "bad-json": lambda: (ckpt / "config.json").write_text("{"),
+        "no-arch": lambda: (ckpt / "config.json").write_text(json.dumps({"num_classes": 2})),
+    }
+    messages = []
+    for case, damage in broken.items():
+        target = tmp_path / "nothing-here" if case == "missing" else ckpt
+        damage()
+        messages.append(_message(lambda t=target: models.load_vit(f"local:{t}", device="cpu")))
+    messages.append(_message(lambda: models.load_vit(f"local:{tmp_path / 'x.pth'}")))
+    messages.append(_message(lambda: load_local(tmp_path)))
+    messages.append(_message(lambda: datasets.load_image_folder(tmp_path / "none")))
+    messages.append(_message(lambda: datasets.folder_images(tmp_path)))
+    messages.append(_message(lambda: datasets.read_fashion_mnist(root=tmp_path)))
+    with pytest.raises(gr.Error) as err, common.user_errors():
+        datasets.read_fashion_mnist(root=tmp_path)
+    messages.append(str(err.value))
+    # saving a fine-tune where the disk refuses it
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setattr(finetune_tab, "finetuned_dir", lambda: blocked)
+    result = FinetuneResult(odd_vit.odd_vit(), ["a", "b"], (64, 64))
+    with pytest.raises(gr.Error) as err:
+        finetune_tab.save_for_session(result, "label", OPERATOR_MODEL, FinetuneConfig())
+    messages.append(str(err.value))
+    # The loaders' own messages name a folder at most (Fashion-MNIST's names its install
+    # folder for the operator: `user_errors` strips it for visitors, checked below).
+    for message in messages[:-3]:
+        assert str(tmp_path) not in message, message
+    for message in messages[-2:]:  # what the UI shows: no path at all
+        assert_names_no_path(message)
+
+
 # ---------------------------------------------------------------------------------------
 # The registry, by hand
 # ---------------------------------------------------------------------------------------
