@@ -186,7 +186,7 @@ class SessionModels:
         model = SessionModel(name, session, checkpoint, files, nbytes=disk_bytes(files))
         limits = self.limits
         with self._lock:
-            self._touch(session)
+            self._touch(session, adding=True)
             self._models[name] = model
             own = [m for m in self._models.values() if m.session == session]
             gone = own[: max(0, len(own) - limits.per_session)]
@@ -230,8 +230,15 @@ class SessionModels:
         with self._lock:
             return sum(m.nbytes for m in self._models.values())
 
-    def _touch(self, session: str) -> None:
-        self._seen[session] = self.clock()
+    def touch(self, session: str) -> None:
+        """Note activity of ``session`` (its idle time starts again)."""
+        with self._lock:
+            self._touch(session)
+
+    def _touch(self, session: str, adding: bool = False) -> None:
+        # Only sessions that own models are tracked: the map stays as small as the registry.
+        if adding or session in self._seen:
+            self._seen[session] = self.clock()
 
     def _delete(self, gone: list[SessionModel]) -> None:
         for m in gone:
@@ -281,6 +288,7 @@ def resolve_web_name(name: str | None, session: str, registry: SessionModels = F
             no hub id; the message names no path.
     """
     name = (name or "").strip() or models.DEFAULT_MODEL
+    registry.touch(session)  # any analysis counts as activity, whichever model it uses
     if name in models.CATALOGUE or name in models.local_model_names():
         return name
     own = registry.lookup(session, name)
