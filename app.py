@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder of checkpoints (timm layout: config.json + "
                              "model.safetensors per sub-folder) offered by folder name in every "
                              "model picker; default $VIT_EXPLORER_MODELS_DIR")
+    parser.add_argument("--data-dir", default=os.environ.get("VIT_EXPLORER_DATA_DIR"),
+                        help="folder of image folders offered by name ('data: <folder>') as "
+                             "datasets of the distance tab; default $VIT_EXPLORER_DATA_DIR")
     parser.add_argument("--share", action="store_true",
                         help="also open a temporary public gradio.live link (needs internet)")
     return parser.parse_args(argv)
@@ -94,6 +97,8 @@ def configure_threads() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.data_dir:  # read where the datasets are listed (explorer.distance.operator_datasets)
+        os.environ["VIT_EXPLORER_DATA_DIR"] = args.data_dir
     configure_threads()
     kernels.build_in_background()  # the attention kernel compiles (once) while we start
     build_demo(args.models_dir).launch(server_name=args.host, server_port=args.port, share=args.share,

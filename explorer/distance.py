@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -172,13 +173,36 @@ def fashion_mnist_images(n: int) -> list[Image.Image]:
     return [subset.image(i) for i in range(len(subset))]
 
 
-# No server folder here: the web names data only by uploading it. (From Python, a folder's
-# images are `datasets.folder_images(root, n)`, for `dataset_mean_attention_distance`.)
+# No server folder is typed here: the web names data by uploading it, or picks one of the
+# operator's folders by name. (From Python, a folder's images are
+# `datasets.folder_images(root, n)`, for `dataset_mean_attention_distance`.)
 DATASETS = ("bundled examples", "Fashion-MNIST", "uploaded zip")
+OPERATOR_PREFIX = "data: "
+
+
+def operator_datasets() -> dict[str, Path]:
+    """The operator's image folders (``VIT_EXPLORER_DATA_DIR``: each sub-folder is one),
+    by the name the picker shows: ``data: <folder>``."""
+    root = os.environ.get("VIT_EXPLORER_DATA_DIR")
+    if not root or not Path(root).is_dir():
+        return {}
+    return {OPERATOR_PREFIX + d.name: d for d in sorted(Path(root).iterdir())
+            if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")}
+
+
+def dataset_choices() -> list[str]:
+    """What the dataset picker offers: `DATASETS` and the operator's folders."""
+    return [*DATASETS, *operator_datasets()]
 
 
 def dataset_images(source: str, n: int = 64, zip_path: str | None = None) -> list[Image.Image]:
-    """Images for the dataset band: one of `DATASETS` (``zip_path``: the uploaded zip)."""
+    """Images for the dataset band: one of `dataset_choices` (``zip_path``: the uploaded zip)."""
+    operator = operator_datasets()
+    if source in operator:  # the hardened folder reader: symlinks never followed, caps
+        try:
+            return datasets.folder_images(operator[source], n)
+        except datasets.DatasetError as err:
+            raise ImageError(str(err)) from err
     if source == "bundled examples":
         return example_images()[:n]
     if source == "Fashion-MNIST":
@@ -190,7 +214,7 @@ def dataset_images(source: str, n: int = 64, zip_path: str | None = None) -> lis
             return datasets.zip_images(zip_path, n)
         except datasets.DatasetError as err:
             raise ImageError(str(err)) from err
-    raise ValueError(f"Unknown dataset {source!r}; choose from {DATASETS}.")
+    raise ValueError(f"Unknown dataset {source!r}; choose from {dataset_choices()}.")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 
 import app
 from explorer import datasets, models, sessions
@@ -27,6 +28,7 @@ from tests import odd_vit
 
 IMAGE = "assets/examples/chelsea.jpg"
 OPERATOR_MODEL = "odd-operator"
+OPERATOR_DATA = "band-photos"
 PATHY = ["/etc", "local:/etc", "local:etc", "../etc", "./assets", "~/.cache", "assets/igpt",
          "C:\\Windows", "a\\b", "hf-hub:../../etc", "/tmp", "local:~/.ssh", "x/../../etc"]
 
@@ -244,12 +246,18 @@ def test_limits_from_env(monkeypatch):
 def demo(tmp_path_factory):
     operator = tmp_path_factory.mktemp("operator-models")
     odd_vit.save_odd_vit(operator / OPERATOR_MODEL)
+    data = tmp_path_factory.mktemp("operator-data")
+    (data / OPERATOR_DATA).mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 60, 10, 10)).save(data / OPERATOR_DATA / f"{i}.png")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VIT_EXPLORER_MODELS_DIR", str(operator))
+        mp.setenv("VIT_EXPLORER_DATA_DIR", str(data))
         demo = app.build_demo()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    yield demo
-    demo.close()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None,
+                    quiet=True)
+        yield demo
+        demo.close()
 
 
 def _client(demo) -> Client:
@@ -393,15 +401,16 @@ def test_idle_timeout_and_quota_through_the_app(demo, monkeypatch):
     bob.close()
 
 
-def test_distance_band_from_an_uploaded_zip(demo, tmp_path):
+def test_distance_band_from_an_uploaded_zip_or_an_operator_folder(demo, tmp_path):
     client = _client(demo)
     buffer = io.BytesIO()
-    from PIL import Image
-
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="PNG")
     upload = handle_file(_zip(tmp_path / "band.zip", {f"p/{i}.png": buffer.getvalue()
                                                       for i in range(4)}))
     info = client.predict(OPERATOR_MODEL, "uploaded zip", 4, upload, 0, 0, "drop",
                           api_name="/distance_dataset")  # the band itself is a gr.State
     assert "4 images (uploaded zip)" in info
+    info = client.predict(OPERATOR_MODEL, f"data: {OPERATOR_DATA}", 4, None, 0, 0, "drop",
+                          api_name="/distance_dataset")
+    assert f"3 images (data: {OPERATOR_DATA})" in info
     client.close()

@@ -105,7 +105,8 @@ def build_distance_tab() -> None:
                               info="drop: renormalise over patches; keep: count it as distance 0")
             run = gr.Button("Plot distances", variant="primary", elem_id="dist-run")
             with gr.Accordion("Dataset band", open=True):
-                source = gr.Radio(list(distance.DATASETS), value="Fashion-MNIST", label="Dataset")
+                source = gr.Radio(distance.dataset_choices(), value="Fashion-MNIST",
+                                  label="Dataset")
                 n = gr.Slider(4, 512, value=64, step=4, label="Images", elem_id="dist-band-n")
                 zip_file = gr.File(label="Zip of images (for 'uploaded zip')",
                                    file_types=[".zip"], type="filepath", elem_id="dist-band-zip")
