@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["VIT_EXPLORER_DATA_DIR"] = args.data_dir
     configure_threads()
     kernels.build_in_background()  # the attention kernel compiles (once) while we start
-    build_demo(args.models_dir).launch(server_name=args.host, server_port=args.port, share=args.share,
-                        theme=gr.themes.Soft())
+    build_demo(args.models_dir).launch(server_name=args.host, server_port=args.port,
+                                       share=args.share, theme=gr.themes.Soft())
 
 
 if __name__ == "__main__":

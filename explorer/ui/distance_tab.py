@@ -95,8 +95,8 @@ def build_distance_tab() -> None:
             others = gr.Dropdown(models.model_names(), value=[], multiselect=True,
                                  label="Overlay other models", elem_id="dist-others",
                                  info="e.g. a model fine-tuned in the app")
-            others.focus(other_models, inputs=others, outputs=others, api_name="distance_models", queue=False,
-                         show_progress="hidden")
+            others.focus(other_models, inputs=others, outputs=others,
+                         api_name="distance_models", queue=False, show_progress="hidden")
             with gr.Row():
                 random_init = gr.Checkbox(True, label="Random init of the same architecture")
                 cnn = gr.Checkbox(True, label="CNN: MobileNetV2 receptive fields")
