@@ -69,8 +69,8 @@ def build_demo() -> gr.Blocks:
         lecture_page.select(step_view, inputs=[lecture.step, lecture.example, lecture.size,
                                                is_presenter],
                             outputs=lecture.outputs, api_name="lecture_open",
-                            concurrency_limit=common.concurrency_limit(),
-                            concurrency_id="analysis")
+                            concurrency_limit=1,
+                            concurrency_id="lecture")
         plot_format.change(None, inputs=plot_format, js="(f) => window.vitExplorerPlotFormat(f)",
                            api_name=False)
     # A deliberate queue: analysis events share a concurrency id (set per event); anything

@@ -199,17 +199,19 @@ def build_lecture_tab(presenter: gr.Checkbox) -> LectureTab:
     link = gr.Markdown(elem_id="lecture-link")
     query = gr.Textbox(visible=False, elem_id="lecture-query")
     outputs = [step, heading, text, image, plot, link, query]
+    # Every event that draws a step shares one queue of size one ("lecture"), so the step
+    # drawn last is the one asked for last (a link's page load fires several at once).
     settings = [example, size, presenter]
     # The URL follows the step, so a reload (or a copied address) comes back to it.
     to_url = "(q) => { if (q) history.replaceState(null, '', q); }"
     for button, delta, api in ((prev, -1, "lecture_previous"), (nxt, 1, "lecture_next")):
         button.click(move, inputs=[step, gr.Number(delta, visible=False), *settings],
-                     outputs=outputs, api_name=api, concurrency_limit=common.concurrency_limit(),
-                     concurrency_id="analysis").then(
+                     outputs=outputs, api_name=api, concurrency_limit=1,
+                     concurrency_id="lecture").then(
             None, inputs=query, js=to_url, api_name=False)
     gr.on([step.submit, example.change, size.submit, presenter.change], step_view,
           inputs=[step, *settings], outputs=outputs, api_name="lecture_step",
-          concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
+          concurrency_limit=1, concurrency_id="lecture",
           trigger_mode="always_last").then(None, inputs=query, js=to_url, api_name=False)
     full.click(None, js="() => { const el = [...document.querySelectorAll("
                         "'#lecture-image, #lecture-plot')].find(e => e.offsetParent);"

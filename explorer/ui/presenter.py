@@ -82,10 +82,12 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
          tab_links: list[TabLink], lecture_tab) -> None:
     """Open the link's view on load; then run its analysis (click its tab's run button)."""
     run_target = gr.Textbox(visible=False, elem_id="link-run-target")
-    outputs = [tabs, note, presenter, run_target, lecture_tab.step, lecture_tab.example,
-               lecture_tab.size]
+    outputs = [note, run_target, lecture_tab.step, lecture_tab.example, lecture_tab.size]
     for tab in tab_links:
         outputs += tab.inputs() + list(tab.extra.values())
+    # Last: selecting a tab and switching presenter mode fire events that read the values
+    # above (the Lecture's select and presenter.change redraw the step), so those go first.
+    outputs += [tabs, presenter]
 
     def open_view(request: gr.Request):
         """Set the tab, the example and the settings a link names (`/open_view`)."""
@@ -93,26 +95,25 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
         run_id = next((t.run_id for t in tab_links if t.key == view.tab), None)
         if view.tab == "lecture":
             run_id = "lecture-open"  # the lecture draws its step itself (`lecture_if_open`)
-        values = [gr.Tabs(selected=view.tab), gr.Markdown(note_text(view), visible=bool(view.notes)),
-                  view.presenter, run_id or "",
+        values = [gr.Markdown(note_text(view), visible=bool(view.notes)), run_id or "",
                   view.step, view.example, view.size or 0]
         for tab in tab_links:
             values += _tab_values(tab, view)
-        return values
+        return [*values, gr.Tabs(selected=view.tab), view.presenter]
 
-    def lecture_if_open(run_id, step, example, size, is_presenter):
-        from explorer.ui.lecture_tab import step_view
+    def lecture_if_open(request: gr.Request):
+        """Draw the linked lecture step (`/lecture_on_load`), read from the link itself."""
+        from explorer.ui.lecture_tab import step_view  # the lecture tab imports this module
 
-        if run_id != "lecture-open":
+        view = read_view(request.query_params if request else {})
+        if view.tab != "lecture":
             return tuple(gr.skip() for _ in lecture_tab.outputs)
-        return step_view(step, example, size, is_presenter)
+        return step_view(view.step, view.example, view.size, view.presenter)
 
     demo.load(open_view, outputs=outputs, api_name="open_view", show_progress="hidden").then(
         None, inputs=[run_target, presenter], js=RUN_JS, api_name=False).then(
-        lecture_if_open, inputs=[run_target, lecture_tab.step, lecture_tab.example,
-                                 lecture_tab.size, presenter],
-        outputs=lecture_tab.outputs, api_name="lecture_on_load",
-        concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
+        lecture_if_open, outputs=lecture_tab.outputs, api_name="lecture_on_load",
+        concurrency_limit=1, concurrency_id="lecture")
     presenter.change(None, inputs=presenter, js=PRESENTER_JS, api_name=False)
 
 
