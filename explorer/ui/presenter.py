@@ -184,9 +184,10 @@ PRESENTER_JS = """
 }
 """
 
-# Page script: arrow keys step the lecture (not while typing); plotly downloads are named
-# after the figure's label and the example; a switch picks PNG or SVG for them.
-HEAD = """
+# Page script: arrow keys step the lecture (not while typing); plotly and image downloads are
+# named after the figure's label and the linked example; a switch picks PNG or SVG for plots
+# (plotly's own "download plot" button, whose options gradio's gr.Plot does not expose).
+HEAD = r"""
 <script>
 (() => {
   const slug = (s) => (s || 'figure').toLowerCase().replace(/[^a-z0-9]+/g, '-')
@@ -216,6 +217,19 @@ HEAD = """
     });
   };
   setInterval(nameFigures, 1000);
+  // Image downloads: gradio names them after the served file ("image.png"); name them after
+  // the figure's label instead (files already named by the app, vit-explorer_*, stay).
+  document.addEventListener('click', (e) => {
+    const a = e.target.closest && e.target.closest('a[download]');
+    if (!a || (a.getAttribute('download') || '').startsWith('vit-explorer')) return;
+    const block = a.closest('.block');
+    const label = block && block.querySelector('[data-testid="block-label"], label');
+    if (!label) return;
+    const ext = ((a.getAttribute('download') || '').match(/\.[a-z0-9]+$/i) || ['.png'])[0];
+    const example = new URL(location.href).searchParams.get('example') || '';
+    a.setAttribute('download', ['vit-explorer', example, slug(label.textContent)]
+                                 .filter(Boolean).join('_') + ext);
+  }, true);
   window.vitExplorerPlotFormat = (f) => { document.body.dataset.plotFormat = f; nameFigures(); };
 })();
 </script>

@@ -92,3 +92,26 @@ def test_presenter_text_and_figure_labels_are_large(fresh):
         ".map(t => parseFloat(getComputedStyle(t).fontSize))")
     assert sizes and min(sizes) >= 18, sizes
     assert "paper" in plot.inner_text().lower()  # the lecture's numbers are labelled as such
+
+
+def test_figures_download_with_names_that_say_what_they_show(fresh):
+    page, url = fresh
+    _open(page, url + "?tab=lecture&example=rocket&step=3")
+    page.locator("#lecture-heading").get_by_text("Step 3 of 9").wait_for()
+    page.locator("#lecture-image img").first.wait_for(state="visible")
+    page.locator("#lecture-image").hover()
+    with page.expect_download() as got:
+        page.locator("#lecture-image a[download]").first.click()
+    assert got.value.suggested_filename == "vit-explorer_rocket_step3_patch-grid.png"
+    # plots: plotly's download button, named after the figure; PNG or SVG
+    for step in (4, 5, 6):  # a press while a step is drawing is ignored: wait for each
+        page.locator("#lecture-next").click()
+        page.locator("#lecture-heading").get_by_text(f"Step {step} of 9").wait_for()
+    plot = plot_in(page, "lecture-plot")
+    page.locator("#plot-format").get_by_text("svg").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#lecture-plot .js-plotly-plot')._context"
+        ".toImageButtonOptions || {}).format === 'svg'")
+    options = plot.evaluate("p => p._context.toImageButtonOptions")
+    assert options["filename"].startswith("vit-explorer_rocket_")
+    assert "mean-attention-distance" in options["filename"]
