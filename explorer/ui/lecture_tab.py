@@ -58,8 +58,11 @@ def prepared(example: str, size: int | None) -> Prepared:
     return _PREPARED.get_or_build((models.DEFAULT_MODEL, example, size), build)
 
 
-def _cmap(presenter: bool) -> str:
-    return "viridis" if presenter else "inferno"  # presenter: the brighter, higher-contrast map
+def _overlay(presenter: bool) -> tuple[float, str]:
+    """(opacity, colour map) of heat maps. Inferno spans black to pale yellow, the widest
+    lightness range of the maps offered; a projector washes the photo out, so when
+    presenting the map covers more of it."""
+    return (0.8 if presenter else 0.6), "inferno"
 
 
 def fig_sequence(example, size, presenter):
@@ -87,8 +90,7 @@ def fig_rollout(example, size, presenter):
     with common.user_errors():
         maps = attention.capture(p.model, p.tokens.pixels)
     views = attention_view.attention_views(maps, maps.num_layers - 1)
-    return attention_plots.heat_overlay(p.shown, views.rollout, 0.7 if presenter else 0.6,
-                                        _cmap(presenter))
+    return attention_plots.heat_overlay(p.shown, views.rollout, *_overlay(presenter))
 
 
 def _cnn(example, size):
@@ -114,7 +116,7 @@ def fig_distance(example, size, presenter):
 
 
 def fig_cnn(example, size, presenter):
-    return distance_plots.erf_mosaic(_cnn(example, size), cmap=_cmap(presenter))
+    return distance_plots.erf_mosaic(_cnn(example, size), cmap=_overlay(presenter)[1])
 
 
 FIGURES: dict[str, Callable] = {
