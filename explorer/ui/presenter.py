@@ -91,7 +91,7 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
 
     def open_view(request: gr.Request):
         """Set the tab, the example and the settings a link names (`/open_view`)."""
-        view = read_view(request.query_params if request else {})
+        view = read_view(request.query_params)
         run_id = next((t.run_id for t in tab_links if t.key == view.tab), None)
         if view.tab == "lecture":
             run_id = "lecture-open"  # the lecture draws its step itself (`lecture_if_open`)
@@ -99,7 +99,9 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
                   view.step, view.example, view.size or 0]
         for tab in tab_links:
             values += _tab_values(tab, view)
-        return [*values, gr.Tabs(selected=view.tab), view.presenter]
+        # A plain address selects nothing: a tab clicked while the page loads stays open.
+        chosen = gr.Tabs(selected=view.tab) if "tab" in request.query_params else gr.skip()
+        return [*values, chosen, view.presenter or gr.skip()]
 
     def lecture_if_open(request: gr.Request):
         """Draw the linked lecture step (`/lecture_on_load`), read from the link itself."""
