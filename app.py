@@ -13,11 +13,12 @@ import gradio as gr
 import torch
 
 from explorer import kernels, models
-from explorer.ui import common, gradio_fixes
+from explorer.ui import common, gradio_fixes, presenter
 from explorer.ui.attention_tab import build_attention_tab
 from explorer.ui.distance_tab import build_distance_tab
 from explorer.ui.finetune_tab import build_finetune_tab
 from explorer.ui.igpt_tab import build_igpt_tab
+from explorer.ui.lecture_tab import build_lecture_tab, step_view
 from explorer.ui.tokens_tab import build_tokens_tab
 
 TITLE = "ViT Explorer"
@@ -29,17 +30,19 @@ completes a half-hidden picture pixel by pixel, and what fine-tuning on your own
 changes. Everything runs offline on a DINOv2 ViT-S/14; hub models work when online.
 """
 
+# (label, key in links, builder): after the Lecture, one tab per concept. A builder returns
+# the `presenter.TabLink` a link sets (None: a link only opens the tab).
 TABS = [
-    ("Patch tokens", build_tokens_tab),
-    ("Attention maps", build_attention_tab),
-    ("Mean attention distance", build_distance_tab),
-    ("iGPT", build_igpt_tab),
-    ("Fine-tune", build_finetune_tab),
+    ("Patch tokens", "tokens", build_tokens_tab),
+    ("Attention maps", "attention", build_attention_tab),
+    ("Mean attention distance", "distance", build_distance_tab),
+    ("iGPT", "igpt", build_igpt_tab),
+    ("Fine-tune", "finetune", build_finetune_tab),
 ]
 
 
 def build_demo(models_dir: str | None = None) -> gr.Blocks:
-    """The whole app: one tab per concept.
+    """The whole app: the lecture as a path, then one tab per concept.
 
     Args:
         models_dir: the operator's checkpoints (``--models-dir``, else the
@@ -52,10 +55,33 @@ def build_demo(models_dir: str | None = None) -> gr.Blocks:
         models.register_models_dir(models_dir)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(HEADER)
-        with gr.Tabs():
-            for label, build in TABS:
-                with gr.Tab(label):
-                    build()
+        with gr.Row():
+            is_presenter = gr.Checkbox(False, label="Presenter mode (large text for a projector)",
+                                       elem_id="presenter", scale=0, min_width=320)
+            plot_format = gr.Radio(["png", "svg"], value="png", label="Plot downloads as",
+                                   elem_id="plot-format", scale=0, min_width=220)
+        note = gr.Markdown(visible=False, elem_id="link-note")
+        tab_links = []
+        with gr.Tabs() as tabs:
+            with gr.Tab("Lecture", id="lecture") as lecture_page:
+                copy_lecture = presenter.link_row("lecture")
+                lecture = build_lecture_tab(is_presenter)
+            for label, key, build in TABS:
+                with gr.Tab(label, id=key):
+                    row = presenter.link_row(key)
+                    tab = build() or presenter.TabLink(key)
+                    presenter.wire_copy(row, tab, is_presenter)
+                    tab_links.append(tab)
+        presenter.wire(demo, tabs, note, is_presenter, tab_links, lecture)
+        copy_lecture[0].click(None, inputs=lecture.outputs[-1], outputs=copy_lecture[1],
+                              js=presenter.COPY_JS, api_name=False)
+        lecture_page.select(step_view, inputs=[lecture.step, lecture.example, lecture.size,
+                                               is_presenter],
+                            outputs=lecture.outputs, api_name="lecture_open",
+                            concurrency_limit=1,
+                            concurrency_id="lecture")
+        plot_format.change(None, inputs=plot_format, js="(f) => window.vitExplorerPlotFormat(f)",
+                           api_name=False)
         demo.unload(common.end_session)  # a closed tab's fine-tunes are deleted
     # A deliberate queue: analysis events share a concurrency id (set per event); anything
     # else defaults to one at a time, and at most this many requests may wait.
@@ -102,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_threads()
     kernels.build_in_background()  # the attention kernel compiles (once) while we start
     build_demo(args.models_dir).launch(server_name=args.host, server_port=args.port,
-                                       share=args.share, theme=gr.themes.Soft())
+                                       share=args.share, theme=gr.themes.Soft(),
+                                       css=presenter.CSS, head=presenter.HEAD)
 
 
 if __name__ == "__main__":

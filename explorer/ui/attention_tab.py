@@ -13,6 +13,7 @@ from explorer import attention, images, models, patches
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
 from explorer.ui import attention_view, common
+from explorer.ui.presenter import TabLink
 
 INTRO = """
 **Where does each token look?** Every block mixes tokens with softmax(QKᵀ/√d): one map per
@@ -177,8 +178,12 @@ def _index_errors() -> Iterator[None]:
         raise gr.Error(str(err)) from err
 
 
-def build_attention_tab() -> None:
-    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+def build_attention_tab() -> TabLink:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``.
+
+    Returns:
+        What a link to this tab sets (`explorer.ui.presenter`).
+    """
     gr.Markdown(INTRO)
     session = gr.State(None)
     geometry = common.default_geometry()  # the picker starts on the default model
@@ -267,6 +272,8 @@ def build_attention_tab() -> None:
     gr.on([query_head.change, layer.release], query_if_picked, inputs=query_inputs,
           outputs=[query_img, query_strip, query_info], api_name="attention_query_update",
           trigger_mode="always_last")
+    return TabLink("attention", image, model, width, height, run_id="attn-run",
+                   extra={"layer": layer, "fusion": fusion, "head": query_head})
 
 
 def query_if_picked(session, row, col, layer, head, opacity, cmap):

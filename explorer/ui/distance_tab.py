@@ -7,6 +7,7 @@ import gradio as gr
 from explorer import distance, models, patches
 from explorer.plots import distance as plots
 from explorer.ui import common
+from explorer.ui.presenter import TabLink
 
 INTRO = """
 **How far does each head look?** For every layer and head: the attention-weighted distance
@@ -85,8 +86,12 @@ def other_models(current, request: gr.Request):
     return gr.Dropdown(choices=common.model_names(request), value=current)
 
 
-def build_distance_tab() -> None:
-    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+def build_distance_tab() -> TabLink:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``.
+
+    Returns:
+        What a link to this tab sets (`explorer.ui.presenter`).
+    """
     gr.Markdown(INTRO)
     band = gr.State(None)
     with gr.Row():
@@ -126,3 +131,4 @@ def build_distance_tab() -> None:
                    outputs=[band, band_info], api_name="distance_dataset",
                    concurrency_limit=common.concurrency_limit(), concurrency_id="analysis").then(
         refresh, inputs=inputs, outputs=[plot, erf, info], api_name="distance_refresh")
+    return TabLink("distance", image, model, width, height, run_id="dist-run")

@@ -17,6 +17,7 @@ from explorer.igpt.data import CLASS_NAMES, DatasetUnavailableError, load_fashio
 from explorer.igpt.sampler import SampleConfig
 from explorer.igpt.sequence import attention_cost
 from explorer.ui import common
+from explorer.ui.presenter import TabLink
 
 INTRO = """
 **The naive solution: treat pixels as words** (iGPT, "Generative Pretraining from Pixels").
@@ -139,8 +140,13 @@ def rows_for_model(model_name):
     return rows_slider(model_height(model_name))
 
 
-def build_igpt_tab() -> None:
-    """Components and events of the tab; call inside ``with gr.Tab("iGPT")``."""
+def build_igpt_tab() -> TabLink:
+    """Components and events of the tab; call inside ``with gr.Tab("iGPT")``.
+
+    Returns:
+        What a link to this tab sets (`explorer.ui.presenter`): the image only (any
+        bundled example; the model stays the tab's).
+    """
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
@@ -206,3 +212,4 @@ def build_igpt_tab() -> None:
              concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
     model.change(rows_for_model, inputs=model, outputs=rows, api_name="igpt_model_rows",
                  queue=False, show_progress="hidden")
+    return TabLink("igpt", image, run_id="igpt-analyse")

@@ -7,6 +7,7 @@ import gradio as gr
 from explorer import images, patches
 from explorer.plots import tokens as token_plots
 from explorer.ui import common
+from explorer.ui.presenter import TabLink
 
 INTRO = """
 **An image is worth 16x16 words.** A ViT cuts the image into fixed-size patches, flattens
@@ -44,8 +45,12 @@ def tokens(image_path, model_name, width, height, fit):
     )
 
 
-def build_tokens_tab() -> None:
-    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+def build_tokens_tab() -> TabLink:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``.
+
+    Returns:
+        What a link to this tab sets (`explorer.ui.presenter`).
+    """
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
@@ -75,3 +80,4 @@ def build_tokens_tab() -> None:
     run.click(tokens, inputs=[image, model, width, height, fit], outputs=outputs,
               api_name="tokens", concurrency_limit=common.concurrency_limit(),
               concurrency_id="analysis")
+    return TabLink("tokens", image, model, width, height, run_id="tokens-run")

@@ -1,0 +1,56 @@
+"""Figures of the lecture's own numbers (quoted from the papers, never measured here),
+and the projector style shared by every lecture figure."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from explorer.lecture import PAPER_IMAGENET, PAPER_SOURCE
+
+PRESENTER_FONT = 22  # px: legible from the back of a room on a 1280x720 projector
+PAPER_COLOURS = {"ViT": "#d62728", "CNN": "#1f77b4"}
+
+
+def _family(model: str) -> str:
+    return "ViT" if model.startswith("ViT") else "CNN"
+
+
+def paper_data_figure() -> go.Figure:
+    """ImageNet top-1 of ViT-L/16 pre-trained on ImageNet-21k vs JFT-300M, and the best CNN
+    of the lecture's table: more pre-training data lifts the ViT past the CNN."""
+    rows = [r for r in PAPER_IMAGENET if r[0] in ("ViT-L/16", "BiT-L (ResNet152x4)")]
+    labels = [f"{m}<br>pre-trained on {d}" for m, d, _, _ in rows]
+    fig = go.Figure(go.Bar(
+        x=labels, y=[acc for _, _, acc, _ in rows], text=[f"{acc:.2f}%" for *_, acc, _ in rows],
+        textposition="outside", marker_color=[PAPER_COLOURS[_family(m)] for m, *_ in rows]))
+    fig.update_layout(title=f"Paper numbers, not measured here: {PAPER_SOURCE}",
+                      yaxis={"title": "ImageNet top-1 (%)", "range": [80, 90]}, height=460,
+                      margin={"t": 60})
+    return fig
+
+
+def paper_scaling_figure() -> go.Figure:
+    """ImageNet top-1 against pre-training compute (TPUv3-core-days, log axis)."""
+    fig = go.Figure()
+    for family in PAPER_COLOURS:
+        rows = [r for r in PAPER_IMAGENET if _family(r[0]) == family]
+        fig.add_trace(go.Scatter(
+            x=[days for *_, days in rows], y=[acc for _, _, acc, _ in rows],
+            mode="markers+text", name=family, text=[f"{m} ({d})" for m, d, _, _ in rows],
+            textposition="top center", marker={"size": 14, "color": PAPER_COLOURS[family]}))
+    fig.update_layout(title=f"Paper numbers, not measured here: {PAPER_SOURCE}",
+                      xaxis={"title": "pre-training compute (TPUv3-core-days)", "type": "log"},
+                      yaxis={"title": "ImageNet top-1 (%)", "range": [84.5, 89.5]}, height=460,
+                      margin={"t": 60})
+    return fig
+
+
+def for_projector(fig: go.Figure, presenter: bool) -> go.Figure:
+    """Large fonts (every label ≥ 18 px) when presenting; the figure is changed in place."""
+    if presenter:
+        fig.update_layout(font={"size": PRESENTER_FONT}, title_font={"size": PRESENTER_FONT + 2},
+                          legend_font={"size": PRESENTER_FONT - 2}, height=600)
+        fig.update_annotations(font_size=PRESENTER_FONT - 2)
+        fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"mode": "markers+text"})
+        fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"type": "bar"})
+    return fig

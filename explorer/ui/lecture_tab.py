@@ -1,0 +1,222 @@
+"""Lecture tab: the lecture's outline as a path of steps, each with a live figure.
+
+The steps' words live in `explorer.lecture`; each figure reuses an analysis and a figure
+builder of the other tabs (no tensor math here). Previous / next buttons, the arrow keys
+(`explorer.ui.presenter.JS`) and ``?tab=lecture&step=N`` move along the path.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from explorer import attention, distance, images, lecture, models, patches
+from explorer.cache import KeyedCache
+from explorer.igpt import pipeline
+from explorer.plots import attention as attention_plots
+from explorer.plots import colors
+from explorer.plots import distance as distance_plots
+from explorer.plots import lecture as lecture_plots
+from explorer.plots import tokens as token_plots
+from explorer.ui import attention_view, common, links
+
+FIGURE_DIR = Path(tempfile.gettempdir()) / "vit-explorer-figures"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One example at one size, ready for the figures (cached: stepping back is instant)."""
+
+    model: object
+    shown: np.ndarray  # (H, W, 3) the input as the model sees it
+    tokens: patches.TokenizationResult
+
+
+_PREPARED: KeyedCache[Prepared] = KeyedCache(max_items=4)
+_CNN_FIELDS: KeyedCache[distance.CNNReceptiveFields] = KeyedCache(max_items=4)
+
+
+def example_path(example: str) -> str:
+    """The bundled example file called ``example`` (see `explorer.images.example_paths`)."""
+    return str(next(p for p in images.example_paths() if p.stem == example))
+
+
+def prepared(example: str, size: int | None) -> Prepared:
+    def build() -> Prepared:
+        model, config, pixels = common.model_and_pixels(example_path(example), None, size,
+                                                        size, "crop")
+        with common.user_errors():
+            result = patches.analyse_tokenization(model, pixels)
+        return Prepared(model, images.pixels_to_image(pixels, config), result)
+
+    return _PREPARED.get_or_build((models.DEFAULT_MODEL, example, size), build)
+
+
+def _overlay(presenter: bool) -> tuple[float, str]:
+    """(opacity, colour map) of heat maps. Inferno spans black to pale yellow, the widest
+    lightness range of the maps offered; a projector washes the photo out, so when
+    presenting the map covers more of it."""
+    return (0.8 if presenter else 0.6), "inferno"
+
+
+def fig_sequence(example, size, presenter):
+    p = prepared(example, size)
+    return token_plots.token_sequence(p.shown, p.tokens.patch, p.tokens.prefix_names)
+
+
+def fig_rgb9(example, size, presenter):
+    photo, photo9 = pipeline.in_rgb9(common.load_upload(example_path(example)))
+    return colors.mosaic([photo, photo9], cols=2, labels=["24-bit colour (16.7 M words)",
+                                                          "9-bit palette (512 words)"])
+
+
+def fig_patches(example, size, presenter):
+    p = prepared(example, size)
+    return token_plots.grid_overlay(p.shown, p.tokens.patch, len(p.tokens.prefix_names))
+
+
+def fig_positions(example, size, presenter):
+    return token_plots.similarity_tiles(prepared(example, size).tokens.pos_similarity)
+
+
+def fig_rollout(example, size, presenter):
+    p = prepared(example, size)
+    with common.user_errors():
+        maps = attention.capture(p.model, p.tokens.pixels)
+    views = attention_view.attention_views(maps, maps.num_layers - 1)
+    return attention_plots.heat_overlay(p.shown, views.rollout, *_overlay(presenter))
+
+
+def _cnn(example, size):
+    side = max(prepared(example, size).tokens.size)
+
+    def build():
+        with common.user_errors():
+            image = common.load_upload(example_path(example))
+            return distance.mobilenet_receptive_fields(image, side)
+
+    return _CNN_FIELDS.get_or_build((example, side), build)
+
+
+def fig_distance(example, size, presenter):
+    p = prepared(example, size)
+    image = common.load_upload(example_path(example))
+    with common.user_errors():
+        model, config = models.load_vit(None)
+        series, _ = distance.compare_models(image, [(models.DEFAULT_MODEL, model, config,
+                                                     p.tokens.size)])
+    uniform = distance.uniform_distance(p.tokens.grid, p.tokens.patch)
+    return distance_plots.distance_figure(series, None, _cnn(example, size), uniform)
+
+
+def fig_cnn(example, size, presenter):
+    return distance_plots.erf_mosaic(_cnn(example, size), cmap=_overlay(presenter)[1])
+
+
+FIGURES: dict[str, Callable] = {
+    "sequence": fig_sequence, "rgb9": fig_rgb9, "patches": fig_patches,
+    "positions": fig_positions, "rollout": fig_rollout, "distance": fig_distance,
+    "paper-data": lambda *_: lecture_plots.paper_data_figure(),
+    "paper-scaling": lambda *_: lecture_plots.paper_scaling_figure(),
+    "cnn": fig_cnn,
+}
+
+
+def figure_file(image, name: str) -> str:
+    """Save an image figure as ``<name>.png`` so its download says what it shows."""
+    FIGURE_DIR.mkdir(exist_ok=True)
+    path = FIGURE_DIR / f"{name}.png"
+    Image.fromarray(np.asarray(image)).save(path) if isinstance(image, np.ndarray) else image.save(path)
+    return str(path)
+
+
+def step_view(step, example, size, presenter):
+    """Everything one lecture step shows (the `/lecture_step` endpoint).
+
+    Returns:
+        ``(step, heading, text, image, plot, link, url query)``: the image or the plot is
+        hidden, whichever the step does not use.
+    """
+    count = len(lecture.STEPS)
+    step = min(max(int(step or 1), 1), count)
+    s = lecture.STEPS[step - 1]
+    size = int(size) if size else None
+    name = f"vit-explorer_{example}_step{step}_{s.caption}"
+    made = FIGURES[s.figure](example, size, bool(presenter))
+    view = links.View(tab="lecture", example=example, size=size, step=step,
+                      presenter=bool(presenter))
+    tab_view = links.View(tab=s.tab, example=example, size=size, presenter=bool(presenter))
+    link = f"[Open the full view in its tab →]({links.view_query(tab_view)})"
+    if isinstance(made, np.ndarray | Image.Image):
+        image = gr.Image(value=figure_file(made, name), visible=True, label=s.caption)
+        plot = gr.Plot(value=None, visible=False)
+    else:
+        image = gr.Image(value=None, visible=False)
+        plot = gr.Plot(value=lecture_plots.for_projector(made, bool(presenter)), visible=True,
+                       label=name)
+    heading = f"## Step {step} of {count}: {s.title}"
+    return step, heading, s.text, image, plot, link, links.view_query(view)
+
+
+def move(step, delta, example, size, presenter):
+    """Step ``delta`` along the path (clamped to the first and last step)."""
+    return step_view(int(step or 1) + int(delta), example, size, presenter)
+
+
+@dataclass
+class LectureTab:
+    """The components a link prepares (`explorer.ui.presenter`)."""
+
+    step: gr.Number
+    example: gr.Dropdown
+    size: gr.Number
+    outputs: list
+
+
+def build_lecture_tab(presenter: gr.Checkbox) -> LectureTab:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+    names = [p.stem for p in images.example_paths()]
+    with gr.Row():
+        prev = gr.Button("← Previous", elem_id="lecture-prev", scale=0)
+        step = gr.Number(value=1, precision=0, label="Step", minimum=1,
+                         maximum=len(lecture.STEPS), elem_id="lecture-step", scale=0,
+                         min_width=90)
+        nxt = gr.Button("Next →", variant="primary", elem_id="lecture-next", scale=0)
+        example = gr.Dropdown(names, value=names[0], label="Example", elem_id="lecture-example",
+                              scale=1)
+        size = gr.Number(value=0, precision=0, minimum=0, label="Size (px, 0 = model default)",
+                         elem_id="lecture-size", scale=1)
+        full = gr.Button("Full-screen figure", elem_id="lecture-fullscreen", scale=0)
+    heading = gr.Markdown(elem_id="lecture-heading")
+    text = gr.Markdown(elem_id="lecture-text", elem_classes=["lecture-text"])
+    image = gr.Image(format="png", interactive=False, elem_id="lecture-image",
+                     buttons=["download", "fullscreen"])
+    plot = gr.Plot(visible=False, elem_id="lecture-plot")
+    link = gr.Markdown(elem_id="lecture-link")
+    query = gr.Textbox(visible=False, elem_id="lecture-query")
+    outputs = [step, heading, text, image, plot, link, query]
+    # Every event that draws a step shares one queue of size one ("lecture"), so the step
+    # drawn last is the one asked for last (a link's page load fires several at once).
+    settings = [example, size, presenter]
+    # The URL follows the step, so a reload (or a copied address) comes back to it.
+    to_url = "(q) => { if (q) history.replaceState(null, '', q); }"
+    for button, delta, api in ((prev, -1, "lecture_previous"), (nxt, 1, "lecture_next")):
+        button.click(move, inputs=[step, gr.Number(delta, visible=False), *settings],
+                     outputs=outputs, api_name=api, concurrency_limit=1,
+                     concurrency_id="lecture").then(
+            None, inputs=query, js=to_url, api_name=False)
+    gr.on([step.submit, example.change, size.submit, presenter.change], step_view,
+          inputs=[step, *settings], outputs=outputs, api_name="lecture_step",
+          concurrency_limit=1, concurrency_id="lecture",
+          trigger_mode="always_last").then(None, inputs=query, js=to_url, api_name=False)
+    full.click(None, js="() => { const el = [...document.querySelectorAll("
+                        "'#lecture-image, #lecture-plot')].find(e => e.offsetParent);"
+                        " el && el.requestFullscreen && el.requestFullscreen(); }",
+               api_name=False)
+    return LectureTab(step, example, size, outputs)

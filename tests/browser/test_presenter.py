@@ -1,0 +1,117 @@
+"""Links, the lecture path and presenter mode in real Chromium."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.browser.helpers import plot_in
+
+
+@pytest.fixture
+def fresh(browser, app_url):
+    """A fresh browser context (no state carried over) at a projector's 1280x720."""
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    yield page, app_url
+    context.close()
+
+
+def _open(page, url):
+    page.goto(url)
+    page.wait_for_selector(".gradio-container")
+
+
+def test_link_opens_attention_on_the_example_at_the_layer(fresh):
+    page, url = fresh
+    _open(page, url + "?tab=attention&example=chelsea&layer=6&head=2")
+    # the analysis ran by itself on the linked example, at the linked layer
+    page.locator("#attn-summary").get_by_text("heads").wait_for()
+    assert page.get_by_role("tab", name="Attention maps").get_attribute("aria-selected") == "true"
+    assert "chelsea" in page.locator("#attn-image img").first.get_attribute("src")
+    assert page.locator("#attn-layer input[type=range]").input_value() == "6"
+    page.locator("#attn-heads img").first.wait_for(state="visible")
+    assert page.locator("#attn-query-head input").input_value() == "head 2"
+    assert not page.locator("#link-note").is_visible()
+    # the tab's copy control gives back a link to the same view
+    page.locator("#attention-copy-link").click()
+    page.wait_for_function(
+        "() => document.querySelector('#attention-link textarea, #attention-link input')"
+        ".value.includes('layer=6')")
+    link = page.locator("#attention-link textarea, #attention-link input").first.input_value()
+    assert link.startswith("http") and "tab=attention" in link and "example=chelsea" in link
+    assert "head=2" in link
+
+
+def test_bad_parameters_give_a_note_not_an_error(fresh):
+    page, url = fresh
+    _open(page, url + "?tab=attention&example=dog&layer=99&head=zz")
+    note = page.locator("#link-note")
+    note.get_by_text("Unknown example").wait_for()
+    text = note.inner_text()
+    assert "Layer 99 does not exist" in text and "Head 'zz'" in text
+    page.locator("#attn-summary").get_by_text("heads").wait_for()  # defaults still ran
+    assert page.locator("#attn-layer input[type=range]").input_value() == "12"
+    _open(page, url + "?tab=lab")
+    page.locator("#link-note").get_by_text("does not exist yet").wait_for()
+    page.locator("#lecture-heading").get_by_text("Step 1").wait_for()
+
+
+def test_lecture_steps_by_keyboard_and_survives_a_reload(fresh):
+    page, url = fresh
+    _open(page, url + "?tab=lecture&example=coffee")
+    heading = page.locator("#lecture-heading")
+    heading.get_by_text("Step 1 of 9").wait_for()
+    page.locator("#lecture-image img").first.wait_for(state="visible")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("ArrowRight")
+    heading.get_by_text("Step 2 of 9").wait_for()
+    page.keyboard.press("ArrowRight")
+    heading.get_by_text("Step 3 of 9").wait_for()
+    page.keyboard.press("ArrowLeft")
+    heading.get_by_text("Step 2 of 9").wait_for()
+    page.wait_for_function("() => location.search.includes('step=2')")
+    assert "example=coffee" in page.url
+    page.reload()
+    page.locator("#lecture-heading").get_by_text("Step 2 of 9").wait_for()
+    # the step's link opens the full tab prepared the same way
+    href = page.locator("#lecture-link a").first.get_attribute("href")
+    assert "tab=igpt" in href and "example=coffee" in href
+
+
+def test_presenter_text_and_figure_labels_are_large(fresh):
+    page, url = fresh
+    _open(page, url + "?tab=lecture&step=7&presenter=1")
+    page.locator("#lecture-heading").get_by_text("Step 7 of 9").wait_for()
+    plot = plot_in(page, "lecture-plot")
+    page.wait_for_function("() => document.body.classList.contains('presenter')")
+    body = page.locator("#lecture-text p").first
+    assert float(body.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")) >= 18
+    sizes = plot.evaluate(
+        "p => [...p.querySelectorAll('text')].filter(t => t.textContent.trim())"
+        ".map(t => parseFloat(getComputedStyle(t).fontSize))")
+    assert sizes and min(sizes) >= 18, sizes
+    assert "paper" in plot.inner_text().lower()  # the lecture's numbers are labelled as such
+
+
+def test_figures_download_with_names_that_say_what_they_show(fresh):
+    page, url = fresh
+    _open(page, url + "?tab=lecture&example=rocket&step=3")
+    page.locator("#lecture-heading").get_by_text("Step 3 of 9").wait_for()
+    page.locator("#lecture-image img").first.wait_for(state="visible")
+    page.locator("#lecture-image").hover()
+    with page.expect_download() as got:
+        page.locator("#lecture-image a[download]").first.click()
+    assert got.value.suggested_filename == "vit-explorer_rocket_step3_patch-grid.png"
+    # plots: plotly's download button, named after the figure; PNG or SVG
+    for step in (4, 5, 6):  # a press while a step is drawing is ignored: wait for each
+        page.locator("#lecture-next").click()
+        page.locator("#lecture-heading").get_by_text(f"Step {step} of 9").wait_for()
+    plot = plot_in(page, "lecture-plot")
+    page.locator("#plot-format").get_by_text("svg").click()
+    page.wait_for_function(
+        "() => (document.querySelector('#lecture-plot .js-plotly-plot')._context"
+        ".toImageButtonOptions || {}).format === 'svg'")
+    options = plot.evaluate("p => p._context.toImageButtonOptions")
+    assert options["filename"].startswith("vit-explorer_rocket_")
+    assert "mean-attention-distance" in options["filename"]
