@@ -116,7 +116,8 @@ def probes_from_bench(bench: dict) -> list[LayerwiseProbe]:
                       ("layerwise", "DINOv2 ViT-S/14")):
         part = bench.get(key)
         if isinstance(part, dict):
-            out.append(LayerwiseProbe(part["depths"], part["train_acc"], part["val_acc"], name))
+            out.append(LayerwiseProbe(part["depths"], part["train_acc"], part["val_acc"],
+                                      f"{name}, {len(part['depths'])} blocks"))
     return out
 
 
