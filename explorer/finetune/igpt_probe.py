@@ -158,6 +158,7 @@ def probe_asset(bench: dict, command: str) -> dict:
                   f"seed 2); iGPT at 28×28 in its 8 greys, DINOv2 at "
                   f"{dino['resolution'][0]} px"),
         "command": command, "date_utc": bench.get("date_utc"), "machine": bench.get("machine"),
+        "n_train": dino["train_images"], "n_test": dino["test_images"],
         "igpt_checkpoint_step": igpt.get("checkpoint_step"),
         "wall_s": {"igpt": igpt.get("wall_s"), "dinov2": dino.get("wall_s")},
         "probes": [dataclasses.asdict(p) for p in probes_from_bench(bench)],
@@ -169,8 +170,10 @@ if __name__ == "__main__":  # python -m explorer.finetune.igpt_probe BENCH.json 
 
     bench_path = sys.argv[1]
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else probe_asset_path()
-    command = ("python -m explorer.bench finetune --skip probe,tp --threads 1 "
-               f"--json {bench_path}; python -m explorer.finetune.igpt_probe {bench_path}")
-    out.write_text(json.dumps(probe_asset(json.loads(Path(bench_path).read_text()), command),
-                              indent=1) + "\n")
+    bench = json.loads(Path(bench_path).read_text())
+    command = ("python -m explorer.bench finetune --skip probe,tp --threads 1 --layer-train "
+               f"{bench['layerwise']['train_images']} --layer-test "
+               f"{bench['layerwise']['test_images']} --json {bench_path}; "
+               f"python -m explorer.finetune.igpt_probe {bench_path}")
+    out.write_text(json.dumps(probe_asset(bench, command), indent=1) + "\n")
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from explorer.finetune.igpt_probe import load_probe_asset, probe_summary
+from explorer.finetune.igpt_probe import load_probe_asset, middle_layer_peak, probe_summary
 from explorer.igpt import pipeline
 from explorer.igpt import plots as igpt_plots
 from explorer.igpt.checkpoint import CATALOGUE, OFFLINE_NAME, ModelUnavailableError, load_igpt
@@ -139,7 +139,17 @@ def probe_text(probes, meta: dict) -> str:
     if not probes:
         return "*No layer-wise probe result shipped (assets/igpt/probe.json is missing).*"
     lines = [f"- {probe_summary(p)}" for p in probes]
-    return f"Fashion-MNIST, {meta.get('split', '')}.\n\n" + "\n".join(lines)
+    igpt = probes[0]  # the asset lists the iGPT first
+    verdict = ("**Like the paper, ours has its best features inside the network.**"
+               if middle_layer_peak(igpt) else
+               "**Unlike the paper, ours does not peak in the middle:** in this small model "
+               f"({len(igpt.depths)} blocks, trained on 28×28 garments) accuracy rises, with "
+               "noise, to the last block. The paper's peak came from much deeper models "
+               "(iGPT-L: 48 blocks).")
+    n_test = meta.get("n_test")
+    noise = f" (standard error up to {100 * (0.25 / n_test) ** 0.5:.1f} points)" if n_test else ""
+    return (f"Fashion-MNIST, {meta.get('split', '')}{noise}.\n\n" + "\n".join(lines)
+            + f"\n\n{verdict}")
 
 
 def build_probe_section() -> None:
