@@ -40,6 +40,19 @@ def test_offline_model_completes_a_test_image():
     assert surprise(m, tokens).bits_per_dim < 1.5
 
 
+def test_shipped_files_agree_with_each_other():
+    """config.json, train_config.json and the training log describe the same run."""
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    recipe = json.loads((ASSET_DIR / "train_config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["n_head"]) == (
+        recipe["n_layer"], recipe["n_embd"], recipe["n_head"])
+    assert config["vocab_size"] == recipe["levels"] + 1  # the greys + the start token
+    log = [json.loads(line) for line in (ASSET_DIR / "train_log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log]
+    assert steps == sorted(steps) and steps[-1] == recipe["step"]
+    assert log[-1]["final"] and log[-1]["eval_bpd"] <= 0.60  # the issue's target (1,000 images)
+
+
 def test_export_round_trip_and_transformers_can_read_it(tmp_path):
     from transformers import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 

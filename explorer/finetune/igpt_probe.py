@@ -7,8 +7,11 @@ states after layer norm, average-pooled over the sequence; the model reads the w
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,3 +98,82 @@ def igpt_layerwise_probe(train_set: ImageSet, val_set: ImageSet, directory: str 
         return None
     *_, (_, _, probe) = igpt_layerwise(loaded, train_set, val_set)
     return probe
+
+
+# ---- the shipped result (assets/igpt/probe.json), shown in the iGPT tab ----------------------
+
+def probe_asset_path() -> Path:
+    from explorer.igpt.checkpoint import ASSET_DIR
+
+    return ASSET_DIR / "probe.json"
+
+
+def probes_from_bench(bench: dict) -> list[LayerwiseProbe]:
+    """The iGPT and DINOv2 curves of one `python -m explorer.bench finetune --json` result
+    (its "layerwise_igpt" and "layerwise" parts, which share one train/test split)."""
+    out = []
+    for key, name in (("layerwise_igpt", "iGPT (offline, Fashion-MNIST)"),
+                      ("layerwise", "DINOv2 ViT-S/14")):
+        part = bench.get(key)
+        if isinstance(part, dict):
+            out.append(LayerwiseProbe(part["depths"], part["train_acc"], part["val_acc"],
+                                      f"{name}, {len(part['depths'])} blocks"))
+    return out
+
+
+def load_probe_asset(path: str | Path | None = None) -> tuple[list[LayerwiseProbe], dict]:
+    """(probes, split/command metadata) from the shipped JSON; ([], {}) when it is missing."""
+    path = Path(path) if path is not None else probe_asset_path()
+    if not path.exists():
+        return [], {}
+    data = json.loads(path.read_text())
+    probes = [LayerwiseProbe(p["depths"], p["train_acc"], p["val_acc"], p["model_name"])
+              for p in data["probes"]]
+    return probes, {k: v for k, v in data.items() if k != "probes"}
+
+
+def middle_layer_peak(probe: LayerwiseProbe, margin: float = 0.005) -> bool:
+    """Whether the best block is before the last and beats the last by more than ``margin``
+    (iGPT's finding: linear-probe accuracy peaks in the middle of the network, then falls)."""
+    best = probe.val_acc[probe.depths.index(probe.best_depth)]
+    return probe.best_depth < probe.depths[-1] and best - probe.val_acc[-1] > margin
+
+
+def probe_summary(probe: LayerwiseProbe) -> str:
+    """One sentence: where the probe peaks and what the last block gives."""
+    best = probe.val_acc[probe.depths.index(probe.best_depth)]
+    where = (f"peaks at block {probe.best_depth} of {len(probe.depths)} ({best:.1%}), "
+             f"the last block gives {probe.val_acc[-1]:.1%}")
+    if middle_layer_peak(probe):
+        return f"{probe.model_name}: {where}: the best features are inside the network."
+    return f"{probe.model_name}: {where}: no middle-layer peak."
+
+
+def probe_asset(bench: dict, command: str) -> dict:
+    """The JSON shipped as assets/igpt/probe.json, from a finetune-bench result."""
+    igpt, dino = bench["layerwise_igpt"], bench["layerwise"]
+    return {
+        "split": (f"{dino['train_images']:,} training images for the probe, "
+                  f"{dino['test_images']:,} official test images to score it (stratified, "
+                  f"seed 2); iGPT at 28×28 in its 8 greys, DINOv2 at "
+                  f"{dino['resolution'][0]} px"),
+        "command": command, "date_utc": bench.get("date_utc"), "machine": bench.get("machine"),
+        "n_train": dino["train_images"], "n_test": dino["test_images"],
+        "igpt_checkpoint_step": igpt.get("checkpoint_step"),
+        "wall_s": {"igpt": igpt.get("wall_s"), "dinov2": dino.get("wall_s")},
+        "probes": [dataclasses.asdict(p) for p in probes_from_bench(bench)],
+    }
+
+
+if __name__ == "__main__":  # python -m explorer.finetune.igpt_probe BENCH.json [OUT.json]
+    import sys
+
+    bench_path = sys.argv[1]
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else probe_asset_path()
+    bench = json.loads(Path(bench_path).read_text())
+    command = ("python -m explorer.bench finetune --skip probe,tp --threads 1 --layer-train "
+               f"{bench['layerwise']['train_images']} --layer-test "
+               f"{bench['layerwise']['test_images']} --json {bench_path}; "
+               f"python -m explorer.finetune.igpt_probe {bench_path}")
+    out.write_text(json.dumps(probe_asset(bench, command), indent=1) + "\n")
+    print(f"wrote {out}")

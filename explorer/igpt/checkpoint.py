@@ -38,7 +38,7 @@ class ModelSpec:
 
 
 CATALOGUE: dict[str, ModelSpec] = {
-    OFFLINE_NAME: ModelSpec("local", str(ASSET_DIR), "0.9M params, 28×28, 8 grey levels", 28),
+    OFFLINE_NAME: ModelSpec("local", str(ASSET_DIR), "3.7M params, 28×28, 8 grey levels", 28),
     "openai/imagegpt-small": ModelSpec("hub", "openai/imagegpt-small", "76M params, 32×32", 32),
     "openai/imagegpt-medium": ModelSpec("hub", "openai/imagegpt-medium", "455M params, 32×32",
                                         32),

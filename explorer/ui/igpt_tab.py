@@ -10,12 +10,14 @@ from PIL import Image
 
 from explorer import sessions
 from explorer.errors import without_paths
+from explorer.finetune.igpt_probe import load_probe_asset, middle_layer_peak, probe_summary
 from explorer.igpt import pipeline
 from explorer.igpt import plots as igpt_plots
 from explorer.igpt.checkpoint import CATALOGUE, OFFLINE_NAME, ModelUnavailableError, load_igpt
 from explorer.igpt.data import CLASS_NAMES, DatasetUnavailableError, load_fashion_mnist
 from explorer.igpt.sampler import SampleConfig
 from explorer.igpt.sequence import attention_cost
+from explorer.plots.finetune import probe_depth_figure
 from explorer.ui import common
 from explorer.ui.presenter import TabLink
 
@@ -30,6 +32,23 @@ attention costs grow with its square.
 The offline model was trained here on Fashion-MNIST (28×28, 8 grey levels); OpenAI's
 `openai/imagegpt-small|medium|large` (32×32, 512 colour clusters) load from the Hub when
 online; from Python, any local checkpoint directory works too.
+"""
+
+PROBE_CONTEXT = """
+**The lecture's claim: "a linear classifier on iGPT representations".** Freeze the model, take
+each block's output (after the final layer norm, averaged over the pixels) and fit a linear
+classifier on it. The iGPT paper found the best features in the *middle* of the network: the
+first half learns to understand the image, the last blocks specialise in predicting the next
+pixel.
+
+For scale, the lecture's table (CIFAR-10 linear probe, pre-trained on ImageNet; not comparable
+with the Fashion-MNIST numbers on the left):
+
+| model | accuracy | labels in pre-training |
+|---|---|---|
+| ResNet-152 | 94.0% | yes |
+| SimCLR | 95.3% | no |
+| iGPT-L 32×32 (1.4 B parameters) | 96.3% | no |
 """
 
 EXAMPLE_CLASSES = (0, 1, 3, 7, 9, 8)  # T-shirt, trouser, dress, sneaker, ankle boot, bag
@@ -140,6 +159,38 @@ def rows_for_model(model_name):
     return rows_slider(model_height(model_name))
 
 
+def probe_text(probes, meta: dict) -> str:
+    """The shipped layer-wise probe in words: split, and where each curve peaks."""
+    if not probes:
+        return "*No layer-wise probe result shipped (assets/igpt/probe.json is missing).*"
+    lines = [f"- {probe_summary(p)}" for p in probes]
+    igpt = probes[0]  # the asset lists the iGPT first
+    verdict = ("**Like the paper, ours has its best features inside the network.**"
+               if middle_layer_peak(igpt) else
+               "**Unlike the paper, ours does not peak in the middle:** in this small model "
+               f"({len(igpt.depths)} blocks, trained on 28×28 garments) accuracy rises, with "
+               "noise, to the last block. The paper's peak came from much deeper models "
+               "(iGPT-L: 48 blocks).")
+    n_test = meta.get("n_test")
+    noise = f" (standard error up to {100 * (0.25 / n_test) ** 0.5:.1f} points)" if n_test else ""
+    return (f"Fashion-MNIST, {meta.get('split', '')}{noise}.\n\n" + "\n".join(lines)
+            + f"\n\n{verdict}")
+
+
+def build_probe_section() -> None:
+    """The shipped layer-wise probe (assets/igpt/probe.json): a static plot and its context."""
+    probes, meta = load_probe_asset()
+    gr.Markdown("### What the model learned: a linear probe after every block")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Plot(probe_depth_figure(probes, relative=True) if probes else None,
+                    label="Linear-probe accuracy vs relative depth (block / number of blocks)",
+                    elem_id="igpt-probe")
+            gr.Markdown(probe_text(probes, meta), elem_id="igpt-probe-text")
+        with gr.Column(scale=2):
+            gr.Markdown(PROBE_CONTEXT, elem_id="igpt-probe-context")
+
+
 def build_igpt_tab() -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab("iGPT")``.
 
@@ -201,6 +252,7 @@ def build_igpt_tab() -> TabLink:
     grid = gr.Image(label="Original (left), then completions: rows below the red ticks are "
                           "generated", format="png", interactive=False, elem_id="igpt-grid")
     status = gr.Markdown(elem_id="igpt-status")
+    build_probe_section()
 
     run.click(analyse, inputs=[image, model],
               outputs=[summary, small, quant, swatch, ribbon, photo, photo9, heat, bits_md,
