@@ -385,6 +385,10 @@ def test_fine_tunes_are_private_and_deleted_when_the_session_ends(demo):
 @pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
                     reason="needs Debian's dataset-fashion-mnist")
 def test_idle_timeout_and_quota_through_the_app(demo, monkeypatch):
+    # The registry is process-wide: earlier tests' sessions must not hold part of the quota
+    # (eviction takes the oldest model first, which would then be theirs, not alice's).
+    for leftover in {m.session for m in sessions.FINETUNES._models.values()}:
+        sessions.FINETUNES.end(leftover)
     alice, bob = _client(demo), _client(demo)
     first, _ = _train(alice)
     first_files = _session_files(first)
