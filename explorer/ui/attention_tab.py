@@ -12,6 +12,7 @@ import numpy as np
 from explorer import attention, images, models, patches
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
+from explorer.store import STORE, Ref
 from explorer.ui import attention_view, common
 
 INTRO = """
@@ -24,6 +25,9 @@ tokens. **Click a patch** on the input to see what that patch attends to.
 
 HEAD_CHOICES = ["mean", "max", "min"]
 N_VIEWS = 10  # outputs of `render`
+# Views are photos under colour maps: JPEG encodes them in ~1 ms where PNG took 20-150 ms
+# each (most of a re-render's server time; BENCHMARKS.md, "Serving a lecture hall").
+VIEW_FORMAT = "jpeg"
 
 
 def head_choices(num_heads: int) -> list[str]:
@@ -65,7 +69,8 @@ def model_controls(model_name):
 
 @dataclass
 class Session:
-    """What one analysis leaves for the follow-up events (kept in `gr.State`)."""
+    """What one analysis leaves for the follow-up events, kept in `explorer.store.STORE`
+    (``gr.State`` holds only its `Ref`)."""
 
     maps: attention.AttentionMaps
     geometry: patches.ModelGeometry
@@ -96,8 +101,20 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
                    images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
 
 
+def kept(ref: Ref | None) -> Session:
+    """The session's analysis from the store; after an eviction, analysed again from the
+    inputs in its ref (or, if that upload is gone, a message saying to press the button)."""
+    if ref is None:
+        raise gr.Error("Run the analysis first (press Show attention).")
+    try:
+        return STORE.get_or_rebuild(ref, _analyse)
+    except gr.Error as err:
+        raise gr.Error("This analysis was dropped from the server's memory and cannot be "
+                       "redone: press Show attention again.") from err
+
+
 def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
-    """All per-image views from the kept maps (the `/attention_views` endpoint)."""
+    """All per-image views from an analysis."""
     if session is None:
         raise gr.Error("Run the analysis first (press Show attention).")
     maps, shown, layer = session.maps, session.shown, int(layer) - 1
@@ -122,42 +139,48 @@ def render(session: Session | None, layer, fusion, roll_fusion, discard, start, 
     )
 
 
-def rerender(session: Session | None, *settings):
-    """Redraw after a setting changes; nothing to do before the first analysis."""
-    if session is None:
+def rerender(ref: Ref | None, *settings):
+    """Redraw the kept analysis after a setting changes (the `/attention_views` endpoint);
+    nothing to do before the first analysis."""
+    if ref is None:
         return tuple(gr.skip() for _ in range(N_VIEWS))
-    return render(session, *settings)
+    return render(kept(ref), *settings)
 
 
 def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
-                       discard, start, keep, opacity, cmap, head="mean"):
+                       discard, start, keep, opacity, cmap, head="mean",
+                       request: gr.Request | None = None):
     """Analyse an image and build every view (the `/attention` endpoint).
 
     Also returns the controls fitted to the analysed model (`geometry_updates`), so the layer
-    and head choices always match the maps shown.
+    and head choices always match the maps shown, and the `Ref` of the kept analysis.
     """
-    session = _analyse(image_path, model_name, width, height, fit)
+    inputs = (image_path, model_name, width, height, fit)
+    session = _analyse(*inputs)
+    ref = STORE.keep(getattr(request, "session_hash", None), "attention", inputs, session)
     depth = session.geometry.depth
     layer, start = min(int(layer or depth), depth), min(int(start or 1), depth)
     views = render(session, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
-    return (session, session.note, session.shown, *views,
+    return (ref, session.note, session.shown, *views,
             *geometry_updates(session.geometry, layer, start, head),
             None, None, "Click a patch on the input image.")
 
 
-def pick_patch(session: Session | None, evt: gr.SelectData):
+def pick_patch(ref: Ref | None, evt: gr.SelectData):
     """Turn a click on the input image into a (row, col) patch position."""
-    if session is None:
+    if ref is None:
         raise gr.Error("Run the analysis first, then click a patch.")
+    session = kept(ref)
     (ph, pw), (rows, cols) = session.maps.patch_size, session.maps.grid
     x, y = evt.index
     return min(int(y) // ph, rows - 1), min(int(x) // pw, cols - 1)
 
 
-def query(session: Session | None, row, col, layer, head, opacity, cmap):
+def query(ref: Ref | None, row, col, layer, head, opacity, cmap):
     """One query patch's attention: chosen layer and head, and across layers."""
-    if session is None or row is None or col is None:
+    if ref is None or row is None or col is None:
         raise gr.Error("Run the analysis first, then click a patch.")
+    session = kept(ref)
     maps, cell = session.maps, (int(row), int(col))
     head_arg = head if head in HEAD_CHOICES else int(str(head).split()[-1]) - 1
     with common.user_errors(), _index_errors():
@@ -207,7 +230,7 @@ def build_attention_tab() -> None:
                 cmap = gr.Dropdown(COLORMAPS, value="inferno", label="Colour map")
         with gr.Column(scale=1):
             summary = gr.Markdown(elem_id="attn-summary")
-            shown = gr.Image(label="Input as the model sees it: click a patch", format="png",
+            shown = gr.Image(label="Input as the model sees it: click a patch", format=VIEW_FORMAT,
                              interactive=False, elem_id="attn-input")
             query_info = gr.Markdown("Click a patch on the input image.", elem_id="attn-query-info")
             query_head = gr.Dropdown(head_choices(geometry.num_heads), value="mean",
@@ -216,27 +239,27 @@ def build_attention_tab() -> None:
             with gr.Row():
                 q_row = gr.Number(label="Patch row (0-based)", precision=0, elem_id="attn-q-row")
                 q_col = gr.Number(label="Patch column (0-based)", precision=0, elem_id="attn-q-col")
-    query_img = gr.Image(label="Clicked patch: attention in the chosen layer", format="png",
+    query_img = gr.Image(label="Clicked patch: attention in the chosen layer", format=VIEW_FORMAT,
                          interactive=False, elem_id="attn-query")
-    query_strip = gr.Image(label="Clicked patch: attention in every layer", format="png",
+    query_strip = gr.Image(label="Clicked patch: attention in every layer", format=VIEW_FORMAT,
                            interactive=False, elem_id="attn-query-strip")
     heads = gr.Image(label=labels["heads"],
-                     format="png", interactive=False, elem_id="attn-heads")
-    strip = gr.Image(label=labels["strip"], format="png",
+                     format=VIEW_FORMAT, interactive=False, elem_id="attn-heads")
+    strip = gr.Image(label=labels["strip"], format=VIEW_FORMAT,
                      interactive=False, elem_id="attn-strip")
     with gr.Row():
-        rollout = gr.Image(label=labels["rollout"], format="png",
+        rollout = gr.Image(label=labels["rollout"], format=VIEW_FORMAT,
                            interactive=False, elem_id="attn-rollout")
         with gr.Column():
-            relevance = gr.Image(label="Class-specific relevance", format="png",
+            relevance = gr.Image(label="Class-specific relevance", format=VIEW_FORMAT,
                                  interactive=False, elem_id="attn-relevance")
             relevance_note = gr.Markdown()
-    masks = gr.Image(label="DINO-style masks per head", format="png", interactive=False,
+    masks = gr.Image(label="DINO-style masks per head", format=VIEW_FORMAT, interactive=False,
                      elem_id="attn-masks")
     with gr.Row():
         prefix_plot = gr.Plot(label="Prefix tokens", elem_id="attn-prefix")
         with gr.Column():
-            norm_map = gr.Image(label="Token norms (high-norm tokens boxed)", format="png",
+            norm_map = gr.Image(label="Token norms (high-norm tokens boxed)", format=VIEW_FORMAT,
                                 interactive=False, elem_id="attn-norms")
             norm_note = gr.Markdown(elem_id="attn-norm-note")
     norm_plot = gr.Plot(label="Token norm distribution", elem_id="attn-norm-hist")
@@ -257,16 +280,15 @@ def build_attention_tab() -> None:
     gr.on([layer.release, fusion.change, roll_fusion.change, discard.release, start.release,
            keep.release, opacity.release, cmap.change],
           rerender, inputs=[session, *settings], outputs=views, api_name="attention_views",
-          concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
-          trigger_mode="always_last")
+          trigger_mode="always_last", **common.views_queue())
     query_inputs = [session, q_row, q_col, layer, query_head, opacity, cmap]
     shown.select(pick_patch, inputs=session, outputs=[q_row, q_col],
-                 api_name="attention_pick").then(
+                 api_name="attention_pick", **common.views_queue()).then(
         query, inputs=query_inputs, outputs=[query_img, query_strip, query_info],
-        api_name="attention_query")
+        api_name="attention_query", **common.views_queue())
     gr.on([query_head.change, layer.release], query_if_picked, inputs=query_inputs,
           outputs=[query_img, query_strip, query_info], api_name="attention_query_update",
-          trigger_mode="always_last")
+          trigger_mode="always_last", **common.views_queue())
 
 
 def query_if_picked(session, row, col, layer, head, opacity, cmap):
