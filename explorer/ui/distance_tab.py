@@ -42,9 +42,9 @@ def per_image(image_path, model_name, others, random_init, cnn, width, height, f
     with common.user_errors():
         main = _entry(model_name, width, height)
         entries = [main] + [_entry(n, width, height) for n in (others or []) if n != model_name]
-        if random_init:
-            entries.append((RANDOM_LABEL, distance.random_init_cached(main[0], main[1]), *main[2:]))
         series, rate = distance.compare_models(image, entries, fit, prefix)
+        if random_init:
+            series.append((RANDOM_LABEL, distance.random_init_distance(*main[:4], fit, prefix)))
         rf = distance.mobilenet_receptive_fields(image, max(main[3])) if cnn else None
     patch = patches.patch_size(main[1])
     grid = patches.grid_for(main[3], patch)
