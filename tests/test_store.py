@@ -1,4 +1,5 @@
-"""The session store: bounded in bytes for any number of sessions; evicted results rebuilt."""
+"""The session store and kept results: bounded in bytes for any number of sessions; evicted
+results rebuilt; bundled examples computed once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 
 import app
 from explorer import store
@@ -92,3 +94,20 @@ def test_a_dropped_analysis_whose_upload_is_gone_says_to_press_the_button(url, t
     os.remove(inputs[0])  # the server's copy of the upload is gone too
     with pytest.raises(Exception, match="press Show attention again"):
         views(mine)
+
+
+def test_a_bundled_examples_tokens_are_kept_and_served_as_files(tmp_path):
+    from explorer.ui import tokens_tab
+
+    example = str(example_paths()[0])
+    copy = tmp_path / "upload.jpg"  # an upload of the same example: same bytes, other path
+    shutil.copy(example, copy)
+    first = tokens_tab.tokens(example, None, SIZE, SIZE, "crop")
+    assert tokens_tab.tokens(str(copy), None, SIZE, SIZE, "crop") is first
+    assert all(Path(v).is_file() for v in first[1:6])  # images: PNG files written once
+    other = tmp_path / "other.jpg"
+    Image.open(example).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    fresh = tokens_tab.tokens(str(other), None, SIZE, SIZE, "crop")
+    assert fresh is not first and isinstance(fresh[1], np.ndarray)  # not an example: computed
+    path, *views = tokens_tab.first_example()
+    assert path == str(example_paths()[0]) and "patch tokens" in views[0]
