@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -535,6 +536,12 @@ def mobilenet_receptive_fields(image: Image.Image, size: int = 224) -> CNNRecept
     def build() -> CNNReceptiveFields:
         model, config = load_mobilenet_v2()
         pixels = prepare_pixels(image, config, (size, size))
-        return effective_receptive_fields(model, mobilenet_stages(model), pixels)
+        with _CNN_FIELDS_AT_ONCE:
+            return effective_receptive_fields(model, mobilenet_stages(model), pixels)
 
     return CNN_FIELDS.get_or_build(key, build)
+
+
+# One measurement at a time: each keeps MobileNetV2's whole autograd graph for 19 backward
+# passes (~0.5 GB at 518 px), so two at once were the app's largest memory peak.
+_CNN_FIELDS_AT_ONCE = threading.Lock()

@@ -92,6 +92,7 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
             label = names[int(target[0])] if names else f"class {int(target[0])}"
             relevance, note = rel[0], f"Relevance for the predicted **{label}** (Chefer et al.)."
     share = attention.prefix_attention_share(maps)[:, 0]
+    maps = maps.compact()  # kept in the store: float16 q, k and head means (half the bytes)
     rows, cols = maps.grid
     size = tuple(pixels.shape[-2:])
     summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
