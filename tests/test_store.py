@@ -111,3 +111,11 @@ def test_a_bundled_examples_tokens_are_kept_and_served_as_files(tmp_path):
     assert fresh is not first and isinstance(fresh[1], np.ndarray)  # not an example: computed
     path, *views = tokens_tab.first_example()
     assert path == str(example_paths()[0]) and "patch tokens" in views[0]
+
+
+def test_rerenders_from_kept_results_never_queue_behind_forward_passes():
+    events = {fn.api_name: fn for fn in app.build_demo().fns.values()}
+    forwards = {events[name].concurrency_id for name in ("tokens", "attention", "distance")}
+    for name in ("attention_views", "attention_pick", "attention_query", "attention_query_update"):
+        assert events[name].concurrency_id not in forwards, name
+        assert events[name].concurrency_limit >= 2, name
