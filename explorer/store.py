@@ -71,6 +71,12 @@ class SessionStore:
         self.cache.put(ref.key, (ref.inputs, value))
         return value
 
+    def peek(self, session: str | None, tab: str, inputs: tuple) -> Any | None:
+        """What ``session``'s ``tab`` keeps for these very inputs, if still kept (no rebuild):
+        for another tab that can reuse it."""
+        entry = self.cache.get((session, tab)) if session else None
+        return entry[1] if entry is not None and entry[0] == tuple(inputs) else None
+
     @property
     def nbytes(self) -> int:
         return self.cache.nbytes

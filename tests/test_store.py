@@ -119,3 +119,21 @@ def test_rerenders_from_kept_results_never_queue_behind_forward_passes():
     for name in ("attention_views", "attention_pick", "attention_query", "attention_query_update"):
         assert events[name].concurrency_id not in forwards, name
         assert events[name].concurrency_limit >= 2, name
+
+
+def test_distance_reuses_the_sessions_attention_maps_of_the_same_upload(url):
+    photo = str(example_paths()[2])
+    client = Client(url, verbose=False)
+
+    def dist():
+        return client.predict(handle_file(photo), None, [], False, False, SIZE, SIZE, "crop",
+                              "drop", api_name="/distance")
+
+    fresh = dist()[2]
+    assert "images/s" in fresh
+    attention(client, photo)
+    reused = dist()
+    assert "no new forward pass" in reused[2]
+    other = Client(url, verbose=False)  # another session never reads this one's maps
+    assert "images/s" in other.predict(handle_file(photo), None, [], False, False, SIZE, SIZE,
+                                       "crop", "drop", api_name="/distance")[2]
