@@ -137,3 +137,19 @@ def test_distance_reuses_the_sessions_attention_maps_of_the_same_upload(url):
     other = Client(url, verbose=False)  # another session never reads this one's maps
     assert "images/s" in other.predict(handle_file(photo), None, [], False, False, SIZE, SIZE,
                                        "crop", "drop", api_name="/distance")[2]
+
+
+def sent(outputs) -> list[int]:
+    """Indices of the outputs sent (a skipped one arrives as a bare update)."""
+    return [i for i, v in enumerate(outputs) if v != {"__type__": "update"}]
+
+
+def test_a_rerender_sends_only_the_views_its_change_affects(url):
+    client = Client(url, verbose=False)
+    attention(client, str(example_paths()[0]))
+    out = client.predict(6, "mean", "mean", 0.0, 1, 0.6, 0.6, "inferno",
+                         api_name="/attention_views")  # the layer: heads, masks, norms
+    assert sent(out) == [0, 3, 5, 6, 7]
+    out = client.predict(6, "mean", "mean", 0.0, 1, 0.6, 0.6, "viridis",
+                         api_name="/attention_views")  # the colour map: every coloured view
+    assert sent(out) == [0, 1, 2, 5, 8]

@@ -79,6 +79,14 @@ class Session:
     relevance: object | None  # (rows, cols) class-specific map, classifier models only
     relevance_note: str
     note: str
+    drawn: tuple | None = None  # the settings the session's views were last drawn with
+
+
+SETTINGS = ("layer", "fusion", "roll_fusion", "discard", "start", "keep", "opacity", "cmap")
+# The settings each of `render`'s outputs depends on: a re-render sends only what changed.
+DEPENDS = [{"layer", "fusion", "opacity", "cmap"}, {"fusion", "opacity", "cmap"},
+           {"roll_fusion", "discard", "start", "opacity", "cmap"}, {"layer", "keep"}, set(),
+           {"layer", "cmap"}, {"layer"}, {"layer"}, {"opacity", "cmap"}, set()]
 
 
 def _analyse(image_path, model_name, width, height, fit) -> Session:
@@ -114,8 +122,9 @@ def kept(ref: Ref | None) -> Session:
                        "redone: press Show attention again.") from err
 
 
-def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
-    """All per-image views from an analysis."""
+def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap,
+           only: set[int] | None = None):
+    """All per-image views from an analysis (``only``: just those outputs, others skipped)."""
     if session is None:
         raise gr.Error("Run the analysis first (press Show attention).")
     maps, shown, layer = session.maps, session.shown, int(layer) - 1
@@ -126,26 +135,36 @@ def render(session: Session | None, layer, fusion, roll_fusion, discard, start, 
     flagged = int(v.high_norm.sum())
     norm_note = (f"Block {v.layer + 1}: **{flagged}** patch token(s) above {v.norm_threshold:.1f} "
                  "(2x the median patch norm).")
-    relevance = (plots.heat_overlay(shown, session.relevance, opacity, cmap)
-                 if session.relevance is not None else None)
-    return (
-        plots.head_grid(shown, v.heads, v.fused, fusion, v.layer, opacity, cmap),
-        plots.layer_strip(shown, v.per_layer, opacity, cmap),
-        plots.heat_overlay(shown, v.rollout, opacity, cmap),
-        plots.mask_grid(shown, v.masks, float(keep), v.layer),
-        plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
-        plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:], maps.grid, v.high_norm, cmap),
-        plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, v.layer),
-        norm_note, relevance, session.relevance_note,
+    relevance = session.relevance
+    views = (
+        lambda: plots.head_grid(shown, v.heads, v.fused, fusion, v.layer, opacity, cmap),
+        lambda: plots.layer_strip(shown, v.per_layer, opacity, cmap),
+        lambda: plots.heat_overlay(shown, v.rollout, opacity, cmap),
+        lambda: plots.mask_grid(shown, v.masks, float(keep), v.layer),
+        lambda: plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
+        lambda: plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:], maps.grid,
+                                     v.high_norm, cmap),
+        lambda: plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, v.layer),
+        lambda: norm_note,
+        lambda: (plots.heat_overlay(shown, relevance, opacity, cmap)
+                 if relevance is not None else None),
+        lambda: session.relevance_note,
     )
+    return tuple(draw() if only is None or i in only else gr.skip() for i, draw in enumerate(views))
 
 
 def rerender(ref: Ref | None, *settings):
-    """Redraw the kept analysis after a setting changes (the `/attention_views` endpoint);
-    nothing to do before the first analysis."""
+    """Redraw the kept analysis after a setting changes (the `/attention_views` endpoint):
+    only the views whose settings changed since the session's last drawing (`DEPENDS`; the
+    others are left as shown); nothing to do before the first analysis."""
     if ref is None:
         return tuple(gr.skip() for _ in range(N_VIEWS))
-    return render(kept(ref), *settings)
+    session = kept(ref)
+    before, session.drawn = session.drawn, settings
+    if before is None:  # first drawing of a rebuilt analysis: everything
+        return render(session, *settings)
+    changed = {name for name, old, new in zip(SETTINGS, before, settings, strict=True) if old != new}
+    return render(session, *settings, only={i for i, d in enumerate(DEPENDS) if d & changed})
 
 
 def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
@@ -162,6 +181,7 @@ def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion
     depth = session.geometry.depth
     layer, start = min(int(layer or depth), depth), min(int(start or 1), depth)
     views = render(session, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
+    session.drawn = (layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
     return (ref, session.note, session.shown, *views,
             *geometry_updates(session.geometry, layer, start, head),
             None, None, "Click a patch on the input image.")
