@@ -145,7 +145,8 @@ def build_tokens_tab() -> None:
     run.click(tokens, inputs=[image, model, width, height, fit], outputs=outputs,
               api_name="tokens", concurrency_limit=common.concurrency_limit(),
               concurrency_id="analysis")
-    # First impression: the page opens on a worked example (kept, so cheap for a whole room).
+    # First impression: the page opens on a worked example. It is kept (the first visitor
+    # computes it; the others wait on its key), so a room opening the page at once neither
+    # fills the queue nor waits behind forward passes: no queue.
     gr.on(None, first_example, inputs=None, outputs=[image, *outputs], api_name="tokens_example",
-          concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
-          show_progress="minimal")
+          queue=False, show_progress="minimal")
