@@ -14,14 +14,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 import torch
 
 V = TypeVar("V")
 
 
 def tensor_bytes(value: Any) -> int:
-    """Bytes held by the tensors in `value`: a tensor, a module's parameters and buffers, or
-    the tensors found in (nested) tuples, lists, dicts and dataclass-like objects' fields."""
+    """Bytes held by the tensors and numpy arrays in `value`: a tensor, an array, a module's
+    parameters and buffers, or those found in (nested) tuples, lists, dicts and dataclass-like
+    objects' fields."""
     seen: set[int] = set()
 
     def walk(v: Any) -> int:
@@ -30,6 +32,8 @@ def tensor_bytes(value: Any) -> int:
         seen.add(id(v))
         if isinstance(v, torch.Tensor):
             return v.numel() * v.element_size()
+        if isinstance(v, np.ndarray):
+            return v.nbytes
         if isinstance(v, torch.nn.Module):
             return sum(walk(t) for t in (*v.parameters(), *v.buffers()))
         if isinstance(v, dict):

@@ -346,6 +346,22 @@ def test_rows_and_query_maps_match_full_probs():
     torch.testing.assert_close(every.flatten(-2), stack[:, :, :, idx, 1:], atol=1e-6, rtol=0)
 
 
+def test_compact_maps_halve_the_bytes_and_give_the_same_views():
+    from explorer.cache import tensor_bytes
+
+    maps = capture(tiny("registers"), torch.randn(1, 3, 42, 70))  # 3x5 patches of 14 px
+    small = maps.compact()
+    kept = [*maps.q, *maps.k, *maps.head_mean]
+    assert tensor_bytes(maps) - tensor_bytes(small) == tensor_bytes(kept) // 2
+    assert small.q[0].dtype == torch.float16 and small.probs(1).dtype == torch.float32
+    for fusion in ("mean", "max"):
+        full, half = (attention_views(m, 1, fusion, fusion, 0.0, 0, 0.6) for m in (maps, small))
+        for name in ("heads", "per_layer", "rollout", "norms"):
+            torch.testing.assert_close(getattr(half, name), getattr(full, name), atol=2e-3, rtol=0)
+    torch.testing.assert_close(query_views(small, 1, 2, 1)[1], query_views(maps, 1, 2, 1)[1],
+                               atol=2e-3, rtol=0)
+
+
 def test_probs_rows_sum_to_one_and_iter_reuses_buffer():
     maps = capture(tiny("plain"), torch.randn(1, 3, 32, 64))
     seen = []

@@ -207,3 +207,28 @@ def test_default_model_14px_patches():
     assert maps.grid == (8, 12)
     expected = mean_attention_distance(maps.stack(), (8, 12), 14, model.num_prefix_tokens)
     torch.testing.assert_close(d, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_random_init_curve_is_the_reference_images_and_kept(tiny_model):
+    from timm.data import resolve_model_data_config
+
+    from explorer.images import prepare_pixels
+
+    config = resolve_model_data_config(tiny_model)
+    curve = distance.random_init_distance("tiny", tiny_model, config, (56, 56))
+    fresh = distance.random_init_cached("tiny", tiny_model)
+    pixels = prepare_pixels(distance.example_images()[0], config, (56, 56), "crop")
+    torch.testing.assert_close(curve, distance.model_mean_attention_distance(fresh, pixels))
+    assert distance.random_init_distance("tiny", tiny_model, config, (56, 56)) is curve
+    assert distance.random_init_distance("tiny", tiny_model, config, (56, 56), prefix="keep") \
+        is not curve
+
+
+def test_cnn_fields_kept_per_image_content():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    first = mobilenet_receptive_fields(image, size=64)
+    assert mobilenet_receptive_fields(image.copy(), size=64) is first  # same pixels
+    other = Image.new("RGB", (64, 48), (200, 10, 30))
+    assert mobilenet_receptive_fields(other, size=64) is not first

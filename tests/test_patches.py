@@ -129,3 +129,19 @@ def test_similarity_mosaic_layout():
     assert mosaic.shape == (4 * 13, 6 * 19, 3)
     big = similarity_tiles(torch.rand(37, 37, 37, 37), max_tiles=20)  # every 2nd patch: 19 tiles
     assert big.shape[0] == 19 * 38 and big.shape[1] == 19 * 38
+
+
+def test_embedding_views_are_computed_once_per_model_and_follow_weight_changes():
+    model = tiny().eval()
+    filters, similarity = patches.embedding_views(model)
+    assert torch.equal(filters, patches.patch_embedding_components(model))
+    assert torch.equal(similarity,
+                       patches.position_similarity(patches.patch_position_embedding(model)))
+    assert patches.embedding_views(model)[0] is filters  # kept
+    with torch.no_grad():
+        model.patch_embed.proj.weight.mul_(-1.0).add_(1.0)  # in place, as an optimiser step
+    changed = patches.embedding_views(model)[0]
+    assert changed is not filters
+    assert torch.equal(changed, patches.patch_embedding_components(model))
+    other = tiny().eval()  # same architecture, other weights: its own entry
+    assert torch.equal(patches.embedding_views(other)[0], patches.patch_embedding_components(other))

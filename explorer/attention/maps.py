@@ -18,6 +18,7 @@ patches row-major over ``maps.grid`` = (rows, cols). ``N = num_prefix_tokens + r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -80,7 +81,20 @@ class AttentionMaps:
         if not self.q:
             raise ValueError("These maps were captured without QueryKeys(): no q and k to "
                              "compute probabilities from; capture with QueryKeys().")
-        return self.q[layer], self.k[layer]
+        dtype = self.token_norms.dtype  # compute in the capture's dtype (see `compact`)
+        return self.q[layer].to(dtype), self.k[layer].to(dtype)
+
+    def compact(self, dtype: torch.dtype = torch.float16) -> AttentionMaps:
+        """A copy keeping q, k and the head means in ``dtype`` (float16: half the memory),
+        for maps kept between events; computations upcast them back, one layer at a time.
+
+        Display precision: float16 keeps ~3 significant digits of q, k and probabilities.
+        """
+        def cast(ts):
+            return None if ts is None else [t.to(dtype) for t in ts]
+
+        return dataclasses.replace(self, q=cast(self.q), k=cast(self.k),
+                                   head_mean=cast(self.head_mean))
 
     def token_index(self, row: int, col: int) -> int:
         """Token index of the patch at grid position (row, col)."""

@@ -102,9 +102,9 @@ def attention_rollout(
     if isinstance(attn, AttentionMaps) and attn.head_mean is not None and plain:
         # Kept head means: 0.5 (mean_h A_h + I) has rows summing to 1 already.
         means = attn.head_mean[start_layer:]
-        result = _eye_rows(attn.num_tokens, rows, means[0]).expand(attn.batch_size, -1, -1)
+        result = _eye_rows(attn.num_tokens, rows, attn.token_norms).expand(attn.batch_size, -1, -1)
         for m in reversed(means):
-            result = 0.5 * (result @ m + result)
+            result = 0.5 * (result @ m.to(result.dtype) + result)  # kept maps may be compact
         return result
     result = None
     for a in _top_down(attn, start_layer):

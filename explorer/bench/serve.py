@@ -1,10 +1,15 @@
-"""Serving benchmark: cold start, first model load, one request, and 8 concurrent clients.
+"""Serving benchmark: a lecture hall's mixed sessions, or cold start and first model load.
 
-    python -m explorer.bench serve [--clients 8] [--requests 5] [--size 224]
+    python -m explorer.bench serve [--users 1,8,32] [--sizes 224,518]
+    python -m explorer.bench serve --first-load [--clients 8] [--requests 5] [--size 224]
 
-Starts ``app.py`` in a subprocess on a free port (a fresh converted-weights cache for the
-"conversion" row), then drives it with `gradio_client` sessions in threads against the
-``/tokens`` endpoint. Prints a markdown table; errors must be 0.
+The default drives the real app (``app.py`` in a subprocess, restarted for each users x size
+so every peak is its own) with N `gradio_client` users at once, each doing one session on
+its own photo (a bundled example, flipped and shifted per user, so no two users send the same
+bytes): ``/tokens``, ``/attention``, three slider re-renders (``/attention_views``),
+``/distance`` and ``/igpt_complete``. It prints, per users x size: errors, p50/p95 per call
+type and over all calls, wall time, and the server's peak RSS (the app process and its
+children, sampled every 0.1 s). ``--first-load`` is the earlier /tokens-only table.
 """
 
 from __future__ import annotations
@@ -114,10 +119,20 @@ def model_load_rows() -> list[tuple[str, str]]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m explorer.bench serve")
+    parser.add_argument("--users", default="1,8,32", help="comma-separated user counts")
+    parser.add_argument("--sizes", default="224,518", help="comma-separated image sides (px)")
+    parser.add_argument("--first-load", action="store_true",
+                        help="the /tokens-only table: cold start, first load, --clients x --requests")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=5, help="per client")
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args(argv)
+    if not args.first_load:
+        from explorer.bench import serve_session
+
+        serve_session.run([int(u) for u in args.users.split(",")],
+                          [int(s) for s in args.sizes.split(",")])
+        return
     from gradio_client import Client
 
     rows = model_load_rows()

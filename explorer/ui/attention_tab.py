@@ -12,6 +12,7 @@ import numpy as np
 from explorer import attention, images, models, patches
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
+from explorer.store import STORE, Ref
 from explorer.ui import attention_view, common
 from explorer.ui.presenter import TabLink
 
@@ -25,6 +26,9 @@ tokens. **Click a patch** on the input to see what that patch attends to.
 
 HEAD_CHOICES = ["mean", "max", "min"]
 N_VIEWS = 10  # outputs of `render`
+# Views are photos under colour maps: JPEG encodes them in ~1 ms where PNG took 20-150 ms
+# each (most of a re-render's server time; BENCHMARKS.md, "Serving a lecture hall").
+VIEW_FORMAT = "jpeg"
 
 
 def head_choices(num_heads: int) -> list[str]:
@@ -66,7 +70,8 @@ def model_controls(model_name):
 
 @dataclass
 class Session:
-    """What one analysis leaves for the follow-up events (kept in `gr.State`)."""
+    """What one analysis leaves for the follow-up events, kept in `explorer.store.STORE`
+    (``gr.State`` holds only its `Ref`)."""
 
     maps: attention.AttentionMaps
     geometry: patches.ModelGeometry
@@ -75,6 +80,14 @@ class Session:
     relevance: object | None  # (rows, cols) class-specific map, classifier models only
     relevance_note: str
     note: str
+    drawn: tuple | None = None  # the settings the session's views were last drawn with
+
+
+SETTINGS = ("layer", "fusion", "roll_fusion", "discard", "start", "keep", "opacity", "cmap")
+# The settings each of `render`'s outputs depends on: a re-render sends only what changed.
+DEPENDS = [{"layer", "fusion", "opacity", "cmap"}, {"fusion", "opacity", "cmap"},
+           {"roll_fusion", "discard", "start", "opacity", "cmap"}, {"layer", "keep"}, set(),
+           {"layer", "cmap"}, {"layer"}, {"layer"}, {"opacity", "cmap"}, set()]
 
 
 def _analyse(image_path, model_name, width, height, fit) -> Session:
@@ -88,6 +101,7 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
             label = names[int(target[0])] if names else f"class {int(target[0])}"
             relevance, note = rel[0], f"Relevance for the predicted **{label}** (Chefer et al.)."
     share = attention.prefix_attention_share(maps)[:, 0]
+    maps = maps.compact()  # kept in the store: float16 q, k and head means (half the bytes)
     rows, cols = maps.grid
     size = tuple(pixels.shape[-2:])
     summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
@@ -97,8 +111,21 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
                    images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
 
 
-def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
-    """All per-image views from the kept maps (the `/attention_views` endpoint)."""
+def kept(ref: Ref | None) -> Session:
+    """The session's analysis from the store; after an eviction, analysed again from the
+    inputs in its ref (or, if that upload is gone, a message saying to press the button)."""
+    if ref is None:
+        raise gr.Error("Run the analysis first (press Show attention).")
+    try:
+        return STORE.get_or_rebuild(ref, _analyse)
+    except gr.Error as err:
+        raise gr.Error("This analysis was dropped from the server's memory and cannot be "
+                       "redone: press Show attention again.") from err
+
+
+def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap,
+           only: set[int] | None = None):
+    """All per-image views from an analysis (``only``: just those outputs, others skipped)."""
     if session is None:
         raise gr.Error("Run the analysis first (press Show attention).")
     maps, shown, layer = session.maps, session.shown, int(layer) - 1
@@ -109,56 +136,73 @@ def render(session: Session | None, layer, fusion, roll_fusion, discard, start, 
     flagged = int(v.high_norm.sum())
     norm_note = (f"Block {v.layer + 1}: **{flagged}** patch token(s) above {v.norm_threshold:.1f} "
                  "(2x the median patch norm).")
-    relevance = (plots.heat_overlay(shown, session.relevance, opacity, cmap)
-                 if session.relevance is not None else None)
-    return (
-        plots.head_grid(shown, v.heads, v.fused, fusion, v.layer, opacity, cmap),
-        plots.layer_strip(shown, v.per_layer, opacity, cmap),
-        plots.heat_overlay(shown, v.rollout, opacity, cmap),
-        plots.mask_grid(shown, v.masks, float(keep), v.layer),
-        plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
-        plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:], maps.grid, v.high_norm, cmap),
-        plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, v.layer),
-        norm_note, relevance, session.relevance_note,
+    relevance = session.relevance
+    views = (
+        lambda: plots.head_grid(shown, v.heads, v.fused, fusion, v.layer, opacity, cmap),
+        lambda: plots.layer_strip(shown, v.per_layer, opacity, cmap),
+        lambda: plots.heat_overlay(shown, v.rollout, opacity, cmap),
+        lambda: plots.mask_grid(shown, v.masks, float(keep), v.layer),
+        lambda: plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
+        lambda: plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:], maps.grid,
+                                     v.high_norm, cmap),
+        lambda: plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, v.layer),
+        lambda: norm_note,
+        lambda: (plots.heat_overlay(shown, relevance, opacity, cmap)
+                 if relevance is not None else None),
+        lambda: session.relevance_note,
     )
+    return tuple(draw() if only is None or i in only else gr.skip() for i, draw in enumerate(views))
 
 
-def rerender(session: Session | None, *settings):
-    """Redraw after a setting changes; nothing to do before the first analysis."""
-    if session is None:
+def rerender(ref: Ref | None, *settings):
+    """Redraw the kept analysis after a setting changes (the `/attention_views` endpoint):
+    only the views whose settings changed since the session's last drawing (`DEPENDS`; the
+    others are left as shown); nothing to do before the first analysis."""
+    if ref is None:
         return tuple(gr.skip() for _ in range(N_VIEWS))
-    return render(session, *settings)
+    session = kept(ref)
+    before, session.drawn = session.drawn, settings
+    if before is None:  # first drawing of a rebuilt analysis: everything
+        return render(session, *settings)
+    changed = {name for name, old, new in zip(SETTINGS, before, settings, strict=True) if old != new}
+    return render(session, *settings, only={i for i, d in enumerate(DEPENDS) if d & changed})
 
 
 def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
-                       discard, start, keep, opacity, cmap, head="mean"):
+                       discard, start, keep, opacity, cmap, head="mean",
+                       request: gr.Request | None = None):
     """Analyse an image and build every view (the `/attention` endpoint).
 
     Also returns the controls fitted to the analysed model (`geometry_updates`), so the layer
-    and head choices always match the maps shown.
+    and head choices always match the maps shown, and the `Ref` of the kept analysis.
     """
-    session = _analyse(image_path, model_name, width, height, fit)
+    inputs = (image_path, model_name, width, height, fit)
+    session = _analyse(*inputs)
+    ref = STORE.keep(getattr(request, "session_hash", None), "attention", inputs, session)
     depth = session.geometry.depth
     layer, start = min(int(layer or depth), depth), min(int(start or 1), depth)
     views = render(session, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
-    return (session, session.note, session.shown, *views,
+    session.drawn = (layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
+    return (ref, session.note, session.shown, *views,
             *geometry_updates(session.geometry, layer, start, head),
             None, None, "Click a patch on the input image.")
 
 
-def pick_patch(session: Session | None, evt: gr.SelectData):
+def pick_patch(ref: Ref | None, evt: gr.SelectData):
     """Turn a click on the input image into a (row, col) patch position."""
-    if session is None:
+    if ref is None:
         raise gr.Error("Run the analysis first, then click a patch.")
+    session = kept(ref)
     (ph, pw), (rows, cols) = session.maps.patch_size, session.maps.grid
     x, y = evt.index
     return min(int(y) // ph, rows - 1), min(int(x) // pw, cols - 1)
 
 
-def query(session: Session | None, row, col, layer, head, opacity, cmap):
+def query(ref: Ref | None, row, col, layer, head, opacity, cmap):
     """One query patch's attention: chosen layer and head, and across layers."""
-    if session is None or row is None or col is None:
+    if ref is None or row is None or col is None:
         raise gr.Error("Run the analysis first, then click a patch.")
+    session = kept(ref)
     maps, cell = session.maps, (int(row), int(col))
     head_arg = head if head in HEAD_CHOICES else int(str(head).split()[-1]) - 1
     with common.user_errors(), _index_errors():
@@ -212,7 +256,7 @@ def build_attention_tab() -> TabLink:
                 cmap = gr.Dropdown(COLORMAPS, value="inferno", label="Colour map")
         with gr.Column(scale=1):
             summary = gr.Markdown(elem_id="attn-summary")
-            shown = gr.Image(label="Input as the model sees it: click a patch", format="png",
+            shown = gr.Image(label="Input as the model sees it: click a patch", format=VIEW_FORMAT,
                              interactive=False, elem_id="attn-input")
             query_info = gr.Markdown("Click a patch on the input image.", elem_id="attn-query-info")
             query_head = gr.Dropdown(head_choices(geometry.num_heads), value="mean",
@@ -221,27 +265,27 @@ def build_attention_tab() -> TabLink:
             with gr.Row():
                 q_row = gr.Number(label="Patch row (0-based)", precision=0, elem_id="attn-q-row")
                 q_col = gr.Number(label="Patch column (0-based)", precision=0, elem_id="attn-q-col")
-    query_img = gr.Image(label="Clicked patch: attention in the chosen layer", format="png",
+    query_img = gr.Image(label="Clicked patch: attention in the chosen layer", format=VIEW_FORMAT,
                          interactive=False, elem_id="attn-query")
-    query_strip = gr.Image(label="Clicked patch: attention in every layer", format="png",
+    query_strip = gr.Image(label="Clicked patch: attention in every layer", format=VIEW_FORMAT,
                            interactive=False, elem_id="attn-query-strip")
     heads = gr.Image(label=labels["heads"],
-                     format="png", interactive=False, elem_id="attn-heads")
-    strip = gr.Image(label=labels["strip"], format="png",
+                     format=VIEW_FORMAT, interactive=False, elem_id="attn-heads")
+    strip = gr.Image(label=labels["strip"], format=VIEW_FORMAT,
                      interactive=False, elem_id="attn-strip")
     with gr.Row():
-        rollout = gr.Image(label=labels["rollout"], format="png",
+        rollout = gr.Image(label=labels["rollout"], format=VIEW_FORMAT,
                            interactive=False, elem_id="attn-rollout")
         with gr.Column():
-            relevance = gr.Image(label="Class-specific relevance", format="png",
+            relevance = gr.Image(label="Class-specific relevance", format=VIEW_FORMAT,
                                  interactive=False, elem_id="attn-relevance")
             relevance_note = gr.Markdown()
-    masks = gr.Image(label="DINO-style masks per head", format="png", interactive=False,
+    masks = gr.Image(label="DINO-style masks per head", format=VIEW_FORMAT, interactive=False,
                      elem_id="attn-masks")
     with gr.Row():
         prefix_plot = gr.Plot(label="Prefix tokens", elem_id="attn-prefix")
         with gr.Column():
-            norm_map = gr.Image(label="Token norms (high-norm tokens boxed)", format="png",
+            norm_map = gr.Image(label="Token norms (high-norm tokens boxed)", format=VIEW_FORMAT,
                                 interactive=False, elem_id="attn-norms")
             norm_note = gr.Markdown(elem_id="attn-norm-note")
     norm_plot = gr.Plot(label="Token norm distribution", elem_id="attn-norm-hist")
@@ -262,16 +306,15 @@ def build_attention_tab() -> TabLink:
     gr.on([layer.release, fusion.change, roll_fusion.change, discard.release, start.release,
            keep.release, opacity.release, cmap.change],
           rerender, inputs=[session, *settings], outputs=views, api_name="attention_views",
-          concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
-          trigger_mode="always_last")
+          trigger_mode="always_last", **common.views_queue())
     query_inputs = [session, q_row, q_col, layer, query_head, opacity, cmap]
     shown.select(pick_patch, inputs=session, outputs=[q_row, q_col],
-                 api_name="attention_pick").then(
+                 api_name="attention_pick", **common.views_queue()).then(
         query, inputs=query_inputs, outputs=[query_img, query_strip, query_info],
-        api_name="attention_query")
+        api_name="attention_query", **common.views_queue())
     gr.on([query_head.change, layer.release], query_if_picked, inputs=query_inputs,
           outputs=[query_img, query_strip, query_info], api_name="attention_query_update",
-          trigger_mode="always_last")
+          trigger_mode="always_last", **common.views_queue())
     return TabLink("attention", image, model, width, height, run_id="attn-run",
                    extra={"layer": layer, "fusion": fusion, "head": query_head})
 

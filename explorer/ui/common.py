@@ -158,6 +158,14 @@ def concurrency_limit() -> int:
     return int(os.environ.get("VIT_EXPLORER_CONCURRENCY", "2"))
 
 
+def views_queue() -> dict:
+    """Queue settings of re-renders from kept results (sliders, clicks): their own
+    concurrency group, so they never wait behind forward passes in "analysis" (env
+    ``VIT_EXPLORER_VIEW_CONCURRENCY``, default 4: a re-render is ~50 ms of CPU)."""
+    return {"concurrency_id": "views",
+            "concurrency_limit": int(os.environ.get("VIT_EXPLORER_VIEW_CONCURRENCY", "4"))}
+
+
 def resolution_for(model, data_config, width: float | None, height: float | None):
     """(height, width) snapped to the model's patch size; 0/None -> the model's default side.
 

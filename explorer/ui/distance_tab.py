@@ -6,6 +6,7 @@ import gradio as gr
 
 from explorer import distance, models, patches
 from explorer.plots import distance as plots
+from explorer.store import STORE
 from explorer.ui import common
 from explorer.ui.presenter import TabLink
 
@@ -37,25 +38,41 @@ def _entry(name, width, height, label=None):
             common.resolution_for(model, config, width, height))
 
 
-def per_image(image_path, model_name, others, random_init, cnn, width, height, fit, prefix, band):
+def per_image(image_path, model_name, others, random_init, cnn, width, height, fit, prefix, band,
+              request: gr.Request | None = None):
     """The Fig. 7-style plot for one image (the `/distance` endpoint)."""
     image = common.load_upload(image_path)
     with common.user_errors():
         main = _entry(model_name, width, height)
         entries = [main] + [_entry(n, width, height) for n in (others or []) if n != model_name]
+        maps = _attention_kept(request, (image_path, model_name, width, height, fit))
+        if maps is None:
+            series, rate = distance.compare_models(image, entries, fit, prefix)
+        else:  # this image's attention is in the store already: no second forward
+            series, rate = distance.compare_models(image, entries[1:], fit, prefix)
+            series.insert(0, (main[0], distance.mean_attention_distance(
+                maps, maps.grid, maps.patch_size, maps.num_prefix_tokens, prefix)))
         if random_init:
-            entries.append((RANDOM_LABEL, distance.random_init_cached(main[0], main[1]), *main[2:]))
-        series, rate = distance.compare_models(image, entries, fit, prefix)
+            series.append((RANDOM_LABEL, distance.random_init_distance(*main[:4], fit, prefix)))
         rf = distance.mobilenet_receptive_fields(image, max(main[3])) if cnn else None
     patch = patches.patch_size(main[1])
     grid = patches.grid_for(main[3], patch)
     shown_band = band[1:] if band and band[0] == main[0] else None
     fig = plots.distance_figure(series, shown_band, rf, distance.uniform_distance(grid, patch))
     info = (f"{main[0]}: attention maps + distance at {main[3][1]}x{main[3][0]} px: "
-            f"**{rate:.1f} images/s** on this machine.")
+            f"**{rate:.1f} images/s** on this machine." if maps is None else
+            f"{main[0]} at {main[3][1]}x{main[3][0]} px: distances from this image's maps in "
+            "the Attention tab (no new forward pass).")
     if band and shown_band is None:
         info += f" (The dataset band was computed for {band[0]}; recompute it for this model.)"
     return fig, plots.erf_mosaic(rf) if rf is not None else None, info
+
+
+def _attention_kept(request, inputs):
+    """The attention maps this session analysed for the same upload, model, size and fit,
+    if the store still has them (`explorer.store`), else None."""
+    kept = STORE.peek(getattr(request, "session_hash", None), "attention", inputs)
+    return kept.maps if kept is not None else None
 
 
 def dataset_band(model_name, source, n, zip_file, width, height, prefix,

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import gradio as gr
+import functools
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
 
-from explorer import images, patches
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from explorer import images, models, patches
+from explorer.cache import KeyedCache
 from explorer.plots import tokens as token_plots
 from explorer.ui import common
 from explorer.ui.presenter import TabLink
@@ -20,7 +30,67 @@ resolution than pretraining.
 
 
 def tokens(image_path, model_name, width, height, fit):
-    """Tokenise one image and build all six views (the `/tokens` API endpoint)."""
+    """Tokenise one image and build all six views (the `/tokens` API endpoint).
+
+    A bundled example's views are kept (`EXAMPLE_VIEWS`, as image files encoded once), so a
+    room clicking the same example is served from memory.
+    """
+    example = _example_key(image_path, model_name, width, height, fit)
+    if example is None:
+        return _tokens(image_path, model_name, width, height, fit)
+    return EXAMPLE_VIEWS.get_or_build(
+        example, lambda: _as_files(_tokens(image_path, model_name, width, height, fit)))
+
+
+def first_example():
+    """The first tab's worked example when the page opens (`/tokens_example`): the first
+    bundled photo, the default model at its default size, from `EXAMPLE_VIEWS`."""
+    path = common.example_images()[0]
+    return (path, *tokens(path, None, 0, 0, "crop"))
+
+
+# Views of the bundled examples, per (example, model, size, fit): files of a few hundred kB.
+EXAMPLE_VIEWS: KeyedCache[tuple] = KeyedCache(max_items=16)
+
+
+@functools.cache
+def _example_digests() -> dict[str, str]:
+    return {hashlib.sha1(Path(p).read_bytes()).hexdigest(): p for p in common.example_images()}
+
+
+def _example_key(image_path, model_name, width, height, fit) -> tuple | None:
+    """The cache key of a bundled example's request (by content: uploads are copies), else
+    None. Only catalogue models: a fine-tune or local checkpoint may change under its name."""
+    if not image_path or (model_name or models.DEFAULT_MODEL) not in models.CATALOGUE:
+        return None
+    try:
+        digest = hashlib.sha1(Path(image_path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+    if digest not in _example_digests():
+        return None
+    return (digest, model_name or models.DEFAULT_MODEL, int(width or 0), int(height or 0), fit)
+
+
+def _as_files(outputs: tuple) -> tuple:
+    """Image outputs written once as PNG files (Gradio then serves the file, no re-encoding)."""
+    folder = Path(tempfile.gettempdir()) / "vit-explorer-examples"
+    folder.mkdir(exist_ok=True)
+    out = []
+    for value in outputs:
+        if isinstance(value, np.ndarray):
+            digest = hashlib.sha1(value.tobytes()).hexdigest()
+            path = folder / f"{digest}-{value.shape[0]}x{value.shape[1]}.png"
+            if not path.exists():
+                partial = path.with_name(f".{path.name}.{threading.get_ident()}.part")
+                Image.fromarray(value).save(partial, format="png")
+                os.replace(partial, path)
+            value = str(path)
+        out.append(value)
+    return tuple(out)
+
+
+def _tokens(image_path, model_name, width, height, fit):
     model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
         result = patches.analyse_tokenization(model, pixels)
@@ -80,4 +150,9 @@ def build_tokens_tab() -> TabLink:
     run.click(tokens, inputs=[image, model, width, height, fit], outputs=outputs,
               api_name="tokens", concurrency_limit=common.concurrency_limit(),
               concurrency_id="analysis")
+    # First impression: the page opens on a worked example. It is kept (the first visitor
+    # computes it; the others wait on its key), so a room opening the page at once neither
+    # fills the queue nor waits behind forward passes: no queue.
+    gr.on(None, first_example, inputs=None, outputs=[image, *outputs], api_name="tokens_example",
+          queue=False, show_progress="minimal")
     return TabLink("tokens", image, model, width, height, run_id="tokens-run")

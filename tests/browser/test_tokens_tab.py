@@ -14,12 +14,22 @@ def test_example_renders_all_views(page):
     page.locator("#tokens-width input").fill("336")
     page.locator("#tokens-run").click()
     summary = page.locator("#tokens-summary")
-    summary.get_by_text("patch tokens").wait_for()
-    assert "24x16" in summary.inner_text()  # 336x224 with 14 px patches: non-square grid
+    # 336x224 with 14 px patches: non-square grid (the page opened on the 16x16 example)
+    summary.get_by_text("24x16").wait_for()
     assert_images_rendered(page, VIEWS, min_width=50)
     plot_in(page, "tokens-cost")
     assert "75,264" in page.locator("#tokens-cost-table").inner_text()  # 336*224 pixel tokens
     screenshot(page, "tokens")
+
+
+def test_first_tab_shows_a_worked_example_on_load(page):
+    """Opening the app, before any click: the first tab shows the first example's views."""
+    summary = page.locator("#tokens-summary")
+    summary.get_by_text("patch tokens").wait_for()
+    assert "16x16" in summary.inner_text()  # the default model's 224 px: 16x16 patches
+    page.locator("#tokens-image img").first.wait_for(state="visible")
+    assert_images_rendered(page, VIEWS, min_width=50)
+    plot_in(page, "tokens-cost")
 
 
 def test_bad_upload_gives_clear_message_and_app_keeps_serving(page, tmp_path):
