@@ -23,7 +23,11 @@ def test_example_renders_all_views(page):
 
 
 def test_first_tab_shows_a_worked_example_on_load(page):
-    """Opening the app, before any click: the first tab shows the first example's views."""
+    """Opening the app, before any run button is pressed: the first tab (the Lecture) shows
+    its first step's live figure, and Patch tokens already holds the first example's views."""
+    page.locator("#lecture-heading").get_by_text("Step 1 of").wait_for()
+    page.locator("#lecture-image img").first.wait_for(state="visible")
+    open_tab(page, "Patch tokens")
     summary = page.locator("#tokens-summary")
     summary.get_by_text("patch tokens").wait_for()
     assert "16x16" in summary.inner_text()  # the default model's 224 px: 16x16 patches
