@@ -17,7 +17,6 @@ from explorer.finetune import (
     FinetuneConfig,
     finetune,
     position_similarity_map,
-    publish,
     run_finetune,
     save_checkpoint,
 )
@@ -33,7 +32,7 @@ from explorer.finetune.probe import (
     probe_accuracy,
     train_linear_probe,
 )
-from explorer.models import load_vit, model_names
+from explorer.models import load_vit, model_names, register_local_model
 from explorer.patches import patch_position_embedding
 
 pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
@@ -202,7 +201,7 @@ def test_checkpoint_reloads_with_identical_logits_in_plain_timm(data, tmp_path):
     assert_same_logits(loaded, result.model, x)
     with torch.no_grad():
         assert np.array_equal(loaded(x).argmax(-1).numpy(), result.val_preds)
-    name = publish(out, "tiny test")
+    name = register_local_model("fine-tuned: tiny test", out)  # how an operator model is named
     assert name in model_names()
     assert_same_logits(load_vit(name, device="cpu")[0], result.model, x)
 

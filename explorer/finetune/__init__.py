@@ -5,7 +5,7 @@
         print(event.stage, event.done, event.total, event.metrics)
 """
 
-from explorer.finetune.checkpoint import publish, save_checkpoint, zip_checkpoint
+from explorer.finetune.checkpoint import save_checkpoint, zip_checkpoint
 from explorer.finetune.engine import (
     MODES,
     FinetuneConfig,
@@ -27,7 +27,6 @@ __all__ = [
     "finetune",
     "layerwise_probe",
     "position_similarity_map",
-    "publish",
     "run_finetune",
     "save_checkpoint",
     "set_resolution",

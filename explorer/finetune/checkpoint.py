@@ -30,7 +30,7 @@ import timm
 from timm.models import save_for_hf
 
 from explorer.finetune.engine import FinetuneConfig, FinetuneResult
-from explorer.models import cache_dir, register_local_model
+from explorer.models import cache_dir
 
 
 def finetuned_dir() -> Path:
@@ -125,11 +125,6 @@ def run_name(base_model: str, config: FinetuneConfig, dataset: str) -> str:
         mode += f"-{config.probe_pool}"
     name = f"{dataset}-{mode}-{side}-{stamp}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-").lower()
-
-
-def publish(out_dir: Path, label: str) -> str:
-    """Register the checkpoint so it shows in every model picker; returns its picker name."""
-    return register_local_model(f"fine-tuned: {label}", out_dir)
 
 
 def zip_checkpoint(out_dir: Path) -> Path:

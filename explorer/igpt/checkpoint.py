@@ -167,9 +167,6 @@ def _hub_cached(repo: str) -> bool:
     return hub.cached(repo, "config.json", "preprocessor_config.json")
 
 
-hub_reachable = hub.reachable  # the quick TCP check, shared with the ViT loader
-
-
 def export_pretrained(model: ImageGPT, palette: Palette, directory: str | Path,
                       size: tuple[int, int] | None = None, train_config: dict | None = None
                       ) -> None:
