@@ -7,6 +7,7 @@ first request that needs them and stay in `explorer.models.MODEL_CACHE`.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 
 import gradio as gr
@@ -18,6 +19,7 @@ from explorer.ui.attention_tab import build_attention_tab
 from explorer.ui.distance_tab import build_distance_tab
 from explorer.ui.finetune_tab import build_finetune_tab
 from explorer.ui.igpt_tab import build_igpt_tab
+from explorer.ui.lab_tab import build_lab_tab
 from explorer.ui.lecture_tab import build_lecture_tab, step_view
 from explorer.ui.tokens_tab import build_tokens_tab
 
@@ -38,6 +40,7 @@ TABS = [
     ("Mean attention distance", "distance", build_distance_tab),
     ("iGPT", "igpt", build_igpt_tab),
     ("Fine-tune", "finetune", build_finetune_tab),
+    ("Inductive bias & scale", "lab", build_lab_tab),
 ]
 
 
@@ -69,7 +72,9 @@ def build_demo(models_dir: str | None = None) -> gr.Blocks:
             for label, key, build in TABS:
                 with gr.Tab(label, id=key):
                     row = presenter.link_row(key)
-                    tab = build() or presenter.TabLink(key)
+                    wants_presenter = "presenter" in inspect.signature(build).parameters
+                    tab = (build(presenter=is_presenter) if wants_presenter else build()
+                           ) or presenter.TabLink(key)
                     presenter.wire_copy(row, tab, is_presenter)
                     tab_links.append(tab)
         presenter.wire(demo, tabs, note, is_presenter, tab_links, lecture)

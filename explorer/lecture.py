@@ -70,25 +70,24 @@ STEPS: tuple[Step, ...] = (
          "distance", "distance", "mean-attention-distance"),
     Step("Inductive bias and data",
          "CNNs build in locality, 2-D neighbourhoods and translation equivariance; a ViT "
-         "has far fewer such assumptions and must **learn them from data**. So it does worse "
-         "than a CNN on little data and better with a lot. The numbers below are the "
-         "**paper's** (ViT, Dosovitskiy et al., as quoted in the lecture), not measured here. "
-         "*A live lab that trains both on growing data is coming; until then the Fine-tune "
-         "tab trains on a small dataset.*",
-         "paper-data", "finetune", "paper-vit-vs-cnn-by-pretraining-data"),
+         "has far fewer such assumptions and must **learn them from data**, so the lecture "
+         "says it does worse than a CNN on little data and better with a lot. Below, the "
+         "experiment **run here**: four ~0.2 M-parameter models trained from scratch on 500 to "
+         "60,000 Fashion-MNIST images under one budget (the lab tab also shows the paper's "
+         "ImageNet numbers and trains a point live).",
+         "lab-data", "lab", "lab-error-vs-training-images"),
     Step("Scaling",
-         "Transformers scale: with more data, a bigger model and more compute at once, "
-         "error keeps falling (\"Scaling Vision Transformers\": a 2B-parameter ViT reached "
-         "the ImageNet state of the art). Below, the lecture's table: accuracy against "
-         "pre-training compute, **from the papers**, not measured here.",
-         "paper-scaling", "finetune", "paper-accuracy-vs-compute"),
+         "\"Scaling Vision Transformers\": error falls when data, model size and compute grow "
+         "together, and bigger models are more sample-efficient (a 2B-parameter ViT reached "
+         "the ImageNet state of the art). Below, ViTs of four widths trained here, error against "
+         "training compute: the dashed line is the best any size reached within each budget.",
+         "lab-compute", "lab", "lab-error-vs-training-compute"),
     Step("CoAtNet: convolution meets relative attention",
-         "CoAtNet adds *some* inductive bias back: early stages are MBConv blocks (the "
-         "MobileNetV2 convolution, receptive fields below), later stages attend with a "
-         "weight that depends only on the **relative position** i−j: "
-         "softmax over j of xᵢᵀxⱼ + w₍ᵢ₋ⱼ₎. Attention comes late, where pooling has made the "
-         "input small, which keeps its quadratic cost down.",
-         "cnn", "distance", "mobilenetv2-effective-receptive-fields"),
+         "CoAtNet adds *some* inductive bias back: early MBConv (MobileNetV2 convolution) "
+         "stages, then attention with a weight that depends only on the **relative position** "
+         "i−j: softmax over j of xᵢᵀxⱼ + w₍ᵢ₋ⱼ₎. Below, the learned w of every head of the "
+         "relative-attention ViT trained here: a (2H−1)×(2W−1) image centred on the query.",
+         "lab-bias", "lab", "lab-relative-position-bias"),
 )
 
 # The lecture's slide "Nice results!" (ViT paper, Table 2): ImageNet top-1 % and the

@@ -38,6 +38,7 @@ from huggingface_hub.utils import (
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+import explorer.lab.models  # noqa: F401  registers the lab's ViTs (lab_vit, lab_vit_rel) with timm
 from explorer import hub
 from explorer.cache import KeyedCache
 from explorer.errors import ModelUnavailableError

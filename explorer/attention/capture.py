@@ -85,7 +85,8 @@ def capture(
     any device, and batches. Blocks whose ``attn`` is timm's own `Attention` in eval mode
     compute their maps inline (`inline_attention`); for any other attention module the model
     runs its own forward, hooks on ``q_norm``/``k_norm`` record q and k, and the maps are
-    computed from them afterwards with PyTorch ops (same result).
+    computed from them afterwards with PyTorch ops (same result), adding the bias of any
+    attention module that exposes ``logit_bias()`` (relative-position attention).
 
     Args:
         model: a timm VisionTransformer.
@@ -152,11 +153,13 @@ def capture(
             f"{token_norms.shape[-1]} tokens do not match {num_prefix} prefix + "
             f"{grid[0]}x{grid[1]} patches."
         )
+    biases = [attn.logit_bias().detach() if hasattr(attn, "logit_bias") else None
+              for attn in attns]
     maps = AttentionMaps(
         q=qs, k=ks, grid=grid, patch_size=(ph, pw), num_prefix_tokens=num_prefix,
         prefix_names=prefix_token_names(model), has_class_token=has_class_token(model),
         features=features, token_norms=token_norms, num_heads=int(attns[0].num_heads),
-        logits=logits,
+        logits=logits, logit_bias=biases if any(b is not None for b in biases) else None,
     )
     if not inline and (keep_mean or readers):  # the model ran its own attention: maps now
         for i, p in maps.iter_probs():

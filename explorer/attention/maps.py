@@ -50,6 +50,9 @@ class AttentionMaps:
         logits: (B, classes) for models with a classifier head, else None.
         head_mean: per block, (B, N, N) attention averaged over heads, if the capture kept it
             (`explorer.attention.capture.HeadMean`): the fast path of rollout.
+        logit_bias: per block, a (heads, N, N) bias the model adds to q kᵀ before the softmax
+            (a learned relative-position bias w_{i−j}, `explorer.lab.models.RelPosAttention`),
+            or None for plain attention.
     """
 
     q: list[torch.Tensor]
@@ -64,6 +67,17 @@ class AttentionMaps:
     num_heads: int
     logits: torch.Tensor | None = None
     head_mean: list[torch.Tensor] | None = None
+    logit_bias: list[torch.Tensor | None] | None = None
+
+    def _biased(self, layer: int, scores: torch.Tensor,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``scores`` (q kᵀ of ``layer``, all rows or the ``queries`` rows) plus the block's
+        logit bias, in place; unchanged for plain attention."""
+        bias = None if self.logit_bias is None else self.logit_bias[layer]
+        if bias is None:
+            return scores
+        bias = bias.to(scores)
+        return scores.add_(bias if queries is None else bias.index_select(1, queries))
 
     @property
     def num_layers(self) -> int:
@@ -104,7 +118,7 @@ class AttentionMaps:
         return self.num_prefix_tokens + row * cols + col
 
     def probs(self, layer: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention probabilities of one block: softmax(q kᵀ / sqrt(d)).
+        """Attention probabilities of one block: softmax(q kᵀ / sqrt(d) + bias).
 
         Args:
             layer: block index (negative counts from the end).
@@ -115,7 +129,7 @@ class AttentionMaps:
             (B, heads, N, N); rows (queries) sum to 1.
         """
         q, k = self._qk(layer)
-        return softmax_(torch.matmul(q, k.transpose(-2, -1), out=out))
+        return softmax_(self._biased(layer, torch.matmul(q, k.transpose(-2, -1), out=out)))
 
     def rows(self, layer: int, queries: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Only some query rows of `probs`: cheap (R x N per head instead of N x N).
@@ -125,7 +139,8 @@ class AttentionMaps:
         """
         q, k = self._qk(layer)
         index = torch.as_tensor(queries, dtype=torch.long, device=q.device)
-        return torch.matmul(q.index_select(2, index), k.transpose(-2, -1)).softmax(dim=-1)
+        scores = torch.matmul(q.index_select(2, index), k.transpose(-2, -1))
+        return self._biased(layer, scores, index).softmax(dim=-1)
 
     def iter_probs(self, layers: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(layer, probs)`` for each layer, reusing one buffer.

@@ -24,7 +24,7 @@ from explorer.plots import colors
 from explorer.plots import distance as distance_plots
 from explorer.plots import lecture as lecture_plots
 from explorer.plots import tokens as token_plots
-from explorer.ui import attention_view, common, links
+from explorer.ui import attention_view, common, lab_tab, links
 
 FIGURE_DIR = Path(tempfile.gettempdir()) / "vit-explorer-figures"
 
@@ -115,16 +115,12 @@ def fig_distance(example, size, presenter):
     return distance_plots.distance_figure(series, None, _cnn(example, size), uniform)
 
 
-def fig_cnn(example, size, presenter):
-    return distance_plots.erf_mosaic(_cnn(example, size), cmap=_overlay(presenter)[1])
-
-
 FIGURES: dict[str, Callable] = {
     "sequence": fig_sequence, "rgb9": fig_rgb9, "patches": fig_patches,
     "positions": fig_positions, "rollout": fig_rollout, "distance": fig_distance,
-    "paper-data": lambda *_: lecture_plots.paper_data_figure(),
-    "paper-scaling": lambda *_: lecture_plots.paper_scaling_figure(),
-    "cnn": fig_cnn,
+    "lab-data": lambda *_: lab_tab.data_figure(),
+    "lab-compute": lambda *_: lab_tab.compute_figure(),
+    "lab-bias": lambda *_: lab_tab.bias_figure(),
 }
 
 

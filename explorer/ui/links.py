@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlencode
 
-TABS = ("lecture", "tokens", "attention", "distance", "igpt", "finetune")
-PLANNED_TABS = {"lab": "lecture"}  # named in links before the tab exists -> where they land
+TABS = ("lecture", "tokens", "attention", "distance", "igpt", "finetune", "lab")
+PLANNED_TABS: dict[str, str] = {}  # named in links before the tab exists -> where they land
 HEAD_FUSIONS = ("mean", "max", "min")
 MAX_SIZE = 1024  # px; larger sizes are refused here (the tabs' own size checks still apply)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

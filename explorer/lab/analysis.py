@@ -1,0 +1,243 @@
+"""What the lab's results show, as pure functions: grid summaries, the compute frontier, the
+relative-bias tables and the translation test.
+
+- `error_vs_data`: test error per architecture and data size, mean and spread over seeds;
+- `compute_curves` / `best_per_budget`: the ViT size sweep as error against training
+  compute (3 × forward FLOPs × examples seen), and which size is best at each budget;
+- `relative_tables`: each head's learned bias w_{i−j} as a (2H−1)×(2W−1) image;
+- `shift_images`, `attention_shift_distance`, `feature_shift_error`: the translation test.
+  Shift the input by whole patches; an equivariant layer's output on the shifted input is its
+  output on the original, shifted. Borders (where content entered or left) are excluded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from explorer.attention import EachLayer, capture
+from explorer.lab.models import DEFAULT_SIZES, RelPosAttention, relative_table
+
+# ---------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorPoint:
+    arch: str
+    train_images: int
+    mean: float  # test error, mean over seeds
+    low: float  # min and max over seeds
+    high: float
+    seeds: int
+
+
+def is_default_size(row: dict) -> bool:
+    return (row["width"], row["depth"]) == DEFAULT_SIZES[row["arch"]]
+
+
+def error_vs_data(rows: list[dict]) -> dict[str, list[ErrorPoint]]:
+    """Test error (1 − accuracy) of each architecture at its grid size, per data size."""
+    by = defaultdict(list)
+    for r in rows:
+        if is_default_size(r):
+            by[(r["arch"], r["train_images"])].append(1.0 - r["test_acc"])
+    out: dict[str, list[ErrorPoint]] = defaultdict(list)
+    for (arch, n), errs in sorted(by.items(), key=lambda kv: kv[0][1]):
+        out[arch].append(ErrorPoint(arch, n, float(np.mean(errs)), min(errs), max(errs),
+                                    len(errs)))
+    return dict(out)
+
+
+def winners(curves: dict[str, list[ErrorPoint]]) -> dict[int, str]:
+    """The architecture with the lowest mean error at each data size."""
+    best: dict[int, tuple[float, str]] = {}
+    for arch, points in curves.items():
+        for p in points:
+            if p.train_images not in best or p.mean < best[p.train_images][0]:
+                best[p.train_images] = (p.mean, arch)
+    return {n: arch for n, (_, arch) in sorted(best.items())}
+
+
+@dataclass(frozen=True)
+class ComputeCurve:
+    width: int
+    params: int
+    train_images: int
+    compute: list[float]  # training FLOPs at each evaluation
+    error: list[float]  # test-subset error there (the last point: the full test set)
+
+
+def compute_curves(rows: list[dict], arch: str = "vit") -> list[ComputeCurve]:
+    """The size sweep: one curve per (width, data size), seed 0, error against compute."""
+    curves = []
+    for r in rows:
+        if r["arch"] != arch or r["seed"] != 0:
+            continue
+        per_example = 3.0 * r["flops"]
+        compute = [per_example * step * r["batch"] for step, _ in r["curve"]]
+        error = [1.0 - acc for _, acc in r["curve"]]
+        error[-1] = 1.0 - r["test_acc"]
+        curves.append(ComputeCurve(r["width"], r["params"], r["train_images"], compute, error))
+    return sorted(curves, key=lambda c: (c.train_images, c.width))
+
+
+def best_per_budget(curves: list[ComputeCurve], budgets: np.ndarray) -> list[int | None]:
+    """For each compute budget, the width whose curve reached the lowest error within it
+    (each curve's best point at or below the budget); None where no curve has a point."""
+    best = []
+    for b in budgets:
+        choice, low = None, np.inf
+        for c in curves:
+            errs = [e for x, e in zip(c.compute, c.error, strict=False) if x <= b]
+            if errs and min(errs) < low:
+                choice, low = c.width, min(errs)
+        best.append(choice)
+    return best
+
+
+# ---------------------------------------------------------------------------------------
+# Relative attention
+# ---------------------------------------------------------------------------------------
+
+
+def relative_tables(model: nn.Module) -> torch.Tensor:
+    """(layers, heads, 2H−1, 2W−1) learned bias of every `RelPosAttention` block; the centre
+    entry is a patch attending to itself, right of centre keys to its right."""
+    tables = [relative_table(b.attn) for b in model.blocks if isinstance(b.attn, RelPosAttention)]
+    if not tables:
+        raise ValueError("This model has no relative-position bias.")
+    return torch.stack(tables)
+
+
+# ---------------------------------------------------------------------------------------
+# The translation test
+# ---------------------------------------------------------------------------------------
+
+
+def shift_images(x: torch.Tensor, dy: int, dx: int, fill: float = 0.0) -> torch.Tensor:
+    """(B, C, H, W) shifted down by ``dy`` and right by ``dx`` pixels; what enters is ``fill``."""
+    out = torch.full_like(x, fill)
+    H, W = x.shape[-2:]
+    out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        x[..., max(-dy, 0):H - max(dy, 0), max(-dx, 0):W - max(dx, 0)]
+    return out
+
+
+def interior(grid: tuple[int, int], dy: int, dx: int, margin: int = 1) -> torch.Tensor:
+    """Grid positions (row-major indices) p whose shifted position p + (dy, dx) is on the grid
+    too, both at least ``margin`` cells from every border (where zero padding or the shifted
+    content's edge could change what a position sees)."""
+    rows, cols = grid
+    keep = []
+    for r in range(rows):
+        for c in range(cols):
+            r2, c2 = r + dy, c + dx
+            if all(margin <= v < n - margin for v, n in ((r, rows), (c, cols), (r2, rows),
+                                                          (c2, cols))):
+                keep.append(r * cols + c)
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def attention_shift_distance(model: nn.Module, pixels: torch.Tensor, shift: int = 1,
+                             margin: int = 1) -> torch.Tensor:
+    """Per layer, how far the attention on the input shifted by ``shift`` patches (down and
+    right) is from the unshifted input's attention, shifted: the total-variation distance
+    between each interior query's attention over interior keys (both renormalised), averaged
+    over queries, heads and images. 0 = shift-equivariant, 1 = disjoint.
+
+    Returns:
+        (layers,) distances.
+    """
+    from explorer.patches import patch_size
+
+    ph, pw = patch_size(model)
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    shifted = shift_images(pixels, shift * ph, shift * pw, fill=float(pixels.min()))
+    grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+    keep = interior(grid, shift, shift, margin)
+    moved = keep + shift * grid[1] + shift  # the same patches after the shift
+    rows_a: list[torch.Tensor] = []
+
+    def restricted(probs, queries):
+        p = probs[:, :, prefix + queries][..., prefix + queries]
+        return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    capture(model, pixels, [EachLayer(lambda _l, p: rows_a.append(restricted(p, keep)))])
+    dist: list[torch.Tensor] = []
+    capture(model, shifted, [EachLayer(lambda layer, p: dist.append(
+        0.5 * (restricted(p, moved) - rows_a[layer]).abs().sum(-1).mean()))])
+    return torch.stack(dist)
+
+
+def feature_maps(model: nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """(B, C, h, w) feature maps after every stage (CNN) or block (ViT, patch tokens on their
+    grid), for `feature_shift_error`."""
+    maps: list[torch.Tensor] = []
+    if hasattr(model, "blocks"):
+        from explorer.patches import patch_size
+        ph, pw = patch_size(model)
+        grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+        prefix = int(getattr(model, "num_prefix_tokens", 0))
+        handles = [b.register_forward_hook(lambda _m, _a, out: maps.append(
+            out[:, prefix:].transpose(1, 2).reshape(out.shape[0], -1, *grid)))
+            for b in model.blocks]
+    else:
+        stages = [m for m in model.features if not isinstance(m, nn.MaxPool2d)]
+        handles = [m.register_forward_hook(lambda _m, _a, out: maps.append(out)) for m in stages]
+    try:
+        with torch.no_grad():
+            model(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
+
+
+def feature_shift_error(model: nn.Module, pixels: torch.Tensor, shift_px: int,
+                        margin_px: int = 4) -> torch.Tensor:
+    """Per layer, ‖F(shift x) − shift F(x)‖ / ‖F(x)‖ over interior positions, for a shift of
+    ``shift_px`` pixels down and right (a whole number of every layer's stride).
+
+    Positions within ``margin_px`` input pixels of a border (or of where the content entered)
+    are excluded.
+
+    Returns:
+        (layers,) relative errors: ~0 for an equivariant layer.
+    """
+    fill = float(pixels.min())
+    before = feature_maps(model, pixels)
+    after = feature_maps(model, shift_images(pixels, shift_px, shift_px, fill=fill))
+    errors = []
+    H = pixels.shape[-1]
+    for a, b in zip(before, after, strict=True):
+        stride = H // a.shape[-1]
+        s, m = shift_px // stride, -(-margin_px // stride)
+        n = a.shape[-1]
+        ref = a[..., m:n - m - s, m:n - m - s]
+        got = b[..., m + s:n - m, m + s:n - m]
+        errors.append((got - ref).norm() / ref.norm().clamp_min(1e-12))
+    return torch.stack(errors)
+
+
+def shift_equivariance_table(models: dict[str, nn.Module], pixels: torch.Tensor,
+                             shift: int = 1) -> dict[str, dict[str, list[float]]]:
+    """The translation test for several models on the same images: per model, ``features``
+    (every model) and ``attention`` (ViTs) per layer."""
+    out = {}
+    for name, model in models.items():
+        entry = {}
+        if hasattr(model, "blocks"):
+            from explorer.patches import patch_size
+            step = patch_size(model)[0] * shift
+            entry["attention"] = attention_shift_distance(model, pixels, shift).tolist()
+        else:
+            step = 4 * shift
+        entry["features"] = feature_shift_error(model, pixels, step).tolist()
+        out[name] = entry
+    return out

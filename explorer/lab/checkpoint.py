@@ -1,0 +1,64 @@
+"""Lab models on disk: the grid's shipped state dicts, and a live run's ViT saved in timm's
+layout (`timm.models.save_for_hf`) so every model picker can open it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import timm
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+from torch import nn
+
+from explorer.cache import KeyedCache
+from explorer.datasets import FASHION_MNIST_CLASSES
+from explorer.lab.engine import LabRun
+from explorer.lab.models import build
+
+VIT_ARCHS = ("vit", "vit_rel")  # what the attention and distance tabs can open
+_SHIPPED: KeyedCache[nn.Module] = KeyedCache(max_items=8)
+
+
+def shipped_path(run: LabRun) -> Path:
+    from explorer.lab.grid import MODELS_DIR
+    return MODELS_DIR / f"{run.name}.safetensors"
+
+
+def load_shipped(arch: str, train_images: int, seed: int = 0) -> nn.Module:
+    """A model the grid trained and kept (`grid.KEEP_MODELS`), in eval mode; cached.
+
+    Raises:
+        FileNotFoundError: the grid did not keep this run.
+    """
+    run = LabRun(arch, train_images, seed)
+
+    def build_it() -> nn.Module:
+        path = shipped_path(run)
+        if not path.is_file():
+            raise FileNotFoundError(f"The grid kept no model for {run.name}.")
+        model = build(run.spec)
+        model.load_state_dict(load_file(path))
+        return model.eval()
+
+    return _SHIPPED.get_or_build(run.name, build_it)
+
+
+def save_vit(model: nn.Module, run: LabRun, out_dir: str | os.PathLike, record: dict) -> Path:
+    """Write a lab ViT in timm's layout into ``out_dir`` (atomic): then
+    ``timm.create_model(f"local-dir:{out_dir}", pretrained=True)`` rebuilds it (after
+    ``import explorer.lab.models``, which registers ``lab_vit``/``lab_vit_rel``)."""
+    if run.arch not in VIT_ARCHS:
+        raise ValueError(f"Only the ViTs ({', '.join(VIT_ARCHS)}) open in the other tabs.")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_for_hf(model, str(tmp), safe_serialization=True,
+                model_config={"label_names": list(FASHION_MNIST_CLASSES), "lab_run": record,
+                              "timm_version": timm.__version__},
+                model_args={"embed_dim": run.width, "depth": run.depth})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

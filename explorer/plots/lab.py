@@ -1,0 +1,155 @@
+"""Figures of the inductive-bias & scale lab, built from `explorer.lab.analysis` results."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from explorer.lab.analysis import ComputeCurve, ErrorPoint, best_per_budget
+from explorer.lab.models import ARCH_LABELS
+
+ARCH_COLOURS = {"cnn": "#1f77b4", "vit": "#d62728", "vit_rel": "#ff7f0e", "coatnet": "#2ca02c"}
+WIDTH_COLOURS = ("#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
+
+
+def _band(colour: str) -> str:
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},0.18)"
+
+
+def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
+                         live: dict | None = None) -> go.Figure:
+    """Test error against training images (log axis), one line per architecture, the shaded
+    band spanning the seeds; ``live`` (arch, train_images, error) adds the visitor's run."""
+    fig = go.Figure()
+    for arch, points in curves.items():
+        colour = ARCH_COLOURS.get(arch, "#7f7f7f")
+        xs = [p.train_images for p in points]
+        fig.add_trace(go.Scatter(
+            x=xs + xs[::-1], y=[100 * p.high for p in points] + [100 * p.low for p in points][::-1],
+            fill="toself", fillcolor=_band(colour), line={"width": 0}, hoverinfo="skip",
+            showlegend=False, legendgroup=arch))
+        fig.add_trace(go.Scatter(
+            x=xs, y=[100 * p.mean for p in points], mode="lines+markers",
+            name=ARCH_LABELS.get(arch, arch), legendgroup=arch,
+            line={"color": colour, "width": 3}, marker={"size": 8},
+            customdata=[[p.seeds, 100 * p.low, 100 * p.high] for p in points],
+            hovertemplate="%{x} images: %{y:.1f}% error (%{customdata[0]} seeds, "
+                          "%{customdata[1]:.1f}–%{customdata[2]:.1f})<extra>%{fullData.name}</extra>"))
+    if live is not None:
+        fig.add_trace(go.Scatter(
+            x=[live["train_images"]], y=[100 * live["error"]], mode="markers",
+            name=f"your run: {ARCH_LABELS.get(live['arch'], live['arch'])}",
+            marker={"symbol": "star", "size": 20, "color": ARCH_COLOURS.get(live["arch"]),
+                    "line": {"color": "black", "width": 2}}))
+    fig.update_layout(
+        title="Fashion-MNIST from scratch, trained here: test error vs training images",
+        xaxis={"title": "training images (log scale)", "type": "log"},
+        yaxis={"title": "test error (%)", "rangemode": "tozero"}, height=460,
+        legend={"orientation": "h", "y": -0.2}, margin={"t": 60})
+    return fig
+
+
+def compute_figure(curves: list[ComputeCurve]) -> go.Figure:
+    """The size sweep: test error against training compute, one line per ViT width, one panel
+    per data size; the dashed line is the best any size reached within each budget."""
+    sizes = sorted({c.train_images for c in curves})
+    widths = sorted({c.width for c in curves})
+    fig = make_subplots(rows=1, cols=len(sizes), shared_yaxes=True,
+                        subplot_titles=[f"{n:,} training images" for n in sizes])
+    for col, n in enumerate(sizes, start=1):
+        group = [c for c in curves if c.train_images == n]
+        for c in group:
+            colour = WIDTH_COLOURS[min(widths.index(c.width), len(WIDTH_COLOURS) - 1)]
+            fig.add_trace(go.Scatter(
+                x=c.compute, y=[100 * e for e in c.error], mode="lines+markers",
+                name=f"ViT width {c.width} ({c.params / 1e3:.0f}k params)",
+                legendgroup=str(c.width), showlegend=col == 1,
+                line={"color": colour, "width": 2.5}), row=1, col=col)
+        lo = min(min(c.compute) for c in group)
+        hi = max(max(c.compute) for c in group)
+        budgets = np.geomspace(lo, hi, 40)
+        best = best_per_budget(group, budgets)
+        frontier = [min((e for c in group for x, e in zip(c.compute, c.error, strict=False) if x <= b),
+                        default=np.nan) for b in budgets]
+        fig.add_trace(go.Scatter(
+            x=budgets, y=[100 * f for f in frontier], mode="lines", name="best at each budget",
+            legendgroup="frontier", showlegend=col == 1, customdata=best,
+            hovertemplate="budget %{x:.2e} FLOPs: best width %{customdata}<extra></extra>",
+            line={"color": "#444", "dash": "dash", "width": 1.5}), row=1, col=col)
+        fig.update_xaxes(type="log", title_text="training FLOPs", row=1, col=col)
+    fig.update_yaxes(title_text="test error (%)", row=1, col=1)
+    fig.update_layout(title="Scaling: ViT sizes against training compute (trained here)",
+                      height=460, legend={"orientation": "h", "y": -0.25}, margin={"t": 70})
+    return fig
+
+
+def relative_bias_figure(tables: torch.Tensor) -> go.Figure:
+    """Every head's learned w_{i−j} as a (2H−1)×(2W−1) image: rows are blocks, columns heads;
+    the centre is a patch attending to itself, up/left are keys above/left of the query."""
+    L, H, h, w = tables.shape
+    fig = make_subplots(rows=L, cols=H, horizontal_spacing=0.02, vertical_spacing=0.04,
+                        subplot_titles=[f"block {i + 1} head {j + 1}" for i in range(L)
+                                        for j in range(H)])
+    for i in range(L):
+        for j in range(H):
+            t = tables[i, j].cpu().numpy()
+            fig.add_trace(go.Heatmap(
+                z=t, x=np.arange(w) - w // 2, y=np.arange(h) - h // 2, coloraxis="coloraxis",
+                hovertemplate="offset (dy %{y}, dx %{x}): w = %{z:.2f}<extra></extra>"),
+                row=i + 1, col=j + 1)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, autorange="reversed", scaleanchor=None)
+    fig.update_layout(title="Learned relative-position bias w(i−j) per head "
+                            "(centre: the query patch itself)",
+                      coloraxis={"colorscale": "RdBu_r", "cmid": 0}, height=160 * L + 80,
+                      margin={"t": 80})
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def shift_figure(table: dict[str, dict[str, list[float]]], shift_px: int) -> go.Figure:
+    """The translation test: per layer, the features' relative error (every model) and the
+    attention maps' distance (ViTs) between the shifted input and the shifted original."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "feature maps: ‖F(shift x) − shift F(x)‖ / ‖F(x)‖",
+        "attention maps: total-variation distance"))
+    for name, entry in table.items():
+        colour = ARCH_COLOURS.get(name, "#7f7f7f")
+        label = ARCH_LABELS.get(name, name)
+        feats = entry["features"]
+        fig.add_trace(go.Scatter(x=list(range(1, len(feats) + 1)), y=feats, name=label,
+                                 legendgroup=name, mode="lines+markers",
+                                 line={"color": colour, "width": 3}), row=1, col=1)
+        if "attention" in entry:
+            att = entry["attention"]
+            fig.add_trace(go.Scatter(x=list(range(1, len(att) + 1)), y=att, name=label,
+                                     legendgroup=name, showlegend=False, mode="lines+markers",
+                                     line={"color": colour, "width": 3}), row=1, col=2)
+    fig.update_xaxes(title_text="layer (conv layer or transformer block)", dtick=1)
+    fig.update_yaxes(title_text="0 = shifts exactly with the input", rangemode="tozero",
+                     row=1, col=1)
+    fig.update_layout(title=f"Translation test: input shifted {shift_px} px down and right "
+                            "(borders excluded)", height=420,
+                      legend={"orientation": "h", "y": -0.25}, margin={"t": 70})
+    return fig
+
+
+def live_figure(history: list[tuple[int, float, float | None]], title: str) -> go.Figure:
+    """A live run's training loss and test-subset accuracy against the step."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    steps = [h[0] for h in history]
+    fig.add_trace(go.Scatter(x=steps, y=[h[1] for h in history], name="training loss",
+                             line={"color": "#1f77b4"}), secondary_y=False)
+    acc = [(s, a) for s, _, a in history if a is not None]
+    if acc:
+        fig.add_trace(go.Scatter(x=[s for s, _ in acc], y=[100 * a for _, a in acc],
+                                 name="test accuracy (2,000 images)", mode="lines+markers",
+                                 line={"color": "#d62728"}), secondary_y=True)
+    fig.update_yaxes(title_text="loss", secondary_y=False, rangemode="tozero")
+    fig.update_yaxes(title_text="test accuracy (%)", secondary_y=True, range=[0, 100])
+    fig.update_layout(title=title, xaxis_title="optimisation step", height=380,
+                      margin={"t": 60}, legend={"orientation": "h", "y": -0.25})
+    return fig
