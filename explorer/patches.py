@@ -322,7 +322,9 @@ class TokenizationResult:
         prefix_names: e.g. ["CLS"], ["CLS", "DIST"], ["CLS", "REG0", ...].
         filters: (k, 3, ph, pw) patch-projection principal components in [0, 1].
         native_grid: the grid the position embeddings were trained on.
-        pos_similarity_native / pos_similarity: (r, c, r, c) at the native / chosen grid.
+        pos_similarity_native / pos_similarity: (r, c, r, c) at the native / chosen grid;
+            None for a model without absolute position embeddings (a relative-position bias
+            in its attention instead, `explorer.lab.models.RelPosAttention`).
         costs: patch tokens vs pixel tokens (`compare_costs`).
         feature_rgb: (rows, cols, 3) PCA of the last layer's patch features.
     """
@@ -334,8 +336,8 @@ class TokenizationResult:
     prefix_names: list[str]
     filters: torch.Tensor
     native_grid: tuple[int, int]
-    pos_similarity_native: torch.Tensor
-    pos_similarity: torch.Tensor
+    pos_similarity_native: torch.Tensor | None
+    pos_similarity: torch.Tensor | None
     costs: dict[str, AttentionCost]
     feature_rgb: torch.Tensor
 
@@ -345,7 +347,7 @@ class TokenizationResult:
 EMBEDDING_VIEWS: KeyedCache[tuple] = KeyedCache(max_items=8)
 
 
-def embedding_views(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_views(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`patch_embedding_components` and the native `position_similarity`, kept per model.
 
     Keyed by the model object and its embeddings' in-place version counters (an optimiser
@@ -353,11 +355,11 @@ def embedding_views(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
     checks that an entry belongs to this very model, not to a freed one whose id was reused.
     """
     weight, pos = model.patch_embed.proj.weight, model.pos_embed
-    key = (id(model), weight._version, pos._version)
+    key = (id(model), weight._version, None if pos is None else pos._version)
 
     def build():
         return (weakref.ref(model), patch_embedding_components(model),
-                position_similarity(patch_position_embedding(model)))
+                None if pos is None else position_similarity(patch_position_embedding(model)))
 
     owner, filters, similarity = EMBEDDING_VIEWS.get_or_build(key, build)
     if owner() is not model:
@@ -388,7 +390,8 @@ def analyse_tokenization(model: torch.nn.Module, pixels: torch.Tensor) -> Tokeni
         filters=filters,
         native_grid=native_grid,
         pos_similarity_native=pos_similarity_native,
-        pos_similarity=position_similarity(patch_position_embedding(model, grid)),
+        pos_similarity=None if model.pos_embed is None else
+        position_similarity(patch_position_embedding(model, grid)),
         costs=compare_costs(size, patch, model.num_prefix_tokens, model.embed_dim),
         feature_rgb=feature_pca_rgb(features, grid),
     )

@@ -102,13 +102,17 @@ def _tokens(image_path, model_name, width, height, fit):
         f"patch tokens + {prefix} prefix ({', '.join(result.prefix_names) or 'none'}). Position embeddings "
         f"were trained on a {result.native_grid[1]}x{result.native_grid[0]} grid."
     )
+    if result.pos_similarity is None:
+        summary = summary.replace("Position embeddings were", "This model has **no** position "
+                                  "embeddings (a learned relative-position bias in its attention "
+                                  "instead); it was")
     return (
         summary,
         token_plots.grid_overlay(shown, result.patch, first_index=prefix),
         token_plots.token_sequence(shown, result.patch, result.prefix_names),
         token_plots.filter_tiles(result.filters),
-        token_plots.similarity_tiles(result.pos_similarity_native),
-        token_plots.similarity_tiles(result.pos_similarity),
+        *(None if sim is None else token_plots.similarity_tiles(sim)
+          for sim in (result.pos_similarity_native, result.pos_similarity)),
         token_plots.cost_figure(result.costs, result.size),
         token_plots.cost_table(result.costs),
         token_plots.feature_pca_image(result.feature_rgb, result.size),

@@ -44,7 +44,8 @@ def app_url():
     log = open(ROOT / "tests" / "browser" / f".app-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a live lab run of 20 steps (the grid's budget is 1000): a tiny point in seconds
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "VIT_EXPLORER_LAB_STEPS": "20"},
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120

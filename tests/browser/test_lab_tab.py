@@ -1,0 +1,50 @@
+"""The "Inductive bias & scale" tab in real Chromium: the shipped grid on the page, a link
+that opens the relative-attention views, a tiny live point landing on the plot."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from explorer import datasets
+from explorer.ui import lab_tab
+from tests.browser.helpers import open_tab, plot_in, screenshot
+
+
+def test_link_opens_the_lab_with_the_grid_and_the_relative_views(page, app_url):
+    if not lab_tab.shipped_sizes():
+        pytest.skip("no shipped lab models")
+    page.goto(app_url + "?tab=lab")
+    page.wait_for_selector(".gradio-container")
+    assert page.get_by_role("tab", name="Inductive bias & scale").get_attribute(
+        "aria-selected") == "true"
+    data = plot_in(page, "lab-data-plot")
+    for name in ("CNN", "ViT (absolute positions)", "ViT + relative bias", "CoAtNet (mini)"):
+        assert data.locator(".legendtext", has_text=name).count() == 1, name
+    assert "test error" in data.locator(".ytitle").inner_text()
+    plot_in(page, "lab-compute-plot").locator(".legendtext", has_text="width 96").first.wait_for()
+    # the link ran the relative views by itself
+    shift = plot_in(page, "lab-shift-plot")
+    shift.locator(".gtitle", has_text="Translation test").wait_for()
+    bias = plot_in(page, "lab-bias-plot")
+    assert bias.locator(".annotation-text", has_text="block 1 head 1").count() == 1
+    screenshot(page, "lab")
+
+
+@pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist")
+def test_a_tiny_live_point_lands_on_the_plot_and_in_the_pickers(page):
+    open_tab(page, "Inductive bias & scale")
+    page.locator("#lab-train").click()
+    page.locator("#lab-status").get_by_text("test accuracy").wait_for(timeout=180_000)
+    status = page.locator("#lab-status").inner_text()
+    name = re.search(r"fine-tuned: lab-vit-w64-d4-n500-s0-[0-9a-f]+", status).group(0)
+    data = plot_in(page, "lab-data-plot")
+    data.locator(".legendtext", has_text="your run").wait_for()
+    live = plot_in(page, "lab-live-plot")
+    assert live.locator(".legendtext", has_text="training loss").count() == 1
+    # the from-scratch ViT is now in this session's attention picker
+    open_tab(page, "Attention maps")
+    picker = page.get_by_label("Model").filter(visible=True).first
+    picker.click()
+    page.get_by_role("option", name=name).wait_for()

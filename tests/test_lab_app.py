@@ -1,0 +1,67 @@
+"""The lab tab through `gradio_client` on the real app: a live run streams, lands on the
+plot, and its ViT opens in its own session's other tabs only; the relative views render."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from gradio_client import Client, handle_file
+
+import app
+from explorer import datasets
+from explorer.lab import grid
+from explorer.ui import lab_tab
+
+IMAGE = "assets/examples/rocket.jpg"
+pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
+                                reason="needs Debian's dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lab_tab, "LIVE_STEPS", 12)  # a tiny live point; the grid's budget is 1000
+        demo = app.build_demo()
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None,
+                    quiet=True)
+        yield demo
+        demo.close()
+
+
+def _choices(client) -> list[str]:
+    return [c[0] for c in client.predict([], api_name="/distance_models")["choices"]]
+
+
+def test_a_live_vit_lands_on_the_plot_and_opens_in_its_session_only(demo):
+    alice, bob = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+    status, live, data_plot = alice.predict("vit_rel", 500, 0, api_name="/lab_train")
+    assert "test accuracy" in status
+    name = re.search(r"Saved as \*\*(fine-tuned: lab-vit_rel[^*]+)\*\*", status).group(1)
+    assert "shipped grid has" not in status  # 12 steps is not the grid's budget: no claim
+    assert name in _choices(alice) and name not in _choices(bob)
+    summary = alice.predict(handle_file(IMAGE), name, 0, 0, "crop", api_name="/tokens")[0]
+    assert "7x7" in summary  # a 28-px model with 4-px patches, from its own geometry
+    with pytest.raises(Exception, match="private"):
+        bob.predict(handle_file(IMAGE), name, 0, 0, "crop", api_name="/tokens")
+    assert live["type"] == "plotly" and data_plot["type"] == "plotly"
+    assert '"star"' in data_plot["plot"]  # the visitor's point on the grid's plot
+    alice.close()
+    bob.close()
+
+
+def test_live_run_refuses_what_it_does_not_offer(demo):
+    client = Client(demo.local_url, verbose=False)
+    for args in (("vit", 777, 0), ("resnet", 500, 0), ("vit", 500, 9)):
+        with pytest.raises(Exception, match="Live runs use|Pick an architecture|not in the list"):
+            client.predict(*args, api_name="/lab_train")
+    client.close()
+
+
+@pytest.mark.skipif(not lab_tab.shipped_sizes(), reason="no shipped lab models")
+def test_relative_views_render_from_the_shipped_models(demo):
+    client = Client(demo.local_url, verbose=False)
+    bias, shift = client.predict(max(lab_tab.shipped_sizes()), api_name="/lab_relative")
+    assert "block 4 head 4" in bias["plot"] and "Translation test" in shift["plot"]
+    client.close()
+    assert grid.GRID_CSV.is_file()
