@@ -325,7 +325,7 @@ def _build_hub(name: str) -> torch.nn.Module:
         raise ModelUnavailableError(
             f"timm has no model called '{name}' (a Hugging Face repo is 'hf-hub:owner/name')."
         )
-    if not _hub_weights_cached(name) and not hub.reachable():
+    if not hub_weights_cached(name) and not hub.reachable():
         # Fail now: huggingface_hub would first retry each file with exponential backoff.
         raise ModelUnavailableError(
             f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached "
@@ -353,18 +353,26 @@ def _build_hub(name: str) -> torch.nn.Module:
     return model
 
 
-def _hub_weights_cached(name: str) -> bool:
+def hub_weights(name: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """What timm fetches for a hub ``name``: ``(repo, other files, weight files in order of
+    preference)``; None for a registry name without hub weights."""
+    if name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:") :].split("@")[0]
+        return repo, ("config.json",), ("model.safetensors", "pytorch_model.bin")
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    weights = tuple(f for f in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if f)
+    return cfg.hf_hub_id, (), tuple(dict.fromkeys(weights))
+
+
+def hub_weights_cached(name: str) -> bool:
     """Whether the files timm fetches for ``name`` are in the local Hugging Face cache: the
     weights for a registry name (its config is timm's own), config and weights for a repo."""
-    if name.startswith("hf-hub:"):
-        repo, needs = name[len("hf-hub:") :].split("@")[0], ("config.json",)
-        filename = None
-    else:
-        cfg = timm.models.get_pretrained_cfg(name)
-        if cfg is None or not cfg.hf_hub_id:
-            return False
-        repo, needs, filename = cfg.hf_hub_id, (), cfg.hf_hub_filename
-    weights = [f for f in (filename, "model.safetensors", "pytorch_model.bin") if f]
+    found = hub_weights(name)
+    if found is None:
+        return False
+    repo, needs, weights = found
     return hub.cached(repo, *needs) and any(hub.cached(repo, w) for w in weights)
 
 

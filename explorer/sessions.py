@@ -35,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from explorer import models
+import timm
+
+from explorer import hub, models
 from explorer.errors import ModelUnavailableError
 
 # A Hugging Face repo id ("owner/name") and a timm name ("arch.tag") share one alphabet:
@@ -300,7 +302,42 @@ def resolve_web_name(name: str | None, session: str, registry: SessionModels = F
             "to the browser session that trained them, and deleted when it ends).")
     if name.startswith("local:") or not is_hub_id(name):
         raise ModelUnavailableError(REFUSED)
+    found = models.hub_weights(name) if (name.startswith("hf-hub:") or timm.is_model(
+        name.split(".")[0])) else None
+    if found is not None and not models.hub_weights_cached(name):
+        check_hub_download(name, found[0], found[2])
     return name
+
+
+def hub_limit_mb() -> float:
+    """The largest hub download a web visitor may start, in MB (``VIT_EXPLORER_MAX_HUB_MB``,
+    default 400: a ViT-B/16 is ~350 MB, a ViT-L ~1.2 GB)."""
+    return float(os.environ.get("VIT_EXPLORER_MAX_HUB_MB", "400"))
+
+
+def check_hub_download(name: str, repo: str, weights) -> None:
+    """Refuse a hub model typed on the web that this server should not fetch: typed hub names
+    switched off by the operator (``VIT_EXPLORER_WEB_HUB=0``), or weights larger than
+    `hub_limit_mb`. Asked with HEAD requests before anything downloads; when the hub cannot be
+    reached, the loader's own offline message follows instead.
+
+    Raises:
+        ModelUnavailableError: naming the model and the limit, never a path.
+    """
+    if os.environ.get("VIT_EXPLORER_WEB_HUB", "1").lower() in ("0", "false", "no", "off"):
+        raise ModelUnavailableError(
+            f"This server only offers the models in its list; '{name}' is not one of them.")
+    if not hub.reachable():
+        return
+    try:
+        size = hub.file_bytes(repo, weights)
+    except Exception:  # noqa: BLE001 (the loader reports hub errors with its own message)
+        return
+    limit = hub_limit_mb()
+    if size is not None and size > limit * 1e6:
+        raise ModelUnavailableError(
+            f"'{name}' is a {size / 1e6:,.0f} MB download; this server fetches hub models up to "
+            f"{limit:g} MB. Pick a smaller model or one from the list.")
 
 
 def web_model_names(session: str, registry: SessionModels = FINETUNES) -> list[str]:
@@ -321,6 +358,9 @@ def resolve_igpt_web_name(name: str | None, catalogue, default: str) -> str:
     if name in catalogue:
         return name
     if is_hub_id(name, repo_only=True) and not os.path.lexists(name):
+        weights = ("model.safetensors", "pytorch_model.bin")
+        if not any(hub.cached(name, w) for w in weights):
+            check_hub_download(name, name, weights)
         return name
     raise ModelUnavailableError(
         "iGPT models typed here are catalogue names or hub repos ('openai/imagegpt-small'); "

@@ -212,3 +212,46 @@ def test_every_hub_catalogue_entry_is_what_the_stand_in_exercises():
     hub_igpts = [s for s in IGPT_CATALOGUE_ENTRIES.values() if s.source == "hub"]
     assert IGPT_CATALOGUE in {s.location for s in hub_igpts}
     assert all(s.location.count("/") == 1 for s in hub_igpts)
+
+
+# Runs in the child: the web pickers' checks of typed hub names, before any download.
+WEB_LIMITS = textwrap.dedent(f"""
+    import json, os
+    from explorer import sessions
+    from explorer.errors import ModelUnavailableError
+
+    out = {{}}
+    def attempt(key, fn, *args):
+        try:
+            fn(*args)
+            out[key] = "ok"
+        except ModelUnavailableError as err:
+            out[key] = str(err)
+
+    def all_three(tag):
+        attempt("vit-" + tag, sessions.resolve_web_name, "hf-hub:{VIT_TYPED}", "s1")
+        attempt("registry-" + tag, sessions.resolve_web_name, {VIT_REGISTRY!r}, "s1")
+        attempt("igpt-" + tag, sessions.resolve_igpt_web_name, {IGPT_TYPED!r}, {{}}, "x")
+
+    all_three("default")
+    os.environ["VIT_EXPLORER_MAX_HUB_MB"] = "0.001"  # 1 kB: less than every tiny model
+    all_three("capped")
+    os.environ["VIT_EXPLORER_WEB_HUB"] = "0"
+    all_three("off")
+    print(json.dumps(out))
+""")
+
+
+def test_typed_hub_models_too_big_for_the_server_are_refused_before_downloading(
+        served, tmp_path):
+    hub, _, _ = served
+    before = len(hub.requests)
+    out = _last_json_line(run_python(WEB_LIMITS, hub.url, tmp_path / "hf-home"))
+    assert out["vit-default"] == out["registry-default"] == out["igpt-default"] == "ok"
+    for kind, name in (("vit", VIT_TYPED), ("registry", VIT_REGISTRY), ("igpt", IGPT_TYPED)):
+        capped = out[f"{kind}-capped"]
+        assert name in capped and "MB download" in capped and "up to 0.001 MB" in capped
+        assert "/" not in capped.replace(name, "")  # no path, only the name typed
+        assert "only offers the models in its list" in out[f"{kind}-off"]
+    # the checks asked with HEAD requests only: nothing was downloaded
+    assert {method for method, _ in hub.requests[before:]} == {"HEAD"}

@@ -40,10 +40,9 @@ def test_bad_values_fall_back_with_one_note(query, field):
     assert len(view.notes) == 1
 
 
-def test_lab_falls_back_to_the_lecture_with_a_note():
+def test_lab_is_a_tab_links_open():
     view = parse("tab=lab&example=coffee")
-    assert view.tab == "lecture" and view.example == "coffee"
-    assert "lab" in view.notes[0]
+    assert view.tab == "lab" and view.example == "coffee" and not view.notes
 
 
 def test_values_are_trimmed_and_case_folded():

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import urlencode
 
 TABS = ("lecture", "tokens", "attention", "distance", "igpt", "finetune", "lab")
-PLANNED_TABS: dict[str, str] = {}  # named in links before the tab exists -> where they land
 HEAD_FUSIONS = ("mean", "max", "min")
 MAX_SIZE = 1024  # px; larger sizes are refused here (the tabs' own size checks still apply)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -76,10 +75,6 @@ def parse_view(
     tab = params.get("tab", "").strip().lower()
     if tab in TABS:
         view = replace(view, tab=tab)
-    elif tab in PLANNED_TABS:
-        notes.append(f"The '{tab}' tab does not exist yet; showing the "
-                     f"{PLANNED_TABS[tab]} instead.")
-        view = replace(view, tab=PLANNED_TABS[tab])
     elif tab:
         notes.append(f"Unknown tab '{tab}' (one of {', '.join(TABS)}); showing the lecture.")
     example = params.get("example", "").strip().lower()
