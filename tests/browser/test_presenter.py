@@ -52,8 +52,8 @@ def test_bad_parameters_give_a_note_not_an_error(fresh):
     assert "Layer 99 does not exist" in text and "Head 'zz'" in text
     page.locator("#attn-summary").get_by_text("heads").wait_for()  # defaults still ran
     assert page.locator("#attn-layer input[type=range]").input_value() == "12"
-    _open(page, url + "?tab=lab")
-    page.locator("#link-note").get_by_text("does not exist yet").wait_for()
+    _open(page, url + "?tab=nosuchtab&step=77")
+    page.locator("#link-note").get_by_text("Unknown tab 'nosuchtab'").wait_for()
     page.locator("#lecture-heading").get_by_text("Step 1").wait_for()
 
 
@@ -91,7 +91,7 @@ def test_presenter_text_and_figure_labels_are_large(fresh):
         "p => [...p.querySelectorAll('text')].filter(t => t.textContent.trim())"
         ".map(t => parseFloat(getComputedStyle(t).fontSize))")
     assert sizes and min(sizes) >= 18, sizes
-    assert "paper" in plot.inner_text().lower()  # the lecture's numbers are labelled as such
+    assert "trained here" in plot.inner_text().lower()  # the lab's grid, labelled as measured
 
 
 def test_figures_download_with_names_that_say_what_they_show(fresh):
@@ -115,3 +115,10 @@ def test_figures_download_with_names_that_say_what_they_show(fresh):
     options = plot.evaluate("p => p._context.toImageButtonOptions")
     assert options["filename"].startswith("vit-explorer_rocket_")
     assert "mean-attention-distance" in options["filename"]
+    # and a real click on plotly's camera button saves that SVG under that name
+    plot.hover()
+    with page.expect_download() as got:
+        page.locator("#lecture-plot .modebar-btn[data-title^='Download plot']").first.click()
+    assert got.value.suggested_filename == options["filename"] + ".svg"
+    with open(got.value.path(), encoding="utf-8") as f:
+        assert f.read(200).lstrip().startswith("<svg")
