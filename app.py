@@ -126,7 +126,38 @@ def configure_threads() -> int:
     return threads
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def configure_memory() -> int | None:
+    """Cap glibc's malloc arenas at ``VIT_EXPLORER_MALLOC_ARENAS`` (default 2).
+
+    glibc gives each thread that allocates concurrently its own arena (up to 8 per core), and
+    freed tensor memory stays in the arena that held it: with many request threads the
+    server's resident memory grows with the number of threads, not with what is in use
+    (BENCHMARKS.md "Serving a lecture hall": MALLOC_ARENA_MAX=2 cut the 8-user 518 px peak
+    by a quarter). ``mallopt`` sets the cap at run time, for arenas made from now on; the
+    environment variable MALLOC_ARENA_MAX, read at process start, wins when set.
+
+    Returns:
+        The cap set, or None (not glibc, or MALLOC_ARENA_MAX set).
+    """
+    import ctypes
+    import ctypes.util
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return None
+    arenas = int(os.environ.get("VIT_EXPLORER_MALLOC_ARENAS", "2"))
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_ARENA_MAX, arenas) == 1
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    return arenas if ok else None
+
+
 def main(argv: list[str] | None = None) -> None:
+    configure_memory()  # before the first request thread allocates
     args = parse_args(argv)
     if args.data_dir:  # read where the datasets are listed (explorer.distance.operator_datasets)
         os.environ["VIT_EXPLORER_DATA_DIR"] = args.data_dir

@@ -74,10 +74,15 @@ class ComputeCurve:
 
 
 def compute_curves(rows: list[dict], arch: str = "vit") -> list[ComputeCurve]:
-    """The size sweep: one curve per (width, data size), seed 0, error against compute."""
+    """The size sweep: one curve per (width, data size), seed 0, error against compute, for
+    the data sizes trained at more than one width."""
+    widths = defaultdict(set)
+    for r in rows:
+        if r["arch"] == arch and r["seed"] == 0:
+            widths[r["train_images"]].add(r["width"])
     curves = []
     for r in rows:
-        if r["arch"] != arch or r["seed"] != 0:
+        if r["arch"] != arch or r["seed"] != 0 or len(widths[r["train_images"]]) < 2:
             continue
         per_example = 3.0 * r["flops"]
         compute = [per_example * step * r["batch"] for step, _ in r["curve"]]

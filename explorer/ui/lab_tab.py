@@ -12,6 +12,7 @@ import secrets
 import threading
 
 import gradio as gr
+import numpy as np
 import torch
 
 from explorer import sessions
@@ -86,15 +87,19 @@ def summary_text(rows: list[dict]) -> str:
 
 
 def scaling_text(rows: list[dict]) -> str:
+    """Which ViT size is best at a few compute budgets, per data size, in words."""
     curves = analysis.compute_curves(rows)
     if not curves:
         return ""
     lines = []
     for n in sorted({c.train_images for c in curves}):
         group = [c for c in curves if c.train_images == n]
-        best = min(group, key=lambda c: c.error[-1])
-        lines.append(f"{n:,} images: width **{best.width}** ({100 * best.error[-1]:.1f}% error)")
-    return "Best ViT size after the full budget — " + "; ".join(lines) + "."
+        budgets = np.geomspace(min(min(c.compute) for c in group),
+                               max(max(c.compute) for c in group), 4)
+        best = analysis.best_per_budget(group, budgets)
+        steps = ", ".join(f"{b:.0e} → {w}" for b, w in zip(budgets, best, strict=True))
+        lines.append(f"- {n:,} images: best width at training FLOPs {steps}")
+    return "**Best ViT width within each compute budget**\n" + "\n".join(lines)
 
 
 def shipped_sizes() -> list[int]:
