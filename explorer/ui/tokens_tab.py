@@ -17,7 +17,7 @@ from explorer import images, models, patches
 from explorer.cache import KeyedCache
 from explorer.plots import tokens as token_plots
 from explorer.ui import common
-from explorer.ui.presenter import TabLink
+from explorer.ui.presenter import TabLink, read_view
 
 INTRO = """
 **An image is worth 16x16 words.** A ViT cuts the image into fixed-size patches, flattens
@@ -42,9 +42,14 @@ def tokens(image_path, model_name, width, height, fit):
         example, lambda: _as_files(_tokens(image_path, model_name, width, height, fit)))
 
 
-def first_example():
+def first_example(request: gr.Request = None):
     """The first tab's worked example when the page opens (`/tokens_example`): the first
-    bundled photo, the default model at its default size, from `EXAMPLE_VIEWS`."""
+    bundled photo, the default model at its default size, from `EXAMPLE_VIEWS`. Nothing when
+    a link opens this tab: the link sets its own example and runs it (`explorer.ui.presenter`),
+    and two loads writing the same image would race."""
+    params = dict(request.query_params) if request is not None else {}
+    if params.get("tab") and read_view(params).tab == "tokens":
+        return tuple(gr.skip() for _ in range(10))  # the image and its nine views
     path = common.example_images()[0]
     return (path, *tokens(path, None, 0, 0, "crop"))
 

@@ -122,3 +122,13 @@ def test_figures_download_with_names_that_say_what_they_show(fresh):
     assert got.value.suggested_filename == options["filename"] + ".svg"
     with open(got.value.path(), encoding="utf-8") as f:
         assert f.read(200).lstrip().startswith("<svg")
+
+
+def test_a_link_to_the_first_tab_keeps_its_example(fresh):
+    """The tokens tab's worked example (loaded on open) must not replace a linked one."""
+    page, url = fresh
+    _open(page, url + "?tab=tokens&example=chelsea")
+    page.locator("#tokens-summary").get_by_text("patch tokens").wait_for()
+    page.wait_for_timeout(1500)  # any late load would have landed by now
+    assert "chelsea" in page.locator("#tokens-image img").first.get_attribute("src")
+    assert page.get_by_role("tab", name="Patch tokens").get_attribute("aria-selected") == "true"
