@@ -131,7 +131,8 @@ def relative_views(train_images: int, is_presenter: bool = False):
         with torch.no_grad():
             return analysis.shift_equivariance_table(models, pixels, shift=1)
 
-    table = _SHIFT_CACHE.get_or_build(str(train_images), compute)
+    with common.user_errors():
+        table = _SHIFT_CACHE.get_or_build(str(train_images), compute)
     return (for_projector(plots.relative_bias_figure(tables), is_presenter),
             for_projector(plots.shift_figure(table, 4), is_presenter))
 
@@ -152,12 +153,13 @@ def live_run(arch: str, train_images, seed, request: gr.Request):
     title = f"{ARCH_LABELS[arch]} on {train_images:,} images (seed {seed})"
     history: list[tuple[int, float, float | None]] = []
     result = None
-    for event in run_lab(run, budget, cancel, log_every=25):
-        history.append((event.step, event.loss, event.test_acc))
-        result = event.result or result
-        if result is None:
-            yield (f"Step {event.step:,} / {event.total_steps:,}…",
-                   plots.live_figure(history, title), gr.skip())
+    with common.user_errors():  # e.g. Fashion-MNIST not installed: a message, no path
+        for event in run_lab(run, budget, cancel, log_every=25):
+            history.append((event.step, event.loss, event.test_acc))
+            result = event.result or result
+            if result is None:
+                yield (f"Step {event.step:,} / {event.total_steps:,}…",
+                       plots.live_figure(history, title), gr.skip())
     if result is None:
         yield "Stopped.", plots.live_figure(history, title), gr.skip()
         return
