@@ -73,16 +73,24 @@ class ComputeCurve:
     error: list[float]  # test-subset error there (the last point: the full test set)
 
 
-def compute_curves(rows: list[dict], arch: str = "vit") -> list[ComputeCurve]:
-    """The size sweep: one curve per (width, data size), seed 0, error against compute, for
-    the data sizes trained at more than one width."""
+def compute_curves(rows: list[dict], arch: str = "vit",
+                   train_images: set[int] | None = None) -> list[ComputeCurve]:
+    """Error against training compute, one curve per (width, data size), seed 0.
+
+    Args:
+        arch: which architecture's runs.
+        train_images: the data sizes to keep; None = those where ``arch`` was trained at
+            more than one width (the size sweep).
+    """
     widths = defaultdict(set)
     for r in rows:
         if r["arch"] == arch and r["seed"] == 0:
             widths[r["train_images"]].add(r["width"])
+    if train_images is None:
+        train_images = {n for n, ws in widths.items() if len(ws) > 1}
     curves = []
     for r in rows:
-        if r["arch"] != arch or r["seed"] != 0 or len(widths[r["train_images"]]) < 2:
+        if r["arch"] != arch or r["seed"] != 0 or r["train_images"] not in train_images:
             continue
         per_example = 3.0 * r["flops"]
         compute = [per_example * step * r["batch"] for step, _ in r["curve"]]

@@ -95,6 +95,40 @@ def save_model(result: LabResult, run: LabRun, folder: Path = MODELS_DIR) -> Pat
     return path
 
 
+def summary_markdown(rows: list[dict]) -> str:
+    """The grid as BENCHMARKS.md tables: test accuracy per architecture and data size (mean
+    of the seeds, their range), the size sweep, and what it cost."""
+    from explorer.lab.analysis import compute_curves, error_vs_data
+    from explorer.lab.models import ARCH_LABELS
+
+    curves = error_vs_data(rows)
+    sizes = sorted({p.train_images for pts in curves.values() for p in pts})
+    out = ["| architecture | params | " + " | ".join(f"{n:,}" for n in sizes) + " |",
+           "|---|---|" + "---|" * len(sizes)]
+    for arch, points in curves.items():
+        by_n = {p.train_images: p for p in points}
+        params = next(r["params"] for r in rows if r["arch"] == arch)
+        cells = [f"{100 * (1 - by_n[n].mean):.1f} ({100 * (1 - by_n[n].high):.1f}–"
+                 f"{100 * (1 - by_n[n].low):.1f})" if n in by_n else "—" for n in sizes]
+        out.append(f"| {ARCH_LABELS[arch]} | {params / 1e3:.0f}k | " + " | ".join(cells) + " |")
+    sweep = compute_curves(rows)
+    if sweep:
+        out += ["", "| ViT width | params | train GFLOPs | " + " | ".join(
+            f"{n:,}" for n in sorted({c.train_images for c in sweep})) + " |",
+            "|---|---|---|" + "---|" * len({c.train_images for c in sweep})]
+        for w in sorted({c.width for c in sweep}):
+            cs = {c.train_images: c for c in sweep if c.width == w}
+            first = next(iter(cs.values()))
+            cells = [f"{100 * (1 - cs[n].error[-1]):.1f}" if n in cs else "—"
+                     for n in sorted({c.train_images for c in sweep})]
+            out.append(f"| {w} | {first.params / 1e3:.0f}k | {first.compute[-1] / 1e9:,.0f} | "
+                       + " | ".join(cells) + " |")
+    seconds = sum(r["seconds"] for r in rows)
+    out += ["", f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over runs "
+                f"(two 1-thread workers in parallel)."]
+    return "\n".join(out)
+
+
 def _keep_model(run: LabRun) -> bool:
     default = LabRun(run.arch, run.train_images)
     return (run.arch, run.train_images) in KEEP_MODELS and run.seed == 0 and (
@@ -108,7 +142,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=Budget.steps)
     parser.add_argument("--limit", type=int, default=None, help="train at most this many runs")
     parser.add_argument("--shard", default="0/1", help="i/N: train every N-th run from the i-th")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the grid's tables (Markdown) and exit")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary_markdown(read_grid(args.out)))
+        return 0
     if args.workers > 1:  # one process per shard, one thread each
         cmd = [sys.executable, "-m", "explorer.lab.grid", "--out", str(args.out),
                "--steps", str(args.steps)] + (["--limit", str(args.limit)] if args.limit else [])

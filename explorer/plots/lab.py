@@ -52,9 +52,11 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
     return fig
 
 
-def compute_figure(curves: list[ComputeCurve]) -> go.Figure:
+def compute_figure(curves: list[ComputeCurve],
+                   reference: list[ComputeCurve] = ()) -> go.Figure:
     """The size sweep: test error against training compute, one line per ViT width, one panel
-    per data size; the dashed line is the best any size reached within each budget."""
+    per data size; the dashed line is the best any size reached within each budget.
+    ``reference`` (the CNN's runs at the same data sizes) is drawn in grey."""
     sizes = sorted({c.train_images for c in curves})
     widths = sorted({c.width for c in curves})
     fig = make_subplots(rows=1, cols=len(sizes), shared_yaxes=True,
@@ -79,6 +81,12 @@ def compute_figure(curves: list[ComputeCurve]) -> go.Figure:
             legendgroup="frontier", showlegend=col == 1, customdata=best,
             hovertemplate="budget %{x:.2e} FLOPs: best width %{customdata}<extra></extra>",
             line={"color": "#444", "dash": "dash", "width": 1.5}), row=1, col=col)
+        for c in (r for r in reference if r.train_images == n):
+            fig.add_trace(go.Scatter(
+                x=c.compute, y=[100 * e for e in c.error], mode="lines+markers",
+                name=f"CNN, for reference ({c.params / 1e3:.0f}k params)", legendgroup="cnn",
+                showlegend=col == 1, line={"color": "#999", "width": 2, "dash": "dot"}),
+                row=1, col=col)
         fig.update_xaxes(type="log", title_text="training FLOPs", row=1, col=col)
     fig.update_yaxes(title_text="test error (%)", row=1, col=1)
     fig.update_layout(title="Scaling: ViT sizes against training compute (trained here)",

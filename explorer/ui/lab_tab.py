@@ -51,8 +51,12 @@ def data_figure(live: dict | None = None):
 
 
 def compute_figure():
-    curves = analysis.compute_curves(grid_rows())
-    return plots.compute_figure(curves) if curves else None
+    rows = grid_rows()
+    curves = analysis.compute_curves(rows)
+    if not curves:
+        return None
+    cnn = analysis.compute_curves(rows, "cnn", {c.train_images for c in curves})
+    return plots.compute_figure(curves, cnn)
 
 
 def bias_figure(train_images: int | None = None):
