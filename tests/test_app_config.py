@@ -1,0 +1,66 @@
+"""Process settings `python app.py` makes before serving: malloc arenas, torch threads."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+import app
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+
+
+@glibc
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setenv("VIT_EXPLORER_MALLOC_ARENAS", "3")
+    assert app.configure_memory() == 3
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc read it at start: leave it alone
+    assert app.configure_memory() is None
+
+
+@glibc
+def test_the_arena_cap_holds_for_threads_that_allocate_at_once():
+    """With the cap, 16 threads allocating together share 2 arenas (glibc's malloc_stats
+    counts them); without it each thread may get its own."""
+    code = """
+import ctypes, sys, threading
+import app
+if sys.argv[1] == "capped":
+    app.configure_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+barrier = threading.Barrier(16)
+def work():
+    barrier.wait()
+    blocks = [libc.malloc(64 * 1024) for _ in range(50)]
+    barrier.wait()
+    for b in blocks:
+        libc.free(b)
+threads = [threading.Thread(target=work) for _ in range(16)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc.malloc_stats()
+"""
+    arenas = {}
+    for mode in ("capped", "default"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                              cwd=app.__file__.rsplit("/", 1)[0], timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        arenas[mode] = done.stderr.count("Arena ")
+    assert arenas["capped"] <= 2 < arenas["default"]
+
+
+def test_torch_threads_split_the_cores_between_parallel_requests(monkeypatch):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("VIT_EXPLORER_TORCH_THREADS", "1")
+        assert app.configure_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
