@@ -14,8 +14,7 @@ from explorer.attention import capture
 from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import load_shipped, save_vit
 from explorer.lab.engine import Budget, LabRun, augment, run_lab, train
-from explorer.lab.models import (DEFAULT_SIZES, LAB_ARCHS, RelPosAttention, build, param_count,
-                                 relative_table)
+from explorer.lab.models import DEFAULT_SIZES, LAB_ARCHS, RelPosAttention, build, param_count, relative_table
 
 needs_fmnist = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
                                   reason="dataset-fashion-mnist")

@@ -176,7 +176,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = _split("test")
-    keep = torch.from_numpy(stratified_sample(labels.numpy(), TEST_CURVE_IMAGES, seed=0))
+    keep = torch.from_numpy(stratified_sample(labels.cpu().numpy(), TEST_CURVE_IMAGES, seed=0))
     return images[keep], labels[keep]
 
 
@@ -190,7 +190,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), cancel: threading.Event | No
     train_x, train_y = _split("train")
     if not 10 <= run.train_images <= len(train_y):
         raise ValueError(f"train_images must be between 10 and {len(train_y)}.")
-    keep = torch.from_numpy(stratified_sample(train_y.numpy(), run.train_images, run.seed))
+    keep = torch.from_numpy(stratified_sample(train_y.cpu().numpy(), run.train_images, run.seed))
     xs, ys = train_x[keep], train_y[keep]
     sub_x, sub_y = test_subset()
 
@@ -234,7 +234,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), cancel: threading.Event | No
     model = accelerator.unwrap_model(model).eval()
     test_x, test_y = _split("test")
     if budget.test_images is not None:
-        keep = torch.from_numpy(stratified_sample(test_y.numpy(), budget.test_images, seed=0))
+        keep = torch.from_numpy(stratified_sample(test_y.cpu().numpy(), budget.test_images, seed=0))
         test_x, test_y = test_x[keep], test_y[keep]
     test_acc = accuracy(model, test_x, test_y)
     curve.append((budget.steps, accuracy(model, sub_x, sub_y)))

@@ -60,7 +60,7 @@ def compute_figure(curves: list[ComputeCurve],
     sizes = sorted({c.train_images for c in curves})
     widths = sorted({c.width for c in curves})
     fig = make_subplots(rows=1, cols=len(sizes), shared_yaxes=True,
-                        subplot_titles=[f"{n:,} training images" for n in sizes])
+                        subplot_titles=[f"{n:,} images" for n in sizes])
     for col, n in enumerate(sizes, start=1):
         group = [c for c in curves if c.train_images == n]
         for c in group:
@@ -122,8 +122,7 @@ def shift_figure(table: dict[str, dict[str, list[float]]], shift_px: int) -> go.
     """The translation test: per layer, the features' relative error (every model) and the
     attention maps' distance (ViTs) between the shifted input and the shifted original."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "feature maps: ‖F(shift x) − shift F(x)‖ / ‖F(x)‖",
-        "attention maps: total-variation distance"))
+        "features: ‖F(Sx) − S F(x)‖ / ‖F(x)‖", "attention: TV distance"))
     for name, entry in table.items():
         colour = ARCH_COLOURS.get(name, "#7f7f7f")
         label = ARCH_LABELS.get(name, name)

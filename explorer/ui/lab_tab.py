@@ -86,8 +86,20 @@ def summary_text(rows: list[dict]) -> str:
     best = analysis.winners(curves)
     parts = [f"{n:,}: **{ARCH_LABELS[a]}**" for n, a in best.items()]
     seconds = sum(r["seconds"] for r in rows)
+    largest = max(best)
+    fits = []
+    for arch in curves:
+        at = [r for r in rows if r["arch"] == arch and r["train_images"] == largest
+              and analysis.is_default_size(r)]
+        if at:
+            train = 100 * sum(r["train_acc"] for r in at) / len(at)
+            test = 100 * sum(r["test_acc"] for r in at) / len(at)
+            fits.append(f"{ARCH_LABELS[arch]} {train:.0f}% / {test:.0f}%")
     return ("Lowest mean test error at each training-set size — " + "; ".join(parts) +
-            f". Grid: {len(rows)} runs, {seconds / 3600:.1f} CPU-hours of training.")
+            f". Training vs test accuracy at {largest:,} images: " + ", ".join(fits) +
+            " (training accuracy barely above test accuracy means the model is still "
+            "underfitting: limited by the training budget rather than by data). "
+            f"Grid: {len(rows)} runs, {seconds / 3600:.1f} CPU-hours of training.")
 
 
 def scaling_text(rows: list[dict]) -> str:

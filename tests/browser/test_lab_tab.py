@@ -17,12 +17,13 @@ def test_link_opens_the_lab_with_the_grid_and_the_relative_views(page, app_url):
         pytest.skip("no shipped lab models")
     page.goto(app_url + "?tab=lab")
     page.wait_for_selector(".gradio-container")
-    assert page.get_by_role("tab", name="Inductive bias & scale").get_attribute(
-        "aria-selected") == "true"
+    tab = page.get_by_role("tab", name="Inductive bias & scale")
+    page.wait_for_function("t => t.getAttribute('aria-selected') === 'true'",
+                           arg=tab.element_handle())
     data = plot_in(page, "lab-data-plot")
     for name in ("CNN", "ViT (absolute positions)", "ViT + relative bias", "CoAtNet (mini)"):
         assert data.locator(".legendtext", has_text=name).count() == 1, name
-    assert "test error" in data.locator(".ytitle").inner_text()
+    assert "test error" in data.locator(".ytitle").text_content()
     plot_in(page, "lab-compute-plot").locator(".legendtext", has_text="width 96").first.wait_for()
     # the link ran the relative views by itself
     shift = plot_in(page, "lab-shift-plot")
