@@ -35,8 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import timm
-
 from explorer import hub, models
 from explorer.errors import ModelUnavailableError
 
@@ -302,8 +300,7 @@ def resolve_web_name(name: str | None, session: str, registry: SessionModels = F
             "to the browser session that trained them, and deleted when it ends).")
     if name.startswith("local:") or not is_hub_id(name):
         raise ModelUnavailableError(REFUSED)
-    found = models.hub_weights(name) if (name.startswith("hf-hub:") or timm.is_model(
-        name.split(".")[0])) else None
+    found = models.hub_weights(name)  # None: no hub weights (a bad name fails when loaded)
     if found is not None and not models.hub_weights_cached(name):
         check_hub_download(name, found[0], found[2])
     return name

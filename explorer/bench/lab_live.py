@@ -43,10 +43,9 @@ def main(argv: list[str]) -> None:
             status, _live, _plot = client.predict(arch, int(n), int(seed), api_name="/lab_train")
             seconds = time.perf_counter() - start
             live = float(re.search(r"test accuracy ([\d.]+)%", status).group(1))
-            same = [r for r in rows if (r["arch"], r["train_images"], r["seed"]) == (
-                arch, int(n), int(seed)) and analysis.is_default_size(r)]
-            spread = [100 * r["test_acc"] for r in rows if (r["arch"], r["train_images"]) == (
-                arch, int(n)) and analysis.is_default_size(r)]
+            seeds = analysis.seed_runs(rows, arch, int(n))
+            same = [r for r in seeds if r["seed"] == int(seed)]
+            spread = [100 * r["test_acc"] for r in seeds]
             shipped = f"{100 * same[0]['test_acc']:.2f}%" if same else "—"
             span = f"{min(spread):.2f}–{max(spread):.2f}%" if spread else "—"
             print(f"| {arch} n={n} seed {seed} | {live:.2f}% | {shipped} | {span} | "

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from explorer.attention import EachLayer, capture
-from explorer.lab.models import DEFAULT_SIZES, RelPosAttention, relative_table
+from explorer.lab.models import DEFAULT_SIZES, PATCH, RelPosAttention, relative_table
+from explorer.patches import grid_for, patch_size
 
 # ---------------------------------------------------------------------------------------
 # The grid
@@ -39,6 +40,14 @@ class ErrorPoint:
 
 def is_default_size(row: dict) -> bool:
     return (row["width"], row["depth"]) == DEFAULT_SIZES[row["arch"]]
+
+
+def seed_runs(rows: list[dict], arch: str, train_images: int,
+              steps: int | None = None) -> list[dict]:
+    """The grid's runs of ``arch`` at its grid size on ``train_images`` images, one per seed
+    (only those of ``steps`` steps when given)."""
+    return [r for r in rows if (r["arch"], r["train_images"]) == (arch, train_images)
+            and is_default_size(r) and (steps is None or r["steps"] == steps)]
 
 
 def error_vs_data(rows: list[dict]) -> dict[str, list[ErrorPoint]]:
@@ -167,12 +176,10 @@ def attention_shift_distance(model: nn.Module, pixels: torch.Tensor, shift: int 
     Returns:
         (layers,) distances.
     """
-    from explorer.patches import patch_size
-
     ph, pw = patch_size(model)
     prefix = int(getattr(model, "num_prefix_tokens", 0))
     shifted = shift_images(pixels, shift * ph, shift * pw, fill=float(pixels.min()))
-    grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+    grid = grid_for(pixels.shape[-2:], (ph, pw))
     keep = interior(grid, shift, shift, margin)
     moved = keep + shift * grid[1] + shift  # the same patches after the shift
     rows_a: list[torch.Tensor] = []
@@ -193,9 +200,7 @@ def feature_maps(model: nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
     grid), for `feature_shift_error`."""
     maps: list[torch.Tensor] = []
     if hasattr(model, "blocks"):
-        from explorer.patches import patch_size
-        ph, pw = patch_size(model)
-        grid = (pixels.shape[-2] // ph, pixels.shape[-1] // pw)
+        grid = grid_for(pixels.shape[-2:], patch_size(model))
         prefix = int(getattr(model, "num_prefix_tokens", 0))
         handles = [b.register_forward_hook(lambda _m, _a, out: maps.append(
             out[:, prefix:].transpose(1, 2).reshape(out.shape[0], -1, *grid)))
@@ -239,18 +244,18 @@ def feature_shift_error(model: nn.Module, pixels: torch.Tensor, shift_px: int,
 
 
 def shift_equivariance_table(models: dict[str, nn.Module], pixels: torch.Tensor,
-                             shift: int = 1) -> dict[str, dict[str, list[float]]]:
-    """The translation test for several models on the same images: per model, ``features``
-    (every model) and ``attention`` (ViTs) per layer."""
+                             shift_px: int = PATCH) -> dict[str, dict[str, list[float]]]:
+    """The translation test for several models on the same images, shifted ``shift_px``
+    pixels (whole patches of every ViT): per model, ``features`` (every model) and
+    ``attention`` (ViTs) per layer."""
     out = {}
     for name, model in models.items():
         entry = {}
         if hasattr(model, "blocks"):
-            from explorer.patches import patch_size
-            step = patch_size(model)[0] * shift
-            entry["attention"] = attention_shift_distance(model, pixels, shift).tolist()
-        else:
-            step = 4 * shift
-        entry["features"] = feature_shift_error(model, pixels, step).tolist()
+            patches, rest = divmod(shift_px, patch_size(model)[0])
+            if rest:
+                raise ValueError(f"{name}: a {shift_px}-px shift is not whole patches.")
+            entry["attention"] = attention_shift_distance(model, pixels, patches).tolist()
+        entry["features"] = feature_shift_error(model, pixels, shift_px).tolist()
         out[name] = entry
     return out

@@ -21,9 +21,13 @@ VIT_ARCHS = ("vit", "vit_rel")  # what the attention and distance tabs can open
 _SHIPPED: KeyedCache[nn.Module] = KeyedCache(max_items=8)
 
 
-def shipped_path(run: LabRun) -> Path:
-    from explorer.lab.grid import MODELS_DIR
-    return MODELS_DIR / f"{run.name}.safetensors"
+def shipped_path(run: LabRun, folder: Path | None = None) -> Path:
+    """Where the grid keeps ``run``'s model: ``<folder>/<run name>.safetensors``, in
+    `grid.MODELS_DIR` by default."""
+    if folder is None:
+        from explorer.lab.grid import MODELS_DIR
+        folder = MODELS_DIR
+    return folder / f"{run.name}.safetensors"
 
 
 def load_shipped(arch: str, train_images: int, seed: int = 0) -> nn.Module:

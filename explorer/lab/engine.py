@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 import torch
@@ -94,21 +94,10 @@ class LabResult:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, test-subset acc)
     model: nn.Module | None = None
 
-    @property
-    def train_flops(self) -> float:
-        """Training compute: forward + backward ≈ 3 × forward, per example seen."""
-        return 3.0 * self.flops * self.steps * self.batch
-
     def row(self) -> dict:
-        row = asdict(self) if self.model is None else {
-            k: v for k, v in asdict(replace_model(self)).items()}
-        row.pop("model", None)
+        row = asdict(replace(self, model=None))  # asdict would deep-copy the model
+        del row["model"]
         return row
-
-
-def replace_model(result: LabResult) -> LabResult:
-    from dataclasses import replace
-    return replace(result, model=None)
 
 
 @dataclass
@@ -174,9 +163,12 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(1, len(images))
 
 
-def test_subset() -> tuple[torch.Tensor, torch.Tensor]:
+def test_subset(n: int | None = TEST_CURVE_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed stratified subset of ``n`` test images and labels (None: all 10,000)."""
     images, labels = _split("test")
-    keep = torch.from_numpy(stratified_sample(labels.cpu().numpy(), TEST_CURVE_IMAGES, seed=0))
+    if n is None:
+        return images, labels
+    keep = torch.from_numpy(stratified_sample(labels.cpu().numpy(), n, seed=0))
     return images[keep], labels[keep]
 
 
@@ -232,11 +224,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), cancel: threading.Event | No
             yield LabEvent(step, budget.steps, float(loss.detach()), test_acc)
     seconds = time.perf_counter() - start
     model = accelerator.unwrap_model(model).eval()
-    test_x, test_y = _split("test")
-    if budget.test_images is not None:
-        keep = torch.from_numpy(stratified_sample(test_y.cpu().numpy(), budget.test_images, seed=0))
-        test_x, test_y = test_x[keep], test_y[keep]
-    test_acc = accuracy(model, test_x, test_y)
+    test_acc = accuracy(model, *test_subset(budget.test_images))
     curve.append((budget.steps, accuracy(model, sub_x, sub_y)))
     train_acc = accuracy(model, xs[:2000], ys[:2000])
     result = LabResult(

@@ -87,8 +87,10 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
 
 def save_model(result: LabResult, run: LabRun, folder: Path = MODELS_DIR) -> Path:
     from safetensors.torch import save_file
+
+    from explorer.lab.checkpoint import shipped_path
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{run.name}.safetensors"
+    path = shipped_path(run, folder)
     state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
     save_file(state, path, metadata={"arch": run.arch, "width": str(run.width),
                                      "depth": str(run.depth)})

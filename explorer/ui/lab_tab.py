@@ -19,9 +19,9 @@ from explorer import sessions
 from explorer.cache import KeyedCache
 from explorer.finetune.checkpoint import finetuned_dir
 from explorer.lab import analysis, grid
-from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
+from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit, shipped_path
 from explorer.lab.engine import Budget, LabRun, normalise, run_lab, test_subset
-from explorer.lab.models import ARCH_LABELS, LAB_ARCHS
+from explorer.lab.models import ARCH_LABELS, LAB_ARCHS, PATCH
 from explorer.plots import lab as plots
 from explorer.plots.lecture import paper_data_figure, paper_scaling_figure
 from explorer.ui import common
@@ -119,8 +119,8 @@ def scaling_text(rows: list[dict]) -> str:
 
 
 def shipped_sizes() -> list[int]:
-    return sorted({n for arch, n in grid.KEEP_MODELS if arch == "vit_rel"
-                   and grid.MODELS_DIR.joinpath(f"{LabRun('vit_rel', n).name}.safetensors").is_file()})
+    return sorted({n for arch, n in grid.KEEP_MODELS
+                   if arch == "vit_rel" and shipped_path(LabRun(arch, n)).is_file()})
 
 
 def relative_views(train_images: int, is_presenter: bool = False):
@@ -145,12 +145,12 @@ def relative_views(train_images: int, is_presenter: bool = False):
             except FileNotFoundError:
                 continue
         with torch.no_grad():
-            return analysis.shift_equivariance_table(models, pixels, shift=1)
+            return analysis.shift_equivariance_table(models, pixels, PATCH)
 
     with common.user_errors():
         table = _SHIFT_CACHE.get_or_build(str(train_images), compute)
     return (for_projector(plots.relative_bias_figure(tables), is_presenter),
-            for_projector(plots.shift_figure(table, 4), is_presenter))
+            for_projector(plots.shift_figure(table, PATCH), is_presenter))
 
 
 def live_run(arch: str, train_images, seed, request: gr.Request):
@@ -180,15 +180,14 @@ def live_run(arch: str, train_images, seed, request: gr.Request):
         yield "Stopped.", plots.live_figure(history, title), gr.skip()
         return
     rows = grid_rows()
-    shipped = [r for r in rows if (r["arch"], r["train_images"], r["seed"]) == (arch, train_images, seed)
-               and analysis.is_default_size(r) and r["steps"] == budget.steps]
+    seeds = analysis.seed_runs(rows, arch, train_images, budget.steps)
+    shipped = [r for r in seeds if r["seed"] == seed]
     message = (f"**Done in {result.seconds:.0f} s: test accuracy {100 * result.test_acc:.2f}%** "
                f"(train {100 * result.train_acc:.1f}%).")
     if shipped:
-        message += (f" The shipped grid has {100 * shipped[0]['test_acc']:.2f}% for this run; ")
-        spread = [r["test_acc"] for r in rows if (r["arch"], r["train_images"]) == (arch, train_images)
-                  and analysis.is_default_size(r)]
-        message += (f"its seeds span {100 * min(spread):.2f}–{100 * max(spread):.2f}%.")
+        spread = [r["test_acc"] for r in seeds]
+        message += (f" The shipped grid has {100 * shipped[0]['test_acc']:.2f}% for this run; "
+                    f"its seeds span {100 * min(spread):.2f}–{100 * max(spread):.2f}%.")
     if arch in VIT_ARCHS:
         label = f"lab-{run.name}"
         folder = finetuned_dir() / "sessions" / secrets.token_hex(8)

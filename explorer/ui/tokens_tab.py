@@ -104,13 +104,12 @@ def _tokens(image_path, model_name, width, height, fit):
     summary = (
         f"**{result.size[1]}x{result.size[0]} px** -> grid of **{result.grid[1]}x{result.grid[0]}** "
         f"patches of {result.patch[1]}x{result.patch[0]} px = **{result.grid[0] * result.grid[1]}** "
-        f"patch tokens + {prefix} prefix ({', '.join(result.prefix_names) or 'none'}). Position embeddings "
-        f"were trained on a {result.native_grid[1]}x{result.native_grid[0]} grid."
+        f"patch tokens + {prefix} prefix ({', '.join(result.prefix_names) or 'none'}). "
+        + ("Position embeddings were" if result.pos_similarity is not None else
+           "This model has **no** position embeddings (a learned relative-position bias in its "
+           "attention instead); it was")
+        + f" trained on a {result.native_grid[1]}x{result.native_grid[0]} grid."
     )
-    if result.pos_similarity is None:
-        summary = summary.replace("Position embeddings were", "This model has **no** position "
-                                  "embeddings (a learned relative-position bias in its attention "
-                                  "instead); it was")
     return (
         summary,
         token_plots.grid_overlay(shown, result.patch, first_index=prefix),
