@@ -422,8 +422,31 @@ def mobilenet_v2_weights_path() -> Path:
 _CNN: KeyedCache[nn.Module] = KeyedCache(max_items=1)  # the one CNN, loaded once
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that directly follows a Conv2d (in one parent, in order) into
+    the convolution, in place; the BatchNorm becomes an Identity. Eval mode only.
+
+    An eval BatchNorm is a per-channel affine map, so the network computes the same function
+    (to float rounding); a backward pass through it saves one tensor fewer per convolution.
+    For MobileNetV2's receptive fields at 518 px: ~30% less memory and ~35% less time
+    (BENCHMARKS.md).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode")
+    for parent in model.modules():
+        kids = list(parent.named_children())
+        for (name, conv), (bn_name, bn) in zip(kids, kids[1:], strict=False):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, name, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return model
+
+
 def load_mobilenet_v2() -> tuple[nn.Module, dict]:
-    """torchvision MobileNetV2 with ImageNet weights (eval), and its data config.
+    """torchvision MobileNetV2 with ImageNet weights (eval, BatchNorm folded into the
+    convolutions: `fold_batchnorm`), and its data config.
 
     The data config (mean, std, input size) is read from torchvision's weight metadata for
     this very file (``MobileNet_V2_Weights.IMAGENET1K_V1``).
@@ -434,7 +457,7 @@ def load_mobilenet_v2() -> tuple[nn.Module, dict]:
         model = mobilenet_v2(weights=None)
         state = torch.load(mobilenet_v2_weights_path(), weights_only=True, map_location="cpu")
         model.load_state_dict(state)
-        return model.eval()
+        return fold_batchnorm(model.eval())
 
     model = _CNN.get_or_build("mobilenet_v2", build)
     t = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()

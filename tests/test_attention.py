@@ -328,6 +328,24 @@ def test_registers_prefix_share_matches_direct_sum():
     expected = ref[:, :, :, 5:, :5].mean(dim=(2, 3))  # (L, B, 5): over heads, patch queries
     torch.testing.assert_close(share, expected, atol=1e-6, rtol=0)
     assert (share.sum(-1) < 1).all() and (share >= 0).all()
+    # read from the kept head means above; from maps recomputed out of q and k without them
+    no_means = capture(model, pixels, [QueryKeys()])
+    assert no_means.head_mean is None
+    torch.testing.assert_close(prefix_attention_share(no_means), expected, atol=1e-6, rtol=0)
+
+
+def test_capture_can_keep_float16_block_by_block():
+    model = tiny("registers")
+    pixels = torch.randn(1, 3, 42, 56)
+    full = capture(model, pixels)
+    half = capture(model, pixels, keep_dtype=torch.float16)
+    expected = full.compact()
+    for name in ("q", "k", "head_mean"):
+        for got, want in zip(getattr(half, name), getattr(expected, name), strict=True):
+            assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert half.features.dtype == torch.float32  # only what is kept between events shrinks
+    torch.testing.assert_close(prefix_attention_share(half), prefix_attention_share(full),
+                               atol=1e-3, rtol=0)
 
 
 def test_rows_and_query_maps_match_full_probs():

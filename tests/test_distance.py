@@ -194,6 +194,33 @@ def test_mobilenet_v2_receptive_fields_offline():
     assert all(e < t for e, t in zip(rf.effective_distance, rf.theoretical, strict=True))
 
 
+def test_folded_batchnorm_computes_the_same_function_and_fields():
+    from torchvision.models import mobilenet_v2
+
+    from explorer.distance import effective_receptive_fields, fold_batchnorm, mobilenet_stages
+
+    torch.manual_seed(0)
+    plain = mobilenet_v2(weights=None)
+    for m in plain.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    plain.eval()
+    folded = fold_batchnorm(copy.deepcopy(plain))
+    kinds = {type(m) for m in folded.modules()}
+    assert torch.nn.BatchNorm2d not in kinds and torch.nn.Identity in kinds
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-4)
+    a = effective_receptive_fields(plain, mobilenet_stages(plain), x)
+    b = effective_receptive_fields(folded, mobilenet_stages(folded), x)
+    assert a.theoretical_uncapped == b.theoretical_uncapped  # the conv geometry is untouched
+    for d_a, d_b in zip(a.effective_distance, b.effective_distance, strict=True):
+        assert math.isclose(d_a, d_b, rel_tol=1e-3)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(mobilenet_v2(weights=None).train())
+
+
 def test_default_model_14px_patches():
     model, cfg = load_vit(None)
     pixels = torch.randn(1, 3, 14 * 8, 14 * 12)  # 8x12 grid of 14-px patches

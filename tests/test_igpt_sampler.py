@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from explorer.igpt.model import ImageGPT
-from explorer.igpt.sampler import SampleConfig, complete, complete_stream, filter_logits
+from explorer.igpt.sampler import SampleConfig, complete, complete_stream, filter_logits, shares_prefix
 from explorer.igpt.sequence import with_start
 from tests.igpt_helpers import known_distribution_model, tiny_hf
 
@@ -29,6 +29,33 @@ def test_greedy_equals_transformers_generate():
     assert got.shape == (3, 36)
     assert torch.equal(got[:, :18], prefix)  # the kept rows are untouched
     assert torch.equal(got, ref[:, 1:])  # ref starts with the start token
+
+
+def test_shared_prefix_greedy_equals_transformers_generate():
+    # n completions of one image: the known pixels are prefilled once and shared
+    hf = tiny_hf(seed=1)
+    ours = ImageGPT.from_hf(hf)
+    prefix = torch.randint(0, 16, (1, 18), generator=torch.Generator().manual_seed(0))
+    prefix = prefix.expand(3, 18)
+    assert shares_prefix(ours, prefix)
+    got = complete(ours, prefix, 36, SampleConfig(greedy=True))
+    assert torch.equal(got, generate(hf, with_start(prefix, 16), 18)[:, 1:])
+
+
+def test_shared_prefix_samples_equal_the_per_sample_cache():
+    # the same random draws through both caches give the same pixels; the shared cache reads
+    # one copy of the prefix's keys/values
+    ours = ImageGPT.from_hf(tiny_hf(seed=4, std=0.05))
+    one = torch.randint(0, 16, (1, 14), generator=torch.Generator().manual_seed(1))
+    prefix = one.expand(5, 14)
+    shared = [s.clone() for s in complete_stream(ours, prefix, 36, SampleConfig(seed=3))]
+    ours.kv_dtype = torch.float32  # an explicit cache dtype turns the shared cache off
+    assert not shares_prefix(ours, prefix)
+    separate = [s.clone() for s in complete_stream(ours, prefix, 36, SampleConfig(seed=3))]
+    assert len(shared) == len(separate) == 22
+    assert all(torch.equal(a, b) for a, b in zip(shared, separate, strict=True))
+    assert not torch.equal(shared[-1][0], shared[-1][1])  # the samples still differ
+    assert not shares_prefix(ours, torch.stack([one[0], one[0].flip(0)]))
 
 
 def test_greedy_from_empty_prefix_equals_generate():

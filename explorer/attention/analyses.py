@@ -73,6 +73,10 @@ def prefix_attention_share(maps: AttentionMaps) -> torch.Tensor:
     out = maps.token_norms.new_zeros(maps.num_layers, maps.batch_size, p)
     if p == 0:
         return out
+    if maps.head_mean is not None:  # the mean over heads is kept: no map to recompute
+        for layer, a in enumerate(maps.head_mean):
+            out[layer] = a[:, p:, :p].to(out.dtype).mean(dim=1)
+        return out
     for layer, a in maps.iter_probs():
         out[layer] = a[:, :, p:, :p].mean(dim=(1, 2))
     return out

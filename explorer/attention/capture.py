@@ -75,7 +75,8 @@ VIEWS: tuple[Reduction, ...] = (QueryKeys(), HeadMean())  # what the attention t
 
 
 def capture(
-    model: nn.Module, pixels: torch.Tensor, reductions: Sequence[Reduction] = VIEWS
+    model: nn.Module, pixels: torch.Tensor, reductions: Sequence[Reduction] = VIEWS,
+    keep_dtype: torch.dtype | None = None,
 ) -> AttentionMaps:
     """Run ``model`` once on ``pixels`` and keep what ``reductions`` ask for.
 
@@ -93,6 +94,9 @@ def capture(
         pixels: (B, 3, H, W) normalised input on the model's device, H and W multiples of
             the patch size.
         reductions: `QueryKeys`, `HeadMean`, `EachLayer` objects (default `VIEWS`).
+        keep_dtype: keep q, k and the head means in this dtype, cast block by block as the
+            forward runs (float16 for maps kept between events: the result equals
+            ``capture(...).compact()`` without ever holding every block in full precision).
 
     Returns:
         `AttentionMaps`; its ``q``/``k`` are empty without `QueryKeys`, its ``head_mean``
@@ -117,12 +121,15 @@ def capture(
     # all blocks inline, or none: `EachLayer` readers see the layers in order either way
     inline = all(_inline_ok(attn) for attn in attns)
 
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t if keep_dtype is None else t.to(keep_dtype)
+
     def record(i, q, k, probs, mean):
         seen[i] = True
         if keep_qk:  # holding q and k costs fresh memory every batch: only when asked
-            qs[i], ks[i] = q, k
+            qs[i], ks[i] = kept(q), kept(k)
         if keep_mean:
-            means[i] = probs.mean(dim=1) if mean is None else mean
+            means[i] = kept(probs.mean(dim=1) if mean is None else mean)
         for read in readers:
             read(i, probs)
 

@@ -107,6 +107,38 @@ class Conv1D(nn.Module):
             *x.shape[:-1], -1)
 
 
+class SharedPrefixKV:
+    """One layer's key/value cache for samples that share their first positions.
+
+    Completions of one image start from the same known pixels, so those keys and values are
+    the same for every sample: they are kept once, (1, nh, P, hs), and each sample's own
+    positions after them in (B, nh, T_max - P, hs). A step then reads the shared part once for
+    the whole batch (one matrix product with B query rows per head) instead of once per
+    sample, which is most of a step's memory traffic when the prefix is long.
+    """
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor], batch: int, length: int):
+        self.k_pre, self.v_pre = prefix  # (1, nh, P, hs), filled by a batch-1 prefill
+        _, nh, self.shared, hs = self.k_pre.shape
+        shape = (batch, nh, length - self.shared, hs)
+        self.k = self.k_pre.new_zeros(shape)
+        self.v = self.k_pre.new_zeros(shape)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+        """q, k, v: (B, nh, 1, hs) for position `pos` >= the prefix -> (B, 1, nh * hs)."""
+        n = pos - self.shared + 1  # own positions so far, this one included
+        self.k[:, :, n - 1:n] = k
+        self.v[:, :, n - 1:n] = v
+        qh = q[:, :, 0].transpose(0, 1)  # (nh, B, hs)
+        scores = torch.cat([qh @ self.k_pre[0].transpose(1, 2),  # (nh, B, P)
+                            (q @ self.k[:, :, :n].transpose(-1, -2))[:, :, 0].transpose(0, 1)],
+                           dim=-1) * (q.shape[-1] ** -0.5)  # (nh, B, P + n)
+        w = scores.softmax(-1)
+        own = (w[..., self.shared:].transpose(0, 1)[:, :, None] @ self.v[:, :, :n])[:, :, 0]
+        y = w[..., :self.shared] @ self.v_pre[0] + own.transpose(0, 1)  # (nh, B, hs)
+        return y.transpose(0, 1).reshape(q.shape[0], 1, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
@@ -128,6 +160,8 @@ class Attention(nn.Module):
         if cache is not None:
             if T > 1 and pos > 0:
                 raise ValueError("multi-token steps after a prefix are not supported")
+            if isinstance(cache, SharedPrefixKV):  # one token per sample after a shared prefix
+                return self.c_proj(cache.attend(q, k, v, pos).reshape(B, T, C))
             k_cache, v_cache = cache
             k_cache[:, :, pos:pos + T] = k  # cast to the cache's dtype if it differs
             v_cache[:, :, pos:pos + T] = v
@@ -237,6 +271,12 @@ class ImageGPT(nn.Module):
         shape = (batch, c.n_head, length, c.n_embd // c.n_head)
         return [(p.new_zeros(shape, dtype=dtype), p.new_zeros(shape, dtype=dtype))
                 for _ in range(c.n_layer)]
+
+    def shared_prefix_cache(self, prefix_cache: list, batch: int,
+                            length: int) -> list[SharedPrefixKV]:
+        """A cache for `batch` samples continuing one prefill: `prefix_cache` is a batch-1
+        `new_cache(1, P)` filled with positions [0, P) (see `SharedPrefixKV`)."""
+        return [SharedPrefixKV(kv, batch, length) for kv in prefix_cache]
 
     # ---- conversion to and from transformers -------------------------------------------------
 

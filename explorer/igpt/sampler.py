@@ -4,7 +4,9 @@ The top rows are given (the prefix); the model fills in the rest in raster order
 of samples at once. Each step runs one token per sample through the model and writes its
 keys/values in place into a cache allocated once for the whole sequence, so a step reads the
 weights plus the cache and copies nothing else (transformers' `generate` grows its cache
-with `torch.cat` every step).
+with `torch.cat` every step). Several completions of one image share their known pixels: they
+are run through the model once, and every step reads their keys/values once for the whole
+batch (`SharedPrefixKV`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def pick_next(logits: torch.Tensor, cfg: SampleConfig,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def shares_prefix(model: ImageGPT, prefix: torch.Tensor) -> bool:
+    """Whether a batch can decode against one shared prefill (`SharedPrefixKV`): several
+    samples, the same known pixels in each, and a cache in the weights' own dtype."""
+    return (prefix.shape[0] > 1 and prefix.shape[1] > 0 and model.kv_dtype is None
+            and bool((prefix == prefix[:1]).all()))
+
+
 @torch.inference_mode()
 def complete_stream(model: ImageGPT, prefix: torch.Tensor, length: int,
                     cfg: SampleConfig | None = None) -> Iterator[torch.Tensor]:
@@ -90,9 +99,15 @@ def complete_stream(model: ImageGPT, prefix: torch.Tensor, length: int,
         gen = torch.Generator(device=prefix.device).manual_seed(int(cfg.seed))
     out = prefix.new_zeros(B, length)
     out[:, :P] = prefix
-    caches = model.new_cache(B, length)
-    # prefill: the start token and the known pixels in one pass; the last position predicts P
-    logits = model(with_start(prefix, model.config.start_token), caches, pos=0)[:, -1]
+    start = model.config.start_token
+    if shares_prefix(model, prefix):  # n completions of one image: prefill once, share it
+        prefill = model.new_cache(1, P + 1)
+        logits = model(with_start(prefix[:1], start), prefill, pos=0)[:, -1].expand(B, -1)
+        caches = model.shared_prefix_cache(prefill, B, length)
+    else:
+        caches = model.new_cache(B, length)
+        # prefill: the start token and the known pixels in one pass; the last predicts P
+        logits = model(with_start(prefix, start), caches, pos=0)[:, -1]
     for t in range(P, length):
         out[:, t] = pick_next(logits, cfg, gen)
         yield out

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
+import torch
 
 from explorer import attention, images, models, patches
 from explorer.plots import attention as plots
@@ -93,7 +94,8 @@ DEPENDS = [{"layer", "fusion", "opacity", "cmap"}, {"fusion", "opacity", "cmap"}
 def _analyse(image_path, model_name, width, height, fit) -> Session:
     model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
-        maps = attention.capture(model, pixels)
+        # kept in the store: float16 q, k and head means (half the bytes), cast per block
+        maps = attention.capture(model, pixels, keep_dtype=torch.float16)
         relevance, note = None, "Class-specific map: only for models with a classifier head."
         if getattr(model, "num_classes", 0):
             rel, target = attention.class_relevance(model, pixels)
@@ -101,7 +103,6 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
             label = names[int(target[0])] if names else f"class {int(target[0])}"
             relevance, note = rel[0], f"Relevance for the predicted **{label}** (Chefer et al.)."
     share = attention.prefix_attention_share(maps)[:, 0]
-    maps = maps.compact()  # kept in the store: float16 q, k and head means (half the bytes)
     rows, cols = maps.grid
     size = tuple(pixels.shape[-2:])
     summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
