@@ -1,7 +1,9 @@
-"""Process settings `python app.py` makes before serving: malloc arenas, torch threads."""
+"""Process settings `python app.py` makes before serving: malloc arenas, torch threads, and
+no GPU compiler loaded on a CPU-only machine."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -64,3 +66,24 @@ def test_torch_threads_split_the_cores_between_parallel_requests(monkeypatch):
         assert app.configure_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _triton_after_imports(env_extra: dict) -> str:
+    """What ``sys.modules`` holds for triton after the app's imports, in a fresh process."""
+    code = ("import sys, app, torchvision, timm; app.build_demo(); "
+            "print(repr(sys.modules.get('triton', 'absent')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                               "HOME": "/tmp", **env_extra},
+                          cwd=app.__file__.rsplit("/", 1)[0], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a GPU machine keeps Triton")
+def test_triton_is_kept_out_of_a_cpu_only_server():
+    from importlib.machinery import PathFinder  # (importlib.util.find_spec reads sys.modules)
+
+    assert _triton_after_imports({}) == "None"  # torch reads the None entry as "not installed"
+    if PathFinder.find_spec("triton") is not None:  # installed with the CUDA wheel: it loads
+        assert _triton_after_imports({"VIT_EXPLORER_TRITON": "1"}).startswith("<module 'triton'")
