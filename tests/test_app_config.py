@@ -58,6 +58,40 @@ libc.malloc_stats()
     assert arenas["capped"] <= 2 < arenas["default"]
 
 
+@glibc
+def test_freed_heap_memory_goes_back_to_the_system():
+    """300 MB in 64 KB blocks (heap, not mmap), all freed but the last: glibc keeps the pages
+    (the last block pins the heap's top); the trimming thread hands them back."""
+    code = """
+import ctypes, sys, time
+import psutil
+import app
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+blocks = [libc.malloc(64 * 1024) for _ in range(4800)]
+for b in blocks:
+    ctypes.memset(b, 1, 64 * 1024)
+for b in blocks[:-1]:
+    libc.free(b)
+held = rss()
+thread = app.trim_memory_every(float(sys.argv[1]))
+time.sleep(0.6)
+print(thread is not None, round(held - rss()))
+"""
+    released = {}
+    for seconds in ("0", "0.1"):
+        done = subprocess.run([sys.executable, "-c", code, seconds], capture_output=True,
+                              text=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                              cwd=app.__file__.rsplit("/", 1)[0], timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        started, mb = done.stdout.split()
+        released[seconds] = (started, int(mb))
+    assert released["0"][0] == "False" and released["0"][1] < 50  # off: the pages stay
+    assert released["0.1"][0] == "True" and released["0.1"][1] > 250  # on: ~300 MB returned
+
+
 def test_torch_threads_split_the_cores_between_parallel_requests(monkeypatch):
     import torch
     before = torch.get_num_threads()
