@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 import threading
 import time
 
@@ -121,10 +122,17 @@ def configure_threads() -> int:
     every core, they would fight over them (measured on 2 cores under load: one torch thread
     per request ran a ViT-S forward ~2x faster than two). ``VIT_EXPLORER_TORCH_THREADS``
     overrides.
+
+    Also shortens the GIL's hand-over interval to ``VIT_EXPLORER_GIL_SWITCH_MS`` (default 1 ms;
+    Python's is 5 ms). Every PyTorch call releases the GIL and takes it back when done; while
+    another request thread runs Python (plots, gradio) it waits up to the interval for it.
+    The iGPT sampler makes ~100 short calls per pixel, so it waited most: 8 users at 224 px,
+    four interleaved pairs, wall 33.0–38.6 s against 38.1–43.8 s (BENCHMARKS.md).
     """
     default = max(1, (os.cpu_count() or 1) // common.concurrency_limit())
     threads = int(os.environ.get("VIT_EXPLORER_TORCH_THREADS", default))
     torch.set_num_threads(threads)
+    sys.setswitchinterval(float(os.environ.get("VIT_EXPLORER_GIL_SWITCH_MS", "1")) / 1000)
     return threads
 
 

@@ -94,12 +94,26 @@ print(thread is not None, round(held - rss()))
 
 def test_torch_threads_split_the_cores_between_parallel_requests(monkeypatch):
     import torch
-    before = torch.get_num_threads()
+    before, switch = torch.get_num_threads(), sys.getswitchinterval()
     try:
         monkeypatch.setenv("VIT_EXPLORER_TORCH_THREADS", "1")
         assert app.configure_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+        sys.setswitchinterval(switch)
+
+
+def test_the_gil_changes_hands_every_millisecond(monkeypatch):
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.delenv("VIT_EXPLORER_GIL_SWITCH_MS", raising=False)
+        app.configure_threads()
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        monkeypatch.setenv("VIT_EXPLORER_GIL_SWITCH_MS", "5")  # Python's own default
+        app.configure_threads()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def _triton_after_imports(env_extra: dict) -> str:
