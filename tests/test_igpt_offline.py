@@ -21,6 +21,29 @@ from explorer.igpt.pipeline import image_tokens, stream_completions, surprise
 from explorer.igpt.sampler import SampleConfig
 
 
+def test_a_room_completing_the_same_example_gets_it_from_memory():
+    """Seeded completions are kept: the same example, settings and seed are served in one
+    step with the same picture; another seed, or none (fresh randomness), is computed."""
+    import numpy as np
+
+    from explorer.ui import igpt_tab
+
+    example = igpt_tab.fashion_mnist_examples()[0]
+    igpt_tab.COMPLETIONS.clear()
+
+    def run(seed):
+        steps = list(igpt_tab.complete(example, OFFLINE_NAME, 25, 2, 1.0, 0, 1.0, seed))
+        return len(steps), np.asarray(steps[-1][0]), steps[-1][1]
+
+    first = run(0)
+    again = run(0)
+    assert first[0] == 3 and again[0] == 1  # 3 rows streamed, then one finished picture
+    assert np.array_equal(first[1], again[1]) and again[2].endswith("(kept)")
+    assert run(1)[0] == 3  # another seed: computed
+    assert run(None)[0] == 3 and run(None)[0] == 3  # no seed: never kept
+    assert len(igpt_tab.COMPLETIONS) == 2
+
+
 def test_offline_model_completes_a_test_image():
     m = load_igpt(OFFLINE_NAME)
     assert (m.height, m.width, m.palette.size) == (28, 28, 8)
