@@ -18,8 +18,8 @@ def keep_triton_out() -> bool:
 
     PyTorch's CUDA wheels install Triton, the GPU kernel compiler, and ``torch._dynamo``
     (imported by torchvision, timm and accelerate) imports it whenever it is installed: on a
-    CPU-only server that is ~160 MB of resident memory for a compiler that can never run
-    (BENCHMARKS.md, "Serving a lecture hall"). A ``None`` entry in ``sys.modules`` makes
+    CPU-only server that is ~75 MB of resident memory for a compiler that can never run
+    (BENCHMARKS.md, "Session 6"). A ``None`` entry in ``sys.modules`` makes
     ``import triton`` raise ImportError, which PyTorch reads as "Triton not installed".
     Left alone when a GPU is present (``/dev/nvidiactl``), when Triton is already loaded,
     or with ``VIT_EXPLORER_TRITON=1``.
