@@ -139,6 +139,18 @@ def configure_threads() -> int:
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 
+def glibc_function(name: str):
+    """The C library's function ``name`` (``mallopt``, ``malloc_trim``), or None where the C
+    library is not glibc (musl, macOS) and lacks it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def configure_memory() -> int | None:
     """Cap glibc's malloc arenas at ``VIT_EXPLORER_MALLOC_ARENAS`` (default 2).
 
@@ -152,18 +164,13 @@ def configure_memory() -> int | None:
     Returns:
         The cap set, or None (not glibc, or MALLOC_ARENA_MAX set).
     """
-    import ctypes
-    import ctypes.util
-
     if "MALLOC_ARENA_MAX" in os.environ:
         return None
     arenas = int(os.environ.get("VIT_EXPLORER_MALLOC_ARENAS", "2"))
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_ARENA_MAX, arenas) == 1
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+    mallopt = glibc_function("mallopt")
+    if mallopt is None:
         return None
-    return arenas if ok else None
+    return arenas if mallopt(M_ARENA_MAX, arenas) == 1 else None
 
 
 def trim_memory_every(seconds: float) -> threading.Thread | None:
@@ -176,14 +183,8 @@ def trim_memory_every(seconds: float) -> threading.Thread | None:
     (``VIT_EXPLORER_MALLOC_TRIM_S``, default 0.25 s; 0 turns it off); None where there is no
     glibc or it is off.
     """
-    import ctypes
-    import ctypes.util
-
-    if seconds <= 0:
-        return None
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    trim = glibc_function("malloc_trim") if seconds > 0 else None
+    if trim is None:
         return None
 
     def loop() -> None:

@@ -15,8 +15,6 @@ The mixed-session load test is `python -m explorer.bench serve`.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import tempfile
 import threading
 import time
@@ -80,7 +78,7 @@ def main(argv: list[str]) -> None:
         "igpt_complete": lambda p: list(igpt_tab.complete(p, igpt_tab.OFFLINE_NAME, 14, 4, 1.0,
                                                           0, 1.0, 0)),
     }
-    trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    trim = app.glibc_function("malloc_trim")
     proc, gib, mib = psutil.Process(), 2**30, 2**20
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -115,14 +115,14 @@ def summary_markdown(rows: list[dict]) -> str:
         out.append(f"| {ARCH_LABELS[arch]} | {params / 1e3:.0f}k | " + " | ".join(cells) + " |")
     sweep = compute_curves(rows)
     if sweep:
+        sweep_sizes = sorted({c.train_images for c in sweep})
         out += ["", "| ViT width | params | train GFLOPs | " + " | ".join(
-            f"{n:,}" for n in sorted({c.train_images for c in sweep})) + " |",
-            "|---|---|---|" + "---|" * len({c.train_images for c in sweep})]
+            f"{n:,}" for n in sweep_sizes) + " |", "|---|---|---|" + "---|" * len(sweep_sizes)]
         for w in sorted({c.width for c in sweep}):
             cs = {c.train_images: c for c in sweep if c.width == w}
             first = next(iter(cs.values()))
             cells = [f"{100 * (1 - cs[n].error[-1]):.1f}" if n in cs else "—"
-                     for n in sorted({c.train_images for c in sweep})]
+                     for n in sweep_sizes]
             out.append(f"| {w} | {first.params / 1e3:.0f}k | {first.compute[-1] / 1e9:,.0f} | "
                        + " | ".join(cells) + " |")
     seconds = sum(r["seconds"] for r in rows)

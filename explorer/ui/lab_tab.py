@@ -89,8 +89,7 @@ def summary_text(rows: list[dict]) -> str:
     largest = max(best)
     fits = []
     for arch in curves:
-        at = [r for r in rows if r["arch"] == arch and r["train_images"] == largest
-              and analysis.is_default_size(r)]
+        at = analysis.seed_runs(rows, arch, largest)
         if at:
             train = 100 * sum(r["train_acc"] for r in at) / len(at)
             test = 100 * sum(r["test_acc"] for r in at) / len(at)
