@@ -13,8 +13,9 @@ from explorer import datasets
 from explorer.attention import capture
 from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import load_shipped, save_vit
-from explorer.lab.engine import Budget, LabRun, augment, run_lab, train
+from explorer.lab.engine import Budget, Hyper, LabRun, augment, batch_indices, run_lab, train
 from explorer.lab.models import DEFAULT_SIZES, LAB_ARCHS, RelPosAttention, build, param_count, relative_table
+from explorer.lab.scramble import make_scramble, permute_vit, scramble_images, unscramble_images
 
 needs_fmnist = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
                                   reason="dataset-fashion-mnist")
@@ -45,28 +46,121 @@ def test_augment_shifts_within_two_pixels_and_flips():
     assert len(seen) > 10
 
 
+TINY = Budget(min_steps=6, epochs=1, batch=16, evals=2, test_images=200)
+
+
+def test_budget_rule_is_epochs_with_a_step_floor():
+    b = Budget()  # 30 epochs of the 90% fit split, at least 3,000 steps of 128
+    assert b.val_images(500) == 50 and b.val_images(60000) == 2000
+    assert b.steps(500) == 3000  # 30 epochs of 450 would be 106 steps: the floor
+    assert b.steps(60000) == -(-30 * 58000 // 128) == 13594
+    assert b.steps(60000, scale=0.5) == 6797
+    assert "30 epochs" in b.sentence() and "3,000" in b.sentence()
+
+
+def test_batches_are_a_function_of_the_step_and_cover_each_epoch():
+    n, batch = 100, 32  # 3 batches per epoch, the last 4 images wait for the next shuffle
+    epoch0 = torch.cat([batch_indices(s, n, batch, seed=1) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 96
+    assert torch.equal(batch_indices(4, n, batch, 1), batch_indices(4, n, batch, 1))
+    assert not torch.equal(batch_indices(0, n, batch, 1), batch_indices(3, n, batch, 1))
+
+
 @needs_fmnist
 def test_runs_are_deterministic():
-    budget = Budget(steps=6, batch=16, evals=2, test_images=200)
-    first = train(LabRun("vit_rel", 100, seed=1), budget)
-    second = train(LabRun("vit_rel", 100, seed=1), budget)
+    first = train(LabRun("vit_rel", 100, seed=1), TINY)
+    second = train(LabRun("vit_rel", 100, seed=1), TINY)
     assert first.test_acc == second.test_acc and first.curve == second.curve
     for p, q in zip(first.model.state_dict().values(), second.model.state_dict().values(),
                     strict=True):
         assert torch.equal(p, q)
-    other = train(LabRun("vit_rel", 100, seed=2), budget)
+    other = train(LabRun("vit_rel", 100, seed=2), TINY)
     assert not torch.equal(first.model.head.weight, other.model.head.weight)
 
 
 @needs_fmnist
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tmp_path):
+    run = LabRun("vit", 100, seed=3)
+    budget = Budget(min_steps=12, epochs=1, batch=16, evals=3, test_images=100,
+                    checkpoint_every_s=1e9)
+    whole = train(run, budget)
+    ckpt = tmp_path / "run.pt"
+    cancel = __import__("threading").Event()
+    for event in run_lab(run, budget, cancel=cancel, checkpoint=ckpt, log_every=1):
+        if event.step == 5:
+            cancel.set()  # the session stops mid-run: the loop saves on cancel
+    assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["step"] == 5
+    resumed = train(run, budget, checkpoint=ckpt)
+    assert not ckpt.exists()  # a finished run removes its checkpoint
+    assert resumed.curve == whole.curve and resumed.test_acc == whole.test_acc
+    for p, q in zip(whole.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(p, q)
+    assert list(run_lab(run, budget, cancel=cancel, checkpoint=ckpt)) == []  # saved at step 0
+    with pytest.raises(ValueError, match="another run"):
+        list(run_lab(LabRun("vit", 100, seed=4), budget, checkpoint=ckpt))
+
+
+@needs_fmnist
 def test_run_streams_steps_and_records_a_grid_row():
-    events = list(run_lab(LabRun("cnn", 50, 0), Budget(steps=4, batch=8, evals=2,
-                                                          test_images=100), log_every=1))
+    events = list(run_lab(LabRun("cnn", 50, 0), Budget(min_steps=4, epochs=0.5, batch=8,
+                                                          evals=2, test_images=100),
+                          Hyper(lr=2e-3, shift=0, flip=False), log_every=1))
     assert [e.step for e in events[:4]] == [1, 2, 3, 4]
     row = events[-1].result.row()
-    assert set(grid.COLUMNS) <= set(row) and row["train_images"] == 50 and row["steps"] == 4
-    assert (row["width"], row["depth"]) == DEFAULT_SIZES["cnn"]
+    assert set(grid.COLUMNS) == set(row) and row["train_images"] == 50 and row["steps"] == 4
+    assert (row["fit_images"], row["val_images"]) == (40, 10)  # 10% validates, at least 10
+    assert row["epochs"] == 4 * 8 / 40 and row["lr"] == 2e-3 and row["shift"] == 0
+    assert (row["width"], row["depth"]) == DEFAULT_SIZES["cnn"] and row["variant"] == "original"
+    assert [s for s, _, _ in row["curve"]] == [2, 4] and row["val_acc"] == row["curve"][-1][1]
     assert row["flops"] > 0 and 0 <= row["test_acc"] <= 1
+
+
+# ---------------------------------------------------------------------------------------
+# The wrong-bias experiment: scrambled Fashion-MNIST
+# ---------------------------------------------------------------------------------------
+
+
+def test_scramble_moves_whole_patches_and_the_same_pixels_inside_each():
+    s = make_scramble(28, 4, seed=0)
+    index = torch.arange(28 * 28).reshape(28, 28)  # each pixel holds its own position
+    out = scramble_images(index, s)
+    for q in (0, 17, 48):
+        src = int(s.positions[q])
+        for j in (0, 5, 15):
+            (r, c), (pr, pc) = divmod(q, 7), divmod(j, 4)
+            (sr, sc), (ir, ic) = divmod(src, 7), divmod(int(s.pixels[j]), 4)
+            assert out[4 * r + pr, 4 * c + pc] == index[4 * sr + ir, 4 * sc + ic]
+    assert sorted(out.flatten().tolist()) == list(range(784))  # a bijection
+    assert torch.equal(unscramble_images(out, s), index)
+    assert not torch.equal(out, index)
+
+
+@needs_fmnist
+def test_scrambled_batches_are_the_original_batches_augmented_then_scrambled():
+    from explorer.lab.engine import run_data, scramble, train_batch
+    budget, hyper = Budget(batch=16), Hyper(shift=2, flip=True)
+    fit_x, fit_y, _, _ = run_data(LabRun("cnn", 200, 0), budget)
+    for step in (0, 9):
+        x, y = train_batch(step, fit_x, fit_y, LabRun("cnn", 200, 0), budget, hyper)
+        xs, ys = train_batch(step, fit_x, fit_y, LabRun("cnn", 200, 0, variant="scrambled"),
+                             budget, hyper)
+        assert torch.equal(y, ys) and torch.equal(xs, scramble_images(x, scramble()))
+        assert not torch.equal(xs, x)
+
+
+def test_a_vit_with_absolute_positions_is_indifferent_to_the_scramble():
+    torch.manual_seed(0)
+    model = build("vit", seed=0).eval()
+    with torch.no_grad():
+        model.pos_embed.normal_(0, 1)  # trained-like positions, not the near-zero init
+    s = make_scramble(28, 4, seed=5)
+    x = torch.randn(4, 3, 28, 28)
+    permuted = permute_vit(model, s)
+    assert torch.allclose(permuted(scramble_images(x, s)), model(x), atol=1e-5)
+    assert (model(scramble_images(x, s)) - model(x)).abs().max() > 0.05  # unpermuted: not
+    with pytest.raises(ValueError, match="no absolute position"):
+        permute_vit(build("vit_rel", seed=0), s)
 
 
 def _zero_qk(model):
@@ -173,18 +267,50 @@ def test_saved_lab_vit_opens_in_the_other_tabs_with_identical_logits():
             assert loaded.class_names[0] == datasets.FASHION_MNIST_CLASSES[0]
 
 
+def _row(arch, n, acc, seed=0, width=None, variant="original", budget=1.0, **kw):
+    width = width or DEFAULT_SIZES[arch][0]
+    return dict(arch=arch, width=width, depth=DEFAULT_SIZES[arch][1], train_images=n, seed=seed,
+                test_acc=acc, variant=variant, budget=budget, **kw)
+
+
 def test_error_vs_data_aggregates_seeds_and_finds_winners():
-    rows = [dict(arch="cnn", width=24, depth=2, train_images=500, seed=s, test_acc=a)
-            for s, a in ((0, 0.8), (1, 0.9))]
-    rows += [dict(arch="vit", width=64, depth=4, train_images=500, seed=0, test_acc=0.7),
-             dict(arch="vit", width=64, depth=4, train_images=5000, seed=0, test_acc=0.9),
-             dict(arch="vit", width=32, depth=4, train_images=500, seed=0, test_acc=0.99)]
+    rows = [_row("cnn", 500, a, seed=s) for s, a in ((0, 0.8), (1, 0.9))]
+    rows += [_row("vit", 500, 0.7), _row("vit", 5000, 0.9), _row("vit", 500, 0.99, width=32),
+             _row("vit", 500, 0.98, budget=0.5), _row("vit", 500, 0.1, variant="scrambled")]
     curves = analysis.error_vs_data(rows)
     (cnn,) = curves["cnn"]
     assert cnn.mean == pytest.approx(0.15) and cnn.low == pytest.approx(0.1)
     assert cnn.high == pytest.approx(0.2) and cnn.seeds == 2
-    assert [p.train_images for p in curves["vit"]] == [500, 5000]  # the w32 sweep run is not
+    # the w32 and half-budget sweep runs and the scrambled run are not the grid's
+    assert [p.train_images for p in curves["vit"]] == [500, 5000]
+    assert curves["vit"][0].mean == pytest.approx(0.3)
     assert analysis.winners(curves) == {500: "cnn", 5000: "vit"}
+    (scrambled,) = analysis.error_vs_data(rows, "scrambled")["vit"]
+    assert scrambled.mean == pytest.approx(0.9)
+
+
+def test_convergence_reads_the_last_fifth_of_the_validation_curve():
+    curve = [(200, 0.50, 0.5), (400, 0.80, 0.8), (600, 0.850, 0.86), (800, 0.900, 0.92),
+             (1000, 0.902, 0.95)]
+    row = dict(steps=1000, curve=curve, train_acc=0.95, test_acc=0.89)
+    check = analysis.convergence(row)  # 80% of 1,000 steps is the eval at 800
+    assert check.late_gain == pytest.approx(0.002) and check.converged
+    late = dict(row, curve=curve[:-1] + [(1000, 0.905, 0.95)])
+    assert not analysis.convergence(late).converged  # +0.5 points in the last fifth
+    overfit_test = dict(row, train_acc=0.88)
+    assert not analysis.convergence(overfit_test).converged  # train below test
+
+
+def test_compute_curves_put_each_finished_budget_of_a_width_on_one_curve():
+    rows = [_row("vit", 20000, acc, width=w, budget=b, flops=f, steps=s, batch=128, params=p)
+            for w, f, p, runs in ((32, 10, 1, ((0.5, 100, 0.7), (1.0, 200, 0.8))),
+                                  (64, 40, 4, ((0.5, 100, 0.75), (1.0, 200, 0.85))))
+            for b, s, acc in runs]
+    rows.append(_row("vit", 500, 0.6, flops=40, steps=50, batch=128, params=4))  # one width
+    small, big = analysis.compute_curves(rows)
+    assert (small.width, small.train_images) == (32, 20000)
+    assert small.compute == [3 * 10 * 100 * 128, 3 * 10 * 200 * 128]
+    assert small.error == pytest.approx([0.3, 0.2]) and big.error == pytest.approx([0.25, 0.15])
 
 
 def test_best_per_budget_picks_the_lowest_error_reached_within_it():
@@ -201,20 +327,52 @@ def test_best_per_budget_picks_the_lowest_error_reached_within_it():
 shipped = pytest.mark.skipif(not grid.GRID_CSV.is_file(), reason="no shipped grid")
 
 
+def test_grid_plan_covers_the_issue():
+    runs = grid.grid_runs()
+    main = [r for r in runs if r.variant == "original" and r.budget == 1.0
+            and (r.width, r.depth) == DEFAULT_SIZES[r.arch]]
+    assert {(r.arch, r.train_images, r.seed) for r in main} == {
+        (a, n, s) for a in LAB_ARCHS for n in grid.DATA_SIZES for s in grid.SEEDS}
+    scrambled = {(r.arch, r.train_images, r.seed) for r in runs if r.variant == "scrambled"}
+    assert scrambled == {(a, n, s) for a in LAB_ARCHS for n in grid.SCRAMBLED_SIZES
+                         for s in grid.SEEDS} and len(grid.SCRAMBLED_SIZES) >= 3
+    sizes = {(r.width, r.budget) for r in runs if r.arch == "vit" and r.train_images ==
+             grid.SWEEP_SIZE and r.seed == 0 and r.variant == "original"}
+    assert sizes == {(w, b) for w in grid.SWEEP_WIDTHS for b in grid.SWEEP_BUDGETS}
+    assert len(grid.SWEEP_WIDTHS) >= 4 and len(grid.SWEEP_BUDGETS) >= 3
+    assert len({r.name for r in runs}) == len(runs)
+    assert [(r.arch, r.train_images) for r in runs[:2]] == [("cnn", 60000), ("vit", 60000)]
+
+
 @shipped
-def test_shipped_grid_covers_the_issue():
-    rows = grid.read_grid()
-    names = [grid.run_name(r) for r in rows]
-    assert len(names) == len(set(names))
-    main = [r for r in rows if analysis.is_default_size(r)]
-    assert {r["arch"] for r in main} == set(LAB_ARCHS)
-    assert {r["train_images"] for r in main} == set(grid.DATA_SIZES)
-    assert {r["seed"] for r in main} == set(grid.SEEDS)
-    assert len(main) == len(LAB_ARCHS) * len(grid.DATA_SIZES) * len(grid.SEEDS)
-    sweep = [r for r in rows if r["arch"] == "vit" and r["seed"] == 0]
-    assert {(r["width"], r["train_images"]) for r in sweep} >= {
-        (w, n) for w in grid.SWEEP_WIDTHS for n in grid.SWEEP_SIZES}
-    assert all(r["steps"] == Budget().steps and 0.1 < r["test_acc"] <= 1 for r in rows)
+def test_every_shipped_row_says_what_it_is_and_follows_the_rule():
+    from explorer.lab import sweep
+    rows, budget, chosen = grid.read_grid(), Budget(), sweep.read_choice()
+    keys = [grid.row_key(r) for r in rows]
+    assert len(keys) == len(set(keys)) and set(keys) <= {r.name for r in grid.grid_runs()}
+    for r in rows:
+        assert r["fit_images"] + r["val_images"] == r["train_images"]
+        assert r["steps"] == budget.steps(r["train_images"], r["budget"])
+        assert r["epochs"] == pytest.approx(r["steps"] * r["batch"] / r["fit_images"], abs=0.01)
+        h = chosen[r["arch"]]
+        assert (r["lr"], r["weight_decay"], r["shift"], r["flip"]) == (
+            h.lr, h.weight_decay, h.shift, h.flip)
+        assert len(r["curve"]) == budget.evals and r["curve"][-1][0] == r["steps"]
+        assert 0.1 < r["test_acc"] <= 1 and r["seconds"] > 0
+
+
+@pytest.mark.skipif(not grid.SWEEP_CSV.is_file(), reason="no sweep shipped")
+def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
+    from explorer.lab import sweep
+    rows = grid.read_grid(grid.SWEEP_CSV)
+    assert sweep.read_choice() == sweep.choose(rows)
+    for arch, hyper in sweep.read_choice().items():
+        mine = [r for r in rows if r["arch"] == arch]
+        assert {r["lr"] for r in mine} >= set(sweep.LRS)  # every rate was tried
+        assert any(r["shift"] == 0 and not r["flip"] for r in mine)  # and no augmentation
+        assert max(r["val_acc"] for r in mine) == next(
+            r["val_acc"] for r in mine if (r["lr"], r["shift"], r["flip"]) == (
+                hyper.lr, hyper.shift, hyper.flip))
 
 
 @shipped

@@ -2,8 +2,10 @@
 relative-bias tables and the translation test.
 
 - `error_vs_data`: test error per architecture and data size, mean and spread over seeds;
+- `convergence`: the convergence check of a run from its validation curve;
 - `compute_curves` / `best_per_budget`: the ViT size sweep as error against training
-  compute (3 × forward FLOPs × examples seen), and which size is best at each budget;
+  compute (3 × forward FLOPs × examples seen; each width trained to several budgets, every
+  point a finished run), and which size is best at each budget;
 - `relative_tables`: each head's learned bias w_{i−j} as a (2H−1)×(2W−1) image;
 - `shift_images`, `attention_shift_distance`, `feature_shift_error`: the translation test.
   Shift the input by whole patches; an equivariant layer's output on the shifted input is its
@@ -42,19 +44,24 @@ def is_default_size(row: dict) -> bool:
     return (row["width"], row["depth"]) == DEFAULT_SIZES[row["arch"]]
 
 
-def seed_runs(rows: list[dict], arch: str, train_images: int,
-              steps: int | None = None) -> list[dict]:
-    """The grid's runs of ``arch`` at its grid size on ``train_images`` images, one per seed
-    (only those of ``steps`` steps when given)."""
+def is_main(row: dict, variant: str = "original") -> bool:
+    """A run of the architecture grid: default size, the full budget, ``variant`` data."""
+    return is_default_size(row) and row["budget"] == 1.0 and row["variant"] == variant
+
+
+def seed_runs(rows: list[dict], arch: str, train_images: int, *,
+              variant: str = "original") -> list[dict]:
+    """The grid's runs of ``arch`` at its grid size on ``train_images`` images of
+    ``variant``, one per seed."""
     return [r for r in rows if (r["arch"], r["train_images"]) == (arch, train_images)
-            and is_default_size(r) and (steps is None or r["steps"] == steps)]
+            and is_main(r, variant)]
 
 
-def error_vs_data(rows: list[dict]) -> dict[str, list[ErrorPoint]]:
+def error_vs_data(rows: list[dict], variant: str = "original") -> dict[str, list[ErrorPoint]]:
     """Test error (1 − accuracy) of each architecture at its grid size, per data size."""
     by = defaultdict(list)
     for r in rows:
-        if is_default_size(r):
+        if is_main(r, variant):
             by[(r["arch"], r["train_images"])].append(1.0 - r["test_acc"])
     out: dict[str, list[ErrorPoint]] = defaultdict(list)
     for (arch, n), errs in sorted(by.items(), key=lambda kv: kv[0][1]):
@@ -73,40 +80,68 @@ def winners(curves: dict[str, list[ErrorPoint]]) -> dict[int, str]:
     return {n: arch for n, (_, arch) in sorted(best.items())}
 
 
+# The convergence rule (issue 20): in the last 20% of training the validation accuracy
+# improves by less than 0.3 points, and train accuracy is at least test accuracy.
+LAST_SHARE = 0.2
+MAX_LATE_GAIN = 0.003
+
+
+@dataclass(frozen=True)
+class Convergence:
+    late_gain: float  # validation accuracy at the end − at 80% of the steps
+    train_minus_test: float
+    converged: bool
+
+
+def convergence(row: dict) -> Convergence:
+    """The convergence check of one run from its validation curve: the gain from the last
+    evaluation at or before 80% of the steps to the end."""
+    curve = row["curve"]
+    cut = (1 - LAST_SHARE) * row["steps"]
+    before = [v for step, v, _ in curve if step <= cut]
+    gain = curve[-1][1] - (before[-1] if before else curve[0][1])
+    gap = row["train_acc"] - row["test_acc"]
+    return Convergence(gain, gap, gain < MAX_LATE_GAIN and gap >= 0)
+
+
 @dataclass(frozen=True)
 class ComputeCurve:
     width: int
     params: int
     train_images: int
-    compute: list[float]  # training FLOPs at each evaluation
-    error: list[float]  # test-subset error there (the last point: the full test set)
+    compute: list[float]  # training FLOPs of each budget the width was trained to
+    error: list[float]  # the finished run's test error at each
 
 
 def compute_curves(rows: list[dict], arch: str = "vit",
                    train_images: set[int] | None = None) -> list[ComputeCurve]:
-    """Error against training compute, one curve per (width, data size), seed 0.
+    """Test error against training compute (3 × forward FLOPs × examples seen): one curve per
+    (width, data size), one point per finished budget, seed 0, original data.
 
     Args:
         arch: which architecture's runs.
         train_images: the data sizes to keep; None = those where ``arch`` was trained at
             more than one width (the size sweep).
     """
+    runs = [r for r in rows if r["arch"] == arch and r["seed"] == 0
+            and r["variant"] == "original"]
     widths = defaultdict(set)
-    for r in rows:
-        if r["arch"] == arch and r["seed"] == 0:
-            widths[r["train_images"]].add(r["width"])
+    for r in runs:
+        widths[r["train_images"]].add(r["width"])
     if train_images is None:
         train_images = {n for n, ws in widths.items() if len(ws) > 1}
+    groups = defaultdict(list)
+    for r in runs:
+        if r["train_images"] in train_images:
+            groups[(r["train_images"], r["width"])].append(r)
     curves = []
-    for r in rows:
-        if r["arch"] != arch or r["seed"] != 0 or r["train_images"] not in train_images:
-            continue
-        per_example = 3.0 * r["flops"]
-        compute = [per_example * step * r["batch"] for step, _ in r["curve"]]
-        error = [1.0 - acc for _, acc in r["curve"]]
-        error[-1] = 1.0 - r["test_acc"]
-        curves.append(ComputeCurve(r["width"], r["params"], r["train_images"], compute, error))
-    return sorted(curves, key=lambda c: (c.train_images, c.width))
+    for (n, width), group in sorted(groups.items()):
+        group.sort(key=lambda r: r["steps"])
+        curves.append(ComputeCurve(
+            width, group[0]["params"], n,
+            [3.0 * r["flops"] * r["steps"] * r["batch"] for r in group],
+            [1.0 - r["test_acc"] for r in group]))
+    return curves
 
 
 def best_per_budget(curves: list[ComputeCurve], budgets: np.ndarray) -> list[int | None]:

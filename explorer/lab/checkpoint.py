@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import timm
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 from torch import nn
 
@@ -16,27 +16,37 @@ from explorer.cache import KeyedCache
 from explorer.datasets import FASHION_MNIST_CLASSES
 from explorer.lab.engine import LabRun
 from explorer.lab.models import build
+from explorer.lab.paths import MODELS_DIR
 
 VIT_ARCHS = ("vit", "vit_rel")  # what the attention and distance tabs can open
 _SHIPPED: KeyedCache[nn.Module] = KeyedCache(max_items=8)
 
 
-def shipped_path(run: LabRun, folder: Path | None = None) -> Path:
-    """Where the grid keeps ``run``'s model: ``<folder>/<run name>.safetensors``, in
-    `grid.MODELS_DIR` by default."""
-    if folder is None:
-        from explorer.lab.grid import MODELS_DIR
-        folder = MODELS_DIR
+def shipped_path(run: LabRun, folder: Path = MODELS_DIR) -> Path:
+    """Where the grid keeps ``run``'s model: ``<folder>/<run name>.safetensors``."""
     return folder / f"{run.name}.safetensors"
 
 
-def load_shipped(arch: str, train_images: int, seed: int = 0) -> nn.Module:
+def save_shipped(model: nn.Module, run: LabRun, folder: Path = MODELS_DIR) -> Path:
+    """Keep a grid run's trained weights (safetensors, atomically) for the tab's views."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = shipped_path(run, folder)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp, metadata={"arch": run.arch, "width": str(run.width),
+                                    "depth": str(run.depth), "variant": run.variant})
+    os.replace(tmp, path)
+    return path
+
+
+def load_shipped(arch: str, train_images: int, seed: int = 0,
+                 variant: str = "original") -> nn.Module:
     """A model the grid trained and kept (`grid.KEEP_MODELS`), in eval mode; cached.
 
     Raises:
         FileNotFoundError: the grid did not keep this run.
     """
-    run = LabRun(arch, train_images, seed)
+    run = LabRun(arch, train_images, seed, variant=variant)
 
     def build_it() -> nn.Module:
         path = shipped_path(run)

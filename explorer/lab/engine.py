@@ -1,56 +1,91 @@
 """Train one lab model from scratch on n Fashion-MNIST images and test it: `run_lab`.
 
-Pure functions, no gradio. A run is fixed by a `LabRun` (architecture, width, depth, training
-images, seed) and the `Budget`; the same run on the same machine and thread count gives the
-same numbers (seeded subset, initialisation, shuffling and augmentation; tested).
+Pure functions, no gradio. A run is fixed by a `LabRun` (architecture, width, depth, data
+variant, training images, seed, budget scale), the `Budget` rule and the architecture's
+`Hyper` (learning rate, weight decay, augmentation: chosen per architecture by the sweep in
+`explorer.lab.sweep`); the same run on the same machine and thread count gives the same
+numbers, and a run resumed from its checkpoint gives the same weights as one that never
+stopped (every batch is a pure function of the seed and the step; tested).
 
-The budget rule, the same for every architecture and data size: a fixed number of
-optimisation steps of a fixed batch (`Budget.steps` × `Budget.batch`), AdamW with linear
-warm-up and cosine decay (the fine-tune engine's `cosine_schedule`), random 2-px shifts and
-horizontal flips. Every run so spends the same number of training examples; with 500 images
-that is many epochs, with 60,000 about one. Test accuracy is measured on a fixed held-out set
-(all 10,000 test images at the end; a fixed stratified 2,000 during training, for the
-error-vs-compute curves).
+The budget rule (`Budget`), one sentence: every run trains on 90% of its images (the other
+10%, at most 2,000, are its validation split) for 30 epochs but at least 3,000 AdamW steps of
+128 images, with 5% linear warm-up and cosine decay to zero; nothing is chosen on the test
+set. Convergence is then checked per run from its validation curve (`analysis.convergence`).
 
-Accelerate places the model and batches (CPU here, a GPU where there is one), as in the
-fine-tune engine; `run_lab` yields a `LabEvent` per logged step and the `LabResult` last.
+The training loop is the one every trainer shares (`explorer.training`); this module keeps
+the lab's own data path: in-memory 28-px tensors, seeded stratified subsets, random 2-px
+shifts and flips in the original image and then, for the scrambled variant, the fixed
+scramble (`explorer.lab.scramble`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from explorer.datasets import read_fashion_mnist, stratified_sample
-from explorer.finetune.engine import cosine_schedule, resolve_mixed_precision
-from explorer.lab.models import IMAGE_SIZE, MEAN, STD, ArchSpec, build, param_count
+from explorer.lab.models import IMAGE_SIZE, MEAN, PATCH, STD, ArchSpec, build, param_count
+from explorer.lab.scramble import Scramble, make_scramble, scramble_images
+from explorer.training import Checkpointing, Recipe, TrainLoop
 
-TEST_CURVE_IMAGES = 2000  # the fixed test subset evaluated during training
-# Peak AdamW learning rate per architecture. The ViTs fit 500 images faster at 3e-3 than at
-# 1e-3 (train accuracy after 400 steps 65% vs 58%); the CNN's 1e-3 is MEASURED.md's recipe.
-DEFAULT_LR = {"cnn": 1e-3, "vit": 3e-3, "vit_rel": 3e-3, "coatnet": 2e-3}
+VARIANTS = ("original", "scrambled")
+TRAIN_ACC_IMAGES = 2000  # training images (not augmented) scored at each evaluation
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """What the sweep chooses per architecture: peak learning rate, AdamW weight decay and
+    augmentation (random shifts of up to ``shift`` px, horizontal flips when ``flip``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    shift: int = 2
+    flip: bool = True
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What every run spends: ``steps`` optimiser steps of ``batch`` images."""
+    """The budget rule: ``max(min_steps, epochs × fit images / batch)`` optimiser steps of
+    ``batch`` images (× the run's ``budget`` scale), 5% warm-up, cosine decay to zero; the
+    validation split is ``val_frac`` of the run's images (at most ``max_val``), evaluated
+    ``evals`` times (the last at the end)."""
 
-    steps: int = 1000
-    batch: int = 64
-    lr: float | None = None  # None: `DEFAULT_LR` of the architecture
-    weight_decay: float = 0.05
-    warmup_frac: float = 0.1
-    evals: int = 8  # test-curve points during training (the last is the full test set)
-    test_images: int | None = None  # final test set: None = all 10,000 (tests use fewer)
+    epochs: float = 30
+    min_steps: int = 3000
+    batch: int = 128
+    warmup_frac: float = 0.05
+    val_frac: float = 0.1
+    max_val: int = 2000
+    evals: int = 20
+    test_images: int | None = None  # the final test set: None = all 10,000 (tests use fewer)
+    checkpoint_every_s: float = 120.0  # training seconds between checkpoints (with a path)
+
+    def val_images(self, n: int) -> int:
+        return min(self.max_val, max(10, round(n * self.val_frac)))
+
+    def steps(self, n: int, scale: float = 1.0) -> int:
+        """Optimiser steps for a run on ``n`` images (its fit split: n − validation)."""
+        fit = n - self.val_images(n)
+        return max(1, round(scale * max(self.min_steps, math.ceil(self.epochs * fit / self.batch))))
+
+    def sentence(self) -> str:
+        """The rule in one sentence, for the tab."""
+        return (f"every run trains on {100 * (1 - self.val_frac):.0f}% of its images (the other "
+                f"{100 * self.val_frac:.0f}%, at most {self.max_val:,}, validate) for "
+                f"{self.epochs:g} epochs but at least {self.min_steps:,} AdamW steps of "
+                f"{self.batch} images, with warm-up and cosine decay; learning rate, weight "
+                f"decay and augmentation per architecture come from a sweep on the validation "
+                f"split, never from the test set")
 
 
 @dataclass(frozen=True)
@@ -60,6 +95,15 @@ class LabRun:
     seed: int = 0
     width: int = 0  # 0: the architecture's default (`models.DEFAULT_SIZES`)
     depth: int = 0
+    variant: str = "original"  # or "scrambled": `explorer.lab.scramble`
+    budget: float = 1.0  # scale of the budget rule's steps (the size sweep's shorter budgets)
+
+    def __post_init__(self):
+        spec = ArchSpec(self.arch, self.width, self.depth)
+        object.__setattr__(self, "width", spec.width)
+        object.__setattr__(self, "depth", spec.depth)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, not {self.variant!r}")
 
     @property
     def spec(self) -> ArchSpec:
@@ -67,12 +111,12 @@ class LabRun:
 
     @property
     def name(self) -> str:
-        return f"{self.spec.name}-n{self.train_images}-s{self.seed}"
-
-    def __post_init__(self):
-        spec = ArchSpec(self.arch, self.width, self.depth)
-        object.__setattr__(self, "width", spec.width)
-        object.__setattr__(self, "depth", spec.depth)
+        name = f"{self.spec.name}-n{self.train_images}-s{self.seed}"
+        if self.variant != "original":
+            name += f"-{self.variant}"
+        if self.budget != 1.0:
+            name += f"-b{self.budget:g}"
+        return name
 
 
 @dataclass
@@ -84,14 +128,24 @@ class LabResult:
     depth: int
     params: int
     flops: int  # forward FLOPs per image (torch's FlopCounterMode: 2 per multiply-add)
-    train_images: int
+    variant: str
+    train_images: int  # the run's images: fit + validation
+    fit_images: int
+    val_images: int
+    budget: float
     steps: int
     batch: int
+    epochs: float  # passes over the fit images
+    lr: float
+    weight_decay: float
+    shift: int
+    flip: bool
     seconds: float
     seed: int
+    train_acc: float  # on up to `TRAIN_ACC_IMAGES` fit images, not augmented
+    val_acc: float
     test_acc: float
-    train_acc: float
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, test-subset acc)
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, val, train)
     model: nn.Module | None = None
 
     def row(self) -> dict:
@@ -105,7 +159,8 @@ class LabEvent:
     step: int
     total_steps: int
     loss: float
-    test_acc: float | None = None  # on the test subset, at evaluation steps
+    val_acc: float | None = None  # at evaluation steps
+    train_acc: float | None = None
     result: LabResult | None = None
 
 
@@ -113,6 +168,12 @@ class LabEvent:
 def _split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = read_fashion_mnist(split)
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+
+
+@lru_cache(maxsize=1)
+def scramble() -> Scramble:
+    """The experiment's one fixed scramble (seed 0)."""
+    return make_scramble(IMAGE_SIZE, PATCH, seed=0)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -123,18 +184,50 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).expand(-1, 3, -1, -1)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torch.Tensor:
+def model_input(images: torch.Tensor, variant: str = "original") -> torch.Tensor:
+    """(B, 28, 28) uint8 images (already augmented) → the model's input for ``variant``."""
+    if variant == "scrambled":
+        images = scramble_images(images, scramble())
+    return normalise(images)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, shift: int = 2,
+            flip: bool = True) -> torch.Tensor:
     """Random shifts of up to ``shift`` px (zero padding) and horizontal flips, per image."""
     B = images.shape[0]
-    padded = F.pad(images, (shift, shift, shift, shift))
-    dy = torch.randint(0, 2 * shift + 1, (B,), generator=generator)
-    dx = torch.randint(0, 2 * shift + 1, (B,), generator=generator)
-    rows = (dy[:, None] + torch.arange(IMAGE_SIZE))[:, :, None]
-    cols = (dx[:, None] + torch.arange(IMAGE_SIZE))[:, None, :]
-    out = padded[torch.arange(B)[:, None, None], rows, cols]
-    flip = torch.rand(B, generator=generator) < 0.5
-    out[flip] = out[flip].flip(-1)
+    out = images
+    if shift:
+        padded = F.pad(images, (shift, shift, shift, shift))
+        dy = torch.randint(0, 2 * shift + 1, (B,), generator=generator)
+        dx = torch.randint(0, 2 * shift + 1, (B,), generator=generator)
+        rows = (dy[:, None] + torch.arange(IMAGE_SIZE))[:, :, None]
+        cols = (dx[:, None] + torch.arange(IMAGE_SIZE))[:, None, :]
+        out = padded[torch.arange(B)[:, None, None], rows, cols]
+    if flip:
+        out = out.clone() if out is images else out
+        flips = torch.rand(B, generator=generator) < 0.5
+        out[flips] = out[flips].flip(-1)
     return out
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The images of optimiser step ``step`` (0-based): a fresh seeded permutation each
+    epoch, so a resumed run draws the same batches as one that never stopped."""
+    if n <= batch:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+    per_epoch = n // batch
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch:(i + 1) * batch]
+
+
+def train_batch(step: int, fit_x: torch.Tensor, fit_y: torch.Tensor, run: LabRun,
+                budget: Budget, hyper: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimiser step ``step``'s inputs and labels: its images (`batch_indices`), augmented
+    in the original image, then scrambled for the scrambled variant, then normalised."""
+    idx = batch_indices(step, len(fit_y), budget.batch, run.seed)
+    g = torch.Generator().manual_seed((run.seed << 32) + step + 1)
+    return model_input(augment(fit_x[idx], g, hyper.shift, hyper.flip), run.variant), fit_y[idx]
 
 
 def forward_flops(model: nn.Module) -> int:
@@ -151,19 +244,20 @@ def forward_flops(model: nn.Module) -> int:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch: int = 500) -> float:
+             variant: str = "original", batch: int = 500) -> float:
+    """Top-1 accuracy on (N, 28, 28) uint8 ``images`` of ``variant``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(images), batch):
-        logits = model(normalise(images[i:i + batch].to(device)))
+        logits = model(model_input(images[i:i + batch], variant).to(device))
         correct += int((logits.argmax(-1).cpu() == labels[i:i + batch]).sum())
     model.train(was_training)
     return correct / max(1, len(images))
 
 
-def test_subset(n: int | None = TEST_CURVE_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+def test_subset(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed stratified subset of ``n`` test images and labels (None: all 10,000)."""
     images, labels = _split("test")
     if n is None:
@@ -172,73 +266,100 @@ def test_subset(n: int | None = TEST_CURVE_IMAGES) -> tuple[torch.Tensor, torch.
     return images[keep], labels[keep]
 
 
-def run_lab(run: LabRun, budget: Budget = Budget(), cancel: threading.Event | None = None,
-            log_every: int = 10) -> Iterator[LabEvent]:
-    """Train ``run`` under ``budget``; yields progress, the last event carries the result.
+def run_data(run: LabRun, budget: Budget) -> tuple[torch.Tensor, ...]:
+    """The run's fit images/labels and validation images/labels: a seeded stratified subset
+    of the training split, then a seeded stratified validation split carved out of it.
 
     Raises:
-        ValueError: more training images than Fashion-MNIST has, or fewer than its classes.
+        ValueError: more training images than Fashion-MNIST has, or too few to split.
     """
     train_x, train_y = _split("train")
-    if not 10 <= run.train_images <= len(train_y):
-        raise ValueError(f"train_images must be between 10 and {len(train_y)}.")
-    keep = torch.from_numpy(stratified_sample(train_y.cpu().numpy(), run.train_images, run.seed))
-    xs, ys = train_x[keep], train_y[keep]
-    sub_x, sub_y = test_subset()
+    if not 20 <= run.train_images <= len(train_y):
+        raise ValueError(f"train_images must be between 20 and {len(train_y)}.")
+    keep = stratified_sample(train_y.numpy(), run.train_images, run.seed)
+    xs, ys = train_x[torch.from_numpy(keep)], train_y[torch.from_numpy(keep)]
+    val = torch.zeros(len(ys), dtype=torch.bool)
+    val[torch.from_numpy(stratified_sample(ys.numpy(), budget.val_images(len(ys)),
+                                           seed=run.seed + 10_000))] = True
+    return xs[~val], ys[~val], xs[val], ys[val]
 
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision("auto"))
+
+def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
+            cancel: threading.Event | None = None, checkpoint: Path | None = None,
+            log_every: int = 10) -> Iterator[LabEvent]:
+    """Train ``run`` under ``budget`` with ``hyper``; yields progress, the last event carries
+    the result. With ``checkpoint`` the run saves itself there every
+    ``budget.checkpoint_every_s`` training seconds (and when cancelled) and continues from
+    it when it exists; the file is removed when the run finishes.
+
+    Raises:
+        ValueError: more training images than Fashion-MNIST has, or too few.
+    """
+    fit_x, fit_y, val_x, val_y = run_data(run, budget)
+    total = budget.steps(run.train_images, run.budget)
     model = build(run.spec, seed=run.seed)
     params, flops = param_count(model), forward_flops(model)
-    lr = budget.lr if budget.lr is not None else DEFAULT_LR[run.arch]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
-                                  weight_decay=budget.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(budget.steps, budget.warmup_frac))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    generator = torch.Generator().manual_seed(run.seed)
-    eval_at = {round(budget.steps * (i + 1) / budget.evals) for i in range(budget.evals)}
+    recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
+                    warmup_steps=round(budget.warmup_frac * total))
+    curve: list[tuple[int, float, float]] = []
+    loop = TrainLoop(model, recipe, cancel=cancel,
+                     checkpoint=Checkpointing(checkpoint, every_s=budget.checkpoint_every_s)
+                     if checkpoint else None,
+                     extra_state=lambda: {"curve": curve, "run": asdict(run)})
+    if checkpoint is not None and loop.resume():
+        if loop.resumed_extra.get("run") != asdict(run):
+            raise ValueError(f"The checkpoint {checkpoint.name} belongs to another run.")
+        curve[:] = [tuple(p) for p in loop.resumed_extra["curve"]]
+    device = loop.device
+    eval_at = {round(total * (i + 1) / budget.evals) for i in range(budget.evals)}
+    train_probe = (fit_x[:TRAIN_ACC_IMAGES], fit_y[:TRAIN_ACC_IMAGES])
 
-    curve: list[tuple[int, float]] = []
-    order = torch.randperm(len(ys), generator=generator)
-    pos, start = 0, time.perf_counter()
-    model.train()
-    for step in range(1, budget.steps + 1):
-        if cancel is not None and cancel.is_set():
-            return
-        if pos + budget.batch > len(order):  # a new epoch: reshuffle
-            order, pos = torch.randperm(len(ys), generator=generator), 0
-        idx = order[pos:pos + budget.batch] if len(order) >= budget.batch else order
-        pos += budget.batch
-        x = normalise(augment(xs[idx], generator).to(device))
-        loss = F.cross_entropy(model(x), ys[idx].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        test_acc = None
-        if step in eval_at and step != budget.steps:
-            test_acc = accuracy(model, sub_x, sub_y)
-            curve.append((step, test_acc))
-        if step % log_every == 0 or test_acc is not None or step == budget.steps:
-            yield LabEvent(step, budget.steps, float(loss.detach()), test_acc)
-    seconds = time.perf_counter() - start
-    model = accelerator.unwrap_model(model).eval()
-    test_acc = accuracy(model, *test_subset(budget.test_images))
-    curve.append((budget.steps, accuracy(model, sub_x, sub_y)))
-    train_acc = accuracy(model, xs[:2000], ys[:2000])
+    def batches():
+        step = loop.step
+        while True:
+            x, y = train_batch(step, fit_x, fit_y, run, budget, hyper)
+            yield x.to(device), y.to(device)
+            step += 1
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x), y)
+
+    event = None
+    for event in loop.fit(batches(), loss_fn):
+        val_acc = train_acc = None
+        if event.step in eval_at:
+            val_acc = accuracy(loop.model, val_x, val_y, run.variant)
+            train_acc = accuracy(loop.model, *train_probe, run.variant)
+            curve.append((event.step, val_acc, train_acc))
+        if event.step % log_every == 0 or val_acc is not None:
+            yield LabEvent(event.step, total, event.loss, val_acc, train_acc)
+    if loop.cancelled:
+        return
+    model = loop.unwrapped.eval()
+    test_acc = accuracy(model, *test_subset(budget.test_images), run.variant)
     result = LabResult(
         arch=run.arch, width=run.width, depth=run.depth, params=params, flops=flops,
-        train_images=run.train_images, steps=budget.steps, batch=budget.batch,
-        seconds=round(seconds, 1), seed=run.seed, test_acc=test_acc, train_acc=train_acc,
-        curve=curve, model=model.cpu())
-    yield LabEvent(budget.steps, budget.steps, float(loss.detach()), curve[-1][1], result)
+        variant=run.variant, train_images=run.train_images, fit_images=len(fit_y),
+        val_images=len(val_y), budget=run.budget, steps=total, batch=budget.batch,
+        epochs=round(total * budget.batch / len(fit_y), 2), lr=hyper.lr,
+        weight_decay=hyper.weight_decay, shift=hyper.shift, flip=hyper.flip,
+        seconds=round(loop.seconds, 1), seed=run.seed, train_acc=curve[-1][2],
+        val_acc=curve[-1][1], test_acc=test_acc, curve=curve, model=model.cpu())
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    yield LabEvent(total, total, event.loss if event else float("nan"), curve[-1][1],
+                   curve[-1][2], result)
 
 
-def train(run: LabRun, budget: Budget = Budget()) -> LabResult:
+def train(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
+          checkpoint: Path | None = None, on_event=None) -> LabResult:
     """`run_lab` to the end; its result."""
     result = None
-    for event in run_lab(run, budget):
+    start = time.perf_counter()
+    for event in run_lab(run, budget, hyper, checkpoint=checkpoint):
+        if on_event is not None:
+            on_event(event, time.perf_counter() - start)
         result = event.result or result
     assert result is not None
     return result

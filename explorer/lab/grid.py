@@ -1,14 +1,19 @@
 """The shipped result grid (`assets/lab/grid.csv`): what runs it holds, how to regenerate it,
 how to read it.
 
-    python -m explorer.lab.grid --workers 2          # resumes: finished runs are skipped
+    python -m explorer.lab.grid --workers 2     # resumes: finished runs are skipped,
+                                                # unfinished ones continue from their checkpoint
+    python -m explorer.lab.grid --status        # what is done, training, still to do
 
-One CSV row per run (`COLUMNS`); the runs are `GRID_RUNS`: every architecture at every data
-size with two seeds, then the ViT size sweep. Trained models of the runs in `KEEP_MODELS` are
-saved beside it (``models/<run name>.safetensors``) for the relative-attention views and the
-translation test. ``--workers N`` starts N processes (``--shard i/N`` each, every N-th run
-of the list), each training one run at a time on one thread: two use both cores of the
-2-vCPU machine. Rows are appended as runs finish, so an interrupted grid resumes.
+Three phases, in order: the hyperparameter sweep's two stages (`explorer.lab.sweep`, rows in
+`assets/lab/sweep.csv`, its choice in `assets/lab/hyper.json`), then the grid (`grid_runs`):
+every architecture at every data size with two seeds, the scrambled variant at three sizes
+with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
+that a partial grid is already a picture (seed 0 first, the accuracy targets' runs first of
+all). ``--workers N`` starts N processes, one torch thread each (two use both cores of the
+2-vCPU machine); each takes the next run nobody has claimed, trains it with a checkpoint in
+`assets/lab/checkpoints/` every two minutes of training, appends its row when done and deletes
+the checkpoint. Commit `assets/lab/` to carry a grid in progress to another machine.
 """
 
 from __future__ import annotations
@@ -20,29 +25,39 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from explorer.lab.engine import Budget, LabResult, LabRun
+from explorer.lab import sweep
+from explorer.lab.engine import Budget, Hyper, LabResult, LabRun
 from explorer.lab.models import LAB_ARCHS
+from explorer.lab.paths import CHECKPOINTS_DIR, GRID_CSV, SWEEP_CSV
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "lab"
-GRID_CSV = ASSETS / "grid.csv"
-MODELS_DIR = ASSETS / "models"
 DATA_SIZES = (500, 1200, 3000, 7500, 20000, 60000)
 SEEDS = (0, 1)
+SCRAMBLED_SIZES = (500, 3000, 20000)
 SWEEP_WIDTHS = (32, 48, 64, 96)  # ViT widths (depth 4, 16-dim heads) of the scaling view
-SWEEP_SIZES = (3000, 20000, 60000)
+SWEEP_SIZE = 20000
+SWEEP_BUDGETS = (0.25, 0.5, 1.0)  # shares of the budget rule's steps
+TARGET_SIZE = 60000  # where the issue's accuracy targets are (CNN ≥ 92%, ViT ≥ 89%)
 KEEP_MODELS = {(arch, n) for arch in LAB_ARCHS for n in (1200, 60000)}  # seed 0, default size
-COLUMNS = ("arch", "width", "depth", "params", "flops", "train_images", "steps", "batch",
-           "seconds", "seed", "test_acc", "train_acc", "curve")
+COLUMNS = tuple(f.name for f in fields(LabResult) if f.name != "model")
+_INTS = ("width", "depth", "params", "flops", "train_images", "fit_images", "val_images",
+         "steps", "batch", "shift", "seed")
+_FLOATS = ("budget", "epochs", "lr", "weight_decay", "seconds", "train_acc", "val_acc",
+           "test_acc")
 
 
 def grid_runs() -> list[LabRun]:
-    """Seed 0 of the architecture grid, the size sweep, then seed 1 (so a partial grid is
-    already a full picture)."""
-    runs = [LabRun(a, n, 0) for n in DATA_SIZES for a in LAB_ARCHS]
-    runs += [LabRun("vit", n, 0, width=w) for n in SWEEP_SIZES for w in SWEEP_WIDTHS]
+    """Every grid run, in the order they are trained."""
+    runs = [LabRun(a, TARGET_SIZE, 0) for a in ("cnn", "vit")]
+    runs += [LabRun(a, n, 0) for n in DATA_SIZES for a in LAB_ARCHS]
+    runs += [LabRun(a, n, 0, variant="scrambled") for n in SCRAMBLED_SIZES for a in LAB_ARCHS]
     runs += [LabRun(a, n, s) for s in SEEDS[1:] for n in DATA_SIZES for a in LAB_ARCHS]
+    runs += [LabRun(a, n, s, variant="scrambled") for s in SEEDS[1:] for n in SCRAMBLED_SIZES
+             for a in LAB_ARCHS]
+    runs += [LabRun("vit", SWEEP_SIZE, 0, width=w, budget=b) for b in SWEEP_BUDGETS
+             for w in SWEEP_WIDTHS]
     unique, seen = [], set()
     for r in runs:
         if r.name not in seen:
@@ -51,33 +66,47 @@ def grid_runs() -> list[LabRun]:
     return unique
 
 
-def run_name(row: dict) -> str:
-    return LabRun(row["arch"], int(row["train_images"]), int(row["seed"]),
-                  int(row["width"]), int(row["depth"])).name
+def row_run(row: dict) -> LabRun:
+    return LabRun(row["arch"], row["train_images"], row["seed"], row["width"], row["depth"],
+                  row["variant"], row["budget"])
+
+
+def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
+    """A run's name, plus its hyperparameters for sweep runs (several per run)."""
+    if hyper is None:
+        return run.name
+    aug = f"-shift{hyper.shift}" + ("-flip" if hyper.flip else "")
+    return f"{run.name}-lr{hyper.lr:g}-wd{hyper.weight_decay:g}{aug}"
+
+
+def row_key(row: dict, with_hyper: bool = False) -> str:
+    hyper = Hyper(row["lr"], row["weight_decay"], row["shift"], row["flip"])
+    return work_key(row_run(row), hyper if with_hyper else None)
 
 
 def read_grid(path: Path = GRID_CSV) -> list[dict]:
-    """The grid's rows, typed (``curve`` as a list of (step, accuracy))."""
+    """The rows of a grid (or sweep) CSV, typed (``curve`` as a list of (step, val, train))."""
     if not path.is_file():
         return []
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            for k in ("width", "depth", "params", "flops", "train_images", "steps", "batch",
-                      "seed"):
+            for k in _INTS:
                 row[k] = int(row[k])
-            for k in ("seconds", "test_acc", "train_acc"):
+            for k in _FLOATS:
                 row[k] = float(row[k])
+            row["flip"] = row["flip"] == "True"
             row["curve"] = [tuple(p) for p in json.loads(row["curve"])]
             rows.append(row)
     return rows
 
 
 def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
+    """Append one finished run (one short write: several workers share the file)."""
     new = not path.is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     row = result.row()
-    row["curve"] = json.dumps([[s, round(a, 4)] for s, a in row["curve"]])
+    row["curve"] = json.dumps([[s, round(v, 4), round(t, 4)] for s, v, t in row["curve"]])
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -85,95 +114,159 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
         writer.writerow({k: row[k] for k in COLUMNS})
 
 
-def save_model(result: LabResult, run: LabRun, folder: Path = MODELS_DIR) -> Path:
-    from safetensors.torch import save_file
+# ---------------------------------------------------------------------------------------
+# Work: phases, claims, status
+# ---------------------------------------------------------------------------------------
 
-    from explorer.lab.checkpoint import shipped_path
-    folder.mkdir(parents=True, exist_ok=True)
-    path = shipped_path(run, folder)
-    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
-    save_file(state, path, metadata={"arch": run.arch, "width": str(run.width),
-                                     "depth": str(run.depth)})
-    return path
+PHASES = ("sweep-lr", "sweep-aug", "grid")
 
 
-def summary_markdown(rows: list[dict]) -> str:
-    """The grid as BENCHMARKS.md tables: test accuracy per architecture and data size (mean
-    of the seeds, their range), the size sweep, and what it cost."""
-    from explorer.lab.analysis import compute_curves, error_vs_data
-    from explorer.lab.models import ARCH_LABELS
+def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
+    """The CSV a phase writes and its runs (with hyperparameters for the sweep's)."""
+    if phase == "sweep-lr":
+        return SWEEP_CSV, sweep.lr_stage()
+    if phase == "sweep-aug":
+        return SWEEP_CSV, sweep.aug_stage(read_grid(SWEEP_CSV))
+    if phase == "grid":
+        return GRID_CSV, [(r, None) for r in grid_runs()]
+    raise ValueError(f"phase must be one of {PHASES}")
 
-    curves = error_vs_data(rows)
-    sizes = sorted({p.train_images for pts in curves.values() for p in pts})
-    out = ["| architecture | params | " + " | ".join(f"{n:,}" for n in sizes) + " |",
-           "|---|---|" + "---|" * len(sizes)]
-    for arch, points in curves.items():
-        by_n = {p.train_images: p for p in points}
-        params = next(r["params"] for r in rows if r["arch"] == arch)
-        cells = [f"{100 * (1 - by_n[n].mean):.1f} ({100 * (1 - by_n[n].high):.1f}–"
-                 f"{100 * (1 - by_n[n].low):.1f})" if n in by_n else "—" for n in sizes]
-        out.append(f"| {ARCH_LABELS[arch]} | {params / 1e3:.0f}k | " + " | ".join(cells) + " |")
-    sweep = compute_curves(rows)
-    if sweep:
-        sweep_sizes = sorted({c.train_images for c in sweep})
-        out += ["", "| ViT width | params | train GFLOPs | " + " | ".join(
-            f"{n:,}" for n in sweep_sizes) + " |", "|---|---|---|" + "---|" * len(sweep_sizes)]
-        for w in sorted({c.width for c in sweep}):
-            cs = {c.train_images: c for c in sweep if c.width == w}
-            first = next(iter(cs.values()))
-            cells = [f"{100 * (1 - cs[n].error[-1]):.1f}" if n in cs else "—"
-                     for n in sweep_sizes]
-            out.append(f"| {w} | {first.params / 1e3:.0f}k | {first.compute[-1] / 1e9:,.0f} | "
-                       + " | ".join(cells) + " |")
-    seconds = sum(r["seconds"] for r in rows)
-    out += ["", f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over runs "
-                f"(two 1-thread workers in parallel)."]
-    return "\n".join(out)
+
+def _claim(key: str) -> bool:
+    CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(CHECKPOINTS_DIR / f"{key}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.close(fd)
+    return True
+
+
+def _release(key: str) -> None:
+    (CHECKPOINTS_DIR / f"{key}.claim").unlink(missing_ok=True)
+
+
+def status(budget: Budget | None = None) -> dict[str, list]:
+    """The grid's progress: ``done`` row keys, ``training`` as (key, step, steps) from the
+    checkpoints on disk, and ``todo`` keys, in training order."""
+    import torch
+
+    budget = budget or Budget()
+    done = {row_key(r) for r in read_grid(GRID_CSV)}
+    training, todo = [], []
+    for run in grid_runs():
+        if run.name in done:
+            continue
+        ckpt = CHECKPOINTS_DIR / f"{run.name}.pt"
+        if ckpt.is_file():
+            step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+            training.append((run.name, step, budget.steps(run.train_images, run.budget)))
+        else:
+            todo.append(run.name)
+    return {"done": sorted(done), "training": training, "todo": todo}
 
 
 def _keep_model(run: LabRun) -> bool:
     default = LabRun(run.arch, run.train_images)
-    return (run.arch, run.train_images) in KEEP_MODELS and run.seed == 0 and (
-        run.width, run.depth) == (default.width, default.depth)
+    return ((run.arch, run.train_images) in KEEP_MODELS and run.seed == 0
+            and run.variant == "original" and run.budget == 1.0
+            and (run.width, run.depth) == (default.width, default.depth))
+
+
+def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
+    """One worker: train the phase's unclaimed, unfinished runs one after another."""
+    import torch
+
+    from explorer.lab.checkpoint import save_shipped
+    from explorer.lab.engine import train
+
+    torch.set_num_threads(1)
+    budget = budget or Budget()
+    chosen = sweep.read_choice()
+    trained, start = 0, time.time()
+    while limit is None or trained < limit:
+        path, items = phase_work(phase)
+        done = {row_key(r, with_hyper=phase != "grid") for r in read_grid(path)}
+        item = next(((run, hyper) for run, hyper in items
+                     if work_key(run, hyper) not in done and _claim(work_key(run, hyper))), None)
+        if item is None:
+            return 0
+        run, hyper = item
+        key = work_key(run, hyper)
+        try:
+            if work_key(run, hyper) in {row_key(r, phase != "grid") for r in read_grid(path)}:
+                continue  # finished by another worker between the two reads
+            if hyper is None:
+                if run.arch not in chosen:
+                    raise SystemExit(f"No swept hyperparameters for {run.arch}: run the sweep.")
+                hyper = chosen[run.arch]
+
+            def report(event, seconds, key=key):
+                if event.val_acc is not None:
+                    print(f"  {key} step {event.step}/{event.total_steps} val "
+                          f"{event.val_acc:.4f} train {event.train_acc:.4f} ({seconds:.0f}s)",
+                          flush=True)
+
+            result = train(run, budget, hyper, checkpoint=CHECKPOINTS_DIR / f"{key}.pt",
+                           on_event=report)
+            append_row(result, path)
+            if phase == "grid" and _keep_model(run):
+                save_shipped(result.model, run)
+            trained += 1
+            print(f"{time.time() - start:7.0f}s {key}: test {result.test_acc:.4f} val "
+                  f"{result.val_acc:.4f} train {result.train_acc:.4f} ({result.seconds:.0f}s)",
+                  flush=True)
+        finally:
+            _release(key)
+    return 0
+
+
+def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = None) -> int:
+    """Run the phases in order, each with ``workers`` processes; write the sweep's choice
+    after its stages."""
+    for claim in CHECKPOINTS_DIR.glob("*.claim"):  # left by workers that were killed
+        claim.unlink()
+    for phase in phases:
+        if phase == "grid":
+            choice = sweep.choose(read_grid(SWEEP_CSV))
+            if set(choice) != set(LAB_ARCHS) and not sweep.read_choice():
+                raise SystemExit("The sweep has not covered every architecture.")
+            if not sweep.read_choice():
+                sweep.write_choice(choice)
+                print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
+                      flush=True)
+        cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase]
+        cmd += ["--limit", str(limit)] if limit else []
+        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        if max(p.wait() for p in procs):
+            return 1
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
-    parser.add_argument("--out", type=Path, default=GRID_CSV)
-    parser.add_argument("--steps", type=int, default=Budget.steps)
+    parser.add_argument("--phase", choices=PHASES, help="be one worker of this phase")
+    parser.add_argument("--only", choices=PHASES, nargs="+", help="drive only these phases")
     parser.add_argument("--limit", type=int, default=None, help="train at most this many runs")
-    parser.add_argument("--shard", default="0/1", help="i/N: train every N-th run from the i-th")
+    parser.add_argument("--status", action="store_true", help="print the grid's progress")
     parser.add_argument("--summary", action="store_true",
                         help="print the grid's tables (Markdown) and exit")
     args = parser.parse_args(argv)
     if args.summary:
-        print(summary_markdown(read_grid(args.out)))
+        from explorer.lab.summary import summary_markdown
+        print(summary_markdown(read_grid(GRID_CSV), read_grid(SWEEP_CSV)))
         return 0
-    if args.workers > 1:  # one process per shard, one thread each
-        cmd = [sys.executable, "-m", "explorer.lab.grid", "--out", str(args.out),
-               "--steps", str(args.steps)] + (["--limit", str(args.limit)] if args.limit else [])
-        procs = [subprocess.Popen(cmd + ["--workers", "1", "--shard", f"{i}/{args.workers}"])
-                 for i in range(args.workers)]
-        return max(p.wait() for p in procs)
-    import torch
-    torch.set_num_threads(1)
-    from explorer.lab.engine import train
-    shard, shards = (int(v) for v in args.shard.split("/"))
-    budget = Budget(steps=args.steps)
-    done = {run_name(r) for r in read_grid(args.out)}
-    todo = [r for i, r in enumerate(grid_runs()) if i % shards == shard and r.name not in done]
-    todo = todo[: args.limit]
-    print(f"shard {args.shard}: {len(done)} runs done, {len(todo)} to train", flush=True)
-    start = time.time()
-    for run in todo:
-        result = train(run, budget)
-        append_row(result, args.out)  # one short append per row: shards share the file
-        if _keep_model(run):
-            save_model(result, run, args.out.parent / "models")
-        print(f"{time.time() - start:7.0f}s {run.name}: test {result.test_acc:.4f} "
-              f"train {result.train_acc:.4f} ({result.seconds:.0f}s)", flush=True)
-    return 0
+    if args.status:
+        s = status()
+        print(f"{len(s['done'])} done, {len(s['training'])} training, {len(s['todo'])} to do")
+        for key, step, steps in s["training"]:
+            print(f"  training {key}: step {step}/{steps}")
+        return 0
+    if args.phase:
+        return work(args.phase, args.limit)
+    return drive(args.workers, tuple(args.only or PHASES), args.limit)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""The grid as BENCHMARKS.md tables (`python -m explorer.lab.grid --summary`): the sweep, test
+accuracy per architecture and data size (original and scrambled), the convergence check of
+every run, the ViT size sweep against compute, and what it cost."""
+
+from __future__ import annotations
+
+from explorer.lab.analysis import compute_curves, convergence, error_vs_data
+from explorer.lab.models import ARCH_LABELS
+
+
+def _accuracy_table(rows: list[dict], variant: str) -> list[str]:
+    curves = error_vs_data(rows, variant)
+    if not curves:
+        return [f"*No {variant} runs yet.*"]
+    sizes = sorted({p.train_images for pts in curves.values() for p in pts})
+    out = ["| architecture | params | " + " | ".join(f"{n:,}" for n in sizes) + " |",
+           "|---|---|" + "---|" * len(sizes)]
+    for arch, points in curves.items():
+        by_n = {p.train_images: p for p in points}
+        params = next(r["params"] for r in rows if r["arch"] == arch)
+
+        out.append(f"| {ARCH_LABELS[arch]} | {params / 1e3:.0f}k | "
+                   + " | ".join(_cell(by_n.get(n)) for n in sizes) + " |")
+    return out
+
+
+def _cell(p) -> str:
+    """Accuracy (%) of one data size: the mean of its seeds, their range when several."""
+    if p is None:
+        return "—"
+    if p.seeds == 1:
+        return f"{100 * (1 - p.mean):.1f}"
+    return f"{100 * (1 - p.mean):.1f} ({100 * (1 - p.high):.1f}–{100 * (1 - p.low):.1f})"
+
+
+def _sweep_table(sweep_rows: list[dict]) -> list[str]:
+    out = ["| architecture | lr | augmentation | val acc | train acc |", "|---|---|---|---|---|"]
+    for r in sorted(sweep_rows, key=lambda r: (r["arch"], -r["shift"], r["lr"])):
+        aug = f"{r['shift']}-px shifts, flips" if r["shift"] or r["flip"] else "none"
+        out.append(f"| {ARCH_LABELS[r['arch']]} | {r['lr']:g} | {aug} | "
+                   f"{100 * r['val_acc']:.1f} | {100 * r['train_acc']:.1f} |")
+    return out
+
+
+def _convergence_table(rows: list[dict]) -> list[str]:
+    out = ["| run | steps | epochs | val gain, last 20% (pts) | train − test (pts) | converged |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        c = convergence(r)
+        name = f"{r['arch']} w{r['width']} n{r['train_images']:,} s{r['seed']} {r['variant']}"
+        name += f" b{r['budget']:g}" if r["budget"] != 1.0 else ""
+        out.append(f"| {name} | {r['steps']:,} | {r['epochs']:g} | {100 * c.late_gain:+.2f} | "
+                   f"{100 * c.train_minus_test:+.1f} | {'yes' if c.converged else '**no**'} |")
+    return out
+
+
+def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None) -> str:
+    out: list[str] = []
+    if sweep_rows:
+        out += ["Hyperparameter sweep (validation split):", ""] + _sweep_table(sweep_rows) + [""]
+    out += ["Test accuracy (%), original Fashion-MNIST, mean of seeds (range):", ""]
+    out += _accuracy_table(rows, "original")
+    out += ["", "Test accuracy (%), scrambled Fashion-MNIST:", ""]
+    out += _accuracy_table(rows, "scrambled")
+    sweep = compute_curves(rows)
+    if sweep:
+        out += ["", "ViT size sweep: test accuracy (%) at each budget (training GFLOPs):", "",
+                "| width | params | runs |", "|---|---|---|"]
+        for c in sweep:
+            cells = ", ".join(f"{100 * (1 - e):.1f} ({x / 1e9:,.0f})"
+                              for x, e in zip(c.compute, c.error, strict=True))
+            out.append(f"| {c.width} | {c.params / 1e3:.0f}k | {cells} |")
+    if rows:
+        out += ["", "Convergence check of every run:", ""] + _convergence_table(rows)
+        seconds = sum(r["seconds"] for r in rows)
+        examples = sum(r["steps"] * r["batch"] for r in rows)
+        out += ["", f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over "
+                    f"runs, {examples / seconds:,.0f} training examples/s per worker on average."]
+    return "\n".join(out)

@@ -1,0 +1,77 @@
+"""The per-architecture hyperparameter sweep on the validation split (never the test set).
+
+Two stages at one data size (`SWEEP_IMAGES` images, seed 0, a quarter of the budget rule's steps):
+the peak learning rate from `LRS` with augmentation on, then augmentation off at the best
+rate. The choice per architecture is the highest final validation accuracy; it is written to
+`paths.HYPER_JSON` and every grid run of that architecture uses it. Weight decay is AdamW's
+0.05 (DeiT's) for every architecture: not swept, to keep the sweep small.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from explorer.lab.engine import Hyper, LabRun
+from explorer.lab.models import LAB_ARCHS
+from explorer.lab.paths import HYPER_JSON
+
+SWEEP_IMAGES = 3000
+SWEEP_BUDGET = 0.25  # of the budget rule's steps (750 steps: 36 epochs of the 2,700 fit images)
+LRS = (1e-3, 2e-3, 4e-3)
+NO_AUG = {"shift": 0, "flip": False}
+
+
+def sweep_run(arch: str) -> LabRun:
+    return LabRun(arch, SWEEP_IMAGES, 0, budget=SWEEP_BUDGET)
+
+
+def lr_stage() -> list[tuple[LabRun, Hyper]]:
+    return [(sweep_run(a), Hyper(lr=lr)) for a in LAB_ARCHS for lr in LRS]
+
+
+def _rows_of(rows: list[dict], arch: str) -> list[dict]:
+    run = sweep_run(arch)
+    return [r for r in rows if r["arch"] == arch and r["width"] == run.width
+            and r["depth"] == run.depth and r["train_images"] == SWEEP_IMAGES]
+
+
+def best(rows: list[dict], arch: str, augmented: bool | None = None) -> dict | None:
+    """The sweep row of ``arch`` with the highest validation accuracy (ties: the first)."""
+    cands = [r for r in _rows_of(rows, arch)
+             if augmented is None or bool(r["shift"] or r["flip"]) == augmented]
+    return max(cands, key=lambda r: r["val_acc"], default=None)
+
+
+def aug_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
+    """Augmentation off at each architecture's best learning rate (once stage 1 is done)."""
+    out = []
+    for a in LAB_ARCHS:
+        top = best(rows, a, augmented=True)
+        if top is not None:
+            out.append((sweep_run(a), replace(Hyper(lr=top["lr"]), **NO_AUG)))
+    return out
+
+
+def choose(rows: list[dict]) -> dict[str, Hyper]:
+    """Each architecture's chosen hyperparameters: its best sweep row."""
+    out = {}
+    for a in LAB_ARCHS:
+        top = best(rows, a)
+        if top is not None:
+            out[a] = Hyper(lr=top["lr"], weight_decay=top["weight_decay"], shift=top["shift"],
+                           flip=top["flip"])
+    return out
+
+
+def write_choice(choice: dict[str, Hyper], path: Path = HYPER_JSON) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({a: asdict(h) for a, h in choice.items()}, indent=1) + "\n")
+
+
+def read_choice(path: Path = HYPER_JSON) -> dict[str, Hyper]:
+    """The shipped choice per architecture ({} before the sweep has run)."""
+    if not path.is_file():
+        return {}
+    return {a: Hyper(**h) for a, h in json.loads(path.read_text()).items()}
