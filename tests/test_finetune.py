@@ -551,7 +551,7 @@ def test_two_processes_share_the_work(tmp_path):
 
 
 def test_mixed_precision_only_on_gpu():
-    from explorer.finetune.engine import resolve_mixed_precision
+    from explorer.training import resolve_mixed_precision
 
     expected = ("no",) if not torch.cuda.is_available() else ("bf16", "fp16")
     assert resolve_mixed_precision("auto") in expected  # fp32 on CPU: bf16 is far slower
@@ -568,12 +568,14 @@ def test_tab_queues_training_one_at_a_time_while_other_events_serve(tmp_path, mo
     from gradio_client import Client
     from gradio_client.utils import Status
 
+    from explorer import session_context
     from explorer.models import DEFAULT_MODEL
     from explorer.ui import finetune_tab as tab
+    from explorer.ui.common import TabContext
 
-    monkeypatch.setattr(tab, "finetuned_dir", lambda: tmp_path)  # keep checkpoints here
+    monkeypatch.setattr(session_context, "finetuned_dir", lambda: tmp_path)  # keep them here
     with gr.Blocks() as demo:
-        tab.build_finetune_tab()
+        tab.build_finetune_tab(TabContext())
     demo.queue(default_concurrency_limit=1)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     try:
@@ -592,6 +594,6 @@ def test_tab_queues_training_one_at_a_time_while_other_events_serve(tmp_path, mo
         assert "Cancelling" in first.predict(api_name="/finetune_cancel")
         assert running.result()[0].startswith("**Cancelled.**")
         assert waiting.result()[0] == "**Done.**"
-        assert len(list(tmp_path.iterdir())) == 1  # only the finished job saved a model
+        assert len(list((tmp_path / "sessions").iterdir())) == 1  # only the finished job saved
     finally:
         demo.close()

@@ -34,7 +34,7 @@ def test_two_steps_then_resume(tmp_path):
             "--sample-images", "1", "--size", "16", "--threads", "1"]
     main(args + ["--max-steps", "2"])
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ck["step"] == 2 and ck["model_config"]["n_positions"] == 256
+    assert ck["step"] == 2 and ck["extra"]["model_config"]["n_positions"] == 256
     main(args + ["--max-steps", "3"])
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 3
     evals = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from explorer.bench.machine import cpu_name
 from explorer.datasets import ImageSet, fashion_mnist
 from explorer.finetune.data import PixelDataset, make_loader
-from explorer.finetune.engine import FinetuneConfig, cosine_schedule, finetune, prepare_model
+from explorer.finetune.engine import FinetuneConfig, finetune, prepare_model, warmup_steps
 from explorer.finetune.probe import FEATURE_CACHE, vit_layerwise_probe
 from explorer.models import DEFAULT_MODEL, build_vit
+from explorer.training import Recipe
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -112,7 +113,8 @@ def plain_loop(model: torch.nn.Module, data: ImageSet, size: tuple[int, int], ba
                          shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(len(loader), 0.05))
+    recipe = Recipe(lr=lr, total_steps=len(loader), warmup_steps=warmup_steps(len(loader), 0.05))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.factor)
     model.train()
     seen, start, marks = 0, time.perf_counter(), []
     for pixels, labels, _ in loader:

@@ -1,4 +1,5 @@
-"""The one training engine, built on accelerate, shared by the tab, the CLI and the benchmark.
+"""The fine-tune engine, shared by the tab, the CLI and the benchmark; its network modes train
+on the loop core every trainer shares (`explorer.training`).
 
 `run_finetune` is a generator: it yields a `TrainEvent` per optimiser step (and per feature
 batch in linear-probe mode), and its last event carries the `FinetuneResult`. Accelerate
@@ -50,6 +51,7 @@ from explorer.finetune.probe import (
 )
 from explorer.finetune.resolution import set_resolution, snap_resolution
 from explorer.patches import has_class_token
+from explorer.training import Recipe, TrainLoop, resolve_mixed_precision
 
 MODES = ("linear", "last_k", "full")
 PROBE_POOLS = ("token", "avg")  # timm global_pool values a linear probe may read
@@ -187,15 +189,6 @@ class TrainEvent:
         return self.done / self.total if self.total else 1.0
 
 
-def resolve_mixed_precision(choice: str) -> str:
-    """accelerate's mixed_precision for ``choice``; "auto" never picks half precision on CPU."""
-    if choice != "auto":
-        return choice
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def make_accelerator(config: FinetuneConfig) -> Accelerator:
     """The Accelerator for a run (its state is process-wide; one run at a time)."""
     return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
@@ -249,17 +242,9 @@ def set_pooling(model: nn.Module, pool: str) -> None:
     model.global_pool = pool
 
 
-def cosine_schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up, then cosine decay to zero (as in DeiT / timm)."""
-    warmup = max(1, round(total_steps * warmup_frac)) if warmup_frac > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def warmup_steps(total_steps: int, warmup_frac: float) -> int:
+    """Linear warm-up steps for a run: a share of its steps, at least one when any."""
+    return max(1, round(total_steps * warmup_frac)) if warmup_frac > 0 else 0
 
 
 def run_finetune(
@@ -330,70 +315,52 @@ def _train_network(accelerator, model, train_set, val_set, data_config, config, 
                                config.batch_size, shuffle=True, seed=config.seed)
     val_loader = make_loader(PixelDataset(val_set, data_config, result.resolution),
                              config.feature_batch_size, shuffle=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.decay)
-    yield from _fit(accelerator, model, optimizer, train_loader, val_loader, config, cancel,
-                    result)
+    yield from _fit(accelerator, model, train_loader, val_loader, config, cancel, result)
 
 
-def _fit(accelerator: Accelerator, module: nn.Module, optimizer, train_loader: DataLoader,
+def _fit(accelerator: Accelerator, module: nn.Module, train_loader: DataLoader,
          val_loader: DataLoader, config: FinetuneConfig, cancel: threading.Event,
          result: FinetuneResult) -> Iterator[TrainEvent]:
-    """The training loop both modes share: ``module`` maps a batch's inputs to logits."""
+    """Epochs of the shared loop core (`explorer.training`), an evaluation after each."""
     train_loader = accelerator.prepare(train_loader)  # this process's shard from here on
     steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
     local_total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         local_total = min(local_total, config.max_steps)
-    # accelerate's scheduler wrapper steps the schedule once per process at every optimiser
-    # step (it counts samples, not steps), so the schedule spans num_processes x our steps.
-    schedule = cosine_schedule(local_total * accelerator.num_processes, config.warmup_frac)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    module, optimizer, val_loader, scheduler = accelerator.prepare(
-        module, optimizer, val_loader, scheduler)
+    recipe = Recipe(lr=config.peak_lr, total_steps=local_total, weight_decay=config.decay,
+                    warmup_steps=warmup_steps(local_total, config.warmup_frac))
+    loop = TrainLoop(module, recipe, cancel=cancel, accelerator=accelerator)
+    module, val_loader = loop.model, accelerator.prepare(val_loader)
 
-    step, seen, train_time = 0, 0, 0.0
-    window_loss, window_correct, window_n = 0.0, 0, 0
-    for _ in range(config.epochs):
-        module.train()
-        start = time.perf_counter()
-        for inputs, labels, _ in train_loader:
-            if cancel.is_set():
-                result.cancelled = True
-                break
-            with accelerator.accumulate(module):
-                logits = module(inputs)
-                loss = F.cross_entropy(logits, labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.item() * len(labels)
-            window_correct += int((logits.argmax(-1) == labels).sum())
-            window_n += len(labels)
-            seen += len(labels)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            metrics = {"step": step, "epoch": step / steps_per_epoch,
-                       "loss": window_loss / window_n, "acc": window_correct / window_n,
-                       "lr": scheduler.get_last_lr()[0], "images": seen,
-                       "time": train_time + time.perf_counter() - start}
-            window_loss, window_correct, window_n = 0.0, 0, 0
+    def loss_fn(model, batch):
+        inputs, labels, _ = batch
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"loss_sum": loss.item() * len(labels), "n": len(labels),
+                      "correct": int((logits.argmax(-1) == labels).sum())}
+
+    seen = 0
+    for epoch in range(config.epochs):
+        for event in loop.fit(train_loader, loss_fn,
+                              until=min(local_total, (epoch + 1) * steps_per_epoch)):
+            seen += event.stats["n"]
+            metrics = {"step": event.step, "epoch": event.step / steps_per_epoch,
+                       "loss": event.stats["loss_sum"] / event.stats["n"],
+                       "acc": event.stats["correct"] / event.stats["n"], "lr": event.lr,
+                       "images": seen, "time": event.seconds}
             result.history.append(metrics)
-            yield TrainEvent("train", step, local_total, metrics)
-            if step >= local_total:
-                break
-        train_time += time.perf_counter() - start
-        if result.cancelled:
+            yield TrainEvent("train", event.step, local_total, metrics)
+        if loop.cancelled:
+            result.cancelled = True
             break
-        yield from _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch)
-        if step >= local_total:
+        yield from _evaluate(accelerator, module, val_loader, result, loop.step, steps_per_epoch)
+        if loop.step >= local_total:
             break
-    result.timings["train"] = train_time
-    result.timings["train_images_per_s"] = seen / train_time if train_time else float("nan")
+    result.timings["train"] = loop.seconds
+    result.timings["train_images_per_s"] = seen / loop.seconds if loop.seconds else float("nan")
     if not result.cancelled and (not result.history or "val_acc" not in result.history[-1]):
-        yield from _evaluate(accelerator, module, val_loader, result, step, steps_per_epoch)
+        yield from _evaluate(accelerator, module, val_loader, result, loop.step,
+                             steps_per_epoch)
 
 
 @torch.no_grad()

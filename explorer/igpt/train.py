@@ -1,7 +1,9 @@
 """Train a small ImageGPT on Fashion-MNIST: `python -m explorer.igpt.train --out runs/igpt-fmnist`.
 
-Built on accelerate: one CPU process here; `accelerate launch -m explorer.igpt.train ...` on
-one or many GPUs (each process takes its slice of every global batch; bf16 autocast on GPU).
+Built on the loop core every trainer shares (`explorer.training`: accelerate, AdamW and its
+schedule, clipping, checkpoint-and-resume): one CPU process here; `accelerate launch -m
+explorer.igpt.train ...` on one or many GPUs (each process takes its slice of every global
+batch; bf16 autocast on GPU). This module keeps iGPT's own data path (token sequences).
 
 Resumable: every `--ckpt-every-min` minutes (and at the end) it writes `OUT/ckpt.pt` (model,
 optimiser, step, config); running the same command again continues from it. Each checkpoint
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from explorer.igpt.data import load_fashion_mnist
 from explorer.igpt.model import IGPTConfig, ImageGPT
 from explorer.igpt.palette import grey_palette, grey_quantize
 from explorer.igpt.sequence import model_inputs
+from explorer.training import Recipe, TrainLoop
 
 
 @dataclass
@@ -66,13 +68,17 @@ def progress(step: int, train_seconds: float, tc: TrainConfig) -> float:
     return min(1.0, max(by_steps, by_time))
 
 
-def lr_at(step: int, frac: float, tc: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_frac at frac = 1.
+def recipe(tc: TrainConfig) -> Recipe:
+    """nanoGPT's AdamW (betas 0.9/0.95, no decay on norms and biases, clipped gradients);
+    linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_frac."""
+    return Recipe(lr=tc.lr, total_steps=tc.max_steps, weight_decay=tc.weight_decay,
+                  warmup_steps=tc.warmup_steps, min_lr_frac=tc.min_lr_frac, betas=(0.9, 0.95),
+                  grad_clip=tc.grad_clip, decay_norms_and_biases=False)
 
-    frac: `progress(...)` of the run."""
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    return tc.lr * (tc.min_lr_frac + (1 - tc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+def lr_at(step: int, frac: float, tc: TrainConfig) -> float:
+    """The learning rate of step ``step`` when ``frac`` (`progress(...)`) of the run is done."""
+    return tc.lr * recipe(tc).factor(step, frac)
 
 
 def load_tokens(split: str, tc: TrainConfig) -> torch.Tensor:
@@ -148,105 +154,84 @@ def main(argv: list[str] | None = None) -> None:
     eval_only = args.pop("eval_only")
     tc = TrainConfig(**args)
 
-    from accelerate import Accelerator
-
-    mp = tc.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=mp)
-    if tc.threads and acc.device.type == "cpu":
-        torch.set_num_threads(tc.threads)
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
 
     torch.manual_seed(tc.seed)
     model = ImageGPT(model_config(tc))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(0.9, 0.95))
-    step, train_seconds, trained_with = 0, 0.0, asdict(tc)
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, train_seconds = ck["step"], ck.get("train_seconds", 0.0)
-        trained_with = ck.get("train_config", trained_with)  # the run's recipe, for export
-        acc.print(f"resumed from {ckpt_path} at step {step}")
+    loop = TrainLoop(model, recipe(tc), mixed_precision=tc.mixed_precision,
+                     extra_state=lambda: {"train_config": asdict(tc),
+                                          "model_config": asdict(model.config)})
+    acc = loop.accelerator
+    if tc.threads and acc.device.type == "cpu":
+        torch.set_num_threads(tc.threads)
+    trained_with = asdict(tc)
+    if loop.resume(ckpt_path):
+        trained_with = loop.resumed_extra.get("train_config", trained_with)  # for export
+        acc.print(f"resumed from {ckpt_path} at step {loop.step}")
+    model = loop.unwrapped
 
     if export_only:
         from explorer.igpt.checkpoint import export_pretrained
 
         export_pretrained(model, grey_palette(tc.levels), export_dir,
-                          train_config={**trained_with, "step": step})
-        acc.print(f"exported step {step} to {export_dir}")
+                          train_config={**trained_with, "step": loop.step})
+        acc.print(f"exported step {loop.step} to {export_dir}")
         return
 
     if eval_only:
         t0 = time.time()
-        rec = {"step": step, "test_bpd": evaluate(model, load_tokens("test", tc), tc),
+        rec = {"step": loop.step, "test_bpd": evaluate(model, load_tokens("test", tc), tc),
                "test_images": tc.eval_images, "eval_s": round(time.time() - t0, 1)}
-        (out / f"test_bpd_step{step:05d}.json").write_text(json.dumps(rec))
+        (out / f"test_bpd_step{loop.step:05d}.json").write_text(json.dumps(rec))
         acc.print(json.dumps(rec))
         return
 
-    model, opt = acc.prepare(model, opt)
     train = load_tokens("train", tc)
     test = load_tokens("test", tc)
     start_token = tc.levels
-    acc.print(f"model {acc.unwrap_model(model).num_params():,} params, "
-              f"train {tuple(train.shape)}, device {acc.device}, mixed precision {mp}, "
-              f"{acc.num_processes} process(es)")
+    acc.print(f"model {model.num_params():,} params, train {tuple(train.shape)}, device "
+              f"{acc.device}, mixed precision {acc.mixed_precision}, {acc.num_processes} "
+              f"process(es)")
     log = open(out / "log.jsonl", "a") if acc.is_main_process else None
 
     def checkpoint(final: bool = False) -> None:
+        loop.save(ckpt_path)
         if not acc.is_main_process:
             return
-        raw = acc.unwrap_model(model)
-        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "train_seconds": train_seconds, "train_config": asdict(tc),
-                 "model_config": asdict(raw.config)}
-        torch.save(state, ckpt_path.with_suffix(".tmp"))
-        os.replace(ckpt_path.with_suffix(".tmp"), ckpt_path)
         t0 = time.time()
-        bpd = evaluate(raw, test, tc)
-        save_samples(raw, test, tc, out / f"samples_step{step:05d}.png")
-        rec = {"step": step, "eval_bpd": bpd, "eval_images": tc.eval_images,
-               "train_seconds": round(train_seconds), "eval_s": round(time.time() - t0, 1),
+        bpd = evaluate(model, test, tc)
+        save_samples(model, test, tc, out / f"samples_step{loop.step:05d}.png")
+        rec = {"step": loop.step, "eval_bpd": bpd, "eval_images": tc.eval_images,
+               "train_seconds": round(loop.seconds), "eval_s": round(time.time() - t0, 1),
                "final": final}
         log.write(json.dumps(rec) + "\n")
         log.flush()
         acc.print(rec, flush=True)
 
-    model.train()
+    def batches():
+        step = loop.step
+        while True:
+            idx = batch_indices(step, len(train), tc, acc.process_index, acc.num_processes)
+            inputs, targets = model_inputs(augment(train[idx], step, tc).long(), start_token)
+            yield inputs.to(acc.device), targets.to(acc.device)
+            step += 1
+
+    def loss_fn(m, batch):
+        inputs, targets = batch
+        return F.cross_entropy(m(inputs).float().flatten(0, 1), targets.flatten())
+
     last_ckpt = time.time()
     t_log, loss_acc, n_acc = time.time(), 0.0, 0
-    while progress(step, train_seconds, tc) < 1.0:
-        t0 = time.time()
-        idx = batch_indices(step, len(train), tc, acc.process_index, acc.num_processes)
-        inputs, targets = model_inputs(augment(train[idx], step, tc).long(), start_token)
-        inputs, targets = inputs.to(acc.device), targets.to(acc.device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, progress(step, train_seconds, tc), tc)
-        with acc.autocast():
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        acc.backward(loss)
-        if tc.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        train_seconds += time.time() - t0
-        loss_acc, n_acc = loss_acc + loss.item(), n_acc + 1
-        if step % tc.log_every == 0 and acc.is_main_process:
+    for event in loop.fit(batches(), loss_fn, progress=lambda step, s: progress(step, s, tc)):
+        loss_acc, n_acc = loss_acc + event.loss, n_acc + 1
+        if event.step % tc.log_every == 0 and acc.is_main_process:
             dt = time.time() - t_log
-            rec = {"step": step, "train_bpd": loss_acc / n_acc / math.log(2),
-                   "lr": opt.param_groups[0]["lr"],
-                   "img_per_s": n_acc * tc.batch_size / dt, "train_seconds": round(train_seconds),
-                   "epoch": step * tc.batch_size / len(train)}
+            rec = {"step": event.step, "train_bpd": loss_acc / n_acc / math.log(2),
+                   "lr": event.lr, "img_per_s": n_acc * tc.batch_size / dt,
+                   "train_seconds": round(event.seconds),
+                   "epoch": event.step * tc.batch_size / len(train)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
@@ -258,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     if export_dir and acc.is_main_process:
         from explorer.igpt.checkpoint import export_pretrained
 
-        export_pretrained(acc.unwrap_model(model), grey_palette(tc.levels), export_dir,
-                          train_config={**asdict(tc), "step": step})
+        export_pretrained(model, grey_palette(tc.levels), export_dir,
+                          train_config={**asdict(tc), "step": loop.step})
     acc.wait_for_everyone()
 
 

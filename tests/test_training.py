@@ -1,0 +1,110 @@
+"""The loop core every trainer shares: schedule values derived by hand, AdamW groups, resume
+equal to an uninterrupted run, and one cancel rule for the lab and the fine-tune engine."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explorer.training import Checkpointing, Recipe, TrainLoop
+
+
+def test_recipe_warms_up_linearly_then_follows_the_cosine_to_its_floor():
+    r = Recipe(lr=1.0, total_steps=110, warmup_steps=10)
+    assert r.factor(0) == pytest.approx(0.1) and r.factor(9) == pytest.approx(1.0)
+    assert r.factor(10) == pytest.approx(1.0)  # the cosine starts at its top
+    assert r.factor(60) == pytest.approx(0.5)  # halfway through the 100 decay steps
+    assert r.factor(110) == pytest.approx(0.0) and r.factor(500) == pytest.approx(0.0)
+    floor = Recipe(lr=1.0, total_steps=110, warmup_steps=10, min_lr_frac=0.1)
+    assert floor.factor(60) == pytest.approx(0.55) and floor.factor(110) == pytest.approx(0.1)
+    assert floor.factor(20, progress=1.0) == pytest.approx(0.1)  # a time budget ran out
+
+
+def test_optimizer_exempts_norms_and_biases_only_when_asked():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    (one,) = Recipe(lr=1e-3, total_steps=1, weight_decay=0.1).optimizer(model).param_groups
+    assert len(one["params"]) == 4 and one["weight_decay"] == 0.1
+    decay, no_decay = Recipe(lr=1e-3, total_steps=1, weight_decay=0.1,
+                             decay_norms_and_biases=False).optimizer(model).param_groups
+    assert [p.dim() for p in decay["params"]] == [2] and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 3
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)  # batches a pure function of the step
+    x = torch.randn(8, 5, generator=g)
+    return x, (x.sum(1) > 0).long()
+
+
+def _loop(tmp_path=None, cancel=None, every_steps=0) -> TrainLoop:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 2))
+    ckpt = Checkpointing(tmp_path / "c.pt", every_steps=every_steps) if tmp_path else None
+    return TrainLoop(model, Recipe(lr=1e-2, total_steps=20, warmup_steps=3, grad_clip=1.0),
+                     cancel=cancel, checkpoint=ckpt)
+
+
+def _batches(loop):
+    step = loop.step
+    while True:
+        yield _data(step)
+        step += 1
+
+
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def test_a_resumed_loop_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    whole = _loop()
+    lrs = [e.lr for e in whole.fit(_batches(whole), _loss)]
+    assert whole.step == 20 and lrs[0] == pytest.approx(1e-2 / 3)
+
+    first = _loop(tmp_path, every_steps=7)
+    for event in first.fit(_batches(first), _loss):
+        if event.step == 9:
+            break  # the process dies after step 9; the last checkpoint is step 7's
+    second = _loop(tmp_path)
+    assert second.resume() and second.step == 7
+    rest = [e.lr for e in second.fit(_batches(second), _loss)]
+    assert rest == lrs[7:]
+    for p, q in zip(whole.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_cancel_stops_before_the_next_step_and_saves(tmp_path):
+    cancel = threading.Event()
+    loop = _loop(tmp_path, cancel=cancel)
+    for event in loop.fit(_batches(loop), _loss):
+        if event.step == 4:
+            cancel.set()
+    assert loop.cancelled and loop.step == 4
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["step"] == 4
+
+
+@pytest.mark.skipif(not __import__("explorer.datasets").datasets.FASHION_MNIST_DIR.is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist")
+def test_the_lab_and_the_fine_tune_engine_cancel_the_same_way(tmp_path):
+    """Set before the first step: no step runs, the caller says it was cancelled."""
+    from explorer import datasets
+    from explorer.finetune.engine import FinetuneConfig, run_finetune
+    from explorer.lab.engine import Budget, LabRun, run_lab
+    from tests.test_finetune import tiny_vit
+
+    cancel = threading.Event()
+    cancel.set()
+    budget = Budget(min_steps=5, epochs=1, batch=8, evals=1, test_images=50)
+    ckpt = tmp_path / "lab.pt"
+    assert list(run_lab(LabRun("cnn", 50, 0), budget, cancel=cancel, checkpoint=ckpt)) == []
+    assert torch.load(ckpt, weights_only=False)["step"] == 0  # resumable from where it stopped
+
+    data = datasets.fashion_mnist("train", 20, seed=0)
+    events = list(run_finetune(tiny_vit(), data, data,
+                               FinetuneConfig(mode="full", epochs=1, batch_size=4), cancel))
+    assert [e.stage for e in events] == ["cancelled"] and events[-1].result.cancelled
+    assert not any("loss" in h for h in events[-1].result.history)
