@@ -1,0 +1,112 @@
+"""How fast does the lab train? The lab's step against a plain PyTorch loop, by batch size,
+with and without `torch.compile`.
+
+    python -m explorer.bench lab_step [--archs vit,cnn] [--batches 64,128,256] [--steps 40]
+                                      [--rounds 3] [--compile]
+
+Each variant trains the same freshly built model (seed 0) on the same in-memory Fashion-MNIST
+batches, one torch thread (as every grid worker): "lab" is `explorer.lab.engine`'s data path
+(`train_batch`: seeded indices, 2-px shifts, flips, normalisation) on the shared loop core
+(`explorer.training.TrainLoop`: accelerate, AdamW, schedule); "plain" is a textbook loop on the
+same batches prepared beforehand (so it pays for no data path at all); "compiled" is the lab's
+step with ``torch.compile(model)``. Rounds interleave the variants, so a load change on the
+shared machine hits all of them; the table gives training images/s after a warm-up (the first
+compiled steps include the compilation, reported apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from explorer.bench.machine import describe
+
+
+def _lab(arch: str, batch: int, steps: int, compiled: bool) -> tuple[float, float]:
+    import torch.nn.functional as F
+
+    from explorer.lab.engine import Budget, Hyper, LabRun, run_data, train_batch
+    from explorer.lab.models import build
+    from explorer.training import Recipe, TrainLoop
+
+    run, budget, hyper = LabRun(arch, 60000, 0), Budget(batch=batch), Hyper()
+    fit_x, fit_y, _, _ = run_data(run, budget)
+    model = build(run.spec, seed=0)
+    loop = TrainLoop(model, Recipe(lr=1e-3, total_steps=10**6, warmup_steps=100))
+    forward = __import__("torch").compile(loop.model) if compiled else loop.model
+
+    def batches():
+        step = 0
+        while True:
+            yield train_batch(step, fit_x, fit_y, run, budget, hyper)
+            step += 1
+
+    def loss_fn(_m, b):
+        return F.cross_entropy(forward(b[0]), b[1])
+
+    warm = 5
+    marks = []
+    start = time.perf_counter()
+    for event in loop.fit(batches(), loss_fn, until=warm + steps):
+        marks.append(time.perf_counter())
+        if event.step == warm:
+            warm_s = marks[-1] - start
+    return batch * steps / (marks[-1] - marks[warm - 1]), warm_s
+
+
+def _plain(arch: str, batch: int, steps: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    from explorer.lab.engine import Budget, Hyper, LabRun, run_data, train_batch
+    from explorer.lab.models import build
+
+    run, budget = LabRun(arch, 60000, 0), Budget(batch=batch)
+    fit_x, fit_y, _, _ = run_data(run, budget)
+    data = [train_batch(s, fit_x, fit_y, run, budget, Hyper()) for s in range(steps + 5)]
+    model = build(run.spec, seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    for i, (x, y) in enumerate(data):
+        if i == 5:
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default="vit,cnn,vit_rel,coatnet")
+    parser.add_argument("--batches", default="64,128,256")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="add the compiled variant")
+    args = parser.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(1)
+    print(f"machine: {describe()}; 1 torch thread; {args.steps} timed steps per variant, "
+          f"median of {args.rounds} interleaved rounds")
+    print("| arch | batch | plain img/s | lab img/s | lab / plain |"
+          + (" compiled img/s | compiled / lab | compile s |" if args.compile else ""))
+    print("|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""))
+    for arch in args.archs.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            plain, lab, comp, comp_s = [], [], [], []
+            for _ in range(args.rounds):
+                plain.append(_plain(arch, batch, args.steps))
+                lab.append(_lab(arch, batch, args.steps, False)[0])
+                if args.compile:
+                    speed, warm = _lab(arch, batch, args.steps, True)
+                    comp.append(speed)
+                    comp_s.append(warm)
+            p, m = statistics.median(plain), statistics.median(lab)
+            line = f"| {arch} | {batch} | {p:.0f} | {m:.0f} | {m / p:.2f} |"
+            if args.compile:
+                c = statistics.median(comp)
+                line += f" {c:.0f} | {c / m:.2f} | {statistics.median(comp_s):.0f} |"
+            print(line, flush=True)
