@@ -289,6 +289,29 @@ def test_error_vs_data_aggregates_seeds_and_finds_winners():
     assert scrambled.mean == pytest.approx(0.9)
 
 
+def test_the_grid_in_words_is_computed_from_its_rows():
+    rows = [_row("cnn", n, a) for n, a in ((500, 0.85), (3000, 0.88), (60000, 0.91))]
+    rows += [_row("vit", n, a) for n, a in ((500, 0.70), (3000, 0.85), (60000, 0.915))]
+    rows += [_row("coatnet", 500, 0.80)]
+    curves = analysis.error_vs_data(rows)
+    assert analysis.winners_sentence(curves) == (
+        "Lowest test error: **CNN** at 500–3,000 images, **ViT (absolute positions)** at "
+        "60,000 images.")
+    assert analysis.gap_sentence(curves) == (
+        "The ViT (absolute positions) is 15.0 points behind the CNN at 500 images and 0.5 "
+        "points ahead of it at 60,000: the gap narrows with data, and the ViT (absolute "
+        "positions) overtakes it at 60,000 images.")
+    steady = analysis.error_vs_data([_row("cnn", 500, 0.9), _row("cnn", 9000, 0.95),
+                                     _row("vit", 500, 0.8), _row("vit", 9000, 0.845)])
+    assert analysis.gap_sentence(steady).endswith("the gap stays about the same.")
+    rows += [_row("cnn", 500, 0.70, variant="scrambled"), _row("vit", 500, 0.703,
+                                                                 variant="scrambled")]
+    assert analysis.scramble_sentence(rows) == (
+        "On scrambled images (mean over 500 images) the ViT (absolute positions) is unchanged "
+        "(-0.3 points); the CNN loses 15.0 points.")
+    assert analysis.scramble_sentence(rows[:-2]) == ""
+
+
 def test_convergence_reads_the_last_fifth_of_the_validation_curve():
     curve = [(200, 0.50, 0.5), (400, 0.80, 0.8), (600, 0.850, 0.86), (800, 0.900, 0.92),
              (1000, 0.902, 0.95)]

@@ -80,6 +80,89 @@ def winners(curves: dict[str, list[ErrorPoint]]) -> dict[int, str]:
     return {n: arch for n, (_, arch) in sorted(best.items())}
 
 
+def _label(arch: str) -> str:
+    from explorer.lab.models import ARCH_LABELS
+    return ARCH_LABELS[arch]
+
+
+def _sizes(ns: list[int]) -> str:
+    return f"{ns[0]:,}" if len(ns) == 1 else f"{ns[0]:,}–{ns[-1]:,}"
+
+
+def winners_sentence(curves: dict[str, list[ErrorPoint]]) -> str:
+    """Which architecture has the lowest mean test error, over runs of consecutive sizes:
+    "Lowest test error: CNN at 500–7,500 images, CoAtNet (mini) at 20,000–60,000."."""
+    best = winners(curves)
+    if not best:
+        return ""
+    groups: list[tuple[str, list[int]]] = []
+    for n, arch in best.items():
+        if groups and groups[-1][0] == arch:
+            groups[-1][1].append(n)
+        else:
+            groups.append((arch, [n]))
+    return "Lowest test error: " + ", ".join(
+        f"**{_label(a)}** at {_sizes(ns)} images" for a, ns in groups) + "."
+
+
+# A change of less than this (in error, i.e. accuracy points / 100) is "about the same".
+SAME = 0.01
+
+
+def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
+                 reference: str = "cnn") -> str:
+    """How the test-error gap between ``arch`` and ``reference`` moves from the smallest to
+    the largest data size both were trained on, and where ``arch`` overtakes, if it does."""
+    a = {p.train_images: p.mean for p in curves.get(arch, [])}
+    r = {p.train_images: p.mean for p in curves.get(reference, [])}
+    common = sorted(set(a) & set(r))
+    if len(common) < 2:
+        return ""
+    gaps = [100 * (a[n] - r[n]) for n in common]  # > 0: arch has the higher error
+    lo, hi = common[0], common[-1]
+
+    def behind(g: float) -> str:
+        return (f"{abs(g):.1f} points behind" if g > 0 else f"{abs(g):.1f} points ahead of")
+
+    text = (f"The {_label(arch)} is {behind(gaps[0])} the {_label(reference)} at {lo:,} "
+            f"images and {behind(gaps[-1])} it at {hi:,}")
+    if abs(gaps[-1]) < abs(gaps[0]) - 100 * SAME:
+        text += ": the gap narrows with data"
+    elif abs(gaps[-1]) > abs(gaps[0]) + 100 * SAME:
+        text += ": the gap widens with data"
+    else:
+        text += ": the gap stays about the same"
+    flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False) if g0 > 0 >= g1]
+    if flips:
+        text += f", and the {_label(arch)} overtakes it at {flips[0]:,} images"
+    return text + "."
+
+
+def scramble_sentence(rows: list[dict]) -> str:
+    """Where the scrambled runs land: each architecture's mean change in test error from
+    original to scrambled images, over the data sizes both variants were trained on."""
+    original, scrambled = error_vs_data(rows), error_vs_data(rows, "scrambled")
+    changes = {}
+    for arch, points in scrambled.items():
+        base = {p.train_images: p.mean for p in original.get(arch, [])}
+        diffs = [p.mean - base[p.train_images] for p in points if p.train_images in base]
+        if diffs:
+            changes[arch] = (float(np.mean(diffs)), sorted(p.train_images for p in points
+                                                           if p.train_images in base))
+    if not changes:
+        return ""
+    parts = []
+    for arch, (d, _) in sorted(changes.items(), key=lambda kv: kv[1][0]):
+        if abs(d) < SAME:
+            parts.append(f"the {_label(arch)} is unchanged ({100 * d:+.1f} points)")
+        else:
+            parts.append(f"the {_label(arch)} {'loses' if d > 0 else 'gains'} "
+                         f"{100 * abs(d):.1f} points")
+    sizes = sorted({n for _, ns in changes.values() for n in ns})
+    return (f"On scrambled images (mean over {', '.join(f'{n:,}' for n in sizes)} images) "
+            + "; ".join(parts) + ".")
+
+
 # The convergence rule (issue 20): in the last 20% of training the validation accuracy
 # improves by less than 0.3 points, and train accuracy is at least test accuracy.
 LAST_SHARE = 0.2
