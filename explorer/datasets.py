@@ -29,11 +29,24 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from explorer import settings
 from explorer.images import IMAGE_SUFFIXES, ImageError, load_image
 
-# Debian's `dataset-fashion-mnist`; an operator (or a GPU box without the package) can point
-# elsewhere with VIT_EXPLORER_FASHION_MNIST, a folder holding the same four IDX .gz files.
-FASHION_MNIST_DIR = Path(os.environ.get("VIT_EXPLORER_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+def fashion_mnist_dir() -> Path:
+    """The folder of Fashion-MNIST's four IDX .gz files: Debian's `dataset-fashion-mnist`
+    unless the settings point elsewhere (`explorer.settings.Settings.fashion_mnist_dir`)."""
+    return settings.current().fashion_mnist_dir
+
+
+def __getattr__(name: str):
+    # ``FASHION_MNIST_DIR``: the folder in use, read when asked for (not at import, before
+    # the app's settings are known).
+    if name == "FASHION_MNIST_DIR":
+        return fashion_mnist_dir()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # Label order of the IDX files (Zalando's README).
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -515,16 +528,17 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
-def read_fashion_mnist(split: str = "train", root: str | os.PathLike = FASHION_MNIST_DIR
+def read_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """All of one Fashion-MNIST split: (N, 28, 28) uint8 images and (N,) int64 labels.
 
     N is 60,000 for "train" and 10,000 for "test"; `DatasetError` if the files are missing.
+    ``root``: the folder of the IDX files (default `fashion_mnist_dir`).
     """
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-    root = Path(root)
+    root = Path(root) if root is not None else fashion_mnist_dir()
     image_file = root / f"{prefix}-images-idx3-ubyte.gz"
     if not image_file.is_file():
         raise DatasetError(
@@ -537,14 +551,14 @@ def read_fashion_mnist(split: str = "train", root: str | os.PathLike = FASHION_M
 
 
 def fashion_mnist(split: str = "train", n: int | None = None, seed: int = 0,
-                  root: str | os.PathLike = FASHION_MNIST_DIR) -> ImageSet:
+                  root: str | os.PathLike | None = None) -> ImageSet:
     """A stratified subset of Fashion-MNIST (28x28 grey clothes, 10 classes).
 
     Args:
         split: "train" (60k images) or "test" (10k).
         n: images to keep, spread evenly over the classes; None keeps all.
         seed: which images are drawn.
-        root: folder with the IDX ``.gz`` files (Debian's ``dataset-fashion-mnist``).
+        root: folder with the IDX ``.gz`` files (default `fashion_mnist_dir`).
 
     Returns:
         `ImageSet` whose sources are an (n, 28, 28) uint8 array.

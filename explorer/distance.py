@@ -179,13 +179,20 @@ def fashion_mnist_images(n: int) -> list[Image.Image]:
 # `datasets.folder_images(root, n)`, for `dataset_mean_attention_distance`.)
 DATASETS = ("bundled examples", "Fashion-MNIST", "uploaded zip")
 OPERATOR_PREFIX = "data: "
+_data_dir: Path | None = None  # the operator's folder of image folders (`use_data_dir`)
+
+
+def use_data_dir(root: str | os.PathLike | None) -> None:
+    """Offer every sub-folder of ``root`` as a dataset (the app's ``--data-dir``); None: none."""
+    global _data_dir
+    _data_dir = Path(root) if root else None
 
 
 def operator_datasets() -> dict[str, Path]:
-    """The operator's image folders (``VIT_EXPLORER_DATA_DIR``: each sub-folder is one),
-    by the name the picker shows: ``data: <folder>``."""
-    root = os.environ.get("VIT_EXPLORER_DATA_DIR")
-    if not root or not Path(root).is_dir():
+    """The operator's image folders (`use_data_dir`: each sub-folder is one, listed as it is
+    now), by the name the picker shows: ``data: <folder>``."""
+    root = _data_dir
+    if root is None or not root.is_dir():
         return {}
     return {OPERATOR_PREFIX + d.name: d for d in sorted(Path(root).iterdir())
             if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")}

@@ -38,10 +38,10 @@ from huggingface_hub.utils import (
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-import explorer.lab.models  # noqa: F401  registers the lab's ViTs (lab_vit, lab_vit_rel) with timm
-from explorer import hub
+from explorer import hub, settings
 from explorer.cache import KeyedCache
 from explorer.errors import ModelUnavailableError
+from explorer.patches import ModelGeometry, architecture_geometry, model_geometry
 
 DEFAULT_MODEL = "dinov2_vits14 (offline)"
 
@@ -181,12 +181,8 @@ def default_device() -> torch.device:
 
 
 def cache_dir() -> Path:
-    """Converted weights: ``$VIT_EXPLORER_CACHE``, else ``$XDG_CACHE_HOME/vit-explorer`` (~/.cache)."""
-    env = os.environ.get("VIT_EXPLORER_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vit-explorer"
+    """Converted weights and fine-tuned checkpoints (`explorer.settings.Settings.cache_dir`)."""
+    return settings.current().cache_dir
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,10 +425,20 @@ def local_checkpoint_dir(path: Path) -> Path:
     return path
 
 
+def _local_spec(name: str) -> str:
+    """What timm's factory reads for a local checkpoint: ``local-dir:<checked dir>``."""
+    # The lab's ViTs register with timm where they are defined (`explorer.lab.models`); a live
+    # lab run saves one in timm's layout, so timm must know them before reading a checkpoint.
+    import explorer.lab.models  # noqa: F401
+
+    return f"local-dir:{local_checkpoint_dir(_resolve_local(name))}"
+
+
 def _build_local(name: str) -> torch.nn.Module:
-    path = local_checkpoint_dir(_resolve_local(name))
+    spec = _local_spec(name)
+    path = Path(spec.removeprefix("local-dir:"))
     try:
-        model = timm.create_model(f"local-dir:{path}", pretrained=True, dynamic_img_size=True)
+        model = timm.create_model(spec, pretrained=True, dynamic_img_size=True)
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise ModelUnavailableError(
             f"timm could not rebuild the checkpoint '{path.name}': {str(err).splitlines()[0]}"
@@ -458,15 +464,48 @@ def build_vit(name: str | None) -> torch.nn.Module:
     return model
 
 
+def vit_geometry(name: str | None) -> ModelGeometry:
+    """The geometry of the ViT called ``name`` (depth, heads, patch, sizes, prefix tokens)
+    without its weights: the architecture that `build_vit` would load, built on the ``meta``
+    device from the catalogue, timm's registry or the checkpoint's ``config.json``.
+
+    Raises:
+        ModelUnavailableError: where `build_vit` would fail to find the model (an unknown
+            name, a broken checkpoint, a hub repo whose config is neither cached nor
+            reachable, not a ViT).
+    """
+    name = name or DEFAULT_MODEL
+    entry = CATALOGUE.get(name)
+    if entry is None and (name.startswith("local:") or name in local_model_names()):
+        spec = _local_spec(name)
+    elif entry is None and name.startswith("hf-hub:"):
+        if not hub.cached(hub_weights(name)[0], "config.json") and not hub.reachable():
+            raise ModelUnavailableError(f"The config of '{name}' is not cached and the hub "
+                                        "cannot be reached.")
+        spec = name
+    else:  # a registry name: its geometry is kept (`architecture_geometry`)
+        spec = entry.architecture if entry else name
+        if not timm.is_model(spec.split(".")[0]):
+            raise ModelUnavailableError(f"timm has no model called '{name}'.")
+    try:
+        if not spec.startswith(("local-dir:", "hf-hub:")):
+            return architecture_geometry(spec, dynamic_img_size=True)
+        with torch.device("meta"):  # the layers without their weights: nothing is allocated
+            model = timm.create_model(spec, pretrained=False, dynamic_img_size=True)
+        return model_geometry(model, timm.data.resolve_model_data_config(model))
+    except Exception as err:  # noqa: BLE001 (timm, the hub and a non-ViT raise many kinds)
+        raise ModelUnavailableError(
+            f"'{name}' cannot be read as a timm Vision Transformer ({type(err).__name__}).") from err
+
+
 # ---------------------------------------------------------------------------------------
 # The one cache
 # ---------------------------------------------------------------------------------------
 
 # Loaded models by "name@device": a bounded LRU whose per-key lock makes two first requests
-# for one model load it once, while other models are served meanwhile.
-MODEL_CACHE: KeyedCache[torch.nn.Module] = KeyedCache(
-    max_items=int(os.environ.get("VIT_EXPLORER_MAX_MODELS", "3"))
-)
+# for one model load it once, while other models are served meanwhile. The app sets its bound
+# (`explorer.settings.Settings.max_models`).
+MODEL_CACHE: KeyedCache[torch.nn.Module] = KeyedCache(max_items=settings.Settings().max_models)
 
 
 def load_vit(name: str | None = None, device: torch.device | str | None = None):

@@ -12,15 +12,9 @@ A public Space serves every visitor from one process, so two questions need one 
   ``VIT_EXPLORER_SHARE_FINETUNES=1``), and its files are deleted when the session ends,
   after an idle time, or when the global disk quota needs room (oldest first).
 
-No gradio here: the UI passes gradio's ``session_hash`` as the session id. Limits come from
-the environment at each use (`SessionLimits.from_env`), so an operator sets them per deploy:
-
-====================================  =======  ==============================================
-``VIT_EXPLORER_FINETUNE_QUOTA_MB``    2000     disk for all sessions' fine-tunes together
-``VIT_EXPLORER_FINETUNES_PER_SESSION`` 3       a session's newest kept; the oldest goes first
-``VIT_EXPLORER_SESSION_IDLE_S``       3600     a session idle this long loses its fine-tunes
-``VIT_EXPLORER_SHARE_FINETUNES``      0        1: every session sees every fine-tune (a lecture)
-====================================  =======  ==============================================
+No gradio here: a session id is gradio's ``session_hash`` (`explorer.session_context`). The
+limits (`SessionLimits`) are the operator's settings (`explorer.settings.Settings`: quota,
+fine-tunes per session, idle time, sharing, hub downloads), set by the app at start.
 """
 
 from __future__ import annotations
@@ -37,6 +31,7 @@ from pathlib import Path
 
 from explorer import hub, models
 from explorer.errors import ModelUnavailableError
+from explorer.settings import Settings
 
 # A Hugging Face repo id ("owner/name") and a timm name ("arch.tag") share one alphabet:
 # letters, digits, "-", "_", "." (huggingface_hub's validate_repo_id), never starting with
@@ -71,20 +66,32 @@ def is_hub_id(name: str, repo_only: bool = False) -> bool:
 
 @dataclass(frozen=True)
 class SessionLimits:
-    """Disk and lifetime bounds for fine-tunes (see the module docstring for the variables)."""
+    """What web sessions may use: disk and lifetime of fine-tunes, and hub downloads.
 
-    quota_bytes: int = 2000 << 20
-    per_session: int = 3
-    idle_s: float = 3600.0
-    shared: bool = False
+    Attributes:
+        quota_bytes: disk for all sessions' fine-tunes together (oldest evicted first).
+        per_session: fine-tunes a session keeps (its oldest evicted first).
+        idle_s: a session idle this long loses its fine-tunes.
+        shared: every session sees every fine-tune (a lecture's presenter shares theirs).
+        hub_mb: the largest hub download a name typed on the web may start.
+        web_hub: whether names typed on the web may name hub models at all.
+    """
+
+    quota_bytes: int
+    per_session: int
+    idle_s: float
+    shared: bool
+    hub_mb: float
+    web_hub: bool
 
     @classmethod
-    def from_env(cls) -> SessionLimits:
-        env = os.environ.get
-        return cls(quota_bytes=int(float(env("VIT_EXPLORER_FINETUNE_QUOTA_MB", "2000")) * (1 << 20)),
-                   per_session=max(1, int(env("VIT_EXPLORER_FINETUNES_PER_SESSION", "3"))),
-                   idle_s=float(env("VIT_EXPLORER_SESSION_IDLE_S", "3600")),
-                   shared=env("VIT_EXPLORER_SHARE_FINETUNES", "0").lower() in ("1", "true", "yes"))
+    def from_settings(cls, settings: Settings | None = None) -> SessionLimits:
+        """The operator's limits (default: the settings' defaults)."""
+        settings = settings or Settings()
+        return cls(quota_bytes=int(settings.finetune_quota_mb * 2**20),
+                   per_session=max(1, settings.finetunes_per_session),
+                   idle_s=settings.session_idle_s, shared=settings.share_finetunes,
+                   hub_mb=settings.max_hub_mb, web_hub=settings.web_hub)
 
 
 @dataclass
@@ -136,7 +143,7 @@ class SessionModels:
     `explorer.models.MODEL_CACHE` (``on_delete``).
 
     Args:
-        limits: fixed limits, or None to read `SessionLimits.from_env` at each use.
+        limits: the bounds; ``limits`` may be replaced later (the app sets the operator's).
         on_delete: called with each model whose files were deleted.
         clock: seconds, for idle times (tests pass a fake one).
     """
@@ -144,15 +151,12 @@ class SessionModels:
     def __init__(self, limits: SessionLimits | None = None,
                  on_delete: Callable[[SessionModel], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
-        self._limits, self.on_delete, self.clock = limits, on_delete, clock
+        self.limits = limits or SessionLimits.from_settings()
+        self.on_delete, self.clock = on_delete, clock
         self._models: dict[str, SessionModel] = {}  # name -> model, oldest first
         self._seen: dict[str, float] = {}  # session -> last activity
         self._lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
-
-    @property
-    def limits(self) -> SessionLimits:
-        return self._limits or SessionLimits.from_env()
 
     # -- what a session sees --------------------------------------------------------------
 
@@ -269,7 +273,7 @@ def _forget_loaded(model: SessionModel) -> None:
     models.evict_cached(model.load_name)
 
 
-FINETUNES = SessionModels(on_delete=_forget_loaded)
+FINETUNES = SessionModels(on_delete=_forget_loaded)  # the app sets the operator's limits
 
 
 def resolve_web_name(name: str | None, session: str, registry: SessionModels = FINETUNES) -> str:
@@ -278,7 +282,7 @@ def resolve_web_name(name: str | None, session: str, registry: SessionModels = F
     Args:
         name: what the picker sent (None or "" = the default model).
         session: the visitor's session id.
-        registry: the fine-tunes registry.
+        registry: the fine-tunes registry (and the limits of what the web may use).
 
     Returns:
         A catalogue, operator or hub name as it is, or a session model's internal name.
@@ -302,26 +306,20 @@ def resolve_web_name(name: str | None, session: str, registry: SessionModels = F
         raise ModelUnavailableError(REFUSED)
     found = models.hub_weights(name)  # None: no hub weights (a bad name fails when loaded)
     if found is not None and not models.hub_weights_cached(name):
-        check_hub_download(name, found[0], found[2])
+        check_hub_download(name, found[0], found[2], registry.limits)
     return name
 
 
-def hub_limit_mb() -> float:
-    """The largest hub download a web visitor may start, in MB (``VIT_EXPLORER_MAX_HUB_MB``,
-    default 400: a ViT-B/16 is ~350 MB, a ViT-L ~1.2 GB)."""
-    return float(os.environ.get("VIT_EXPLORER_MAX_HUB_MB", "400"))
-
-
-def check_hub_download(name: str, repo: str, weights) -> None:
+def check_hub_download(name: str, repo: str, weights, limits: SessionLimits) -> None:
     """Refuse a hub model typed on the web that this server should not fetch: typed hub names
-    switched off by the operator (``VIT_EXPLORER_WEB_HUB=0``), or weights larger than
-    `hub_limit_mb`. Asked with HEAD requests before anything downloads; when the hub cannot be
-    reached, the loader's own offline message follows instead.
+    switched off by the operator (``limits.web_hub``), or weights larger than
+    ``limits.hub_mb``. Asked with HEAD requests before anything downloads; when the hub cannot
+    be reached, the loader's own offline message follows instead.
 
     Raises:
         ModelUnavailableError: naming the model and the limit, never a path.
     """
-    if os.environ.get("VIT_EXPLORER_WEB_HUB", "1").lower() in ("0", "false", "no", "off"):
+    if not limits.web_hub:
         raise ModelUnavailableError(
             f"This server only offers the models in its list; '{name}' is not one of them.")
     if not hub.reachable():
@@ -330,7 +328,7 @@ def check_hub_download(name: str, repo: str, weights) -> None:
         size = hub.file_bytes(repo, weights)
     except Exception:  # noqa: BLE001 (the loader reports hub errors with its own message)
         return
-    limit = hub_limit_mb()
+    limit = limits.hub_mb
     if size is not None and size > limit * 1e6:
         raise ModelUnavailableError(
             f"'{name}' is a {size / 1e6:,.0f} MB download; this server fetches hub models up to "
@@ -342,7 +340,8 @@ def web_model_names(session: str, registry: SessionModels = FINETUNES) -> list[s
     return models.model_names() + registry.names(session)
 
 
-def resolve_igpt_web_name(name: str | None, catalogue, default: str) -> str:
+def resolve_igpt_web_name(name: str | None, catalogue, default: str,
+                          registry: SessionModels = FINETUNES) -> str:
     """`resolve_web_name` for the iGPT picker: a catalogue name or a hub repo ``owner/name``.
 
     transformers reads ``owner/name`` from disk when such a folder exists (relative to the
@@ -357,7 +356,7 @@ def resolve_igpt_web_name(name: str | None, catalogue, default: str) -> str:
     if is_hub_id(name, repo_only=True) and not os.path.lexists(name):
         weights = ("model.safetensors", "pytorch_model.bin")
         if not any(hub.cached(name, w) for w in weights):
-            check_hub_download(name, name, weights)
+            check_hub_download(name, name, weights, registry.limits)
         return name
     raise ModelUnavailableError(
         "iGPT models typed here are catalogue names or hub repos ('openai/imagegpt-small'); "

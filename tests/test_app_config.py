@@ -1,27 +1,101 @@
-"""Process settings `python app.py` makes before serving: malloc arenas, torch threads, and
-no GPU compiler loaded on a CPU-only machine."""
+"""How `python app.py` is configured and tuned before serving: one settings object from the
+command line and the environment (`explorer.settings`), malloc arenas, heap trimming, torch
+threads and the GIL interval (`explorer.tuning`), and no GPU compiler loaded on a CPU-only
+machine."""
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 import app
+from explorer import settings, tuning
+from explorer.settings import Settings
 
+ROOT = Path(app.__file__).resolve().parent
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
 
+def test_settings_come_from_the_environment_and_the_command_line_wins():
+    env = {"VIT_EXPLORER_CONCURRENCY": "5", "VIT_EXPLORER_STORE_MB": "1.5",
+           "VIT_EXPLORER_SHARE_FINETUNES": "yes", "VIT_EXPLORER_WEB_HUB": "off",
+           "VIT_EXPLORER_DATA_DIR": "/srv/data", "GRADIO_SERVER_PORT": "9000",
+           "XDG_CACHE_HOME": "/var/cache", "VIT_EXPLORER_LAB_STEPS": "20"}
+    s = Settings.from_env(env)
+    assert (s.concurrency, s.store_mb, s.share_finetunes, s.web_hub) == (5, 1.5, True, False)
+    assert (s.data_dir, s.port, s.lab_steps) == (Path("/srv/data"), 9000, 20)
+    assert s.cache_dir == Path("/var/cache/vit-explorer")  # XDG, when not set directly
+    assert s.models_dir is None and s.view_concurrency == Settings().view_concurrency
+    flags = Settings.parse(["--concurrency", "1", "--port", "7000", "--share",
+                            "--models-dir", "/srv/models", "--web-hub"], env)
+    assert (flags.concurrency, flags.port, flags.share, flags.web_hub) == (1, 7000, True, True)
+    assert flags.models_dir == Path("/srv/models") and flags.store_mb == 1.5  # env still counts
+    with pytest.raises(ValueError, match="VIT_EXPLORER_QUEUE='many'"):
+        Settings.from_env({"VIT_EXPLORER_QUEUE": "many"})
+    with pytest.raises(ValueError, match="VIT_EXPLORER_WEB_HUB='maybe'"):
+        Settings.from_env({"VIT_EXPLORER_WEB_HUB": "maybe"})
+
+
+def test_glibcs_own_arena_variable_wins_over_ours():
+    env = {"VIT_EXPLORER_MALLOC_ARENAS": "3"}
+    assert Settings.from_env(env).malloc_arenas == 3
+    assert Settings.from_env({**env, "MALLOC_ARENA_MAX": "4"}).malloc_arenas is None
+
+
+def test_current_settings_are_the_installed_ones(monkeypatch):
+    monkeypatch.setattr(settings, "_current", None)
+    monkeypatch.setenv("VIT_EXPLORER_CACHE", "/tmp/from-env")
+    assert settings.current().cache_dir == Path("/tmp/from-env")  # read once, on first use
+    settings.install(Settings(cache_dir=Path("/tmp/installed")))
+    from explorer import models
+
+    assert models.cache_dir() == Path("/tmp/installed")
+
+
+def test_the_readme_table_lists_every_setting():
+    """One row per field: its flag and its variable (the README's "Settings" table)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Settings"):]
+    table = table[:table.index("\n## ", 4)]
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    assert len(rows) == len(fields(Settings))
+    for f, row in zip(fields(Settings), rows, strict=True):
+        assert row.startswith(f"| `--{f.name.replace('_', '-')}`"), row
+        if f.metadata["env"]:
+            assert f"`{f.metadata['env']}`" in row, row
+
+
+def test_nothing_else_reads_the_environment_for_a_setting():
+    """Only `explorer.settings` reads ``os.environ``, save the switches that act where they are
+    read (their reason is in a comment there) and command-line tools' own launchers."""
+    allowed = {"explorer/settings.py",
+               "explorer/__init__.py",  # the Triton opt-out: before torch is imported
+               "explorer/kernels/__init__.py",  # the kernel switch, read per call
+               "explorer/hub.py",  # huggingface_hub's own offline switch, read live
+               "explorer/finetune/__main__.py"}  # the launcher's RANK (a CLI, not the app)
+    readers = set()
+    for path in [*ROOT.glob("explorer/**/*.py"), ROOT / "app.py"]:
+        if "bench" in path.parts:  # benchmarks start servers with environments of their own
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
+                    and isinstance(node.value, ast.Name) and node.value.id == "os"):
+                readers.add(str(path.relative_to(ROOT)))
+    assert readers <= allowed, readers - allowed
+
+
 @glibc
-def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch):
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.setenv("VIT_EXPLORER_MALLOC_ARENAS", "3")
-    assert app.configure_memory() == 3
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc read it at start: leave it alone
-    assert app.configure_memory() is None
+def test_malloc_arenas_are_capped_when_asked():
+    assert tuning.cap_malloc_arenas(3) == 3
+    assert tuning.cap_malloc_arenas(None) is None  # glibc's own choice (MALLOC_ARENA_MAX)
 
 
 @glibc
@@ -30,9 +104,9 @@ def test_the_arena_cap_holds_for_threads_that_allocate_at_once():
     counts them); without it each thread may get its own."""
     code = """
 import ctypes, sys, threading
-import app
+from explorer import tuning
 if sys.argv[1] == "capped":
-    app.configure_memory()
+    tuning.cap_malloc_arenas(2)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -52,7 +126,7 @@ libc.malloc_stats()
     for mode in ("capped", "default"):
         done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
                               env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-                              cwd=app.__file__.rsplit("/", 1)[0], timeout=120)
+                              cwd=ROOT, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         arenas[mode] = done.stderr.count("Arena ")
     assert arenas["capped"] <= 2 < arenas["default"]
@@ -65,7 +139,7 @@ def test_freed_heap_memory_goes_back_to_the_system():
     code = """
 import ctypes, sys, time
 import psutil
-import app
+from explorer import tuning
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -76,7 +150,7 @@ for b in blocks:
 for b in blocks[:-1]:
     libc.free(b)
 held = rss()
-thread = app.trim_memory_every(float(sys.argv[1]))
+thread = tuning.trim_memory_every(float(sys.argv[1]))
 time.sleep(0.6)
 print(thread is not None, round(held - rss()))
 """
@@ -84,7 +158,7 @@ print(thread is not None, round(held - rss()))
     for seconds in ("0", "0.1"):
         done = subprocess.run([sys.executable, "-c", code, seconds], capture_output=True,
                               text=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-                              cwd=app.__file__.rsplit("/", 1)[0], timeout=120)
+                              cwd=ROOT, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         started, mb = done.stdout.split()
         released[seconds] = (started, int(mb))
@@ -92,28 +166,25 @@ print(thread is not None, round(held - rss()))
     assert released["0.1"][0] == "True" and released["0.1"][1] > 250  # on: ~300 MB returned
 
 
-def test_torch_threads_split_the_cores_between_parallel_requests(monkeypatch):
+def test_torch_threads_split_the_cores_between_parallel_requests():
+    assert tuning.threads_per_request(2, cores=2) == 1
+    assert tuning.threads_per_request(2, cores=16) == 8
+    assert tuning.threads_per_request(4, cores=2) == 1  # never none
+
+
+def test_tune_sets_threads_and_the_gil_interval_from_the_settings():
     import torch
     before, switch = torch.get_num_threads(), sys.getswitchinterval()
     try:
-        monkeypatch.setenv("VIT_EXPLORER_TORCH_THREADS", "1")
-        assert app.configure_threads() == 1 and torch.get_num_threads() == 1
+        tuning.tune(Settings(torch_threads=1, malloc_trim_s=0, malloc_arenas=None))
+        assert torch.get_num_threads() == 1
+        assert sys.getswitchinterval() == pytest.approx(0.001)  # the default: 1 ms
+        tuning.tune(Settings(torch_threads=2, gil_switch_ms=5, malloc_trim_s=0,
+                             malloc_arenas=None))  # Python's own interval
+        assert torch.get_num_threads() == 2 and sys.getswitchinterval() == pytest.approx(0.005)
     finally:
         torch.set_num_threads(before)
         sys.setswitchinterval(switch)
-
-
-def test_the_gil_changes_hands_every_millisecond(monkeypatch):
-    before = sys.getswitchinterval()
-    try:
-        monkeypatch.delenv("VIT_EXPLORER_GIL_SWITCH_MS", raising=False)
-        app.configure_threads()
-        assert sys.getswitchinterval() == pytest.approx(0.001)
-        monkeypatch.setenv("VIT_EXPLORER_GIL_SWITCH_MS", "5")  # Python's own default
-        app.configure_threads()
-        assert sys.getswitchinterval() == pytest.approx(0.005)
-    finally:
-        sys.setswitchinterval(before)
 
 
 def _triton_after_imports(env_extra: dict) -> str:
@@ -123,7 +194,7 @@ def _triton_after_imports(env_extra: dict) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
                                "HOME": "/tmp", **env_extra},
-                          cwd=app.__file__.rsplit("/", 1)[0], timeout=300)
+                          cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip().splitlines()[-1]
 

@@ -14,7 +14,7 @@ import torch
 from gradio_client import Client, handle_file
 
 import app
-from explorer import attention, datasets, models, patches
+from explorer import attention, datasets, images, models, patches
 from explorer.plots import distance as distance_plots
 from explorer.ui import (
     attention_tab,
@@ -86,19 +86,23 @@ def test_sizes_default_to_the_model(odd):
 
 
 def test_tokens_tab(odd):
-    summary, grid, sequence, *_ = tokens_tab.tokens(IMAGE, odd, 0, 0, "crop")
+    views = tokens_tab.tokens(IMAGE, odd, 0, 0, "crop")
+    assert tuple(views) == tokens_tab.VIEWS
+    summary, grid = views["summary"], views["grid"]
     assert f"**{SIZE}x{SIZE} px** -> grid of **{GRID}x{GRID}**" in summary
     assert f"**{GRID * GRID}** patch tokens + 1 prefix (REG1)" in summary
     assert "CLS" not in summary
     zoom = grid.shape[0] // SIZE
     assert grid.shape[:2] == (SIZE * zoom, SIZE * zoom)
     # wider than tall: the grid becomes 6x4
-    summary = tokens_tab.tokens(IMAGE, odd, 96, 64, "crop")[0]
+    summary = tokens_tab.tokens(IMAGE, odd, 96, 64, "crop")["summary"]
     assert f"grid of **{96 // PATCH}x{GRID}**" in summary
 
 
 def test_attention_controls_follow_the_model(odd):
-    layer, start, head, heads, strip, rollout = attention_tab.model_controls(odd)
+    controls = attention_tab.model_controls(odd)
+    assert tuple(controls) == attention_tab.CONTROLS
+    layer, start, head, heads, strip, rollout = controls.values()
     assert (layer.maximum, _value(layer)) == (DEPTH, DEPTH)
     assert (start.maximum, _value(start)) == (DEPTH, 1)
     choices = [c[0] if isinstance(c, tuple) else c for c in head.choices]
@@ -113,21 +117,20 @@ def test_attention_controls_follow_the_model(odd):
 def test_attention_analysis_and_query(odd):
     out = attention_tab.analyse_and_render(IMAGE, odd, 0, 0, "crop", 99, "mean", "mean", 0.0, 1,
                                            0.6, 0.6, "inferno", "head 9")
-    session, summary = out[0], out[1]
+    session, summary = out["session"], out["summary"]
     assert f"{GRID}x{GRID} patches, {DEPTH} layers x {HEADS} heads, prefix: REG1." in summary
-    views = out[3:3 + attention_tab.N_VIEWS]
-    prefix_fig = views[4]
+    prefix_fig = out["prefix_plot"]
     assert [t.name for t in prefix_fig.data] == ["REG1", "all patches"]
     assert len(prefix_fig.data[0].x) == DEPTH
-    relevance_note = views[9]
-    assert any(f"**{name}**" in relevance_note for name in CLASS_NAMES)
-    layer, start, head, *labels = out[3 + attention_tab.N_VIEWS: 3 + attention_tab.N_VIEWS + 6]
+    assert any(f"**{name}**" in out["relevance_note"] for name in CLASS_NAMES)
+    layer, head = out["layer"], out["query_head"]
     assert (layer.maximum, _value(layer)) == (DEPTH, DEPTH)  # 99 clamped to the last layer
     assert _value(head) == "mean"  # "head 9" does not exist here
-    assert all("class token" not in v.label.lower() for v in labels)
+    for name in ("heads", "strip", "rollout"):  # the new model's labels, with its pictures
+        assert "class token" not in out[name].label.lower()
+        assert out[name].value is not None
 
-    in_layer, strip_img, info = attention_tab.query(session, 1, 2, DEPTH, f"head {HEADS}", 0.6,
-                                                    "inferno")
+    info = attention_tab.query(session, 1, 2, DEPTH, f"head {HEADS}", 0.6, "inferno")["query_info"]
     assert f"layer {DEPTH}, head: head {HEADS}" in info
     assert f"(token {1 + 1 * GRID + 2})" in info  # after the one register token
     with pytest.raises(gr.Error, match="head must be in"):
@@ -146,7 +149,8 @@ def test_rollout_of_a_model_without_class_token_is_the_patches_mean(odd):
 
 
 def test_distance_tab(odd):
-    fig, erf, info = distance_tab.per_image(IMAGE, odd, [], True, True, 0, 0, "crop", "drop", None)
+    out = distance_tab.per_image(IMAGE, odd, [], True, True, 0, 0, "crop", "drop", None)
+    fig, erf, info = out["plot"], out["erf"], out["info"]
     odd_trace, random_trace = fig.data[0], fig.data[1]
     assert odd_trace.name == odd and random_trace.name == distance_tab.RANDOM_LABEL
     assert len(odd_trace.y) == DEPTH * HEADS
@@ -166,9 +170,26 @@ def test_cnn_stages_spread_over_the_actual_stages():
 def test_distance_dataset_band(odd):
     band, info = distance_tab.dataset_band(odd, "bundled examples", 4, "", 0, 0, "drop",
                                            progress=lambda *a, **k: None)
-    label, _, mean, std = band
-    assert label == odd and tuple(mean.shape) == tuple(std.shape) == (DEPTH, HEADS)
-    assert f"at {SIZE}x{SIZE}" in info
+    label, legend, mean, std = band
+    assert label == odd and "mean ± std over 4 images" in legend
+    assert f"4 images (bundled examples) at {SIZE}x{SIZE}" in info
+    # By hand, image by image: each patch query's attention over the patch keys (prefix
+    # dropped, renormalised), weighted by centre-to-centre pixel distance, averaged.
+    model, config = models.load_vit(odd)
+    centres = [((r + 0.5) * PATCH, (c + 0.5) * PATCH) for r in range(GRID) for c in range(GRID)]
+    dist = torch.tensor([[((y0 - y1) ** 2 + (x0 - x1) ** 2) ** 0.5 for y1, x1 in centres]
+                         for y0, x0 in centres], dtype=torch.float64)
+    per_image = []
+    for photo in images.example_paths()[:4]:
+        pixels = images.prepare_pixels(images.open_image(photo), config, (SIZE, SIZE))
+        probs = attention.capture(model, pixels).stack()[:, 0].double()  # (L, H, N, N)
+        rows = probs[:, :, 1:, 1:]  # patch queries, patch keys (one register token first)
+        rows = rows / rows.sum(dim=-1, keepdim=True)
+        per_image.append((rows * dist).sum(dim=-1).mean(dim=-1))  # (L, H)
+    by_hand = torch.stack(per_image)
+    torch.testing.assert_close(mean.double().cpu(), by_hand.mean(dim=0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(std.double().cpu(), by_hand.std(dim=0), rtol=1e-3, atol=1e-3)
+    assert float(std.max()) > 0  # four different photos do not attend alike
 
 
 def test_finetune_controls_follow_the_model(odd):
@@ -222,10 +243,31 @@ def test_build_time_geometry_is_the_loaded_default_models():
     """Controls start from the default's architecture built on meta: the same geometry as
     the loaded weights give."""
     model, config = models.load_vit(None)
-    assert common.default_geometry() == patches.model_geometry(model, config)
+    assert models.vit_geometry(None) == patches.model_geometry(model, config)
+
+
+def test_pickers_read_geometry_without_loading_weights(odd, monkeypatch):
+    """A model change reads the checkpoint's config.json on the meta device: the same
+    geometry as the loaded model, and no weights are built or read."""
+    model, config = models.load_vit(odd)
+    loaded = patches.model_geometry(model, config)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a picker change loaded the model")
+
+    monkeypatch.setattr(models, "build_vit", no_weights)
+    monkeypatch.setattr(models, "load_vit", no_weights)
+    assert models.vit_geometry(odd) == loaded
+    assert attention_tab.model_controls(odd)["layer"].maximum == DEPTH
+    last_k, probe_block = finetune_tab.depth_controls(odd)
+    assert probe_block.maximum == DEPTH
+    entry = models.CATALOGUE["deit_small_distilled_patch16_224.fb_in1k"]  # a hub entry, offline
+    g = models.vit_geometry(entry.name)
+    assert (g.depth, g.num_heads, g.patch, g.prefix_names) == (12, 6, (16, 16), ("CLS", "DIST"))
 
 
 def test_an_unavailable_model_leaves_the_controls_alone(tmp_path):
     assert common.model_geometry(f"local:{tmp_path / 'nothing-here'}") is None
-    updates = attention_tab.model_controls(f"local:{tmp_path / 'nothing-here'}")
-    assert len(updates) == 6 and all(u == gr.skip() for u in updates)
+    assert common.model_geometry("resnet18") is None  # not a ViT
+    assert attention_tab.model_controls(f"local:{tmp_path / 'nothing-here'}") == {}
+    assert finetune_tab.depth_controls("no_such_model_anywhere") == (gr.skip(), gr.skip())

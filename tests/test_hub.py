@@ -216,7 +216,8 @@ def test_every_hub_catalogue_entry_is_what_the_stand_in_exercises():
 
 # Runs in the child: the web pickers' checks of typed hub names, before any download.
 WEB_LIMITS = textwrap.dedent(f"""
-    import json, os
+    import json
+    from dataclasses import replace
     from explorer import sessions
     from explorer.errors import ModelUnavailableError
 
@@ -234,9 +235,10 @@ WEB_LIMITS = textwrap.dedent(f"""
         attempt("igpt-" + tag, sessions.resolve_igpt_web_name, {IGPT_TYPED!r}, {{}}, "x")
 
     all_three("default")
-    os.environ["VIT_EXPLORER_MAX_HUB_MB"] = "0.001"  # 1 kB: less than every tiny model
+    limits = sessions.FINETUNES.limits  # as the app sets them (Settings.max_hub_mb, web_hub)
+    sessions.FINETUNES.limits = replace(limits, hub_mb=0.001)  # 1 kB: less than any model
     all_three("capped")
-    os.environ["VIT_EXPLORER_WEB_HUB"] = "0"
+    sessions.FINETUNES.limits = replace(limits, web_hub=False)
     all_three("off")
     print(json.dumps(out))
 """)

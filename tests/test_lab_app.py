@@ -11,7 +11,8 @@ from gradio_client import Client, handle_file
 import app
 from explorer import datasets
 from explorer.lab import grid
-from explorer.ui import lab_tab
+from explorer.settings import Settings
+from explorer.ui import lab_view
 
 IMAGE = "assets/examples/rocket.jpg"
 pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
@@ -20,13 +21,10 @@ pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
 
 @pytest.fixture(scope="module")
 def demo():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lab_tab, "LIVE_STEPS", 12)  # a tiny live point; the grid's budget is 1000
-        demo = app.build_demo()
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None,
-                    quiet=True)
-        yield demo
-        demo.close()
+    demo = app.build_demo(Settings(lab_steps=12))  # a tiny live point, not the grid's budget
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    yield demo
+    demo.close()
 
 
 def _choices(client) -> list[str]:
@@ -58,10 +56,10 @@ def test_live_run_refuses_what_it_does_not_offer(demo):
     client.close()
 
 
-@pytest.mark.skipif(not lab_tab.shipped_sizes(), reason="no shipped lab models")
+@pytest.mark.skipif(not lab_view.shipped_sizes(), reason="no shipped lab models")
 def test_relative_views_render_from_the_shipped_models(demo):
     client = Client(demo.local_url, verbose=False)
-    bias, shift = client.predict(max(lab_tab.shipped_sizes()), api_name="/lab_relative")
+    bias, shift = client.predict(max(lab_view.shipped_sizes()), api_name="/lab_relative")
     assert "block 4 head 4" in bias["plot"] and "Translation test" in shift["plot"]
     client.close()
     assert grid.GRID_CSV.is_file()

@@ -6,7 +6,7 @@ import re
 
 from explorer import lecture
 from explorer.plots import lecture as lecture_plots
-from explorer.ui.links import TABS
+from explorer.ui.links import TAB_KEYS
 
 OUTLINE = ["Text tokens", "Pixels as words", "Patches", "Position embeddings", "Attention",
            "global receptive field", "Inductive bias", "Scaling", "CoAtNet"]
@@ -24,7 +24,7 @@ def test_every_step_has_a_short_text_a_figure_and_a_tab():
     for step in lecture.STEPS:
         sentences = len(re.findall(r"[.!?](\s|$)", step.text))
         assert 2 <= sentences <= 5, step.title
-        assert step.figure in FIGURES and step.tab in TABS
+        assert step.figure in FIGURES and step.tab in TAB_KEYS
         assert re.fullmatch(r"[a-z0-9-]+", step.caption)  # a file name as it stands
 
 

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+import gradio as gr
 import pytest
 
-from explorer.ui.links import View, example_name, fit_geometry, head_choice, parse_view, view_query
+from explorer.ui.attention_view import head_choices, head_label, parse_head
+from explorer.ui.links import (
+    TAB_KEYS,
+    TABS,
+    View,
+    example_name,
+    fit_geometry,
+    head_choice,
+    parse_view,
+    view_query,
+)
 
 EXAMPLES = ["astronaut", "chelsea", "coffee", "rocket"]
 MODELS = ["dinov2_vits14 (offline)", "deit_small_patch16_224.fb_in1k"]
@@ -62,6 +73,27 @@ def test_geometry_checks_layer_and_head():
 def test_head_choice_spells_the_dropdown():
     assert head_choice("mean") == "mean"
     assert head_choice("3") == "head 3"
+
+
+def test_one_spelling_of_a_head_both_ways():
+    assert head_choices(3) == ["mean", "max", "min", "head 1", "head 2", "head 3"]
+    for choice in head_choices(12):
+        parsed = parse_head(choice)
+        assert choice == (parsed if isinstance(parsed, str) else head_label(parsed))
+    assert parse_head("head 3") == 2  # 0-based inside
+    for bad in ("head 0", "head", "head x", "3", "avg", "Head 3"):
+        with pytest.raises(ValueError, match="Unknown head"):
+            parse_head(bad)
+
+
+def test_the_app_builds_every_tab_links_know_once_in_their_order():
+    import app
+
+    demo = app.build_demo()
+    ids = [block.id for block in demo.blocks.values() if isinstance(block, gr.Tab)]
+    assert ids == list(TAB_KEYS)
+    assert [t.title for t in TABS] == [block.label for block in demo.blocks.values()
+                                       if isinstance(block, gr.Tab)]
 
 
 def test_query_round_trips_and_leaves_defaults_out():

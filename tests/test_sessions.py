@@ -14,6 +14,7 @@ import re
 import tempfile
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,10 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 import app
-from explorer import datasets, models, sessions
+from explorer import datasets, models, session_context, sessions
 from explorer.errors import ModelUnavailableError, without_paths
 from explorer.sessions import SessionLimits, SessionModels, is_hub_id, resolve_web_name
+from explorer.settings import Settings
 from tests import odd_vit
 
 IMAGE = "assets/examples/chelsea.jpg"
@@ -104,10 +106,10 @@ def test_loader_dataset_and_saving_messages_name_no_path(tmp_path, monkeypatch):
 
     import gradio as gr
 
-    from explorer.finetune import FinetuneConfig
+    from explorer.finetune import FinetuneConfig, save_checkpoint
     from explorer.finetune.engine import FinetuneResult
     from explorer.igpt.checkpoint import load_local
-    from explorer.ui import common, finetune_tab
+    from explorer.ui import common
 
     ckpt = tmp_path / "ckpt"
     odd_vit.save_odd_vit(ckpt)
@@ -133,10 +135,11 @@ def test_loader_dataset_and_saving_messages_name_no_path(tmp_path, monkeypatch):
     # saving a fine-tune where the disk refuses it
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    monkeypatch.setattr(finetune_tab, "finetuned_dir", lambda: blocked)
+    monkeypatch.setattr(session_context, "finetuned_dir", lambda: blocked)
     result = FinetuneResult(odd_vit.odd_vit(), ["a", "b"], (64, 64))
-    with pytest.raises(gr.Error) as err:
-        finetune_tab.save_for_session(result, "label", OPERATOR_MODEL, FinetuneConfig())
+    with pytest.raises(gr.Error) as err, common.user_errors():
+        session_context.context("s").save_model(
+            "label", lambda out: save_checkpoint(result, out, OPERATOR_MODEL, FinetuneConfig()))
     messages.append(str(err.value))
     # The loaders' own messages name a folder at most (Fashion-MNIST's names its install
     # folder for the operator: `user_errors` strips it for visitors, checked below).
@@ -149,6 +152,11 @@ def test_loader_dataset_and_saving_messages_name_no_path(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # The registry, by hand
 # ---------------------------------------------------------------------------------------
+
+
+def limits(**changes) -> SessionLimits:
+    """The default limits with ``changes``."""
+    return replace(SessionLimits.from_settings(), **changes)
 
 
 class Clock:
@@ -167,7 +175,7 @@ def _checkpoint(root: Path, name: str, nbytes: int = 1000) -> Path:
 
 
 def test_a_session_sees_and_loads_only_its_own(tmp_path):
-    reg = SessionModels(SessionLimits())
+    reg = SessionModels(limits())
     ckpt = _checkpoint(tmp_path, "a")
     reg.add("alice", "fine-tuned: a-1234", ckpt)
     assert reg.names("alice") == ["fine-tuned: a-1234"] and reg.names("bob") == []
@@ -175,7 +183,7 @@ def test_a_session_sees_and_loads_only_its_own(tmp_path):
     with pytest.raises(ModelUnavailableError, match="private") as err:
         resolve_web_name("fine-tuned: a-1234", "bob", reg)
     assert_names_no_path(str(err.value))
-    shared = SessionModels(SessionLimits(shared=True))
+    shared = SessionModels(limits(shared=True))
     shared.add("presenter", "fine-tuned: p", _checkpoint(tmp_path, "p"))
     assert shared.names("student") == ["fine-tuned: p"]
     assert shared.lookup("student", "fine-tuned: p") is not None
@@ -183,7 +191,7 @@ def test_a_session_sees_and_loads_only_its_own(tmp_path):
 
 def test_end_deletes_files_and_drops_the_loaded_model(tmp_path):
     deleted = []
-    reg = SessionModels(SessionLimits(), on_delete=deleted.append)
+    reg = SessionModels(limits(), on_delete=deleted.append)
     ckpt, extra = _checkpoint(tmp_path, "a"), tmp_path / "download"
     extra.mkdir()
     reg.add("alice", "m", ckpt, files=[extra])
@@ -196,7 +204,7 @@ def test_end_deletes_files_and_drops_the_loaded_model(tmp_path):
 def test_model_cache_drops_a_deleted_model(tmp_path):
     ckpt = tmp_path / "odd"
     odd_vit.save_odd_vit(ckpt)
-    reg = SessionModels(SessionLimits(), on_delete=sessions._forget_loaded)
+    reg = SessionModels(limits(), on_delete=sessions._forget_loaded)
     name = reg.add("alice", "fine-tuned: odd-x", ckpt).load_name
     models.load_vit(name, device="cpu")
     assert any(str(k).startswith(f"{name}@") for k in models.MODEL_CACHE.keys())
@@ -206,7 +214,7 @@ def test_model_cache_drops_a_deleted_model(tmp_path):
 
 def test_idle_sessions_expire(tmp_path):
     clock = Clock()
-    reg = SessionModels(SessionLimits(idle_s=60), clock=clock)
+    reg = SessionModels(limits(idle_s=60), clock=clock)
     reg.add("alice", "m", _checkpoint(tmp_path, "a"))
     reg.add("bob", "n", _checkpoint(tmp_path, "b"))
     clock.now = 50
@@ -217,7 +225,7 @@ def test_idle_sessions_expire(tmp_path):
 
 
 def test_per_session_cap_and_global_quota_evict_the_oldest(tmp_path):
-    reg = SessionModels(SessionLimits(per_session=2, quota_bytes=3500))
+    reg = SessionModels(limits(per_session=2, quota_bytes=3500))
     for i in range(3):
         reg.add("alice", f"a{i}", _checkpoint(tmp_path, f"a{i}"))
     assert reg.names("alice") == ["a1", "a2"] and not (tmp_path / "a0").exists()
@@ -229,12 +237,41 @@ def test_per_session_cap_and_global_quota_evict_the_oldest(tmp_path):
     assert reg.names("carol") == ["huge"] and reg.names("alice") == reg.names("bob") == []
 
 
-def test_limits_from_env(monkeypatch):
-    monkeypatch.setenv("VIT_EXPLORER_FINETUNE_QUOTA_MB", "1.5")
-    monkeypatch.setenv("VIT_EXPLORER_FINETUNES_PER_SESSION", "2")
-    monkeypatch.setenv("VIT_EXPLORER_SESSION_IDLE_S", "30")
-    monkeypatch.setenv("VIT_EXPLORER_SHARE_FINETUNES", "1")
-    assert SessionLimits.from_env() == SessionLimits(int(1.5 * (1 << 20)), 2, 30.0, True)
+def test_a_session_saves_its_model_once_and_leaves_nothing_behind_when_it_cannot(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(session_context, "finetuned_dir", lambda: tmp_path)
+    ctx = session_context.context("saving-session")
+
+    def half_written(out: Path) -> Path:  # the disk fills up halfway through
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(session_context.ModelSaveError, match="No space left on device"):
+        ctx.save_model("label", half_written, downloads=tmp_path / "downloads")
+    assert list((tmp_path / "sessions").iterdir()) == []
+    assert ctx.model_names() == models.model_names()  # nothing registered
+
+    def written(out: Path) -> Path:
+        odd_vit.save_odd_vit(out)
+        return out
+
+    saved = ctx.save_model("label", written, downloads=tmp_path / "downloads")
+    assert saved.name.startswith("fine-tuned: label-") and saved.name in ctx.model_names()
+    assert saved.checkpoint.parent.parent == tmp_path / "sessions"  # a random folder each
+    assert (saved.checkpoint / "config.json").is_file() and saved.download.is_file()
+    assert re.fullmatch(r"vit-explorer-ckpt-[\w-]{16,}", saved.download.parent.name)
+    ctx.end()
+    assert not saved.checkpoint.exists() and not saved.download.exists()
+    assert saved.name not in ctx.model_names()
+
+
+def test_limits_come_from_the_settings():
+    env = {"VIT_EXPLORER_FINETUNE_QUOTA_MB": "1.5", "VIT_EXPLORER_FINETUNES_PER_SESSION": "2",
+           "VIT_EXPLORER_SESSION_IDLE_S": "30", "VIT_EXPLORER_SHARE_FINETUNES": "1",
+           "VIT_EXPLORER_MAX_HUB_MB": "10", "VIT_EXPLORER_WEB_HUB": "0"}
+    assert SessionLimits.from_settings(Settings.from_env(env)) == SessionLimits(
+        int(1.5 * (1 << 20)), 2, 30.0, True, 10.0, False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,14 +287,10 @@ def demo(tmp_path_factory):
     (data / OPERATOR_DATA).mkdir()
     for i in range(3):
         Image.new("RGB", (64, 64), (i * 60, 10, 10)).save(data / OPERATOR_DATA / f"{i}.png")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VIT_EXPLORER_MODELS_DIR", str(operator))
-        mp.setenv("VIT_EXPLORER_DATA_DIR", str(data))
-        demo = app.build_demo()
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None,
-                    quiet=True)
-        yield demo
-        demo.close()
+    demo = app.build_demo(Settings(models_dir=operator, data_dir=data))
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    yield demo
+    demo.close()
 
 
 def _client(demo) -> Client:
@@ -393,11 +426,12 @@ def test_idle_timeout_and_quota_through_the_app(demo, monkeypatch):
     first, _ = _train(alice)
     first_files = _session_files(first)
     size = sessions.FINETUNES.total_bytes()
-    monkeypatch.setenv("VIT_EXPLORER_FINETUNE_QUOTA_MB", str(1.5 * size / (1 << 20)))
+    monkeypatch.setattr(sessions.FINETUNES, "limits",
+                        replace(sessions.FINETUNES.limits, quota_bytes=int(1.5 * size)))
     second, _ = _train(bob)  # two do not fit: the oldest (alice's) goes
     assert _wait_gone(first_files, timeout=1) and first not in _choices(alice)
     assert second in _choices(bob)
-    monkeypatch.setenv("VIT_EXPLORER_SESSION_IDLE_S", "1")
+    monkeypatch.setattr(sessions.FINETUNES, "limits", replace(sessions.FINETUNES.limits, idle_s=1))
     second_files = _session_files(second)
     assert _wait_gone(second_files)  # bob idles: the sweeper deletes his model
     assert second not in [m.name for m in sessions.FINETUNES._models.values()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 import app
 from explorer import store
 from explorer.images import example_paths
+from explorer.settings import Settings
 
 SIZE = 56  # 4x4 patches of the default ViT-S/14: analyses in well under a second
 
@@ -27,21 +29,46 @@ def test_store_stays_under_its_bound_and_rebuilds_what_it_dropped():
         built.append(n)
         return np.zeros(1000, np.uint8)
 
-    refs = [kept.keep(f"s{i}", "tab", (i,), build(i)) for i in range(10)]
+    refs = [kept.keep((f"s{i}", "tab"), i, build(i)) for i in range(10)]
     assert kept.nbytes <= 3 * 1000 and len(kept) == 3
     assert kept.get_or_rebuild(refs[-1], build) is not None and kept.rebuilds == 0
     assert kept.get_or_rebuild(refs[0], build).nbytes == 1000  # evicted: rebuilt
     assert kept.rebuilds == 1 and built[-1] == 0
-    # one entry per (session, tab): a newer analysis replaces the older one...
-    newer = kept.keep("s0", "tab", (99,), np.zeros(10, np.uint8))
+    # one entry per key: a newer analysis replaces the older one...
+    newer = kept.keep(("s0", "tab"), 99, np.zeros(10, np.uint8))
     assert len(kept) == 3 and kept.get_or_rebuild(newer, build).nbytes == 10
     # ...and the older ref is rebuilt from its own inputs, never handed the newer result
     assert kept.get_or_rebuild(refs[0], build).nbytes == 1000
 
 
-def test_bound_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("VIT_EXPLORER_STORE_MB", "1.5")
-    assert store.bound_bytes() == int(1.5 * 2**20)
+def test_the_app_bounds_the_store_from_its_settings(monkeypatch):
+    monkeypatch.setattr(store.STORE.cache, "max_bytes", store.STORE.cache.max_bytes)
+    app.build_demo(Settings(store_mb=1.5))
+    assert store.STORE.cache.max_bytes == int(1.5 * 2**20)
+
+
+def test_a_session_finds_its_kept_result_by_type_and_inputs_and_loses_it_when_it_ends():
+    from explorer.session_context import context
+
+    @dataclass
+    class Kept:
+        n: int
+
+    @dataclass
+    class Other:
+        n: int
+
+    alice, bob = context("alice-test"), context("bob-test")
+    ref = alice.keep(Kept(1), ("photo.jpg", 224))
+    assert alice.peek(Kept, ("photo.jpg", 224)) == Kept(1)
+    assert alice.peek(Kept, ("photo.jpg", 336)) is None  # other inputs: not this result
+    assert alice.peek(Other, ("photo.jpg", 224)) is None  # another kind of result
+    assert bob.peek(Kept, ("photo.jpg", 224)) is None  # another session never sees it
+    alice.keep(Other(2), ("photo.jpg", 224))  # a second kind sits beside the first
+    assert alice.kept(ref, lambda inputs: Kept(-1)) == Kept(1)
+    alice.end()
+    assert alice.peek(Kept, ("photo.jpg", 224)) is None
+    assert alice.kept(ref, lambda inputs: Kept(len(inputs))) == Kept(2)  # rebuilt from inputs
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +104,7 @@ def test_more_sessions_than_fit_stay_under_the_bound_and_rebuild(url, tmp_path, 
     rebuilds = store.STORE.rebuilds
     out = views(first)  # evicted: analysed again from the inputs its state kept
     assert store.STORE.rebuilds == rebuilds + 1
-    assert Path(out[0]).is_file() and "patch token(s) above" in out[7]
+    assert Path(out[0]).is_file() and "patch token(s) above" in out[7]  # heads, norm note
     assert store.STORE.nbytes <= 1.5 * one
 
 
@@ -88,10 +115,10 @@ def test_a_dropped_analysis_whose_upload_is_gone_says_to_press_the_button(url, t
     mine, other = Client(url, verbose=False), Client(url, verbose=False)
     attention(mine, str(photo))
     (inputs, size), = [(value[0], size) for value, size in store.STORE.cache._items.values()
-                       if os.path.basename(value[0][0]) == "mine.jpg"]
+                       if os.path.basename(value[0].image) == "mine.jpg"]
     monkeypatch.setattr(store.STORE.cache, "max_bytes", int(1.5 * size))  # room for one
     attention(other, str(example_paths()[0]))  # evicts mine
-    os.remove(inputs[0])  # the server's copy of the upload is gone too
+    os.remove(inputs.image)  # the server's copy of the upload is gone too
     with pytest.raises(Exception, match="press Show attention again"):
         views(mine)
 
@@ -104,13 +131,17 @@ def test_a_bundled_examples_tokens_are_kept_and_served_as_files(tmp_path):
     shutil.copy(example, copy)
     first = tokens_tab.tokens(example, None, SIZE, SIZE, "crop")
     assert tokens_tab.tokens(str(copy), None, SIZE, SIZE, "crop") is first
-    assert all(Path(v).is_file() for v in first[1:6])  # images: PNG files written once
+    computed = tokens_tab._tokens(example, None, SIZE, SIZE, "crop")
+    for name in ("grid", "sequence", "filters", "pos_native", "pos_chosen", "pca"):
+        # PNG files written once, holding the very pixels computed
+        assert np.array_equal(np.asarray(Image.open(first[name]).convert("RGB")),
+                              computed[name]), name
     other = tmp_path / "other.jpg"
     Image.open(example).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
     fresh = tokens_tab.tokens(str(other), None, SIZE, SIZE, "crop")
-    assert fresh is not first and isinstance(fresh[1], np.ndarray)  # not an example: computed
-    path, *views = tokens_tab.first_example()
-    assert path == str(example_paths()[0]) and "patch tokens" in views[0]
+    assert fresh is not first and isinstance(fresh["grid"], np.ndarray)  # not an example
+    opened = tokens_tab.first_example()
+    assert opened["image"] == str(example_paths()[0]) and "patch tokens" in opened["summary"]
 
 
 def test_rerenders_from_kept_results_never_queue_behind_forward_passes():

@@ -4,7 +4,7 @@
 
 Runs the functions behind ``/tokens``, ``/attention``, ``/distance`` (random init and CNN on)
 and ``/igpt_complete`` (4 completions below 14 rows) in this process, one torch thread, with
-`app.configure_memory`'s malloc arena cap, after one warm-up call each (models loaded, model-only
+`explorer.tuning`'s malloc arena cap, after one warm-up call each (models loaded, model-only
 work cached). Each measured call gets a photo no earlier call saw (the first example, shifted
 by a few pixels), so no per-image cache helps. Prints, per call: the resident memory before,
 the peak above it while the call ran (sampled every 2 ms) and the seconds it took. Freed heap
@@ -63,10 +63,11 @@ def main(argv: list[str]) -> None:
     import psutil
     import torch
 
-    import app
+    from explorer import tuning
+    from explorer.settings import Settings
     from explorer.ui import attention_tab, distance_tab, igpt_tab, tokens_tab
 
-    app.configure_memory()
+    tuning.cap_malloc_arenas(Settings.from_env().malloc_arenas)
     torch.set_num_threads(1)
     s = args.size
     calls = {
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> None:
         "igpt_complete": lambda p: list(igpt_tab.complete(p, igpt_tab.OFFLINE_NAME, 14, 4, 1.0,
                                                           0, 1.0, 0)),
     }
-    trim = app.glibc_function("malloc_trim")
+    trim = tuning.glibc_function("malloc_trim")
     proc, gib, mib = psutil.Process(), 2**30, 2**20
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

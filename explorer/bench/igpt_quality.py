@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from datetime import datetime, timezone
@@ -43,8 +42,7 @@ from explorer.igpt.quality import (
     train_classifier,
 )
 from explorer.igpt.sampler import SampleConfig
-
-CACHE_DIR = Path(os.environ.get("VIT_EXPLORER_CACHE", Path.home() / ".cache" / "vit-explorer"))
+from explorer.models import cache_dir
 
 
 def load_or_train_classifier(train_tokens: torch.Tensor, train_labels: torch.Tensor,
@@ -52,7 +50,7 @@ def load_or_train_classifier(train_tokens: torch.Tensor, train_labels: torch.Ten
     """The cached classifier for this recipe, or a freshly trained (and then cached) one."""
     from explorer.igpt.quality import GarmentCNN
 
-    path = CACHE_DIR / "igpt-quality" / f"garment_cnn_{levels}grey_e{epochs}_s{seed}.pt"
+    path = cache_dir() / "igpt-quality" / f"garment_cnn_{levels}grey_e{epochs}_s{seed}.pt"
     if path.exists():
         model = GarmentCNN(int(train_labels.max()) + 1, train_tokens.shape[-1])
         model.load_state_dict(torch.load(path, weights_only=True))

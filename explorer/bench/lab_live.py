@@ -25,11 +25,14 @@ def main(argv: list[str]) -> None:
     from gradio_client import Client
 
     import app
+    from explorer import tuning
     from explorer.lab import analysis, grid
+    from explorer.settings import Settings
 
     rows = grid.read_grid()
-    demo = app.build_demo()
-    app.configure_threads()
+    settings = Settings.from_env()
+    demo = app.build_demo(settings)
+    tuning.tune(settings)  # as `python app.py` does
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     client = Client(demo.local_url, verbose=False)
     print(f"machine: {describe()}; torch threads per request: "

@@ -99,10 +99,13 @@ def percentile(values: list[float], q: float) -> float:
 
 def model_load_rows() -> list[tuple[str, str]]:
     """Time the offline default's first load (ONNX conversion) and a load from the cache."""
-    from explorer import models
+    from dataclasses import replace
 
+    from explorer import models, settings
+
+    before = settings.current()
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["VIT_EXPLORER_CACHE"] = cache
+        settings.install(replace(before, cache_dir=Path(cache)))
         try:
             start = time.perf_counter()
             models.build_vit(None)
@@ -111,7 +114,7 @@ def model_load_rows() -> list[tuple[str, str]]:
             models.build_vit(None)
             cached = time.perf_counter() - start
         finally:
-            del os.environ["VIT_EXPLORER_CACHE"]
+            settings.install(before)
     return [("default model, first load: ONNX -> timm conversion + safetensors write + build",
              f"{converted:.2f} s"),
             ("default model, later loads: safetensors from cache + build", f"{cached:.2f} s")]

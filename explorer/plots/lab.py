@@ -1,4 +1,5 @@
-"""Figures of the inductive-bias & scale lab, built from `explorer.lab.analysis` results."""
+"""Figures of the inductive-bias & scale lab, built from the grid's rows through
+`explorer.lab.analysis` (the lab tab and the Lecture draw the same ones)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from explorer.lab.analysis import ComputeCurve, ErrorPoint, best_per_budget
+from explorer.lab.analysis import (
+    ComputeCurve,
+    ErrorPoint,
+    best_per_budget,
+    compute_curves,
+    error_vs_data,
+)
 from explorer.lab.models import ARCH_LABELS
 
 ARCH_COLOURS = {"cnn": "#1f77b4", "vit": "#d62728", "vit_rel": "#ff7f0e", "coatnet": "#2ca02c"}
@@ -17,6 +24,20 @@ WIDTH_COLOURS = ("#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
 def _band(colour: str) -> str:
     r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
     return f"rgba({r},{g},{b},0.18)"
+
+
+def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
+    """The grid's test error against training images (`error_vs_data_figure`)."""
+    return error_vs_data_figure(error_vs_data(rows), live)
+
+
+def scaling_figure(rows: list[dict]) -> go.Figure | None:
+    """The grid's ViT size sweep against training compute, with the CNN's runs at the same
+    data sizes for reference (`compute_figure`); None when the grid has no sweep."""
+    curves = compute_curves(rows)
+    if not curves:
+        return None
+    return compute_figure(curves, compute_curves(rows, "cnn", {c.train_images for c in curves}))
 
 
 def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
@@ -145,7 +166,7 @@ def shift_figure(table: dict[str, dict[str, list[float]]], shift_px: int) -> go.
 
 
 def live_figure(history: list[tuple[int, float, float | None]], title: str) -> go.Figure:
-    """A live run's training loss and test-subset accuracy against the step."""
+    """A live run's training loss and validation accuracy against the step."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     steps = [h[0] for h in history]
     fig.add_trace(go.Scatter(x=steps, y=[h[1] for h in history], name="training loss",
@@ -153,10 +174,10 @@ def live_figure(history: list[tuple[int, float, float | None]], title: str) -> g
     acc = [(s, a) for s, _, a in history if a is not None]
     if acc:
         fig.add_trace(go.Scatter(x=[s for s, _ in acc], y=[100 * a for _, a in acc],
-                                 name="test accuracy (2,000 images)", mode="lines+markers",
+                                 name="validation accuracy", mode="lines+markers",
                                  line={"color": "#d62728"}), secondary_y=True)
     fig.update_yaxes(title_text="loss", secondary_y=False, rangemode="tozero")
-    fig.update_yaxes(title_text="test accuracy (%)", secondary_y=True, range=[0, 100])
+    fig.update_yaxes(title_text="validation accuracy (%)", secondary_y=True, range=[0, 100])
     fig.update_layout(title=title, xaxis_title="optimisation step", height=380,
                       margin={"t": 60}, legend={"orientation": "h", "y": -0.25})
     return fig

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import gradio as gr
-import numpy as np
 import torch
 
 from explorer import attention, images, models, patches
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
-from explorer.store import STORE, Ref
-from explorer.ui import attention_view, common
+from explorer.store import Ref
+from explorer.ui import attention_view, common, links
+from explorer.ui.attention_view import HEAD_FUSIONS, Analysis, head_choices, parse_head
+from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import TabLink
 
 INTRO = """
@@ -25,16 +26,52 @@ connection counted as identity, Abnar & Zuidema 2020), DINO-style masks, and the
 tokens. **Click a patch** on the input to see what that patch attends to.
 """
 
-HEAD_CHOICES = ["mean", "max", "min"]
-N_VIEWS = 10  # outputs of `render`
-# Views are photos under colour maps: JPEG encodes them in ~1 ms where PNG took 20-150 ms
-# each (most of a re-render's server time; BENCHMARKS.md, "Serving a lecture hall").
+# Views are photos under colour maps: JPEG encodes them far faster than PNG, which was most of
+# a re-render's server time (BENCHMARKS.md, "Serving a lecture hall").
 VIEW_FORMAT = "jpeg"
 
 
-def head_choices(num_heads: int) -> list[str]:
-    """The query-head dropdown's choices: the fusions, then "head 1" .. "head <num_heads>"."""
-    return HEAD_CHOICES + [f"head {h}" for h in range(1, num_heads + 1)]
+@dataclass(frozen=True)
+class ViewSettings:
+    """The settings the views are drawn with, converted from the UI's values in one place."""
+
+    layer: int  # 1-based, as the slider shows it
+    fusion: str
+    roll_fusion: str
+    discard: float
+    start: int  # 1-based
+    keep: float
+    opacity: float
+    cmap: str
+
+    @classmethod
+    def from_ui(cls, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
+        return cls(int(layer), fusion, roll_fusion, float(discard), int(start), float(keep),
+                   float(opacity), cmap)
+
+    def changed(self, other: ViewSettings) -> set[str]:
+        """Names of the settings that differ from ``other``'s."""
+        return {f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)}
+
+
+# The views, in the order the API returns them, and the settings each depends on: a re-render
+# sends only the views whose settings changed.
+DEPENDS = {
+    "heads": {"layer", "fusion", "opacity", "cmap"},
+    "strip": {"fusion", "opacity", "cmap"},
+    "rollout": {"roll_fusion", "discard", "start", "opacity", "cmap"},
+    "masks": {"layer", "keep"},
+    "prefix_plot": set(),
+    "norm_map": {"layer", "cmap"},
+    "norm_plot": {"layer"},
+    "norm_note": {"layer"},
+    "relevance": {"opacity", "cmap"},
+    "relevance_note": set(),
+}
+VIEWS = tuple(DEPENDS)
+CONTROLS = ("layer", "start", "query_head", "heads", "strip", "rollout")  # follow the model
+QUERY = ("query_img", "query_strip", "query_info")  # a clicked patch's views
+CLICK_A_PATCH = "Click a patch on the input image."
 
 
 def view_labels(geometry: patches.ModelGeometry) -> dict[str, str]:
@@ -46,53 +83,30 @@ def view_labels(geometry: patches.ModelGeometry) -> dict[str, str]:
             "rollout": f"Attention rollout ({source.lower()})"}
 
 
-def geometry_updates(geometry: patches.ModelGeometry | None, layer=None, start=None, head=None):
-    """Control updates for a model: layer and start sliders, head choices, view labels.
-
-    Keeps a chosen value that still fits the model (layer default: the last; start: the
-    first); ``None`` (no model) changes nothing.
+def geometry_updates(geometry: patches.ModelGeometry | None, layer=None, start=None,
+                     head=None) -> dict:
+    """Control updates for a model (`CONTROLS`): layer and start sliders, head choices, view
+    labels. Keeps a chosen value that still fits the model (layer default: the last; start:
+    the first); ``None`` (no model) changes nothing.
     """
     if geometry is None:
-        return tuple(gr.skip() for _ in range(6))
+        return {}
     depth, choices = geometry.depth, head_choices(geometry.num_heads)
-    labels = view_labels(geometry)
-    return (gr.Slider(maximum=depth, value=min(int(layer or depth), depth)),
-            gr.Slider(maximum=depth, value=min(int(start or 1), depth)),
-            gr.Dropdown(choices=choices, value=head if head in choices else "mean"),
-            gr.Image(label=labels["heads"]), gr.Image(label=labels["strip"]),
-            gr.Image(label=labels["rollout"]))
+    return {"layer": gr.Slider(maximum=depth, value=min(int(layer or depth), depth)),
+            "start": gr.Slider(maximum=depth, value=min(int(start or 1), depth)),
+            "query_head": gr.Dropdown(choices=choices, value=head if head in choices else "mean"),
+            **{name: gr.Image(label=label) for name, label in view_labels(geometry).items()}}
 
 
-def model_controls(model_name):
+def model_controls(model_name) -> dict:
     """Controls for a newly picked model (`/attention_geometry`): its last layer, rollout from
     its first, its heads (query map back to "mean"), and view labels for its tokens."""
     return geometry_updates(common.model_geometry(model_name))
 
 
-@dataclass
-class Session:
-    """What one analysis leaves for the follow-up events, kept in `explorer.store.STORE`
-    (``gr.State`` holds only its `Ref`)."""
-
-    maps: attention.AttentionMaps
-    geometry: patches.ModelGeometry
-    shown: np.ndarray  # (H, W, 3) the model's input as displayed
-    prefix_share: object  # (L, P) tensor, computed once per image
-    relevance: object | None  # (rows, cols) class-specific map, classifier models only
-    relevance_note: str
-    note: str
-    drawn: tuple | None = None  # the settings the session's views were last drawn with
-
-
-SETTINGS = ("layer", "fusion", "roll_fusion", "discard", "start", "keep", "opacity", "cmap")
-# The settings each of `render`'s outputs depends on: a re-render sends only what changed.
-DEPENDS = [{"layer", "fusion", "opacity", "cmap"}, {"fusion", "opacity", "cmap"},
-           {"roll_fusion", "discard", "start", "opacity", "cmap"}, {"layer", "keep"}, set(),
-           {"layer", "cmap"}, {"layer"}, {"layer"}, {"opacity", "cmap"}, set()]
-
-
-def _analyse(image_path, model_name, width, height, fit) -> Session:
-    model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
+def _analyse(request: common.ImageRequest) -> Analysis:
+    model, data_config, pixels = common.model_and_pixels(
+        request.image, request.model, request.width, request.height, request.fit)
     with common.user_errors():
         # kept in the store: float16 q, k and head means (half the bytes), cast per block
         maps = attention.capture(model, pixels, keep_dtype=torch.float16)
@@ -105,68 +119,67 @@ def _analyse(image_path, model_name, width, height, fit) -> Session:
     share = attention.prefix_attention_share(maps)[:, 0]
     rows, cols = maps.grid
     size = tuple(pixels.shape[-2:])
-    summary = (f"**{models.describe(model_name)}** {size[1]}x{size[0]} px, {cols}x{rows} patches, "
-               f"{maps.num_layers} layers x {maps.num_heads} heads, prefix: "
+    summary = (f"**{models.describe(request.model)}** {size[1]}x{size[0]} px, {cols}x{rows} "
+               f"patches, {maps.num_layers} layers x {maps.num_heads} heads, prefix: "
                f"{', '.join(maps.prefix_names) or 'none'}.")
-    return Session(maps, patches.model_geometry(model, data_config),
-                   images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
+    return Analysis(maps, patches.model_geometry(model, data_config),
+                    images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
 
 
-def kept(ref: Ref | None) -> Session:
-    """The session's analysis from the store; after an eviction, analysed again from the
-    inputs in its ref (or, if that upload is gone, a message saying to press the button)."""
+def kept(ref: Ref | None) -> Analysis:
+    """The session's analysis; after the store dropped it, analysed again from the inputs in
+    its ref (or, if that upload is gone, a message saying to press the button)."""
     if ref is None:
         raise gr.Error("Run the analysis first (press Show attention).")
     try:
-        return STORE.get_or_rebuild(ref, _analyse)
+        return common.session().kept(ref, _analyse)
     except gr.Error as err:
         raise gr.Error("This analysis was dropped from the server's memory and cannot be "
                        "redone: press Show attention again.") from err
 
 
-def render(session: Session | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap,
-           only: set[int] | None = None):
-    """All per-image views from an analysis (``only``: just those outputs, others skipped)."""
-    if session is None:
-        raise gr.Error("Run the analysis first (press Show attention).")
-    maps, shown, layer = session.maps, session.shown, int(layer) - 1
+def render(analysis: Analysis, s: ViewSettings, only: set[str] | None = None) -> dict:
+    """The per-image views (`VIEWS`) of an analysis; ``only``: just those."""
+    maps, shown = analysis.maps, analysis.shown
     with common.user_errors(), _index_errors():
-        v = attention_view.attention_views(maps, min(layer, maps.num_layers - 1), fusion,
-                                           roll_fusion, float(discard), int(start) - 1,
-                                           float(keep), prefix_share=session.prefix_share)
-    flagged = int(v.high_norm.sum())
-    norm_note = (f"Block {v.layer + 1}: **{flagged}** patch token(s) above {v.norm_threshold:.1f} "
-                 "(2x the median patch norm).")
-    relevance = session.relevance
-    views = (
-        lambda: plots.head_grid(shown, v.heads, v.fused, fusion, v.layer, opacity, cmap),
-        lambda: plots.layer_strip(shown, v.per_layer, opacity, cmap),
-        lambda: plots.heat_overlay(shown, v.rollout, opacity, cmap),
-        lambda: plots.mask_grid(shown, v.masks, float(keep), v.layer),
-        lambda: plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
-        lambda: plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:], maps.grid,
-                                     v.high_norm, cmap),
-        lambda: plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, v.layer),
-        lambda: norm_note,
-        lambda: (plots.heat_overlay(shown, relevance, opacity, cmap)
-                 if relevance is not None else None),
-        lambda: session.relevance_note,
-    )
-    return tuple(draw() if only is None or i in only else gr.skip() for i, draw in enumerate(views))
+        v = attention_view.attention_views(maps, min(s.layer - 1, maps.num_layers - 1), s.fusion,
+                                           s.roll_fusion, s.discard, s.start - 1, s.keep,
+                                           prefix_share=analysis.prefix_share)
+    relevance = analysis.relevance
+    draw = {
+        "heads": lambda: plots.head_grid(shown, v.heads, v.fused, s.fusion, v.layer, s.opacity,
+                                         s.cmap),
+        "strip": lambda: plots.layer_strip(shown, v.per_layer, s.opacity, s.cmap),
+        "rollout": lambda: plots.heat_overlay(shown, v.rollout, s.opacity, s.cmap),
+        "masks": lambda: plots.mask_grid(shown, v.masks, s.keep, v.layer),
+        "prefix_plot": lambda: plots.prefix_share_figure(v.prefix_share, maps.prefix_names),
+        "norm_map": lambda: plots.token_norm_map(shown, v.norms[maps.num_prefix_tokens:],
+                                                 maps.grid, v.high_norm, s.cmap),
+        "norm_plot": lambda: plots.token_norm_figure(v.norms, maps.prefix_names,
+                                                     v.norm_threshold, v.layer),
+        "norm_note": lambda: (f"Block {v.layer + 1}: **{int(v.high_norm.sum())}** patch "
+                              f"token(s) above {v.norm_threshold:.1f} (2x the median patch "
+                              "norm)."),
+        "relevance": lambda: (plots.heat_overlay(shown, relevance, s.opacity, s.cmap)
+                              if relevance is not None else None),
+        "relevance_note": lambda: analysis.relevance_note,
+    }
+    return {name: draw[name]() for name in VIEWS if only is None or name in only}
 
 
-def rerender(ref: Ref | None, *settings):
+def rerender(ref: Ref | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
     """Redraw the kept analysis after a setting changes (the `/attention_views` endpoint):
     only the views whose settings changed since the session's last drawing (`DEPENDS`; the
     others are left as shown); nothing to do before the first analysis."""
     if ref is None:
-        return tuple(gr.skip() for _ in range(N_VIEWS))
-    session = kept(ref)
-    before, session.drawn = session.drawn, settings
+        return {}
+    analysis = kept(ref)
+    now = ViewSettings.from_ui(layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
+    before, analysis.drawn = analysis.drawn, now
     if before is None:  # first drawing of a rebuilt analysis: everything
-        return render(session, *settings)
-    changed = {name for name, old, new in zip(SETTINGS, before, settings, strict=True) if old != new}
-    return render(session, *settings, only={i for i, d in enumerate(DEPENDS) if d & changed})
+        return render(analysis, now)
+    changed = now.changed(before)
+    return render(analysis, now, only={name for name, d in DEPENDS.items() if d & changed})
 
 
 def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
@@ -177,41 +190,52 @@ def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion
     Also returns the controls fitted to the analysed model (`geometry_updates`), so the layer
     and head choices always match the maps shown, and the `Ref` of the kept analysis.
     """
-    inputs = (image_path, model_name, width, height, fit)
-    session = _analyse(*inputs)
-    ref = STORE.keep(getattr(request, "session_hash", None), "attention", inputs, session)
-    depth = session.geometry.depth
+    inputs = common.ImageRequest(image_path, model_name, width, height, fit)
+    analysis = _analyse(inputs)
+    ref = common.session(request).keep(analysis, inputs)
+    depth = analysis.geometry.depth
     layer, start = min(int(layer or depth), depth), min(int(start or 1), depth)
-    views = render(session, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
-    session.drawn = (layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
-    return (ref, session.note, session.shown, *views,
-            *geometry_updates(session.geometry, layer, start, head),
-            None, None, "Click a patch on the input image.")
+    analysis.drawn = ViewSettings.from_ui(layer, fusion, roll_fusion, discard, start, keep,
+                                          opacity, cmap)
+    views = render(analysis, analysis.drawn)
+    for name, label in view_labels(analysis.geometry).items():  # a new model's labels too
+        views[name] = gr.Image(value=views[name], label=label)
+    return {"session": ref, "summary": analysis.note, "shown": analysis.shown,
+            **geometry_updates(analysis.geometry, layer, start, head), **views,
+            "query_img": None, "query_strip": None, "query_info": CLICK_A_PATCH}
 
 
 def pick_patch(ref: Ref | None, evt: gr.SelectData):
     """Turn a click on the input image into a (row, col) patch position."""
     if ref is None:
         raise gr.Error("Run the analysis first, then click a patch.")
-    session = kept(ref)
-    (ph, pw), (rows, cols) = session.maps.patch_size, session.maps.grid
+    analysis = kept(ref)
+    (ph, pw), (rows, cols) = analysis.maps.patch_size, analysis.maps.grid
     x, y = evt.index
     return min(int(y) // ph, rows - 1), min(int(x) // pw, cols - 1)
 
 
-def query(ref: Ref | None, row, col, layer, head, opacity, cmap):
-    """One query patch's attention: chosen layer and head, and across layers."""
+def query(ref: Ref | None, row, col, layer, head, opacity, cmap) -> dict:
+    """One query patch's attention (`QUERY`): chosen layer and head, and across layers."""
     if ref is None or row is None or col is None:
         raise gr.Error("Run the analysis first, then click a patch.")
-    session = kept(ref)
-    maps, cell = session.maps, (int(row), int(col))
-    head_arg = head if head in HEAD_CHOICES else int(str(head).split()[-1]) - 1
+    analysis = kept(ref)
+    maps, cell = analysis.maps, (int(row), int(col))
     with common.user_errors(), _index_errors():
-        in_layer, all_layers = attention_view.query_views(maps, *cell, int(layer) - 1, head_arg)
+        in_layer, all_layers = attention_view.query_views(maps, *cell, int(layer) - 1,
+                                                          parse_head(head))
     info = (f"Query patch row {cell[0]}, column {cell[1]} (token {maps.token_index(*cell)}), "
             f"layer {int(layer)}, head: {head}.")
-    return (plots.heat_overlay(session.shown, in_layer, opacity, cmap, cell),
-            plots.layer_strip(session.shown, all_layers, opacity, cmap, cell), info)
+    return {"query_img": plots.heat_overlay(analysis.shown, in_layer, opacity, cmap, cell),
+            "query_strip": plots.layer_strip(analysis.shown, all_layers, opacity, cmap, cell),
+            "query_info": info}
+
+
+def query_if_picked(ref: Ref | None, row, col, layer, head, opacity, cmap) -> dict:
+    """Refresh the query views after a layer/head change, if a patch was picked."""
+    if ref is None or row is None or col is None:
+        return {}
+    return query(ref, row, col, layer, head, opacity, cmap)
 
 
 @contextlib.contextmanager
@@ -223,7 +247,7 @@ def _index_errors() -> Iterator[None]:
         raise gr.Error(str(err)) from err
 
 
-def build_attention_tab() -> TabLink:
+def build_attention_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``.
 
     Returns:
@@ -231,7 +255,7 @@ def build_attention_tab() -> TabLink:
     """
     gr.Markdown(INTRO)
     session = gr.State(None)
-    geometry = common.default_geometry()  # the picker starts on the default model
+    geometry = models.vit_geometry(None)  # the picker starts on the default model
     depth, labels = geometry.depth, view_labels(geometry)
     with gr.Row():
         with gr.Column(scale=1):
@@ -244,9 +268,10 @@ def build_attention_tab() -> TabLink:
             layer = gr.Slider(1, max(depth, 2), value=depth, step=1, label="Layer",
                               elem_id="attn-layer",
                               info="1 = first block; the maximum is the model's depth")
-            fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Fuse heads by")
+            fusion = gr.Radio(list(HEAD_FUSIONS), value="mean", label="Fuse heads by")
             with gr.Accordion("Rollout", open=True):
-                roll_fusion = gr.Radio(HEAD_CHOICES, value="mean", label="Rollout head fusion")
+                roll_fusion = gr.Radio(list(HEAD_FUSIONS), value="mean",
+                                       label="Rollout head fusion")
                 discard = gr.Slider(0, 0.95, value=0.0, step=0.05, label="Discard ratio",
                                     info="share of the weakest links dropped per layer")
                 start = gr.Slider(1, max(depth, 2), value=1, step=1, label="Start layer",
@@ -259,7 +284,7 @@ def build_attention_tab() -> TabLink:
             summary = gr.Markdown(elem_id="attn-summary")
             shown = gr.Image(label="Input as the model sees it: click a patch", format=VIEW_FORMAT,
                              interactive=False, elem_id="attn-input")
-            query_info = gr.Markdown("Click a patch on the input image.", elem_id="attn-query-info")
+            query_info = gr.Markdown(CLICK_A_PATCH, elem_id="attn-query-info")
             query_head = gr.Dropdown(head_choices(geometry.num_heads), value="mean",
                                      label="Query map: head",
                                      elem_id="attn-query-head")
@@ -292,39 +317,31 @@ def build_attention_tab() -> TabLink:
     norm_plot = gr.Plot(label="Token norm distribution", elem_id="attn-norm-hist")
     gr.Markdown(NORM_NOTE)
 
-    settings = [layer, fusion, roll_fusion, discard, start, keep, opacity, cmap]
-    views = [heads, strip, rollout, masks, prefix_plot, norm_map, norm_plot, norm_note,
-             relevance, relevance_note]
-    controls = [layer, start, query_head, heads, strip, rollout]
-    model.change(model_controls, inputs=model, outputs=controls, api_name="attention_geometry",
-                 concurrency_limit=common.concurrency_limit(), concurrency_id="analysis",
-                 show_progress="hidden")
-    run.click(analyse_and_render, inputs=[image, model, width, height, fit, *settings, query_head],
-              outputs=[session, summary, shown, *views, *controls, query_img, query_strip,
-                       query_info],
-              api_name="attention", concurrency_limit=common.concurrency_limit(),
-              concurrency_id="analysis")
+    out = Outputs(session=session, summary=summary, shown=shown, heads=heads, strip=strip,
+                  rollout=rollout, masks=masks, prefix_plot=prefix_plot, norm_map=norm_map,
+                  norm_plot=norm_plot, norm_note=norm_note, relevance=relevance,
+                  relevance_note=relevance_note, layer=layer, start=start, query_head=query_head,
+                  query_img=query_img, query_strip=query_strip, query_info=query_info)
+    settings = [layer, fusion, roll_fusion, discard, start, keep, opacity, cmap]  # ViewSettings
+    model.change(**out.event(model_controls, *CONTROLS), inputs=model,
+                 api_name="attention_geometry", show_progress="hidden", **ctx.views())
+    run.click(**out.event(analyse_and_render),
+              inputs=[image, model, width, height, fit, *settings, query_head],
+              api_name="attention", **ctx.analysis())
     gr.on([layer.release, fusion.change, roll_fusion.change, discard.release, start.release,
            keep.release, opacity.release, cmap.change],
-          rerender, inputs=[session, *settings], outputs=views, api_name="attention_views",
-          trigger_mode="always_last", **common.views_queue())
+          **out.event(rerender, *VIEWS), inputs=[session, *settings], api_name="attention_views",
+          trigger_mode="always_last", **ctx.views())
     query_inputs = [session, q_row, q_col, layer, query_head, opacity, cmap]
     shown.select(pick_patch, inputs=session, outputs=[q_row, q_col],
-                 api_name="attention_pick", **common.views_queue()).then(
-        query, inputs=query_inputs, outputs=[query_img, query_strip, query_info],
-        api_name="attention_query", **common.views_queue())
-    gr.on([query_head.change, layer.release], query_if_picked, inputs=query_inputs,
-          outputs=[query_img, query_strip, query_info], api_name="attention_query_update",
-          trigger_mode="always_last", **common.views_queue())
-    return TabLink("attention", image, model, width, height, run_id="attn-run",
+                 api_name="attention_pick", **ctx.views()).then(
+        **out.event(query, *QUERY), inputs=query_inputs, api_name="attention_query",
+        **ctx.views())
+    gr.on([query_head.change, layer.release], **out.event(query_if_picked, *QUERY),
+          inputs=query_inputs, api_name="attention_query_update", trigger_mode="always_last",
+          **ctx.views())
+    return TabLink(links.ATTENTION, image, model, width, height, run_id="attn-run",
                    extra={"layer": layer, "fusion": fusion, "head": query_head})
-
-
-def query_if_picked(session, row, col, layer, head, opacity, cmap):
-    """Refresh the query views after a layer/head change, if a patch was picked."""
-    if session is None or row is None or col is None:
-        return gr.skip(), gr.skip(), gr.skip()
-    return query(session, row, col, layer, head, opacity, cmap)
 
 
 NORM_NOTE = """

@@ -1,16 +1,20 @@
 """The attention tab's view model: every view of one screen, for image 0 (no gradio here).
 
 Built from `explorer.attention` results by pure functions; the tab turns them into images
-and figures (`explorer.plots.attention`). Tensors stay on the maps' device.
+and figures (`explorer.plots.attention`). Tensors stay on the maps' device. Also the one
+spelling of a head in the UI (`head_label`, `parse_head`) and what one analysis leaves for
+the follow-up events (`Analysis`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from explorer.attention import (
+    HEAD_FUSIONS,
     AttentionMaps,
     class_token_maps,
     cls_rollout_map,
@@ -20,6 +24,60 @@ from explorer.attention import (
     prefix_attention_share,
     query_maps_all_layers,
 )
+from explorer.patches import ModelGeometry
+
+HEAD = "head "  # how the UI names one head: "head 3" is index 2 (heads are 0-based inside)
+
+
+def head_label(head: int) -> str:
+    """The UI's name of head index ``head``: ``"head 3"`` for 2."""
+    return f"{HEAD}{head + 1}"
+
+
+def head_choices(num_heads: int) -> list[str]:
+    """A head picker's choices: the fusions ("mean", "max", "min"), then every head."""
+    return [*HEAD_FUSIONS, *(head_label(h) for h in range(num_heads))]
+
+
+def parse_head(choice: str) -> str | int:
+    """A head picker's choice -> a fusion name, or a head index (0-based).
+
+    Raises:
+        ValueError: neither a fusion nor `head_label`'s spelling.
+    """
+    if choice in HEAD_FUSIONS:
+        return choice
+    number = str(choice)[len(HEAD):] if str(choice).startswith(HEAD) else ""
+    if not number.isdigit() or int(number) < 1:
+        raise ValueError(f"Unknown head {choice!r}: one of {', '.join(HEAD_FUSIONS)} or "
+                         f"'{head_label(0)}', '{head_label(1)}', ...")
+    return int(number) - 1
+
+
+@dataclass
+class Analysis:
+    """What one attention analysis leaves for the follow-up events (re-renders, patch clicks,
+    the distance tab), kept by the session (`explorer.session_context`).
+
+    Attributes:
+        maps: the captured attention (float16 q, k and head means).
+        geometry: the analysed model's geometry.
+        shown: (H, W, 3) the model's input as displayed.
+        prefix_share: (L, P) share of patch queries' attention to each prefix token.
+        relevance: (rows, cols) class-specific map (classifier models only), else None.
+        relevance_note: what the relevance view shows, in words.
+        note: the analysis in words (model, size, grid, layers and heads, prefix tokens).
+        drawn: the settings the session's views were last drawn with (None: not yet).
+    """
+
+    maps: AttentionMaps
+    geometry: ModelGeometry
+    shown: np.ndarray
+    prefix_share: torch.Tensor
+    relevance: torch.Tensor | None
+    relevance_note: str
+    note: str
+    drawn: object | None = None
 
 
 @dataclass

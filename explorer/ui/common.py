@@ -1,16 +1,68 @@
-"""Pieces every tab shares: safe image input, model picker, error mapping, examples."""
+"""Pieces every tab shares: what a tab builder gets from the app, the session of a request,
+safe image input, the model picker, error mapping, examples."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import gradio as gr
 from PIL import Image
 
-from explorer import datasets, images, models, patches, sessions
+from explorer import datasets, distance, images, models, patches, sessions, settings
 from explorer.errors import ModelUnavailableError, without_paths
+from explorer.session_context import ModelSaveError, SessionContext, context
+from explorer.settings import Settings
+from explorer.store import STORE
+
+
+@dataclass(frozen=True)
+class TabContext:
+    """What the app hands every tab builder.
+
+    Attributes:
+        settings: the app's settings (`explorer.settings.Settings`).
+        presenter: the app's presenter switch (large text and figure labels), if any.
+    """
+
+    settings: Settings = field(default_factory=Settings)
+    presenter: gr.Checkbox | None = None
+
+    def analysis(self) -> dict:
+        """Queue settings of an event that runs a forward pass: one group, "analysis",
+        ``settings.concurrency`` at a time."""
+        return {"concurrency_id": "analysis", "concurrency_limit": self.settings.concurrency}
+
+    def views(self) -> dict:
+        """Queue settings of a re-render from kept results (sliders, clicks): their own group,
+        so they never wait behind the forward passes of "analysis"."""
+        return {"concurrency_id": "views", "concurrency_limit": self.settings.view_concurrency}
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What an image tab analyses: the upload, the model, the size (0: the model's default)
+    and how the image is fitted. Tabs find each other's kept results by it."""
+
+    image: str | None
+    model: str | None
+    width: float | None
+    height: float | None
+    fit: str
+
+
+def apply_settings(s: Settings) -> None:
+    """Hand the app's settings to the process-wide parts that serve every session: the model
+    cache, the session store, the sessions' limits, the operator's models and data folders,
+    and `explorer.settings.current` (the weights cache, Fashion-MNIST)."""
+    settings.install(s)
+    models.MODEL_CACHE.max_items = s.max_models
+    STORE.resize(int(s.store_mb * 2**20))
+    sessions.FINETUNES.limits = sessions.SessionLimits.from_settings(s)
+    if s.models_dir:
+        models.register_models_dir(s.models_dir)
+    distance.use_data_dir(s.data_dir)
 
 
 def example_images() -> list[str]:
@@ -52,7 +104,7 @@ def user_errors() -> Iterator[None]:
     """Turn the errors meant for people into `gr.Error`; anything else stays a bug."""
     try:
         yield
-    except (images.ImageError, ModelUnavailableError, datasets.DatasetError) as err:
+    except (images.ImageError, ModelUnavailableError, datasets.DatasetError, ModelSaveError) as err:
         raise gr.Error(without_paths(str(err))) from err  # no server path reaches a visitor
     except Exception as err:  # out-of-memory is the user's size choice, not a bug
         if "out of memory" in str(err).lower() or isinstance(err, MemoryError):
@@ -71,30 +123,27 @@ def load_upload(path: str | None) -> Image.Image:
     return loaded.image
 
 
-def session_id(request: gr.Request | None = None) -> str:
-    """The visitor's session: gradio's ``session_hash`` of ``request``, else of the event
-    running now (gradio keeps its request in a context variable while a callback runs)."""
+def session(request: gr.Request | None = None) -> SessionContext:
+    """The visitor's session (`explorer.session_context`): gradio's ``session_hash`` of
+    ``request``, else of the event running now (gradio keeps its request in a context
+    variable while a callback runs)."""
     from gradio.context import LocalContext
 
     request = request or LocalContext.request.get(None)
-    return getattr(request, "session_hash", None) or "no-session"
+    return context(getattr(request, "session_hash", None))
 
 
 def load_name(model_name: str | None, request: gr.Request | None = None) -> str:
-    """A ViT name from the web -> the name to load (`explorer.sessions.resolve_web_name`):
-    paths and ``local:`` are refused, a session's fine-tune is found for that session only."""
+    """A ViT name from the web -> the name to load (`SessionContext.resolve`): paths and
+    ``local:`` are refused, a session's fine-tune is found for that session only."""
     with user_errors():
-        return sessions.resolve_web_name(model_name, session_id(request))
-
-
-def model_names(request: gr.Request | None = None) -> list[str]:
-    """What this session's pickers list: catalogue, operator models, its fine-tunes."""
-    return sessions.web_model_names(session_id(request))
+        return session(request).resolve(model_name)
 
 
 def end_session(request: gr.Request) -> None:
-    """``demo.unload``: the visitor closed the tab; their fine-tunes' files are deleted."""
-    sessions.FINETUNES.end(session_id(request))
+    """``demo.unload``: the visitor closed the tab; their fine-tunes' files are deleted, their
+    kept results forgotten and their running jobs stopped."""
+    session(request).end()
 
 
 def model_dropdown(label: str = "Model", value: str | None = None) -> gr.Dropdown:
@@ -146,24 +195,8 @@ def resolution_inputs(prefix: str) -> tuple[gr.Number, gr.Number, gr.Radio]:
 def refresh_model_choices(current: str | None, request: gr.Request) -> gr.Dropdown:
     """The dropdown update that lists every model this session may pick now, keeping the
     current choice."""
-    return gr.Dropdown(choices=model_names(request), value=current or models.DEFAULT_MODEL)
-
-
-def concurrency_limit() -> int:
-    """Simultaneous analysis requests per event (env ``VIT_EXPLORER_CONCURRENCY``).
-
-    Two by default: on a 2-core CPU Space more parallel forwards only share the same cores
-    and make everyone's latency worse; waiting requests queue instead.
-    """
-    return int(os.environ.get("VIT_EXPLORER_CONCURRENCY", "2"))
-
-
-def views_queue() -> dict:
-    """Queue settings of re-renders from kept results (sliders, clicks): their own
-    concurrency group, so they never wait behind forward passes in "analysis" (env
-    ``VIT_EXPLORER_VIEW_CONCURRENCY``, default 4: a re-render is ~50 ms of CPU)."""
-    return {"concurrency_id": "views",
-            "concurrency_limit": int(os.environ.get("VIT_EXPLORER_VIEW_CONCURRENCY", "4"))}
+    return gr.Dropdown(choices=session(request).model_names(),
+                       value=current or models.DEFAULT_MODEL)
 
 
 def resolution_for(model, data_config, width: float | None, height: float | None):
@@ -182,24 +215,17 @@ def resolution_for(model, data_config, width: float | None, height: float | None
     return size
 
 
-def default_geometry() -> patches.ModelGeometry:
-    """The default model's geometry without loading it: what the controls start with."""
-    entry = models.CATALOGUE[models.DEFAULT_MODEL]
-    return patches.architecture_geometry(entry.architecture, dynamic_img_size=True)
-
-
 def model_geometry(model_name: str | None) -> patches.ModelGeometry | None:
-    """The geometry of the named ViT (loaded, cached), or None when it cannot be loaded here.
+    """The geometry of the named ViT, read without its weights (`explorer.models.vit_geometry`),
+    or None when it is not available here.
 
     For control updates on a model change: a model that is unavailable leaves the controls
     as they are, and the analysis itself then tells the person why.
     """
     try:
-        name = sessions.resolve_web_name(model_name, session_id())
-        model, data_config = models.load_vit(name)
+        return models.vit_geometry(session().resolve(model_name))
     except ModelUnavailableError:
         return None
-    return patches.model_geometry(model, data_config)
 
 
 def model_and_pixels(image_path, model_name, width, height, fit):

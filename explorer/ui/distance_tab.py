@@ -6,8 +6,9 @@ import gradio as gr
 
 from explorer import distance, models, patches
 from explorer.plots import distance as plots
-from explorer.store import STORE
-from explorer.ui import common
+from explorer.ui import common, links
+from explorer.ui.attention_view import Analysis
+from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import TabLink
 
 INTRO = """
@@ -39,13 +40,17 @@ def _entry(name, width, height, label=None):
 
 
 def per_image(image_path, model_name, others, random_init, cnn, width, height, fit, prefix, band,
-              request: gr.Request | None = None):
-    """The Fig. 7-style plot for one image (the `/distance` endpoint)."""
+              request: gr.Request | None = None) -> dict:
+    """The Fig. 7-style ``plot`` for one image, the CNN's receptive fields (``erf``) and what
+    was computed (``info``): the `/distance` endpoint."""
     image = common.load_upload(image_path)
     with common.user_errors():
         main = _entry(model_name, width, height)
         entries = [main] + [_entry(n, width, height) for n in (others or []) if n != model_name]
-        maps = _attention_kept(request, (image_path, model_name, width, height, fit))
+        # this image's attention, if the session analysed it in the Attention tab already
+        kept = common.session(request).peek(
+            Analysis, common.ImageRequest(image_path, model_name, width, height, fit))
+        maps = kept.maps if kept is not None else None
         if maps is None:
             series, rate = distance.compare_models(image, entries, fit, prefix)
         else:  # this image's attention is in the store already: no second forward
@@ -65,21 +70,18 @@ def per_image(image_path, model_name, others, random_init, cnn, width, height, f
             "the Attention tab (no new forward pass).")
     if band and shown_band is None:
         info += f" (The dataset band was computed for {band[0]}; recompute it for this model.)"
-    return fig, plots.erf_mosaic(rf) if rf is not None else None, info
-
-
-def _attention_kept(request, inputs):
-    """The attention maps this session analysed for the same upload, model, size and fit,
-    if the store still has them (`explorer.store`), else None."""
-    kept = STORE.peek(getattr(request, "session_hash", None), "attention", inputs)
-    return kept.maps if kept is not None else None
+    return {"plot": fig, "erf": plots.erf_mosaic(rf) if rf is not None else None, "info": info}
 
 
 def dataset_band(model_name, source, n, zip_file, width, height, prefix,
                  progress=gr.Progress()):  # noqa: B008
     """Mean and spread per head over a dataset, cached per model (`/distance_dataset`).
 
-    ``zip_file``: the uploaded zip for the "uploaded zip" source (no server folders)."""
+    ``zip_file``: the uploaded zip for the "uploaded zip" source (no server folders).
+
+    Returns:
+        ``(band, info)``: the band kept for the plot (label, legend, mean, std) and a line.
+    """
     with common.user_errors():
         label, model, config, size = _entry(model_name, width, height)
         stats = distance.cached_dataset_distance(
@@ -91,19 +93,19 @@ def dataset_band(model_name, source, n, zip_file, width, height, prefix,
     return band, info
 
 
-def refresh(image_path, *args):
+def refresh(image_path, *args) -> dict:
     """Redraw the plot after the band changes, if an image is there."""
     if not image_path:
-        return gr.skip(), gr.skip(), gr.skip()
+        return {}
     return per_image(image_path, *args)
 
 
 def other_models(current, request: gr.Request):
     """The overlay picker's choices for this session, keeping the current ones."""
-    return gr.Dropdown(choices=common.model_names(request), value=current)
+    return gr.Dropdown(choices=common.session(request).model_names(), value=current)
 
 
-def build_distance_tab() -> TabLink:
+def build_distance_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``.
 
     Returns:
@@ -141,11 +143,10 @@ def build_distance_tab() -> TabLink:
                            format="png", interactive=False, elem_id="dist-erf")
             gr.Markdown(MEANING)
 
+    out = Outputs(plot=plot, erf=erf, info=info)
     inputs = [image, model, others, random_init, cnn, width, height, fit, prefix, band]
-    run.click(per_image, inputs=inputs, outputs=[plot, erf, info], api_name="distance",
-              concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
+    run.click(**out.event(per_image), inputs=inputs, api_name="distance", **ctx.analysis())
     band_run.click(dataset_band, inputs=[model, source, n, zip_file, width, height, prefix],
-                   outputs=[band, band_info], api_name="distance_dataset",
-                   concurrency_limit=common.concurrency_limit(), concurrency_id="analysis").then(
-        refresh, inputs=inputs, outputs=[plot, erf, info], api_name="distance_refresh")
-    return TabLink("distance", image, model, width, height, run_id="dist-run")
+                   outputs=[band, band_info], api_name="distance_dataset", **ctx.analysis()).then(
+        **out.event(refresh), inputs=inputs, api_name="distance_refresh")
+    return TabLink(links.DISTANCE, image, model, width, height, run_id="dist-run")

@@ -4,38 +4,29 @@ Training events share one concurrency group of size one (``concurrency_id="finet
 one job at a time, others wait in the queue, and the analysis tabs (group "analysis") keep
 serving. The trained model is saved in timm's checkpoint layout (config.json +
 model.safetensors, loadable with ``timm.create_model("local-dir:<dir>", pretrained=True)``)
-and registered for the session that trained it (`explorer.sessions.FINETUNES`): it appears
-in that session's pickers in every tab, with its download, and nowhere else; its files go
-when the session ends, idles out or the disk quota needs room.
+and saved for the session that trained it (`explorer.session_context`): it appears in that
+session's pickers in every tab, with its download, and nowhere else; its files go when the
+session ends, idles out or the disk quota needs room.
 """
 
 from __future__ import annotations
 
-import contextlib
-import secrets
-import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
-from explorer import datasets, images, models, patches, sessions
-from explorer.errors import without_paths
-from explorer.finetune import (
-    FinetuneConfig,
-    position_similarity_map,
-    run_finetune,
-    save_checkpoint,
-    zip_checkpoint,
-)
-from explorer.finetune.checkpoint import finetuned_dir, run_name
+from explorer import datasets, images, models, patches
+from explorer.finetune import FinetuneConfig, position_similarity_map, run_finetune, save_checkpoint
+from explorer.finetune.checkpoint import run_name
 from explorer.finetune.igpt_probe import igpt_layerwise, load_offline_igpt
 from explorer.finetune.probe import vit_layerwise_probe
 from explorer.finetune.resolution import snap_resolution
 from explorer.plots import finetune as plots
-from explorer.ui import common
+from explorer.ui import common, links
+from explorer.ui.outputs import Outputs
+from explorer.ui.presenter import TabLink
 
 INTRO = """
 **Transformers need data; a linear probe measures what they already know.** Train on the
@@ -52,9 +43,7 @@ MODE_LABELS = {"Linear probe (frozen backbone)": "linear", "Last k blocks": "las
                "Full fine-tune": "full"}
 MAX_ZIP_BYTES = 200 << 20  # compressed upload; the unpacked size is capped by `Limits`
 UPDATE_EVERY_S = 0.5  # stream UI updates at most this often
-DOWNLOAD_PREFIX = "vit-explorer-ckpt-"  # + a random token: another session cannot guess it
-
-_cancel_events: dict[str, threading.Event] = {}  # session -> its running job's cancel flag
+JOB = "finetune"  # the session's job kind (`explorer.session_context.SessionContext.job`)
 
 
 @dataclass
@@ -82,27 +71,22 @@ class UiConfig:
 def load_data(source: str, zip_path: str | None, n_images: float) -> datasets.ImageSet:
     """The chosen data as an `ImageSet`, or `gr.Error` with the reason."""
     if source == BUILTIN:
-        with _dataset_errors():
+        with common.user_errors():
             return datasets.fashion_mnist("train", int(n_images), seed=0)
     if not zip_path:
         raise gr.Error("Upload a .zip of class folders first (or choose the built-in data).")
     if Path(zip_path).stat().st_size > MAX_ZIP_BYTES:
         raise gr.Error(f"The zip is larger than {MAX_ZIP_BYTES >> 20} MB; please upload less.")
-    with _dataset_errors():
+    with common.user_errors():
         return datasets.ingest_zip(zip_path)
 
 
-@contextlib.contextmanager
-def _dataset_errors():
-    """`DatasetError` (a message for people) becomes `gr.Error`."""
-    try:
-        yield
-    except datasets.DatasetError as err:
-        raise gr.Error(without_paths(str(err))) from err
-
-
 def describe_data(source, zip_path, n_images):
-    """Class counts before training (the `/finetune_data` API endpoint)."""
+    """Class counts before training (the `/finetune_data` API endpoint).
+
+    Returns:
+        ``(summary, counts figure)``.
+    """
     data = load_data(source, zip_path, n_images)
     try:
         train, val = datasets.train_val_split(data, 0.2, seed=0)
@@ -117,34 +101,31 @@ def describe_data(source, zip_path, n_images):
 def train(source, zip_path, n_images, model_name, mode_label, last_k, resolution, epochs, lr,
           batch_size, probe_block=0, request: gr.Request = None,
           progress=gr.Progress()):  # noqa: B008
-    """Train and stream curves, then show results (the `/finetune` API endpoint).
-
-    Yields (status, curves, results, confusion, misclassified, position map, checkpoint).
-    """
+    """Train and stream curves, then show results (the `/finetune` API endpoint): yields
+    the outputs that change (`live_update`, then `finish`)."""
     config = training_config(mode_label, last_k, resolution, epochs, lr, batch_size,
                              probe_block)
     data = load_data(source, zip_path, n_images)
-    cancel = _cancel_events.setdefault(_session(request), threading.Event())
-    cancel.clear()
     try:
-        train_set, val_set = datasets.train_val_split(data, 0.2, seed=config.seed)
-        model = fresh_model(model_name, config.resolution, request)
-        if (config.probe_block or 0) > len(model.blocks):
-            raise gr.Error(f"This model has {len(model.blocks)} blocks; probe one of those.")
-        events = run_finetune(model, train_set, val_set, config, cancel, model_key=model_name)
-        history, last_update = [], 0.0
-        for event in common_errors(events):
-            if event.result is not None:
-                yield finish(event.result, val_set, model_name, config, source, request)
-                break
-            if event.stage in ("train", "eval"):
-                history.append(event.metrics)
-            if time.monotonic() - last_update > UPDATE_EVERY_S or event.stage == "eval":
-                last_update = time.monotonic()
-                progress((event.done, event.total), desc=event.stage)
-                yield live_update(event, history)
+        with common.session(request).job(JOB) as cancel:  # set on the way out: the engine stops
+            train_set, val_set = datasets.train_val_split(data, 0.2, seed=config.seed)
+            model = fresh_model(model_name, config.resolution, request)
+            if (config.probe_block or 0) > len(model.blocks):
+                raise gr.Error(f"This model has {len(model.blocks)} blocks; probe one of those.")
+            events = run_finetune(model, train_set, val_set, config, cancel,
+                                  model_key=model_name)
+            history, last_update = [], 0.0
+            for event in common_errors(events):
+                if event.result is not None:
+                    yield finish(event.result, val_set, model_name, config, source, request)
+                    break
+                if event.stage in ("train", "eval"):
+                    history.append(event.metrics)
+                if time.monotonic() - last_update > UPDATE_EVERY_S or event.stage == "eval":
+                    last_update = time.monotonic()
+                    progress((event.done, event.total), desc=event.stage)
+                    yield live_update(event, history)
     finally:
-        cancel.set()  # stops the engine if the client went away mid-run
         data.cleanup()
 
 
@@ -172,58 +153,39 @@ def common_errors(events):
         yield from events
 
 
-def live_update(event, history: list[dict]):
-    """Outputs while training: status and curves change; the rest is left as it is."""
+def live_update(event, history: list[dict]) -> dict:
+    """Outputs while training: the status and the curves change; the rest is left as it is."""
     status = f"**{event.stage}** {event.done}/{event.total}"
     if "loss" in event.metrics:
         status += f" · loss {event.metrics['loss']:.3f} · batch acc {event.metrics['acc']:.2f}"
     if "val_acc" in event.metrics:
         status += f" · validation acc {event.metrics['val_acc']:.3f}"
-    curves = plots.training_curves(history) if history else gr.skip()
-    return status, curves, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return {"status": status, **({"curves": plots.training_curves(history)} if history else {})}
 
 
-def finish(result, val_set, model_name, config, source, request=None):
+def finish(result, val_set, model_name, config, source, request=None) -> dict:
     """Outputs after training: save the model for this session, build the result views."""
     curves = plots.training_curves(result.history)
     if result.cancelled:
-        return ("**Cancelled.** Nothing was saved.", curves, "", None, None, None, None)
+        return {"status": "**Cancelled.** Nothing was saved.", "curves": curves, "result": "",
+                "confusion": None, "wrong": None, "pos_map": None, "checkpoint": None}
     label = run_name(model_name, config, "fashion-mnist" if source == BUILTIN else "upload")
-    picker_name, download = save_for_session(result, label, model_name, config, request)
+    with common.user_errors():
+        # the zip goes inside gradio's cache folder, so gradio serves it as it is (no copy
+        # that would outlive the session)
+        saved = common.session(request).save_model(
+            label, lambda out: save_checkpoint(result, out, model_name, config),
+            downloads=Path(gr.utils.get_upload_folder()))
     grid = plots.misclassified_grid(val_set, result.val_labels, result.val_preds)
     summary = (f"**Validation accuracy {result.val_acc:.1%}** on {len(val_set)} images at "
                f"{result.resolution[1]}×{result.resolution[0]} px. Saved as "
-               f"**{picker_name}**: pick it in the other tabs to compare with "
+               f"**{saved.name}**: pick it in the other tabs to compare with "
                f"**{model_name}**." + ("" if grid is not None else " No validation image "
                                         "was misclassified."))
-    return ("**Done.**", curves, summary, plots.confusion_figure(result.confusion, result.classes),
-            grid, plots.position_similarity_image(position_similarity_map(result.model)),
-            str(download))
-
-
-def save_for_session(result, label, model_name, config, request=None) -> tuple[str, Path]:
-    """Save the checkpoint and its download zip under random folder names and register both
-    with the session (`explorer.sessions.FINETUNES`), which deletes them when it ends.
-
-    The zip is written inside gradio's cache folder, so gradio serves it as it is (no copy
-    that would outlive the session); its random folder is the only way to its URL.
-
-    Returns:
-        ``(picker name, download zip)``.
-    """
-    folder = finetuned_dir() / "sessions" / secrets.token_hex(8)
-    try:
-        out = save_checkpoint(result, folder / label, model_name, config)
-    except OSError as err:  # a full disk, permissions: say so without the server's path
-        shutil.rmtree(folder, ignore_errors=True)
-        raise gr.Error(f"Could not save the model ({err.strerror or type(err).__name__}).") from err
-    downloads = Path(gr.utils.get_upload_folder()) / (DOWNLOAD_PREFIX + secrets.token_urlsafe(16))
-    downloads.mkdir(parents=True)
-    download = downloads / f"{label}.zip"
-    shutil.move(zip_checkpoint(out), download)
-    name = sessions.unguessable_name(label)
-    sessions.FINETUNES.add(common.session_id(request), name, out, files=(folder, downloads))
-    return name, download
+    return {"status": "**Done.**", "curves": curves, "result": summary,
+            "confusion": plots.confusion_figure(result.confusion, result.classes), "wrong": grid,
+            "pos_map": plots.position_similarity_image(position_similarity_map(result.model)),
+            "checkpoint": str(saved.download)}
 
 
 def layerwise(source, zip_path, n_images, model_name, resolution, request: gr.Request,
@@ -231,51 +193,50 @@ def layerwise(source, zip_path, n_images, model_name, resolution, request: gr.Re
     """Linear-probe accuracy after every block (the `/finetune_layerwise` API endpoint).
 
     On the built-in Fashion-MNIST the iGPT trained here is probed too, when it exists.
+
+    Returns:
+        ``(status, probe figure)``.
     """
     data = load_data(source, zip_path, n_images)
-    cancel = _cancel_events.setdefault(_session(request), threading.Event())
-    cancel.clear()
     try:
-        train_set, val_set = datasets.train_val_split(data, 0.2, seed=0)
-        model = fresh_model(model_name, int(resolution) if resolution else None, request)
-        size = snap_resolution(model, int(resolution) if resolution else None)
-        runs = [(model_name, vit_layerwise_probe(model, train_set, val_set, size, 64,
-                                                 model_name, cancel))]
-        igpt = load_offline_igpt() if source == BUILTIN else None
-        if igpt is not None:
-            runs.append((igpt.name, igpt_layerwise(igpt, train_set, val_set, 64, cancel)))
-        probes = []
-        for name, run in runs:
-            for stage, done, probe in run:
-                progress((done, None), desc=f"{name}: {stage}")
-                if probe is not None:
-                    probes.append(probe)
+        with common.session(request).job(JOB) as cancel:
+            train_set, val_set = datasets.train_val_split(data, 0.2, seed=0)
+            model = fresh_model(model_name, int(resolution) if resolution else None, request)
+            size = snap_resolution(model, int(resolution) if resolution else None)
+            runs = [(model_name, vit_layerwise_probe(model, train_set, val_set, size, 64,
+                                                     model_name, cancel))]
+            igpt = load_offline_igpt() if source == BUILTIN else None
+            if igpt is not None:
+                runs.append((igpt.name, igpt_layerwise(igpt, train_set, val_set, 64, cancel)))
+            probes = []
+            for name, run in runs:
+                for stage, done, probe in run:
+                    progress((done, None), desc=f"{name}: {stage}")
+                    if probe is not None:
+                        probes.append(probe)
         if len(probes) < len(runs):
             return "**Cancelled.**", None
         best = "; ".join(f"{p.model_name}: best after block {p.best_depth} of {len(p.depths)} "
                          f"({max(p.val_acc):.1%})" for p in probes)
         return f"**Layer-wise probe done.** {best}.", plots.probe_depth_figure(probes)
     finally:
-        cancel.set()
         data.cleanup()
 
 
 def cancel_job(request: gr.Request) -> str:
     """Stop this session's running job between two batches (the `/finetune_cancel` endpoint)."""
-    event = _cancel_events.get(_session(request))
-    if event is None or event.is_set():
-        return ("Nothing of yours is running. (A job still waiting in the queue starts when the "
-                "current one ends; cancel it then.)")
-    event.set()
-    return "Cancelling after the current batch…"
+    if common.session(request).stop(JOB):
+        return "Cancelling after the current batch…"
+    return ("Nothing of yours is running. (A job still waiting in the queue starts when the "
+            "current one ends; cancel it then.)")
 
 
-def _session(request: gr.Request | None) -> str:
-    return (request.session_hash if request is not None else None) or "api"
+def build_finetune_tab(ctx: common.TabContext) -> TabLink:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``.
 
-
-def build_finetune_tab() -> None:
-    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+    Returns:
+        What a link to this tab sets (`explorer.ui.presenter`): nothing but the tab.
+    """
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
@@ -290,7 +251,7 @@ def build_finetune_tab() -> None:
             mode = gr.Radio(list(MODE_LABELS), value=next(iter(MODE_LABELS)), label="Mode",
                             elem_id="ft-mode")
             # Block limits come from the model: the default's, then `depth_controls`.
-            depth = common.default_geometry().depth
+            depth = models.vit_geometry(None).depth
             last_k = gr.Slider(1, max(depth, 2), value=min(DEFAULT_LAST_K, depth), step=1,
                                label="k (last blocks trained)", elem_id="ft-last-k")
             with gr.Row():
@@ -328,14 +289,15 @@ def build_finetune_tab() -> None:
                            elem_id="ft-pos-similarity")
         depth_plot = gr.Plot(label="Linear probe vs depth", elem_id="ft-depth")
 
+    out = Outputs(status=status, curves=curves, result=result_md, confusion=confusion,
+                  wrong=wrong, pos_map=pos_map, checkpoint=checkpoint)
     data_inputs = [source, zip_file, n_images]
     data_event = dict(fn=describe_data, inputs=data_inputs, outputs=[data_md, counts],
-                      concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
+                      **ctx.analysis())
     show_data.click(**data_event, api_name="finetune_data")
     zip_file.upload(**data_event, api_name="finetune_data_upload")
-    start.click(train, inputs=[*data_inputs, model, mode, last_k, resolution, epochs, lr,
-                               batch_size, probe_block],
-                outputs=[status, curves, result_md, confusion, wrong, pos_map, checkpoint],
+    start.click(**out.event(train), inputs=[*data_inputs, model, mode, last_k, resolution, epochs,
+                                            lr, batch_size, probe_block],
                 api_name="finetune", concurrency_limit=1, concurrency_id="finetune",
                 show_progress_on=[status])
     probe_btn.click(layerwise, inputs=[*data_inputs, model, resolution],
@@ -343,8 +305,8 @@ def build_finetune_tab() -> None:
                     concurrency_limit=1, concurrency_id="finetune", show_progress_on=[status])
     stop.click(cancel_job, outputs=status, api_name="finetune_cancel", queue=False)
     model.change(depth_controls, inputs=model, outputs=[last_k, probe_block],
-                 api_name="finetune_geometry", concurrency_limit=common.concurrency_limit(),
-                 concurrency_id="analysis", show_progress="hidden")
+                 api_name="finetune_geometry", show_progress="hidden", **ctx.views())
+    return TabLink(links.FINETUNE)
 
 
 DEFAULT_LAST_K = 2
@@ -352,7 +314,11 @@ DEFAULT_LAST_K = 2
 
 def depth_controls(model_name):
     """The block controls for the picked model (`/finetune_geometry`): k up to its depth
-    (default `DEFAULT_LAST_K`), the probed block up to its depth (0 = last)."""
+    (default `DEFAULT_LAST_K`), the probed block up to its depth (0 = last).
+
+    Returns:
+        ``(k slider, probed block)`` updates, skipped when the model is not available.
+    """
     geometry = common.model_geometry(model_name)
     if geometry is None:
         return gr.skip(), gr.skip()

@@ -21,7 +21,8 @@ from explorer.igpt.data import CLASS_NAMES, DatasetUnavailableError, load_fashio
 from explorer.igpt.sampler import SampleConfig
 from explorer.igpt.sequence import attention_cost
 from explorer.plots.finetune import probe_depth_figure
-from explorer.ui import common
+from explorer.ui import common, links
+from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import TabLink
 
 INTRO = """
@@ -99,8 +100,9 @@ def web_name(name: str | None) -> str:
     return sessions.resolve_igpt_web_name(name, CATALOGUE, OFFLINE_NAME)
 
 
-def analyse(image_path, model_name):
-    """Tokens, palette, raster sequence, 9-bit view, per-pixel bits, quadratic cost."""
+def analyse(image_path, model_name) -> dict:
+    """Tokens, palette, raster sequence, 9-bit view, per-pixel bits, quadratic cost (the
+    `/igpt_analyse` endpoint), by output name."""
     image = common.load_upload(image_path)
     m = load_model(model_name)
     small, tokens = pipeline.image_tokens(image, m)
@@ -110,16 +112,22 @@ def analyse(image_path, model_name):
     costs = [attention_cost(h, w, dim) for h, w in ((m.height, m.width), *OTHER_SIZES)]
     summary = (f"**{m.name}**: {m.height}×{m.width} pixels → {m.height * m.width} tokens + the "
                f"start token, palette: {m.palette.name} ({m.palette.size} colours).")
-    return (summary, igpt_plots.upscale(small), igpt_plots.tokens_to_image(tokens, m.palette, 10),
-            igpt_plots.palette_swatch(m.palette), igpt_plots.sequence_ribbon(tokens, m.palette),
-            photo, photo9, igpt_plots.bits_heatmap(s.bits, f"{s.bits_per_dim:.2f} bits/dim"),
-            s.sentence(), igpt_plots.cost_table(costs, m.model.config.n_layer,
-                                                m.model.config.n_head))
+    return {"summary": summary, "small": igpt_plots.upscale(small),
+            "quant": igpt_plots.tokens_to_image(tokens, m.palette, 10),
+            "swatch": igpt_plots.palette_swatch(m.palette),
+            "ribbon": igpt_plots.sequence_ribbon(tokens, m.palette), "photo": photo,
+            "photo9": photo9, "heat": igpt_plots.bits_heatmap(s.bits, f"{s.bits_per_dim:.2f} bits/dim"),
+            "bits": s.sentence(),
+            "cost": igpt_plots.cost_table(costs, m.model.config.n_layer, m.model.config.n_head)}
 
 
 def complete(image_path, model_name, rows, n, temperature, top_k, top_p, seed,
              decoder="exact (fp32)", progress=gr.Progress()):  # noqa: B008 (gradio injects it)
-    """Stream N completions of the image below `rows` kept rows (the `igpt_complete` API)."""
+    """Stream N completions of the image below `rows` kept rows (the `igpt_complete` API).
+
+    Yields:
+        ``(grid image, status)`` as the completions grow.
+    """
     if not 1 <= int(n) <= MAX_SAMPLES:
         raise gr.Error(f"Completions must be between 1 and {MAX_SAMPLES}.")
     if decoder not in DECODERS:
@@ -211,7 +219,7 @@ def build_probe_section() -> None:
             gr.Markdown(PROBE_CONTEXT, elem_id="igpt-probe-context")
 
 
-def build_igpt_tab() -> TabLink:
+def build_igpt_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab("iGPT")``.
 
     Returns:
@@ -274,14 +282,12 @@ def build_igpt_tab() -> TabLink:
     status = gr.Markdown(elem_id="igpt-status")
     build_probe_section()
 
-    run.click(analyse, inputs=[image, model],
-              outputs=[summary, small, quant, swatch, ribbon, photo, photo9, heat, bits_md,
-                       cost_md],
-              api_name="igpt_analyse", concurrency_limit=common.concurrency_limit(),
-              concurrency_id="analysis")
+    out = Outputs(summary=summary, small=small, quant=quant, swatch=swatch, ribbon=ribbon,
+                  photo=photo, photo9=photo9, heat=heat, bits=bits_md, cost=cost_md)
+    run.click(**out.event(analyse), inputs=[image, model], api_name="igpt_analyse",
+              **ctx.analysis())
     go.click(complete, inputs=[image, model, rows, n, temperature, top_k, top_p, seed, decoder],
-             outputs=[grid, status], api_name="igpt_complete",
-             concurrency_limit=common.concurrency_limit(), concurrency_id="analysis")
+             outputs=[grid, status], api_name="igpt_complete", **ctx.analysis())
     model.change(rows_for_model, inputs=model, outputs=rows, api_name="igpt_model_rows",
                  queue=False, show_progress="hidden")
-    return TabLink("igpt", image, run_id="igpt-analyse")
+    return TabLink(links.IGPT, image, run_id="igpt-analyse")

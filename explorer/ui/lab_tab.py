@@ -7,132 +7,39 @@ figures `explorer.plots.lab`.
 
 from __future__ import annotations
 
-import os
-import secrets
-import threading
-
 import gradio as gr
-import numpy as np
 import torch
 
-from explorer import sessions
 from explorer.cache import KeyedCache
-from explorer.finetune.checkpoint import finetuned_dir
 from explorer.lab import analysis, grid
-from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit, shipped_path
+from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
 from explorer.lab.engine import Budget, LabRun, normalise, run_lab, test_subset
 from explorer.lab.models import ARCH_LABELS, LAB_ARCHS, PATCH
 from explorer.plots import lab as plots
-from explorer.plots.lecture import paper_data_figure, paper_scaling_figure
-from explorer.ui import common
+from explorer.plots.lecture import for_projector, paper_data_figure, paper_scaling_figure
+from explorer.session_context import SessionContext
+from explorer.ui import common, lab_view, links
+from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import TabLink
 
-INTRO = """
-### Inductive bias & scale, trained here
-A CNN builds in locality, a 2-D neighbourhood and translation equivariance; a ViT must learn
-them from data. Here four models of about 0.2 M parameters learn Fashion-MNIST **from
-scratch** on 500 to 60,000 images: a CNN, a ViT with absolute position embeddings, the same
-ViT with a learned **relative-position bias** w(i−j) instead (CoAtNet's attention), and a
-miniature **CoAtNet** (MBConv stage, then relative attention). Budget rule, the same for
-every run: {steps:,} optimisation steps of {batch} images (so 500 images are seen {epochs_small}
-times each and 60,000 about once). Test error is on all 10,000 test images.
-"""
 LIVE_SIZES = (500, 1200, 3000)
-# A live run's budget: the grid's, unless VIT_EXPLORER_LAB_STEPS shortens it (tests, demos);
-# only a run under the grid's budget is compared with its shipped point.
-LIVE_STEPS = int(os.environ.get("VIT_EXPLORER_LAB_STEPS", Budget.steps))
 SHIFT_IMAGES = 64
-_cancel: dict[str, threading.Event] = {}
+JOB = "lab"  # the session's job kind (`explorer.session_context.SessionContext.job`)
 _SHIFT_CACHE: KeyedCache[dict] = KeyedCache(max_items=4)
 
 
-def data_figure(live: dict | None = None):
-    return plots.error_vs_data_figure(analysis.error_vs_data(grid_rows()), live)
-
-
-def compute_figure():
-    rows = grid_rows()
-    curves = analysis.compute_curves(rows)
-    if not curves:
-        return None
-    cnn = analysis.compute_curves(rows, "cnn", {c.train_images for c in curves})
-    return plots.compute_figure(curves, cnn)
-
-
-def bias_figure(train_images: int | None = None):
-    """The bias tables of the shipped relative model (the largest data size by default)."""
-    sizes = shipped_sizes()
-    if not sizes:
-        raise gr.Error("No relative-attention model is shipped: run `python -m explorer.lab.grid`.")
-    model = load_shipped("vit_rel", train_images or sizes[-1])
-    return plots.relative_bias_figure(analysis.relative_tables(model))
-
-
-def intro_text(budget: Budget | None = None) -> str:
-    budget = budget or Budget()
-    return INTRO.format(steps=budget.steps, batch=budget.batch,
-                        epochs_small=budget.steps * budget.batch // 500)
-
-
-def grid_rows() -> list[dict]:
-    return grid.read_grid()
-
-
-def summary_text(rows: list[dict]) -> str:
-    """What the grid shows, in words, from its numbers."""
-    curves = analysis.error_vs_data(rows)
-    if not curves:
-        return "*No grid shipped yet: run `python -m explorer.lab.grid`.*"
-    best = analysis.winners(curves)
-    parts = [f"{n:,}: **{ARCH_LABELS[a]}**" for n, a in best.items()]
-    seconds = sum(r["seconds"] for r in rows)
-    largest = max(best)
-    fits = []
-    for arch in curves:
-        at = analysis.seed_runs(rows, arch, largest)
-        if at:
-            train = 100 * sum(r["train_acc"] for r in at) / len(at)
-            test = 100 * sum(r["test_acc"] for r in at) / len(at)
-            fits.append(f"{ARCH_LABELS[arch]} {train:.0f}% / {test:.0f}%")
-    return ("Lowest mean test error at each training-set size — " + "; ".join(parts) +
-            f". Training vs test accuracy at {largest:,} images: " + ", ".join(fits) +
-            " (training accuracy barely above test accuracy means the model is still "
-            "underfitting: limited by the training budget rather than by data). "
-            f"Grid: {len(rows)} runs, {seconds / 3600:.1f} CPU-hours of training.")
-
-
-def scaling_text(rows: list[dict]) -> str:
-    """Which ViT size is best at a few compute budgets, per data size, in words."""
-    curves = analysis.compute_curves(rows)
-    if not curves:
-        return ""
-    lines = []
-    for n in sorted({c.train_images for c in curves}):
-        group = [c for c in curves if c.train_images == n]
-        budgets = np.geomspace(min(min(c.compute) for c in group),
-                               max(max(c.compute) for c in group), 4)
-        best = analysis.best_per_budget(group, budgets)
-        steps = ", ".join(f"{b:.0e} → {w}" for b, w in zip(budgets, best, strict=True))
-        lines.append(f"- {n:,} images: best width at training FLOPs {steps}")
-    return "**Best ViT width within each compute budget**\n" + "\n".join(lines)
-
-
-def shipped_sizes() -> list[int]:
-    return sorted({n for arch, n in grid.KEEP_MODELS
-                   if arch == "vit_rel" and shipped_path(LabRun(arch, n)).is_file()})
-
-
-def relative_views(train_images: int, is_presenter: bool = False):
+def relative_views(train_images, is_presenter: bool = False):
     """The learned bias tables of the shipped relative model and the translation test of the
-    shipped models trained on the same number of images (the `/lab_relative` endpoint)."""
-    from explorer.plots.lecture import for_projector
+    shipped models trained on the same number of images (the `/lab_relative` endpoint).
 
+    Returns:
+        ``(bias figure, translation figure)``.
+    """
     train_images = int(train_images)
     try:
-        rel = load_shipped("vit_rel", train_images)
+        tables = lab_view.bias_tables(train_images)
     except FileNotFoundError as err:
         raise gr.Error(f"No shipped relative-attention model for {train_images:,} images.") from err
-    tables = analysis.relative_tables(rel)  # (shipped: the file exists)
 
     def compute() -> dict:
         x, _ = test_subset()
@@ -152,90 +59,71 @@ def relative_views(train_images: int, is_presenter: bool = False):
             for_projector(plots.shift_figure(table, PATCH), is_presenter))
 
 
-def live_run(arch: str, train_images, seed, request: gr.Request):
-    """Train one grid point live (the `/lab_train` endpoint); streams curves, then lands the
-    point on the grid's plot and, for a ViT, adds the model to this session's pickers."""
+def live_run(arch: str, train_images, seed, session: SessionContext, budget: Budget):
+    """Train one grid point live under ``budget``; streams ``status`` and the ``live_plot``,
+    then lands the point on the grid's ``data_plot`` and, for a ViT, adds the model to the
+    session's pickers."""
     if arch not in LAB_ARCHS:
         raise gr.Error(f"Pick an architecture: {', '.join(LAB_ARCHS)}.")
     train_images, seed = int(train_images or 0), int(seed or 0)
     if train_images not in LIVE_SIZES or seed not in grid.SEEDS:
         raise gr.Error(f"Live runs use {', '.join(map(str, LIVE_SIZES))} images and seed "
                        f"{' or '.join(map(str, grid.SEEDS))}.")
-    session = common.session_id(request)
-    cancel = _cancel.setdefault(session, threading.Event())
-    cancel.clear()
-    run, budget = LabRun(arch, train_images, seed), Budget(steps=LIVE_STEPS)
+    run = LabRun(arch, train_images, seed)
     title = f"{ARCH_LABELS[arch]} on {train_images:,} images (seed {seed})"
     history: list[tuple[int, float, float | None]] = []
     result = None
-    with common.user_errors():  # e.g. Fashion-MNIST not installed: a message, no path
-        for event in run_lab(run, budget, cancel, log_every=25):
-            history.append((event.step, event.loss, event.test_acc))
+    with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
+        for event in run_lab(run, budget, cancel=cancel, log_every=25):
+            history.append((event.step, event.loss, event.val_acc))
             result = event.result or result
             if result is None:
-                yield (f"Step {event.step:,} / {event.total_steps:,}…",
-                       plots.live_figure(history, title), gr.skip())
+                yield {"status": f"Step {event.step:,} / {event.total_steps:,}…",
+                       "live_plot": plots.live_figure(history, title)}
     if result is None:
-        yield "Stopped.", plots.live_figure(history, title), gr.skip()
+        yield {"status": "Stopped.", "live_plot": plots.live_figure(history, title)}
         return
-    rows = grid_rows()
-    seeds = analysis.seed_runs(rows, arch, train_images, budget.steps)
-    shipped = [r for r in seeds if r["seed"] == seed]
-    message = (f"**Done in {result.seconds:.0f} s: test accuracy {100 * result.test_acc:.2f}%** "
-               f"(train {100 * result.train_acc:.1f}%).")
-    if shipped:
-        spread = [r["test_acc"] for r in seeds]
-        message += (f" The shipped grid has {100 * shipped[0]['test_acc']:.2f}% for this run; "
-                    f"its seeds span {100 * min(spread):.2f}–{100 * max(spread):.2f}%.")
+    rows = lab_view.grid_rows()
+    message = lab_view.live_message(result, rows, run, budget)
     if arch in VIT_ARCHS:
-        label = f"lab-{run.name}"
-        folder = finetuned_dir() / "sessions" / secrets.token_hex(8)
-        try:
-            out = save_vit(result.model, run, folder / label, result.row())
-        except OSError as err:
-            raise gr.Error(f"Could not save the model ({err.strerror or type(err).__name__}).") from err
-        name = sessions.unguessable_name(label)
-        sessions.FINETUNES.add(session, name, out, files=(folder,))
-        message += (f" Saved as **{name}**: pick it in *Attention maps* or *Mean attention "
+        with common.user_errors():
+            saved = session.save_model(
+                f"lab-{run.name}", lambda out: save_vit(result.model, run, out, result.row()))
+        message += (f" Saved as **{saved.name}**: pick it in *Attention maps* or *Mean attention "
                     "distance* to see how local its heads are beside DINOv2's.")
     live = {"arch": arch, "train_images": train_images, "error": 1 - result.test_acc}
-    yield (message, plots.live_figure(history, title),
-           plots.error_vs_data_figure(analysis.error_vs_data(rows), live))
+    yield {"status": message, "live_plot": plots.live_figure(history, title),
+           "data_plot": plots.data_figure(rows, live)}
 
 
 def stop(request: gr.Request) -> str:
-    event = _cancel.get(common.session_id(request))
-    if event is not None:
-        event.set()
+    """Stop this session's live run after its current step (the `/lab_stop` endpoint)."""
+    common.session(request).stop(JOB)
     return "Stopping after this step…"
 
 
-def build_lab_tab(presenter: gr.Checkbox | None = None) -> TabLink:
-    """Components and events of the tab; call inside ``with gr.Tab(...)``.
-
-    Args:
-        presenter: the app's presenter switch (large figure fonts), if any.
-    """
-    rows = grid_rows()
-    gr.Markdown(intro_text())
+def build_lab_tab(ctx: common.TabContext) -> TabLink:
+    """Components and events of the tab; call inside ``with gr.Tab(...)``."""
+    rows = lab_view.grid_rows()
+    gr.Markdown(lab_view.intro_text())
     with gr.Row():
-        data_plot = gr.Plot(data_figure(),
-                            label="Trained here", elem_id="lab-data-plot")
+        data_plot = gr.Plot(plots.data_figure(rows), label="Trained here", elem_id="lab-data-plot")
         gr.Plot(paper_data_figure(), label="The paper's numbers (not measured here)",
                 elem_id="lab-paper-plot")
-    gr.Markdown(summary_text(rows), elem_id="lab-summary")
+    gr.Markdown(lab_view.summary_text(rows), elem_id="lab-summary")
     with gr.Row():
-        gr.Plot(compute_figure(), label="Scaling, trained here", elem_id="lab-compute-plot")
+        gr.Plot(plots.scaling_figure(rows), label="Scaling, trained here",
+                elem_id="lab-compute-plot")
         gr.Plot(paper_scaling_figure(), label="The paper's numbers (not measured here)",
                 elem_id="lab-paper-scaling-plot")
-    gr.Markdown(scaling_text(rows), elem_id="lab-scaling")
+    gr.Markdown(lab_view.scaling_text(rows), elem_id="lab-scaling")
 
     gr.Markdown("### Relative attention, made visible\nThe relative model's attention logits "
                 "get a learned bias w(i−j) per head that depends only on where a key sits "
                 "relative to its query; below, each head's table. Then a **translation test**: "
-                "shift 64 test images by one patch (4 px); an equivariant layer's output moves "
-                "with the input. The CNN's feature maps are the reference.")
-    sizes = shipped_sizes() or [60000]
+                f"shift {SHIFT_IMAGES} test images by one patch ({PATCH} px); an equivariant "
+                "layer's output moves with the input. The CNN's feature maps are the reference.")
+    sizes = lab_view.shipped_sizes() or [60000]
     with gr.Row():
         rel_size = gr.Dropdown(sizes, value=sizes[-1], label="Shipped models trained on (images)",
                                elem_id="lab-rel-size", scale=2)
@@ -244,10 +132,9 @@ def build_lab_tab(presenter: gr.Checkbox | None = None) -> TabLink:
     with gr.Row():
         bias_plot = gr.Plot(label="Learned relative-position bias", elem_id="lab-bias-plot")
         shift_plot = gr.Plot(label="Translation test", elem_id="lab-shift-plot")
-    presenter_box = presenter if presenter is not None else gr.Checkbox(False, visible=False)
-    rel_run.click(relative_views, inputs=[rel_size, presenter_box],
-                  outputs=[bias_plot, shift_plot], api_name="lab_relative",
-                  concurrency_id="analysis", concurrency_limit=common.concurrency_limit())
+    presenter = ctx.presenter if ctx.presenter is not None else gr.Checkbox(False, visible=False)
+    rel_run.click(relative_views, inputs=[rel_size, presenter], outputs=[bias_plot, shift_plot],
+                  api_name="lab_relative", **ctx.analysis())
 
     gr.Markdown("### A live run\nTrain one point of the grid here, under the same budget "
                 "(about 2–4 minutes on a 2-core CPU; runs queue one at a time). With the same "
@@ -263,7 +150,16 @@ def build_lab_tab(presenter: gr.Checkbox | None = None) -> TabLink:
         stop_btn = gr.Button("Stop", elem_id="lab-stop")
     status = gr.Markdown(elem_id="lab-status")
     live_plot = gr.Plot(label="Live run", elem_id="lab-live-plot")
-    train.click(live_run, inputs=[arch, n, seed], outputs=[status, live_plot, data_plot],
-                api_name="lab_train", concurrency_id="lab-train", concurrency_limit=1)
+    out = Outputs(status=status, live_plot=live_plot, data_plot=data_plot)
+    # A live run's budget: the grid's, unless the settings fix its steps (tests, demos).
+    steps = ctx.settings.lab_steps
+    budget = Budget(min_steps=steps, epochs=0) if steps else Budget()
+
+    def train_live(arch, train_images, seed, request: gr.Request):
+        """Train one grid point live (the `/lab_train` endpoint); see `live_run`."""
+        yield from live_run(arch, train_images, seed, common.session(request), budget)
+
+    train.click(**out.event(train_live), inputs=[arch, n, seed], api_name="lab_train",
+                concurrency_id="lab-train", concurrency_limit=1)
     stop_btn.click(stop, outputs=status, api_name="lab_stop", concurrency_limit=None)
-    return TabLink("lab", run_id="lab-relative-run")
+    return TabLink(links.LAB, run_id="lab-relative-run")

@@ -1,8 +1,9 @@
 """Lecture tab: the lecture's outline as a path of steps, each with a live figure.
 
 The steps' words live in `explorer.lecture`; each figure reuses an analysis and a figure
-builder of the other tabs (no tensor math here). Previous / next buttons, the arrow keys
-(`explorer.ui.presenter.JS`) and ``?tab=lecture&step=N`` move along the path.
+builder of `explorer.plots` (no tensor math here). Previous / next buttons, the arrow keys
+(the page script `explorer.ui.presenter.HEAD`) and ``?tab=lecture&step=N`` move along the
+path.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from explorer.igpt import pipeline
 from explorer.plots import attention as attention_plots
 from explorer.plots import colors
 from explorer.plots import distance as distance_plots
+from explorer.plots import lab as lab_plots
 from explorer.plots import lecture as lecture_plots
 from explorer.plots import tokens as token_plots
-from explorer.ui import attention_view, common, lab_tab, links
+from explorer.ui import attention_view, common, lab_view, links
+from explorer.ui.outputs import Outputs
+from explorer.ui.presenter import COPY_JS
 
 FIGURE_DIR = Path(tempfile.gettempdir()) / "vit-explorer-figures"
 
@@ -115,12 +119,19 @@ def fig_distance(example, size, presenter):
     return distance_plots.distance_figure(series, None, _cnn(example, size), uniform)
 
 
+def fig_lab_bias():
+    try:
+        return lab_plots.relative_bias_figure(lab_view.bias_tables())
+    except FileNotFoundError as err:
+        raise gr.Error(str(err)) from err
+
+
 FIGURES: dict[str, Callable] = {
     "sequence": fig_sequence, "rgb9": fig_rgb9, "patches": fig_patches,
     "positions": fig_positions, "rollout": fig_rollout, "distance": fig_distance,
-    "lab-data": lambda *_: lab_tab.data_figure(),
-    "lab-compute": lambda *_: lab_tab.compute_figure(),
-    "lab-bias": lambda *_: lab_tab.bias_figure(),
+    "lab-data": lambda *_: lab_plots.data_figure(lab_view.grid_rows()),
+    "lab-compute": lambda *_: lab_plots.scaling_figure(lab_view.grid_rows()),
+    "lab-bias": lambda *_: fig_lab_bias(),
 }
 
 
@@ -132,23 +143,18 @@ def figure_file(image, name: str) -> str:
     return str(path)
 
 
-def step_view(step, example, size, presenter):
-    """Everything one lecture step shows (the `/lecture_step` endpoint).
-
-    Returns:
-        ``(step, heading, text, image, plot, link, url query)``: the image or the plot is
-        hidden, whichever the step does not use.
-    """
+def step_view(step, example, size, presenter) -> dict:
+    """Everything one lecture step shows (the `/lecture_step` endpoint), by `LectureTab`
+    output name: the image or the plot is hidden, whichever the step does not use."""
     count = len(lecture.STEPS)
     step = min(max(int(step or 1), 1), count)
     s = lecture.STEPS[step - 1]
     size = int(size) if size else None
     name = f"vit-explorer_{example}_step{step}_{s.caption}"
     made = FIGURES[s.figure](example, size, bool(presenter))
-    view = links.View(tab="lecture", example=example, size=size, step=step,
+    view = links.View(tab=links.LECTURE.key, example=example, size=size, step=step,
                       presenter=bool(presenter))
     tab_view = links.View(tab=s.tab, example=example, size=size, presenter=bool(presenter))
-    link = f"[Open the full view in its tab →]({links.view_query(tab_view)})"
     if isinstance(made, np.ndarray | Image.Image):
         image = gr.Image(value=figure_file(made, name), visible=True, label=s.caption)
         plot = gr.Plot(value=None, visible=False)
@@ -156,26 +162,48 @@ def step_view(step, example, size, presenter):
         image = gr.Image(value=None, visible=False)
         plot = gr.Plot(value=lecture_plots.for_projector(made, bool(presenter)), visible=True,
                        label=name)
-    heading = f"## Step {step} of {count}: {s.title}"
-    return step, heading, s.text, image, plot, link, links.view_query(view)
+    return {"step": step, "heading": f"## Step {step} of {count}: {s.title}", "text": s.text,
+            "image": image, "plot": plot,
+            "link": f"[Open the full view in its tab →]({links.view_query(tab_view)})",
+            "query": links.view_query(view)}
 
 
-def move(step, delta, example, size, presenter):
+def move(step, delta, example, size, presenter) -> dict:
     """Step ``delta`` along the path (clamped to the first and last step)."""
     return step_view(int(step or 1) + int(delta), example, size, presenter)
 
 
 @dataclass
 class LectureTab:
-    """The components a link prepares (`explorer.ui.presenter`)."""
+    """What the app and a link need of the Lecture (`explorer.ui.presenter`).
+
+    Attributes:
+        step, example, size: the inputs a link sets.
+        outputs: everything a step shows, by name (`step_view`'s keys).
+        settings: the inputs every drawing reads after the step: example, size, presenter.
+    """
 
     step: gr.Number
     example: gr.Dropdown
     size: gr.Number
-    outputs: list
+    outputs: Outputs
+    settings: list
+
+    draw = staticmethod(step_view)  # how the Lecture draws a step, for a link to it
+
+    def wire_copy(self, row: tuple[gr.Button, gr.Textbox], presenter: gr.Checkbox) -> None:
+        """The "copy a link" button copies the address of the step shown."""
+        button, box = row
+        button.click(None, inputs=self.outputs["query"], outputs=box,
+                     js=COPY_JS, api_name=False)
+
+    def wire_open(self, page: gr.Tab) -> None:
+        """Opening the Lecture's tab draws the current step (`/lecture_open`)."""
+        page.select(**self.outputs.event(step_view), inputs=[self.step, *self.settings],
+                    api_name="lecture_open", concurrency_limit=1, concurrency_id="lecture")
 
 
-def build_lecture_tab(presenter: gr.Checkbox) -> LectureTab:
+def build_lecture_tab(ctx: common.TabContext) -> LectureTab:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     names = [p.stem for p in images.example_paths()]
     with gr.Row():
@@ -196,23 +224,23 @@ def build_lecture_tab(presenter: gr.Checkbox) -> LectureTab:
     plot = gr.Plot(visible=False, elem_id="lecture-plot")
     link = gr.Markdown(elem_id="lecture-link")
     query = gr.Textbox(visible=False, elem_id="lecture-query")
-    outputs = [step, heading, text, image, plot, link, query]
+    out = Outputs(step=step, heading=heading, text=text, image=image, plot=plot, link=link,
+                  query=query)
     # Every event that draws a step shares one queue of size one ("lecture"), so the step
     # drawn last is the one asked for last (a link's page load fires several at once).
-    settings = [example, size, presenter]
+    settings = [example, size, ctx.presenter]
     # The URL follows the step, so a reload (or a copied address) comes back to it.
     to_url = "(q) => { if (q) history.replaceState(null, '', q); }"
     for button, delta, api in ((prev, -1, "lecture_previous"), (nxt, 1, "lecture_next")):
-        button.click(move, inputs=[step, gr.Number(delta, visible=False), *settings],
-                     outputs=outputs, api_name=api, concurrency_limit=1,
-                     concurrency_id="lecture").then(
+        button.click(**out.event(move), inputs=[step, gr.Number(delta, visible=False), *settings],
+                     api_name=api, concurrency_limit=1, concurrency_id="lecture").then(
             None, inputs=query, js=to_url, api_name=False)
-    gr.on([step.submit, example.change, size.submit, presenter.change], step_view,
-          inputs=[step, *settings], outputs=outputs, api_name="lecture_step",
-          concurrency_limit=1, concurrency_id="lecture",
-          trigger_mode="always_last").then(None, inputs=query, js=to_url, api_name=False)
+    gr.on([step.submit, example.change, size.submit, ctx.presenter.change], **out.event(step_view),
+          inputs=[step, *settings], api_name="lecture_step", concurrency_limit=1,
+          concurrency_id="lecture", trigger_mode="always_last").then(
+        None, inputs=query, js=to_url, api_name=False)
     full.click(None, js="() => { const el = [...document.querySelectorAll("
                         "'#lecture-image, #lecture-plot')].find(e => e.offsetParent);"
                         " el && el.requestFullscreen && el.requestFullscreen(); }",
                api_name=False)
-    return LectureTab(step, example, size, outputs)
+    return LectureTab(step, example, size, out, settings)

@@ -13,8 +13,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlencode
 
-TABS = ("lecture", "tokens", "attention", "distance", "igpt", "finetune", "lab")
-HEAD_FUSIONS = ("mean", "max", "min")
+from explorer.ui.attention_view import HEAD_FUSIONS, head_label
+
+
+@dataclass(frozen=True)
+class Tab:
+    """One tab of the app: ``key`` names it in links (``?tab=<key>``) and in gradio
+    (``gr.Tab(id=key)``), ``title`` is what the tab bar shows."""
+
+    key: str
+    title: str
+
+
+LECTURE = Tab("lecture", "Lecture")
+TOKENS = Tab("tokens", "Patch tokens")
+ATTENTION = Tab("attention", "Attention maps")
+DISTANCE = Tab("distance", "Mean attention distance")
+IGPT = Tab("igpt", "iGPT")
+FINETUNE = Tab("finetune", "Fine-tune")
+LAB = Tab("lab", "Inductive bias & scale")
+TABS = (LECTURE, TOKENS, ATTENTION, DISTANCE, IGPT, FINETUNE, LAB)  # in the app's order
+TAB_KEYS = tuple(t.key for t in TABS)
 MAX_SIZE = 1024  # px; larger sizes are refused here (the tabs' own size checks still apply)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -24,7 +43,7 @@ class View:
     """One prepared view of the app, as a link describes it.
 
     Attributes:
-        tab: one of `TABS`.
+        tab: the key of one of `TABS`.
         example: a bundled example's name (file stem), or None for none.
         model: a model name from the catalogue, or None for the tab's default.
         size: square side in px, or None for the model's default.
@@ -35,7 +54,7 @@ class View:
         notes: what was ignored and why, for the page to show.
     """
 
-    tab: str = "lecture"
+    tab: str = LECTURE.key
     example: str | None = None
     model: str | None = None
     size: int | None = None
@@ -73,10 +92,10 @@ def parse_view(
     notes: list[str] = []
     view = View()
     tab = params.get("tab", "").strip().lower()
-    if tab in TABS:
+    if tab in TAB_KEYS:
         view = replace(view, tab=tab)
     elif tab:
-        notes.append(f"Unknown tab '{tab}' (one of {', '.join(TABS)}); showing the lecture.")
+        notes.append(f"Unknown tab '{tab}' (one of {', '.join(TAB_KEYS)}); showing the lecture.")
     example = params.get("example", "").strip().lower()
     if example in examples:
         view = replace(view, example=example)
@@ -147,7 +166,7 @@ def fit_geometry(view: View, depth: int, num_heads: int) -> View:
 
 def head_choice(head: str) -> str:
     """A `View.head` as the attention tab's dropdown spells it ("mean", "head 3")."""
-    return head if head in HEAD_FUSIONS else f"head {head}"
+    return head if head in HEAD_FUSIONS else head_label(int(head) - 1)
 
 
 def view_query(view: View) -> str:
@@ -162,12 +181,12 @@ def view_query(view: View) -> str:
         params["model"] = view.model
     if view.size:
         params["size"] = str(view.size)
-    if view.tab == "attention":
+    if view.tab == ATTENTION.key:
         if view.layer:
             params["layer"] = str(view.layer)
         if view.head != "mean":
             params["head"] = view.head
-    if view.tab == "lecture":
+    if view.tab == LECTURE.key:
         params["step"] = str(view.step)
     if view.presenter:
         params["presenter"] = "1"

@@ -3,17 +3,20 @@ the current view, large text for a projector, arrow keys for the lecture, named 
 
 Parsing and checking the link lives in `explorer.ui.links` (no gradio); this module only
 wires it: `open_view` runs on page load, then the chosen tab's own run button is clicked,
-so a link runs exactly the analysis a person would.
+so a link runs exactly the analysis a person would. It imports no tab: each tab hands it a
+`TabLink` (the Lecture, its `LectureTab`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
 
 from explorer import images, lecture, models
 from explorer.ui import common, links
+from explorer.ui.attention_view import parse_head
 
 
 @dataclass
@@ -21,13 +24,13 @@ class TabLink:
     """The components of one tab that a link sets, and the button that runs its analysis.
 
     Attributes:
-        key: the tab's name in links (`explorer.ui.links.TABS`).
+        tab: the tab (`explorer.ui.links.TABS`).
         image, model, width, height: the tab's inputs (None where the tab has none).
         run_id: elem_id of the run button clicked after a link is opened (None: nothing runs).
         extra: components a link sets on this tab only (attention: layer, fusion, head).
     """
 
-    key: str
+    tab: links.Tab
     image: gr.Image | None = None
     model: gr.Dropdown | None = None
     width: gr.Number | None = None
@@ -35,8 +38,61 @@ class TabLink:
     run_id: str | None = None
     extra: dict[str, gr.components.Component] = field(default_factory=dict)
 
-    def inputs(self) -> list:
-        return [c for c in (self.image, self.model, self.width, self.height) if c is not None]
+    def inputs(self) -> dict[str, gr.components.Component]:
+        """The components a link sets, by name."""
+        named = {"image": self.image, "model": self.model, "width": self.width,
+                 "height": self.height}
+        return {**{n: c for n, c in named.items() if c is not None}, **self.extra}
+
+    def wire_copy(self, row: tuple[gr.Button, gr.Textbox], presenter: gr.Checkbox) -> None:
+        """Clicking the row's button puts this tab's current view in the box and the
+        clipboard."""
+        button, box = row
+        names = list(self.inputs())
+
+        def link(is_presenter, *values):
+            """The query string of this tab's current view (`/<tab>_link`)."""
+            return links.view_query(self.view(dict(zip(names, values, strict=True)),
+                                              bool(is_presenter)))
+
+        button.click(link, inputs=[presenter, *self.inputs().values()], outputs=box,
+                     api_name=f"{self.tab.key}_link", queue=False).then(
+            None, inputs=box, outputs=box, js=COPY_JS, api_name=False)
+
+    def view(self, got: dict, is_presenter: bool) -> links.View:
+        """The `links.View` of this tab's current values (``got``: by `inputs` name)."""
+        model = got.get("model")
+        head = parse_head(got.get("head") or "mean")
+        head = str(head + 1) if isinstance(head, int) else head
+        if head == "mean" and got.get("fusion") in links.HEAD_FUSIONS:
+            head = got["fusion"]
+        return links.View(
+            tab=self.tab.key, example=links.example_name(got.get("image"), example_names()),
+            model=model if model in models.CATALOGUE and model != models.DEFAULT_MODEL else None,
+            size=int(got.get("width") or got.get("height") or 0) or None,
+            layer=int(got["layer"]) if got.get("layer") else None, head=head,
+            presenter=is_presenter)
+
+    def values(self, view: links.View) -> dict:
+        """What ``view`` sets on this tab (nothing for a view of another tab)."""
+        if self.tab.key != view.tab:
+            return {}
+        inputs, values = self.inputs(), {}
+        if "image" in inputs:
+            values["image"] = next(str(p) for p in images.example_paths()
+                                   if p.stem == view.example)
+        if "model" in inputs and view.model:
+            values["model"] = view.model
+        for side in ("width", "height"):
+            if side in inputs:
+                values[side] = view.size or 0
+        if "layer" in inputs and view.layer is not None:
+            values["layer"] = view.layer
+        if "fusion" in inputs and view.head in links.HEAD_FUSIONS:
+            values["fusion"] = view.head
+        if "head" in inputs:
+            values["head"] = links.head_choice(view.head)
+        return {inputs[name]: value for name, value in values.items()}
 
 
 def example_names() -> list[str]:
@@ -47,31 +103,11 @@ def read_view(params) -> links.View:
     """The view a request's query parameters ask for, checked against the app's data."""
     view = links.parse_view(dict(params), example_names(), list(models.CATALOGUE),
                             len(lecture.STEPS))
-    if view.tab == "attention" and (view.layer is not None or view.head != "mean"):
+    if view.tab == links.ATTENTION.key and (view.layer is not None or view.head != "mean"):
         geometry = common.model_geometry(view.model)
         if geometry is not None:
             view = links.fit_geometry(view, geometry.depth, geometry.num_heads)
     return view
-
-
-def _tab_values(tab: TabLink, view: links.View) -> list:
-    """The values a view gives one tab's inputs (`gr.skip()` for tabs it does not open)."""
-    if tab.key != view.tab:
-        return [gr.skip() for _ in tab.inputs()] + [gr.skip() for _ in tab.extra]
-    values = []
-    if tab.image is not None:
-        values.append(next(str(p) for p in images.example_paths() if p.stem == view.example))
-    if tab.model is not None:
-        values.append(view.model or gr.skip())
-    values += [view.size or 0 for c in (tab.width, tab.height) if c is not None]
-    for name in tab.extra:
-        if name == "layer":
-            values.append(view.layer if view.layer is not None else gr.skip())
-        elif name == "fusion":
-            values.append(view.head if view.head in links.HEAD_FUSIONS else gr.skip())
-        elif name == "head":
-            values.append(links.head_choice(view.head))
-    return values
 
 
 def note_text(view: links.View) -> str:
@@ -80,11 +116,16 @@ def note_text(view: links.View) -> str:
 
 def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkbox,
          tab_links: list[TabLink], lecture_tab) -> None:
-    """Open the link's view on load; then run its analysis (click its tab's run button)."""
+    """Open the link's view on load; then run its analysis (click its tab's run button).
+
+    Args:
+        lecture_tab: the Lecture's `explorer.ui.lecture_tab.LectureTab` (its step, example
+            and size, and how it draws a step).
+    """
     run_target = gr.Textbox(visible=False, elem_id="link-run-target")
     outputs = [note, run_target, lecture_tab.step, lecture_tab.example, lecture_tab.size]
     for tab in tab_links:
-        outputs += tab.inputs() + list(tab.extra.values())
+        outputs += tab.inputs().values()
     # Last: selecting a tab and switching presenter mode fire events that read the values
     # above (the Lecture's select and presenter.change redraw the step), so those go first.
     outputs += [tabs, presenter]
@@ -92,71 +133,56 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
     def open_view(request: gr.Request):
         """Set the tab, the example and the settings a link names (`/open_view`)."""
         view = read_view(request.query_params)
-        run_id = next((t.run_id for t in tab_links if t.key == view.tab), None)
-        if view.tab == "lecture":
+        run_id = next((t.run_id for t in tab_links if t.tab.key == view.tab), None)
+        if view.tab == links.LECTURE.key:
             run_id = "lecture-open"  # the lecture draws its step itself (`lecture_if_open`)
-        values = [gr.Markdown(note_text(view), visible=bool(view.notes)), run_id or "",
-                  view.step, view.example, view.size or 0]
+        values = {note: gr.Markdown(note_text(view), visible=bool(view.notes)),
+                  run_target: run_id or "", lecture_tab.step: view.step,
+                  lecture_tab.example: view.example, lecture_tab.size: view.size or 0}
         for tab in tab_links:
-            values += _tab_values(tab, view)
+            values.update(tab.values(view))
         # A plain address selects nothing: a tab clicked while the page loads stays open.
-        chosen = gr.Tabs(selected=view.tab) if "tab" in request.query_params else gr.skip()
-        return [*values, chosen, view.presenter or gr.skip()]
+        if "tab" in request.query_params:
+            values[tabs] = gr.Tabs(selected=view.tab)
+        if view.presenter:
+            values[presenter] = True
+        return values
 
     def lecture_if_open(request: gr.Request):
         """Draw the linked lecture step (`/lecture_on_load`), read from the link itself."""
-        from explorer.ui.lecture_tab import step_view  # the lecture tab imports this module
-
         view = read_view(request.query_params if request else {})
-        if view.tab != "lecture":
-            return tuple(gr.skip() for _ in lecture_tab.outputs)
-        return step_view(view.step, view.example, view.size, view.presenter)
+        if view.tab != links.LECTURE.key:
+            return {}
+        return lecture_tab.draw(view.step, view.example, view.size, view.presenter)
 
     demo.load(open_view, outputs=outputs, api_name="open_view", show_progress="hidden").then(
         None, inputs=[run_target, presenter], js=RUN_JS, api_name=False).then(
-        lecture_if_open, outputs=lecture_tab.outputs, api_name="lecture_on_load",
+        **lecture_tab.outputs.event(lecture_if_open), api_name="lecture_on_load",
         concurrency_limit=1, concurrency_id="lecture")
     presenter.change(None, inputs=presenter, js=PRESENTER_JS, api_name=False)
 
 
-def link_row(key: str) -> tuple[gr.Button, gr.Textbox]:
+def link_row(tab: links.Tab) -> tuple[gr.Button, gr.Textbox]:
     """The "copy a link to this view" button and the link it made, at the top of a tab.
 
-    Made before the tab's own components (so it shows first); `wire_copy` connects it.
-    Ids: ``{key}-copy-link``, ``{key}-link``.
+    Made before the tab's own components (so it shows first); the tab wires it. Ids:
+    ``{key}-copy-link``, ``{key}-link``.
     """
     with gr.Row():
         button = gr.Button("Copy a link to this view", size="sm", scale=0,
-                           elem_id=f"{key}-copy-link")
+                           elem_id=f"{tab.key}-copy-link")
         box = gr.Textbox(show_label=False, placeholder="a link to this view appears here",
-                         buttons=["copy"], elem_id=f"{key}-link", scale=1, interactive=False)
+                         buttons=["copy"], elem_id=f"{tab.key}-link", scale=1, interactive=False)
     return button, box
 
 
-def wire_copy(row: tuple[gr.Button, gr.Textbox], tab: TabLink, presenter: gr.Checkbox) -> None:
-    """Clicking the row's button puts this tab's current view in the box and the clipboard."""
-    button, box = row
-    names = [n for n, c in (("image", tab.image), ("model", tab.model), ("width", tab.width),
-                            ("height", tab.height)) if c is not None] + list(tab.extra)
-
-    def link(is_presenter, *values):
-        """The query string of this tab's current view (`/<tab>_link`)."""
-        got = dict(zip(names, values, strict=True))
-        model = got.get("model")
-        size = int(got.get("width") or got.get("height") or 0) or None
-        head = str(got.get("head") or "mean").removeprefix("head ")
-        if head == "mean" and got.get("fusion") in links.HEAD_FUSIONS:
-            head = got["fusion"]
-        view = links.View(
-            tab=tab.key, example=links.example_name(got.get("image"), example_names()),
-            model=model if model in models.CATALOGUE and model != models.DEFAULT_MODEL else None,
-            size=size, layer=int(got["layer"]) if got.get("layer") else None, head=head,
-            presenter=bool(is_presenter))
-        return links.view_query(view)
-
-    button.click(link, inputs=[presenter, *tab.inputs(), *tab.extra.values()], outputs=box,
-                 api_name=f"{tab.key}_link", queue=False).then(
-        None, inputs=box, outputs=box, js=COPY_JS, api_name=False)
+def with_link_row(tab: links.Tab, build: Callable, ctx: common.TabContext):
+    """A tab's "copy a link" row, then the tab itself (``build(ctx)``), then the row wired
+    to it: `TabLink.wire_copy`, or the Lecture's own. Returns what ``build`` returned."""
+    row = link_row(tab)
+    built = build(ctx)
+    built.wire_copy(row, ctx.presenter)
+    return built
 
 
 RUN_JS = """

@@ -16,7 +16,8 @@ from PIL import Image
 from explorer import images, models, patches
 from explorer.cache import KeyedCache
 from explorer.plots import tokens as token_plots
-from explorer.ui import common
+from explorer.ui import common, links
+from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import TabLink, read_view
 
 INTRO = """
@@ -28,9 +29,13 @@ the position embeddings are interpolated to the new grid, as when fine-tuning at
 resolution than pretraining.
 """
 
+# What `tokens` returns, in the order the API does (README, "Use it from code").
+VIEWS = ("summary", "grid", "sequence", "filters", "pos_native", "pos_chosen", "cost_plot",
+         "cost_table", "pca")
 
-def tokens(image_path, model_name, width, height, fit):
-    """Tokenise one image and build all six views (the `/tokens` API endpoint).
+
+def tokens(image_path, model_name, width, height, fit) -> dict:
+    """Tokenise one image and build every view (the `/tokens` API endpoint), by output name.
 
     A bundled example's views are kept (`EXAMPLE_VIEWS`, as image files encoded once), so a
     room clicking the same example is served from memory.
@@ -42,16 +47,16 @@ def tokens(image_path, model_name, width, height, fit):
         example, lambda: _as_files(_tokens(image_path, model_name, width, height, fit)))
 
 
-def first_example(request: gr.Request = None):
+def first_example(request: gr.Request = None) -> dict:
     """The first tab's worked example when the page opens (`/tokens_example`): the first
-    bundled photo, the default model at its default size, from `EXAMPLE_VIEWS`. Nothing when
-    a link opens this tab: the link sets its own example and runs it (`explorer.ui.presenter`),
-    and two loads writing the same image would race."""
+    bundled photo and its views, the default model at its default size, from
+    `EXAMPLE_VIEWS`. Nothing when a link opens this tab: the link sets its own example and
+    runs it (`explorer.ui.presenter`), and two loads writing the same image would race."""
     params = dict(request.query_params) if request is not None else {}
-    if params.get("tab") and read_view(params).tab == "tokens":
-        return tuple(gr.skip() for _ in range(10))  # the image and its nine views
+    if params.get("tab") and read_view(params).tab == links.TOKENS.key:
+        return {}
     path = common.example_images()[0]
-    return (path, *tokens(path, None, 0, 0, "crop"))
+    return {"image": path, **tokens(path, None, 0, 0, "crop")}
 
 
 # Views of the bundled examples, per (example, model, size, fit): files of a few hundred kB.
@@ -77,12 +82,12 @@ def _example_key(image_path, model_name, width, height, fit) -> tuple | None:
     return (digest, model_name or models.DEFAULT_MODEL, int(width or 0), int(height or 0), fit)
 
 
-def _as_files(outputs: tuple) -> tuple:
-    """Image outputs written once as PNG files (Gradio then serves the file, no re-encoding)."""
+def _as_files(views: dict) -> dict:
+    """Image views written once as PNG files (Gradio then serves the file, no re-encoding)."""
     folder = Path(tempfile.gettempdir()) / "vit-explorer-examples"
     folder.mkdir(exist_ok=True)
-    out = []
-    for value in outputs:
+    out = {}
+    for name, value in views.items():
         if isinstance(value, np.ndarray):
             digest = hashlib.sha1(value.tobytes()).hexdigest()
             path = folder / f"{digest}-{value.shape[0]}x{value.shape[1]}.png"
@@ -91,11 +96,11 @@ def _as_files(outputs: tuple) -> tuple:
                 Image.fromarray(value).save(partial, format="png")
                 os.replace(partial, path)
             value = str(path)
-        out.append(value)
-    return tuple(out)
+        out[name] = value
+    return out
 
 
-def _tokens(image_path, model_name, width, height, fit):
+def _tokens(image_path, model_name, width, height, fit) -> dict:
     model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
         result = patches.analyse_tokenization(model, pixels)
@@ -110,20 +115,21 @@ def _tokens(image_path, model_name, width, height, fit):
            "attention instead); it was")
         + f" trained on a {result.native_grid[1]}x{result.native_grid[0]} grid."
     )
-    return (
-        summary,
-        token_plots.grid_overlay(shown, result.patch, first_index=prefix),
-        token_plots.token_sequence(shown, result.patch, result.prefix_names),
-        token_plots.filter_tiles(result.filters),
-        *(None if sim is None else token_plots.similarity_tiles(sim)
-          for sim in (result.pos_similarity_native, result.pos_similarity)),
-        token_plots.cost_figure(result.costs, result.size),
-        token_plots.cost_table(result.costs),
-        token_plots.feature_pca_image(result.feature_rgb, result.size),
-    )
+    native, chosen = result.pos_similarity_native, result.pos_similarity
+    return {
+        "summary": summary,
+        "grid": token_plots.grid_overlay(shown, result.patch, first_index=prefix),
+        "sequence": token_plots.token_sequence(shown, result.patch, result.prefix_names),
+        "filters": token_plots.filter_tiles(result.filters),
+        "pos_native": None if native is None else token_plots.similarity_tiles(native),
+        "pos_chosen": None if chosen is None else token_plots.similarity_tiles(chosen),
+        "cost_plot": token_plots.cost_figure(result.costs, result.size),
+        "cost_table": token_plots.cost_table(result.costs),
+        "pca": token_plots.feature_pca_image(result.feature_rgb, result.size),
+    }
 
 
-def build_tokens_tab() -> TabLink:
+def build_tokens_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``.
 
     Returns:
@@ -154,13 +160,14 @@ def build_tokens_tab() -> TabLink:
                               elem_id="tokens-pos-native", format="png", interactive=False)
         pos_chosen = gr.Image(label="... interpolated to the chosen grid",
                               elem_id="tokens-pos-chosen", format="png", interactive=False)
-    outputs = [summary, grid, sequence, filters, pos_native, pos_chosen, cost_plot, cost_md, pca]
-    run.click(tokens, inputs=[image, model, width, height, fit], outputs=outputs,
-              api_name="tokens", concurrency_limit=common.concurrency_limit(),
-              concurrency_id="analysis")
+    out = Outputs(image=image, summary=summary, grid=grid, sequence=sequence, filters=filters,
+                  pos_native=pos_native, pos_chosen=pos_chosen, cost_plot=cost_plot,
+                  cost_table=cost_md, pca=pca)
+    run.click(**out.event(tokens, *VIEWS), inputs=[image, model, width, height, fit],
+              api_name="tokens", **ctx.analysis())
     # First impression: the page opens on a worked example. It is kept (the first visitor
     # computes it; the others wait on its key), so a room opening the page at once neither
     # fills the queue nor waits behind forward passes: no queue.
-    gr.on(None, first_example, inputs=None, outputs=[image, *outputs], api_name="tokens_example",
-          queue=False, show_progress="minimal")
-    return TabLink("tokens", image, model, width, height, run_id="tokens-run")
+    gr.on(None, **out.event(first_example, "image", *VIEWS), inputs=None,
+          api_name="tokens_example", queue=False, show_progress="minimal")
+    return TabLink(links.TOKENS, image, model, width, height, run_id="tokens-run")

@@ -8,12 +8,12 @@ import re
 import pytest
 
 from explorer import datasets
-from explorer.ui import lab_tab
+from explorer.ui import lab_view
 from tests.browser.helpers import open_tab, plot_in, screenshot
 
 
 def test_link_opens_the_lab_with_the_grid_and_the_relative_views(page, app_url):
-    if not lab_tab.shipped_sizes():
+    if not lab_view.shipped_sizes():
         pytest.skip("no shipped lab models")
     page.goto(app_url + "?tab=lab")
     page.wait_for_selector(".gradio-container")

@@ -1,0 +1,103 @@
+"""Process tuning for serving many requests on a few CPU cores: torch threads, the GIL's
+hand-over interval, glibc's malloc arenas and a thread that trims the heap.
+
+`tune` applies all of it from the settings (`explorer.settings.Settings`) before the app
+serves; each step is a function of its own value, so tests and benchmarks call them alone.
+What each bought is measured in BENCHMARKS.md, "Serving a lecture hall".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from explorer.settings import Settings
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def tune(settings: Settings) -> None:
+    """Everything below, from ``settings``; call before the first request thread allocates."""
+    cap_malloc_arenas(settings.malloc_arenas)
+    trim_memory_every(settings.malloc_trim_s)
+    set_threads(settings.torch_threads or threads_per_request(settings.concurrency),
+                settings.gil_switch_ms)
+
+
+def threads_per_request(concurrency: int, cores: int | None = None) -> int:
+    """The CPU cores split between the requests that may run at once (at least one each).
+
+    Gradio runs up to ``concurrency`` analyses in parallel threads; if each used every core
+    they would fight over them, so each gets its share.
+    """
+    return max(1, (cores or os.cpu_count() or 1) // max(1, concurrency))
+
+
+def set_threads(torch_threads: int, gil_switch_ms: float) -> None:
+    """Torch's threads per request, and how often the GIL changes hands.
+
+    Every PyTorch call releases the GIL and takes it back when done; while another request
+    thread runs Python (plots, gradio) it waits up to the switch interval for it. The iGPT
+    sampler makes many short calls per pixel, so it waits most: a shorter interval than
+    Python's 5 ms lets them through.
+    """
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    sys.setswitchinterval(gil_switch_ms / 1000)
+
+
+def glibc_function(name: str) -> Callable | None:
+    """The C library's function ``name`` (``mallopt``, ``malloc_trim``), or None where the C
+    library is not glibc (musl, macOS) and lacks it."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def cap_malloc_arenas(arenas: int | None) -> int | None:
+    """Cap glibc's malloc arenas at ``arenas`` (None: leave glibc's choice).
+
+    glibc gives each thread that allocates concurrently its own arena (up to 8 per core), and
+    freed tensor memory stays in the arena that held it: with many request threads the
+    server's resident memory grows with the number of threads, not with what is in use.
+    ``mallopt`` sets the cap at run time, for arenas made from now on.
+
+    Returns:
+        The cap set, or None (none asked, or no glibc).
+    """
+    mallopt = glibc_function("mallopt") if arenas is not None else None
+    if mallopt is None:
+        return None
+    return arenas if mallopt(M_ARENA_MAX, arenas) == 1 else None
+
+
+def trim_memory_every(seconds: float) -> threading.Thread | None:
+    """Hand freed heap memory back to the system every ``seconds`` (glibc ``malloc_trim``).
+
+    A forward pass at a high resolution frees hundreds of MB when it ends, but glibc keeps
+    freed chunks that sit below live ones in its heaps, so the server's resident memory stays
+    at its high mark between requests and the next concurrent requests stack on top of it.
+    ``malloc_trim(0)`` releases every free page of every arena.
+
+    Returns:
+        The daemon thread, or None where there is no glibc or ``seconds`` is 0 (off).
+    """
+    trim = glibc_function("malloc_trim") if seconds > 0 else None
+    if trim is None:
+        return None
+
+    def loop() -> None:
+        while True:
+            time.sleep(seconds)
+            trim(0)
+
+    thread = threading.Thread(target=loop, name="malloc-trim", daemon=True)
+    thread.start()
+    return thread
