@@ -18,11 +18,12 @@ def keep_triton_out() -> bool:
 
     PyTorch's CUDA wheels install Triton, the GPU kernel compiler, and ``torch._dynamo``
     (imported by torchvision, timm and accelerate) imports it whenever it is installed: on a
-    CPU-only server that is ~75 MB of resident memory for a compiler that can never run
-    (BENCHMARKS.md, "Session 6"). A ``None`` entry in ``sys.modules`` makes
-    ``import triton`` raise ImportError, which PyTorch reads as "Triton not installed".
-    Left alone when a GPU is present (``/dev/nvidiactl``), when Triton is already loaded,
-    or with ``VIT_EXPLORER_TRITON=1``.
+    CPU-only server that is resident memory for a compiler that can never run (measured in
+    BENCHMARKS.md, "Session 6"). A ``None`` entry in ``sys.modules`` makes ``import triton``
+    raise ImportError, which PyTorch reads as "Triton not installed". Left alone when a GPU
+    is present (``/dev/nvidiactl``), when Triton is already loaded, or with
+    ``VIT_EXPLORER_TRITON=1``: read here, not from `explorer.settings`, because it must act
+    before anything imports torch.
     """
     if (os.environ.get("VIT_EXPLORER_TRITON") == "1" or "triton" in sys.modules
             or os.path.exists("/dev/nvidiactl")):

@@ -369,9 +369,9 @@ def random_init_distance(name: str, model: nn.Module, data_config: dict, size: t
     """Mean attention distance (L, H) of `random_init_cached` on a reference image (the first
     bundled example), kept per model, size, fit and prefix handling.
 
-    At random initialisation attention is nearly uniform whatever the image (DINOv2 ViT-S/14
-    at 224 px: the four bundled photos differ by at most 2.1 px per head around ~117 px), so
-    one reference image stands for every image: the curve belongs to the architecture.
+    At random initialisation attention is nearly uniform whatever the image (the bundled
+    photos' curves barely differ: BENCHMARKS.md, "Serving a lecture hall"), so one reference
+    image stands for every image: the curve belongs to the architecture.
     """
     key = (name, weights_fingerprint(model), tuple(size), fit, prefix)
 
@@ -434,9 +434,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     the convolution, in place; the BatchNorm becomes an Identity. Eval mode only.
 
     An eval BatchNorm is a per-channel affine map, so the network computes the same function
-    (to float rounding); a backward pass through it saves one tensor fewer per convolution.
-    For MobileNetV2's receptive fields at 518 px: ~30% less memory and ~35% less time
-    (BENCHMARKS.md).
+    (to float rounding); a backward pass through it saves one tensor fewer per convolution,
+    which makes MobileNetV2's receptive fields cheaper in memory and time (BENCHMARKS.md,
+    "Session 6").
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -612,5 +612,6 @@ def mobilenet_receptive_fields(image: Image.Image, size: int = 224) -> CNNRecept
 
 
 # One measurement at a time: each keeps MobileNetV2's whole autograd graph for 19 backward
-# passes (~0.5 GB at 518 px), so two at once were the app's largest memory peak.
+# passes, so two at once were the app's largest memory peak (BENCHMARKS.md, "Serving a
+# lecture hall").
 _CNN_FIELDS_AT_ONCE = threading.Lock()

@@ -319,7 +319,7 @@ class TokenizationResult:
     Attributes:
         pixels: (1, 3, H, W) normalised model input.
         size: (H, W) pixels; grid: (rows, cols); patch: (ph, pw).
-        prefix_names: e.g. ["CLS"], ["CLS", "DIST"], ["CLS", "REG0", ...].
+        prefix_names: e.g. ["CLS"], ["CLS", "DIST"], ["CLS", "REG1", ...] (`prefix_token_names`).
         filters: (k, 3, ph, pw) patch-projection principal components in [0, 1].
         native_grid: the grid the position embeddings were trained on.
         pos_similarity_native / pos_similarity: (r, c, r, c) at the native / chosen grid;
@@ -343,7 +343,8 @@ class TokenizationResult:
 
 
 # What depends only on the model's embeddings, computed once per model and weights
-# (`embedding_views`): the filter PCA was ~0.4-1.7 s of every /tokens call.
+# (`embedding_views`): the filter PCA was a large share of every /tokens call (BENCHMARKS.md,
+# "Serving a lecture hall").
 EMBEDDING_VIEWS: KeyedCache[tuple] = KeyedCache(max_items=8)
 
 

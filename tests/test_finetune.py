@@ -481,8 +481,6 @@ def test_plot_builders(data):
     assert probes[0].best_depth == 2
     depth = plots.probe_depth_figure(probes)
     assert list(depth.data[2].x) == [0.5, 1.0]  # different depths: relative x
-    counts = plots.class_counts_figure(train.class_counts())
-    assert sum(counts.data[0].y) == len(train)
 
 
 def test_tab_turns_bad_data_into_clear_gradio_errors(tmp_path):

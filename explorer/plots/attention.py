@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image, ImageDraw
 
-from explorer.plots.colors import as_array, colorize, font, mosaic, overlay, upscale
+from explorer.plots.colors import as_array, mosaic, overlay, upscale
 
 TILE = 192  # longer side of one tile in grids (keeps PNGs small and grids readable)
 
@@ -149,8 +149,8 @@ def token_norm_figure(norms, names: list[str], threshold, layer: int) -> go.Figu
     p = len(names)
     fig = go.Figure(go.Histogram(x=norms[p:], nbinsx=60, name="patch tokens",
                                  marker_color="#4c78a8"))
-    # Vertical lines as plain layout shapes: plotly's add_vline took ~7 ms each, most of
-    # this figure's time on every slider move.
+    # Vertical lines as plain layout shapes: plotly's add_vline was most of this figure's
+    # time on every slider move (BENCHMARKS.md, "Serving a lecture hall").
     lines = [(float(threshold), "high-norm threshold", "red", "dash", "left")]
     lines += [(float(norms[j]), name, "#f58518", "solid", "right") for j, name in enumerate(names)]
     shapes = [{"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1,
@@ -161,19 +161,3 @@ def token_norm_figure(norms, names: list[str], threshold, layer: int) -> go.Figu
                       yaxis_title="patch tokens", height=320, margin={"t": 50, "b": 40},
                       showlegend=False, shapes=shapes, annotations=notes)
     return fig
-
-
-def colorbar_strip(cmap: str = "inferno", width: int = 256, height: int = 14) -> np.ndarray:
-    """A horizontal colour bar from low (left) to high (right)."""
-    return colorize(np.tile(np.linspace(0, 1, width), (height, 1)), cmap)
-
-
-def caption(image: np.ndarray, text: str) -> np.ndarray:
-    """Add a line of text under an image (for downloaded PNGs that explain themselves)."""
-    h, w = image.shape[:2]
-    bar = max(16, h // 20)
-    canvas = Image.new("RGB", (w, h + bar), (255, 255, 255))
-    canvas.paste(Image.fromarray(image), (0, 0))
-    ImageDraw.Draw(canvas).text((4, h + bar / 2), text, fill=(0, 0, 0), font=font(bar - 4),
-                                anchor="lm")
-    return np.asarray(canvas)

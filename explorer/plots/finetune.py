@@ -15,15 +15,6 @@ from explorer.plots.tokens import similarity_tiles
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
 
 
-def class_counts_figure(counts: dict[str, int], title: str = "Images per class") -> go.Figure:
-    """Bar chart of images per class (before training: is the data balanced?)."""
-    fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), text=list(counts.values()),
-                           textposition="auto", marker_color=TRAIN_COLOR))
-    fig.update_layout(title=title, xaxis_title="class", yaxis_title="images", height=320,
-                      margin=dict(l=50, r=20, t=50, b=50))
-    return fig
-
-
 def split_counts_figure(train: dict[str, int], val: dict[str, int]) -> go.Figure:
     """Stacked bars: training and validation images per class after the split."""
     fig = go.Figure([

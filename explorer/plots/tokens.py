@@ -40,7 +40,8 @@ def grid_overlay(image: np.ndarray, patch: tuple[int, int], first_index: int = 0
 
 
 # The grid lines and indices depend only on the geometry: drawn once per geometry on a
-# transparent layer (the text was ~0.9 s of a 518 px /tokens call), then composited.
+# transparent layer, then composited (drawing the text was a large share of a /tokens call
+# at high resolution: BENCHMARKS.md, "Serving a lecture hall").
 _GRID_LAYERS: KeyedCache[Image.Image] = KeyedCache(max_items=16)
 
 
