@@ -20,6 +20,8 @@ def reachable(timeout: float = 3.0) -> bool:
     False at once in offline mode (``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants
 
+    # huggingface_hub's own switch, not a setting of ours: it reads HF_HUB_OFFLINE once, at
+    # import, so the variable is read here too, where it acts, for one set later on.
     if constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
             "1", "true", "yes"):
         return False

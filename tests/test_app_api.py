@@ -72,9 +72,19 @@ def test_unusual_but_valid_uploads_work(client, tmp_path):
         "cmyk.jpg": _encoded(Image.new("CMYK", (80, 60), (0, 128, 255, 0)), "JPEG"),
         "animated.gif": gif.getvalue(),
     }
+    corners = {}
     for name, data in ok.items():
-        summary = tokens(client, _write(tmp_path / name, data), width=336, height=224)[0]
+        summary, grid_file = tokens(client, _write(tmp_path / name, data), width=336, height=224)[:2]
         assert "24x16" in summary, name
+        grid = np.asarray(Image.open(grid_file).convert("RGB"))  # the picture as decoded
+        zoom = grid.shape[1] // 336
+        assert grid.shape[:2] == (224 * zoom, 336 * zoom), name
+        cell = 14 * zoom  # each patch's corner, inside the grid lines, away from its index
+        corners[name] = grid[3:224 * zoom:cell, 3:336 * zoom:cell].astype(int)  # (16, 24, 3)
+    ramp = corners["sixteen-bit.png"][..., 0].mean(axis=0)  # a dark-to-bright 16-bit ramp
+    assert (np.diff(ramp) > 0).all() and ramp[0] < 30 and ramp[-1] > 225
+    assert np.abs(corners["cmyk.jpg"] - (255, 127, 0)).max() < 12  # CMYK ink -> orange RGB
+    assert np.abs(corners["animated.gif"] - (255, 0, 0)).max() < 12  # the first frame
 
 
 def test_offline_hub_model_is_a_clear_message(client, monkeypatch):

@@ -499,7 +499,7 @@ def test_offline_default_model_matches_eager_in_float64(default_model):
 
 def test_attention_views_and_plots_for_one_image():
     import numpy as np
-    import plotly.graph_objects as go
+    from matplotlib import colormaps
 
     from explorer.plots import attention as plots
 
@@ -529,15 +529,57 @@ def test_attention_views_and_plots_for_one_image():
     with pytest.raises(IndexError, match="outside"):
         query_views(maps, 3, 0, layer=0)
 
+    # The pictures, by hand, over a flat grey photo: a map's largest patch shows the colour
+    # map's top blended 60% over the grey, its smallest the bottom (inferno: near black).
     image = np.full((42, 70, 3), 128, np.uint8)
+    top, bottom = (np.array(colormaps["inferno"](x)[:3]) * 255 for x in (1.0, 0.0))
+    lit, dark = (0.4 * 128 + 0.6 * c for c in (top, bottom))
+
+    def near(pixel, colour) -> bool:  # uint8 rounding apart
+        return np.abs(pixel.astype(float) - colour).max() <= 1.5
+
+    def cell_centre(tile_x, tile_y, tile_h, tile_w, cell):  # pixel at a patch's centre
+        (r, c), (rows, cols) = cell, (3, 5)
+        return tile_y + int((r + 0.5) * tile_h / rows), tile_x + int((c + 0.5) * tile_w / cols)
+
     grid = plots.head_grid(image, v.heads, v.fused, "max", 1)
-    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[1] > 3 * grid.shape[0]
-    assert plots.heat_overlay(image, v.rollout, cell=(1, 2)).shape == (42, 70, 3)
-    assert isinstance(plots.prefix_share_figure(v.prefix_share, maps.prefix_names), go.Figure)
-    assert len(plots.prefix_share_figure(v.prefix_share, maps.prefix_names).data) == 6
-    assert plots.mask_grid(image, v.masks, 0.5, 1).ndim == 3
+    gap = 2
+    tile_h, tile_w = round(42 * plots.TILE / 70), plots.TILE  # the longer side is TILE px
+    label_h = max(12, tile_h // 6)
+    assert grid.shape == (gap + tile_h + label_h + gap, 3 * (tile_w + gap) + gap, 3)
+    for i, heat in enumerate([*v.heads, v.fused]):  # head 1, head 2, then the fused map
+        x = gap + i * (tile_w + gap)
+        hottest = divmod(int(heat.argmax()), 5)
+        coldest = divmod(int(heat.argmin()), 5)
+        assert near(grid[cell_centre(x, gap, tile_h, tile_w, hottest)], lit), i
+        assert near(grid[cell_centre(x, gap, tile_h, tile_w, coldest)], dark), i
+        label = grid[gap + tile_h: gap + tile_h + label_h, x: x + tile_w]
+        assert (label < 100).any()  # the tile's label, under it, in dark text
+
+    boxed = plots.heat_overlay(image, v.rollout, cell=(1, 2))  # 14x14 px cells
+    assert (boxed[14, 28:42] == (0, 255, 255)).all()  # the clicked patch's top edge: cyan
+    assert not (boxed[13, 28:42] == (0, 255, 255)).all(-1).any()  # nothing above it
+    plain = plots.heat_overlay(image, v.rollout)
+    hottest = divmod(int(v.rollout.argmax()), 5)
+    assert near(plain[hottest[0] * 14 + 7, hottest[1] * 14 + 7], lit)
+
+    masks = plots.mask_grid(image, v.masks, 0.5, 1)
+    for h in range(2):  # a kept patch shows the photo, a dropped one a quarter of it
+        x = gap + h * (tile_w + gap)
+        for cell in ((r, c) for r in range(3) for c in range(5)):
+            want = 128 if bool(v.masks[h][cell]) else 32
+            assert (masks[cell_centre(x, gap, tile_h, tile_w, cell)] == want).all(), (h, cell)
+
+    share = plots.prefix_share_figure(v.prefix_share, maps.prefix_names)
+    assert [t.name for t in share.data] == [*maps.prefix_names, "all patches"]  # CLS, REG1..4
+    for j, trace in enumerate(share.data[:-1]):
+        np.testing.assert_allclose(trace.y, v.prefix_share[:, j].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(share.data[-1].y, 1 - v.prefix_share.sum(1).numpy(), rtol=1e-5)
+    assert list(share.data[0].x) == [1, 2]  # layers, 1-based
     figure = plots.token_norm_figure(v.norms, maps.prefix_names, v.norm_threshold, 1)
     assert figure.layout.shapes[0].x0 == pytest.approx(float(v.norm_threshold))
+    np.testing.assert_allclose(figure.data[0].x, v.norms[5:].numpy())  # patch tokens only
+    assert [s.x0 for s in figure.layout.shapes[1:]] == pytest.approx(v.norms[:5].tolist())
 
 
 def test_class_token_maps_without_class_token():

@@ -4,6 +4,7 @@ plot, and its ViT opens in its own session's other tabs only; the relative views
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from gradio_client import Client, handle_file
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
 
 @pytest.fixture(scope="module")
 def demo():
-    demo = app.build_demo(Settings(lab_steps=12))  # a tiny live point, not the grid's budget
+    # a tiny live point, not the grid's budget
+    demo = app.build_demo(replace(Settings.from_env(), lab_steps=12))
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     yield demo
     demo.close()

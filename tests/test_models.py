@@ -6,6 +6,7 @@ import copy
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import timm
@@ -14,7 +15,6 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from explorer import images, models
-from explorer.cache import KeyedCache
 
 EXAMPLE = "assets/examples/chelsea.jpg"
 
@@ -84,8 +84,29 @@ def test_two_threads_asking_for_one_vit_load_it_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert builds == [name] and len(results) == 2 and results[0] is results[1]
-    assert isinstance(models.MODEL_CACHE, KeyedCache)
-    assert models.MODEL_CACHE.max_items is not None  # bounded
+
+
+def test_the_model_cache_keeps_the_settings_number_of_models(tmp_path, monkeypatch):
+    """The app bounds `MODEL_CACHE` by `Settings.max_models`: a third model loaded pushes
+    the least recently used one out, and asking for it again builds it again."""
+    import app
+    from explorer.settings import Settings
+
+    monkeypatch.setattr(models.MODEL_CACHE, "max_items", models.MODEL_CACHE.max_items)
+    models.MODEL_CACHE.clear()
+    app.build_demo(replace(Settings.from_env(), max_models=2))
+    names = []
+    for i in range(3):
+        timm.models.save_for_hf(_tiny_vit(img_size=32), str(tmp_path / str(i)),
+                                safe_serialization=True)
+        names.append(f"local:{tmp_path / str(i)}")
+    first = models.load_vit(names[0], "cpu")[0]
+    models.load_vit(names[1], "cpu")
+    assert models.load_vit(names[0], "cpu")[0] is first  # used again: now the most recent
+    models.load_vit(names[2], "cpu")  # the third: the least recently used (names[1]) goes
+    assert models.MODEL_CACHE.keys() == [f"{names[0]}@cpu", f"{names[2]}@cpu"]
+    assert models.load_vit(names[0], "cpu")[0] is first
+    assert models.load_vit(names[1], "cpu")[0] is not None and len(models.MODEL_CACHE) == 2
 
 
 def test_unknown_and_offline_hub_models_raise_clear_errors(monkeypatch):
@@ -192,8 +213,7 @@ def test_two_threads_asking_for_one_igpt_load_it_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert loads == [str(tmp_path)] and len(results) == 2 and results[0] is results[1]
-    assert isinstance(checkpoint.IGPT_CACHE, KeyedCache)
-    assert checkpoint.IGPT_CACHE.max_items is not None  # bounded
+    assert str(tmp_path) in [key[1] for key in checkpoint.IGPT_CACHE.keys()]  # kept there
 
 
 def test_one_model_unavailable_error_for_vit_and_igpt():

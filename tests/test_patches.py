@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -122,13 +123,28 @@ def test_principal_directions_match_svd(shape):
 
 
 def test_similarity_mosaic_layout():
+    """Tile (i, j) is patch (i, j)'s map: its cell (r, c) a zoom x zoom block coloured by
+    sim[i, j, r, c] on [-1, 1], each tile followed by a 1 px white line."""
+    from matplotlib import colormaps
+
     from explorer.plots.tokens import similarity_tiles
 
-    sim = torch.rand(4, 6, 4, 6) * 2 - 1
+    def colour(value: float) -> np.ndarray:  # viridis on [-1, 1], as uint8
+        return (np.array(colormaps["viridis"]((value + 1) / 2)[:3]) * 255 + 0.5).astype(np.uint8)
+
+    sim = torch.rand(4, 6, 4, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mosaic = similarity_tiles(sim, width=6 * 7 * 3)  # zoom 3: tiles of (4*3+1) x (6*3+1) px
     assert mosaic.shape == (4 * 13, 6 * 19, 3)
-    big = similarity_tiles(torch.rand(37, 37, 37, 37), max_tiles=20)  # every 2nd patch: 19 tiles
-    assert big.shape[0] == 19 * 38 and big.shape[1] == 19 * 38
+    for i, j, r, c in [(0, 0, 0, 0), (1, 4, 3, 5), (3, 5, 2, 1), (2, 0, 0, 5)]:
+        y, x = i * 13 + r * 3, j * 19 + c * 3
+        block = mosaic[y:y + 3, x:x + 3]
+        assert (block == colour(float(sim[i, j, r, c]))).all(), (i, j, r, c)
+    assert (mosaic[12::13] == 255).all() and (mosaic[:, 18::19] == 255).all()  # the white lines
+    # DINOv2's 37x37 grid: every 2nd patch's (complete) map, 19 tiles a side
+    big_sim = torch.rand(37, 37, 37, 37, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    big = similarity_tiles(big_sim, max_tiles=20)
+    assert big.shape[0] == 19 * 38 and big.shape[1] == 19 * 38  # zoom 1: 37 px + 1 px line
+    assert (big[38 + 36, 3 * 38 + 0] == colour(float(big_sim[2, 6, 36, 0]))).all()
 
 
 def test_embedding_views_are_computed_once_per_model_and_follow_weight_changes():

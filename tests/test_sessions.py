@@ -287,7 +287,7 @@ def demo(tmp_path_factory):
     (data / OPERATOR_DATA).mkdir()
     for i in range(3):
         Image.new("RGB", (64, 64), (i * 60, 10, 10)).save(data / OPERATOR_DATA / f"{i}.png")
-    demo = app.build_demo(Settings(models_dir=operator, data_dir=data))
+    demo = app.build_demo(replace(Settings.from_env(), models_dir=operator, data_dir=data))
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     yield demo
     demo.close()

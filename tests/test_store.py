@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ def test_store_stays_under_its_bound_and_rebuilds_what_it_dropped():
 
 def test_the_app_bounds_the_store_from_its_settings(monkeypatch):
     monkeypatch.setattr(store.STORE.cache, "max_bytes", store.STORE.cache.max_bytes)
-    app.build_demo(Settings(store_mb=1.5))
+    app.build_demo(replace(Settings.from_env(), store_mb=1.5))
     assert store.STORE.cache.max_bytes == int(1.5 * 2**20)
 
 

@@ -77,8 +77,11 @@ def upload_image(**kwargs) -> gr.Image:
     decompression bomb would otherwise fail with a generic "Error". Here the same failure is
     explained by `explorer.images.load_image`'s message. (A subclass of gr.Image would need
     its own front-end component, so the instance's ``preprocess`` is wrapped instead.)
+    ``image_mode=None`` hands the file over as uploaded: gradio's own conversion to RGB would
+    clip a 16-bit image to white, while `explorer.images.load_image` stretches its range (and
+    says so).
     """
-    component = gr.Image(type="filepath", **kwargs)
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)
     plain_preprocess = component.preprocess
 
     def preprocess(payload):
