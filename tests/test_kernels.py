@@ -38,7 +38,7 @@ def test_block_plan(batch, tokens, threads, rows):
 def test_build_directory_depends_on_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPLORER_KERNEL_CACHE", str(tmp_path))
     directory = kernels.build_directory()
-    assert directory.parent == tmp_path and directory.name.startswith("attend-")
+    assert directory.parent == tmp_path and directory.name.startswith("kernels-")
     monkeypatch.setattr(kernels, "_cpu_key", lambda: "flags : other cpu")
     assert kernels.build_directory() != directory  # -march=native code is per CPU
 
@@ -72,7 +72,7 @@ def test_failed_build_falls_back_to_pytorch_ops(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fallback ok" in done.stdout
-    assert "Native attention kernel unavailable" in done.stderr
+    assert "Native kernels unavailable" in done.stderr
 
 
 @needs_compiler

@@ -139,6 +139,44 @@ class SharedPrefixKV:
         return y.transpose(0, 1).reshape(q.shape[0], 1, -1)
 
 
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cache: tuple[torch.Tensor, torch.Tensor], pos: int) -> torch.Tensor:
+    """One query per sequence against a (k, v) cache, each (B, nh, T_max, hs): writes k, v
+    (B, nh, 1, hs) at `pos` and attends over [0, pos] -> (B, 1, nh, hs)."""
+    k_cache, v_cache = cache
+    k_cache[:, :, pos:pos + 1] = k  # cast to the cache's dtype if it differs
+    v_cache[:, :, pos:pos + 1] = v
+    k, v = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1]
+    if k.dtype != q.dtype:  # reduced-precision cache (`fast.py`): fused, in its dtype
+        return F.scaled_dot_product_attention(q.to(k.dtype), k, v).to(q.dtype).transpose(1, 2)
+    # fp32: two batched GEMVs beat SDPA's flash kernel for a single query
+    att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, 1, t)
+    return (att.softmax(-1) @ v).transpose(1, 2)
+
+
+class GroupedKV:
+    """One layer's caches for the rows of several completions, each group at its own position
+    (`explorer.igpt.batch`'s PyTorch step): `parts` lists, in row order, each group's cache
+    (a `SharedPrefixKV` or a (k, v) pair as `new_cache` makes) and the position of its token.
+    The weight matrices run once for all rows; attention runs group by group."""
+
+    def __init__(self, parts: list[tuple[SharedPrefixKV | tuple[torch.Tensor, torch.Tensor], int]]):
+        self.parts = parts
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos=None) -> torch.Tensor:
+        """q, k, v: (B, nh, 1, hs), the groups' rows in order -> (B, 1, nh * hs)."""
+        out, row = [], 0
+        for cache, at in self.parts:
+            n = cache.k.shape[0] if isinstance(cache, SharedPrefixKV) else cache[0].shape[0]
+            part = slice(row, row + n)
+            if isinstance(cache, SharedPrefixKV):
+                out.append(cache.attend(q[part], k[part], v[part], at))
+            else:
+                out.append(attend_cached(q[part], k[part], v[part], cache, at).reshape(n, 1, -1))
+            row += n
+        return torch.cat(out)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: IGPTConfig):
         super().__init__()
@@ -160,21 +198,15 @@ class Attention(nn.Module):
         if cache is not None:
             if T > 1 and pos > 0:
                 raise ValueError("multi-token steps after a prefix are not supported")
-            if isinstance(cache, SharedPrefixKV):  # one token per sample after a shared prefix
+            if isinstance(cache, (SharedPrefixKV, GroupedKV)):  # one token per row, see there
                 return self.c_proj(cache.attend(q, k, v, pos).reshape(B, T, C))
-            k_cache, v_cache = cache
-            k_cache[:, :, pos:pos + T] = k  # cast to the cache's dtype if it differs
-            v_cache[:, :, pos:pos + T] = v
             if T == 1:  # one query per sequence against everything cached so far
-                k, v = k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1]
-                if k.dtype != q.dtype:  # reduced-precision cache (`fast.py`): fused, in its dtype
-                    y = F.scaled_dot_product_attention(q.to(k.dtype), k, v).to(q.dtype)
-                    return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-                # fp32: two batched GEMVs beat SDPA's flash kernel for a single query
-                att = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, 1, t)
-                y = (att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
-                return self.c_proj(y)
-            # a prefill block at position 0: causal attention over its own (fresh) keys
+                return self.c_proj(attend_cached(q, k, v, cache, pos).reshape(B, T, C))
+            # a prefill block at position 0: its keys/values are stored (in the cache's
+            # dtype) and attention is causal over them, fresh
+            k_cache, v_cache = cache
+            k_cache[:, :, :T] = k
+            v_cache[:, :, :T] = v
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
@@ -260,6 +292,18 @@ class ImageGPT(nn.Module):
         for i, block in enumerate(tr.h):
             x = block(x, None if caches is None else caches[i], pos)
         return self.lm_head(tr.ln_f(x))
+
+    def decode_rows(self, idx: torch.Tensor, positions: torch.Tensor,
+                    caches: list[GroupedKV]) -> torch.Tensor:
+        """One token per row, each at its own position: idx, positions (B,) -> logits (B, V).
+
+        `caches`: one `GroupedKV` per layer, whose groups cover the rows in order.
+        """
+        tr = self.transformer
+        x = (tr.wte(idx) + tr.wpe(positions))[:, None]  # (B, 1, C)
+        for block, cache in zip(tr.h, caches, strict=True):
+            x = block(x, cache)
+        return self.lm_head(tr.ln_f(x))[:, 0]
 
     def new_cache(self, batch: int, length: int | None = None) -> list[tuple[torch.Tensor, ...]]:
         """Preallocated key/value cache: n_layer pairs of (B, nh, length, hs) zeros

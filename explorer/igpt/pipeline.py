@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from explorer.igpt import batch
 from explorer.igpt.checkpoint import LoadedIGPT
 from explorer.igpt.likelihood import bits_per_dim, pixel_nll_bits
 from explorer.igpt.palette import rgb9_dequantize, rgb9_quantize
-from explorer.igpt.sampler import SampleConfig, complete_stream
+from explorer.igpt.sampler import SampleConfig
 from explorer.igpt.sequence import prefix_len, raster, unraster
 
 
@@ -71,6 +72,10 @@ def stream_completions(m: LoadedIGPT, tokens: torch.Tensor, rows_kept: int, n: i
                        cfg: SampleConfig) -> Iterator[tuple[int, torch.Tensor]]:
     """Complete the image below `rows_kept` rows, `n` samples at once, one row at a time.
 
+    The samples join the model's one decode loop, shared with every other completion running
+    in this process (`explorer.igpt.batch`); they equal `sampler.complete_stream`'s for the
+    same settings and seed. Closing the generator cancels them.
+
     tokens: (H, W) real image. Yields (pixels filled so far in raster order, samples (n, H, W))
     each time a row is finished; the last yield is the finished grid.
     """
@@ -78,9 +83,5 @@ def stream_completions(m: LoadedIGPT, tokens: torch.Tensor, rows_kept: int, n: i
     if not 0 <= rows_kept < H:
         raise ValueError(f"rows to keep must be between 0 and {H - 1}")
     P, L = prefix_len(rows_kept, W), H * W
-    prefix = raster(tokens)[None, :P].expand(n, P).contiguous()
-    t = P
-    for out in complete_stream(m.model, prefix, L, cfg):
-        t += 1
-        if t % W == 0 or t == L:
-            yield t, unraster(out, H, W).clone()
+    for t, out in batch.stream(m.model, raster(tokens)[:P], n, L, cfg, every=W):
+        yield t, unraster(out, H, W)
