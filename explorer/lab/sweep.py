@@ -70,6 +70,12 @@ def write_choice(choice: dict[str, Hyper], path: Path = HYPER_JSON) -> None:
     path.write_text(json.dumps({a: asdict(h) for a, h in choice.items()}, indent=1) + "\n")
 
 
+def hyper_for(arch: str) -> Hyper:
+    """The hyperparameters a new run of ``arch`` uses: the shipped choice, else the defaults
+    (before the sweep has run)."""
+    return read_choice().get(arch, Hyper())
+
+
 def read_choice(path: Path = HYPER_JSON) -> dict[str, Hyper]:
     """The shipped choice per architecture ({} before the sweep has run)."""
     if not path.is_file():

@@ -31,6 +31,21 @@ def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
     return error_vs_data_figure(error_vs_data(rows), live)
 
 
+def scrambled_figure(rows: list[dict]) -> go.Figure:
+    """The wrong-bias experiment: test error on scrambled images against training images,
+    each architecture's original-data curve dotted beside it for reference."""
+    fig = error_vs_data_figure(error_vs_data(rows, "scrambled"))
+    for arch, points in error_vs_data(rows).items():
+        fig.add_trace(go.Scatter(
+            x=[p.train_images for p in points], y=[100 * p.mean for p in points],
+            mode="lines", name=f"{ARCH_LABELS.get(arch, arch)}, original images",
+            legendgroup=arch, showlegend=False, hoverinfo="skip", opacity=0.6,
+            line={"color": ARCH_COLOURS.get(arch, "#7f7f7f"), "width": 1.5, "dash": "dot"}))
+    fig.update_layout(title="Scrambled Fashion-MNIST: test error vs training images "
+                            "(dotted: the same model on the original images)")
+    return fig
+
+
 def scaling_figure(rows: list[dict]) -> go.Figure | None:
     """The grid's ViT size sweep against training compute, with the CNN's runs at the same
     data sizes for reference (`compute_figure`); None when the grid has no sweep."""
@@ -62,7 +77,8 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
     if live is not None:
         fig.add_trace(go.Scatter(
             x=[live["train_images"]], y=[100 * live["error"]], mode="markers",
-            name=f"your run: {ARCH_LABELS.get(live['arch'], live['arch'])}",
+            name=f"your run: {ARCH_LABELS.get(live['arch'], live['arch'])}"
+                 + (f", {live['steps']:,} steps" if "steps" in live else ""),
             marker={"symbol": "star", "size": 20, "color": ARCH_COLOURS.get(live["arch"]),
                     "line": {"color": "black", "width": 2}}))
     fig.update_layout(

@@ -13,8 +13,9 @@ import torch
 from explorer.cache import KeyedCache
 from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
-from explorer.lab.engine import Budget, LabRun, normalise, run_lab, test_subset
+from explorer.lab.engine import LIVE_BUDGET, Budget, LabRun, normalise, run_lab, test_subset
 from explorer.lab.models import ARCH_LABELS, LAB_ARCHS, PATCH
+from explorer.lab.sweep import hyper_for
 from explorer.plots import lab as plots
 from explorer.plots.lecture import for_projector, paper_data_figure, paper_scaling_figure
 from explorer.session_context import SessionContext
@@ -74,7 +75,7 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     history: list[tuple[int, float, float | None]] = []
     result = None
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
-        for event in run_lab(run, budget, cancel=cancel, log_every=25):
+        for event in run_lab(run, budget, hyper_for(arch), cancel=cancel, log_every=25):
             history.append((event.step, event.loss, event.val_acc))
             result = event.result or result
             if result is None:
@@ -91,7 +92,8 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
                 f"lab-{run.name}", lambda out: save_vit(result.model, run, out, result.row()))
         message += (f" Saved as **{saved.name}**: pick it in *Attention maps* or *Mean attention "
                     "distance* to see how local its heads are beside DINOv2's.")
-    live = {"arch": arch, "train_images": train_images, "error": 1 - result.test_acc}
+    live = {"arch": arch, "train_images": train_images, "error": 1 - result.test_acc,
+            "steps": result.steps}
     yield {"status": message, "live_plot": plots.live_figure(history, title),
            "data_plot": plots.data_figure(rows, live)}
 
@@ -106,11 +108,17 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     rows = lab_view.grid_rows()
     gr.Markdown(lab_view.intro_text())
+    gr.Markdown(lab_view.progress_text(), elem_id="lab-progress")
     with gr.Row():
-        data_plot = gr.Plot(plots.data_figure(rows), label="Trained here", elem_id="lab-data-plot")
-        gr.Plot(paper_data_figure(), label="The paper's numbers (not measured here)",
-                elem_id="lab-paper-plot")
+        data_plot = gr.Plot(plots.data_figure(rows), label="Trained here",
+                            elem_id="lab-data-plot")
+        gr.Plot(plots.scrambled_figure(rows), label="Trained here, on scrambled images",
+                elem_id="lab-scrambled-plot")
     gr.Markdown(lab_view.summary_text(rows), elem_id="lab-summary")
+    gr.Markdown(lab_view.scrambled_text(rows), elem_id="lab-scrambled")
+    gr.Markdown(lab_view.convergence_text(rows), elem_id="lab-convergence")
+    gr.Plot(paper_data_figure(), label="The paper's numbers (not measured here)",
+            elem_id="lab-paper-plot")
     with gr.Row():
         gr.Plot(plots.scaling_figure(rows), label="Scaling, trained here",
                 elem_id="lab-compute-plot")
@@ -136,9 +144,11 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
     rel_run.click(relative_views, inputs=[rel_size, presenter], outputs=[bias_plot, shift_plot],
                   api_name="lab_relative", **ctx.analysis())
 
-    gr.Markdown("### A live run\nTrain one point of the grid here, under the same budget "
-                "(about 2–4 minutes on a 2-core CPU; runs queue one at a time). With the same "
-                "seed it lands on the shipped point; a ViT then opens in the other tabs.")
+    gr.Markdown("### A live run\nTrain one point of the grid here, with the grid's recipe cut "
+                f"to a **shorter budget: {LIVE_BUDGET.min_steps:,} steps** instead of the "
+                f"grid's {Budget().min_steps:,} or more (a few minutes on a 2-core CPU; runs "
+                "queue one at a time): a preview, not the grid's converged point. A ViT then "
+                "opens in the other tabs.")
     with gr.Row():
         arch = gr.Dropdown([(ARCH_LABELS[a], a) for a in LAB_ARCHS], value="vit",
                            label="Architecture", elem_id="lab-arch")
@@ -151,9 +161,9 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
     status = gr.Markdown(elem_id="lab-status")
     live_plot = gr.Plot(label="Live run", elem_id="lab-live-plot")
     out = Outputs(status=status, live_plot=live_plot, data_plot=data_plot)
-    # A live run's budget: the grid's, unless the settings fix its steps (tests, demos).
+    # A live run's budget: `LIVE_BUDGET`, unless the settings fix its steps (tests, demos).
     steps = ctx.settings.lab_steps
-    budget = Budget(min_steps=steps, epochs=0) if steps else Budget()
+    budget = Budget(min_steps=steps, epochs=0, evals=2) if steps else LIVE_BUDGET
 
     def train_live(arch, train_images, seed, request: gr.Request):
         """Train one grid point live (the `/lab_train` endpoint); see `live_run`."""

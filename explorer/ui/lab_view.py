@@ -19,10 +19,23 @@ A CNN builds in locality, a 2-D neighbourhood and translation equivariance; a Vi
 them from data. Here four models of about 0.2 M parameters learn Fashion-MNIST **from
 scratch** on 500 to 60,000 images: a CNN, a ViT with absolute position embeddings, the same
 ViT with a learned **relative-position bias** w(i−j) instead (CoAtNet's attention), and a
-miniature **CoAtNet** (MBConv stage, then relative attention). Budget rule, the same for
+miniature **CoAtNet** (MBConv stage, then relative attention). The budget rule, the same for
 every run: {rule}. Test error is on all 10,000 test images.
 """
-NO_GRID = "*No grid shipped yet: run `python -m explorer.lab.grid`.*"
+# The data scale of the lecture's claim (ViT paper, Figs. 3–4): ViT-L/16 trails BiT ResNets
+# when pre-trained on ImageNet (1.3 M images), matches them on ImageNet-21k (14 M) and passes
+# them on JFT-300M; on JFT subsets ViT-B/32 is behind ResNet50 at 9 M and ahead from 90 M.
+PAPER_SCALE = ("In the ViT paper the crossover needs **10⁷–10⁸ training images** (ImageNet-21k, "
+               "14 M; JFT-300M, 300 M); the largest set here has 6×10⁴, a thousand times less.")
+SCRAMBLED_INTRO = (
+    "**Inductive bias is an assumption: when it matches the data it saves data; when it does "
+    "not, it costs.** The right plot trains the same models on *scrambled* Fashion-MNIST: one "
+    "fixed shuffle of the 7×7 patch positions and of the pixels inside every 4×4 patch, the "
+    "same for every image (after augmentation), so it is the same task with the pixels "
+    "relabelled. A ViT with learned absolute positions cannot tell the difference (its "
+    "position embeddings and patch projection absorb both shuffles); the CNN's locality and "
+    "the relative bias now assume neighbourhoods that are not there.")
+NO_GRID = "*No grid runs finished yet: run `python -m explorer.lab.grid`.*"
 
 
 def grid_rows() -> list[dict]:
@@ -55,26 +68,54 @@ def intro_text(budget: Budget | None = None) -> str:
 
 
 def summary_text(rows: list[dict]) -> str:
-    """What the grid shows, in words, from its numbers."""
+    """What the grid shows, in words, computed from its rows: the winner at each size, how
+    the ViT's gap to the CNN moves with data, and the paper's data scale beside it."""
     curves = analysis.error_vs_data(rows)
     if not curves:
         return NO_GRID
-    best = analysis.winners(curves)
-    parts = [f"{n:,}: **{ARCH_LABELS[a]}**" for n, a in best.items()]
-    seconds = sum(r["seconds"] for r in rows)
-    largest = max(best)
-    fits = []
-    for arch in curves:
-        at = analysis.seed_runs(rows, arch, largest)
-        if at:
-            train = 100 * sum(r["train_acc"] for r in at) / len(at)
-            test = 100 * sum(r["test_acc"] for r in at) / len(at)
-            fits.append(f"{ARCH_LABELS[arch]} {train:.0f}% / {test:.0f}%")
-    return ("Lowest mean test error at each training-set size — " + "; ".join(parts) +
-            f". Training vs test accuracy at {largest:,} images: " + ", ".join(fits) +
-            " (training accuracy barely above test accuracy means the model is still "
-            "underfitting: limited by the training budget rather than by data). "
-            f"Grid: {len(rows)} runs, {seconds / 3600:.1f} CPU-hours of training.")
+    sentences = [analysis.winners_sentence(curves), analysis.gap_sentence(curves, "vit"),
+                 analysis.gap_sentence(curves, "coatnet"), PAPER_SCALE]
+    return " ".join(s for s in sentences if s)
+
+
+def scrambled_text(rows: list[dict]) -> str:
+    """The wrong-bias experiment in words: the framing, then where the scrambled runs land."""
+    found = analysis.scramble_sentence(rows)
+    return SCRAMBLED_INTRO + " " + (found or "*No scrambled run has finished yet.*")
+
+
+def convergence_text(rows: list[dict]) -> str:
+    """The convergence check over the finished runs, naming those that fail it."""
+    if not rows:
+        return ""
+    checks = [(r, analysis.convergence(r)) for r in rows]
+    failed = [(r, c) for r, c in checks if not c.converged]
+    text = (f"**Convergence check** (validation accuracy gains < "
+            f"{100 * analysis.MAX_LATE_GAIN:.1f} points in the last "
+            f"{100 * analysis.LAST_SHARE:.0f}% of training, and train ≥ test accuracy): "
+            f"{len(rows) - len(failed)} of {len(rows)} finished runs pass")
+    if not failed:
+        return text + "."
+    names = [f"{ARCH_LABELS[r['arch']]}, {r['train_images']:,} images, seed {r['seed']}"
+             f"{', ' + r['variant'] if r['variant'] != 'original' else ''} (gain "
+             f"{100 * c.late_gain:+.1f}, train − test {100 * c.train_minus_test:+.1f})"
+             for r, c in failed[:6]]
+    more = f" and {len(failed) - 6} more" if len(failed) > 6 else ""
+    return text + "; not: " + "; ".join(names) + more + "."
+
+
+def progress_text(status: dict[str, list] | None = None) -> str:
+    """How far the grid is: finished, training now (with their step), queued."""
+    status = status if status is not None else grid.status()
+    done, training, todo = status["done"], status["training"], status["todo"]
+    total = len(done) + len(training) + len(todo)
+    if not training and not todo:
+        return f"All {total} grid runs have finished."
+    now = ", ".join(f"{key} (step {step:,} of {steps:,})" for key, step, steps in training)
+    return (f"**The grid is still training:** {len(done)} of {total} runs finished; "
+            + (f"in progress: {now}; " if now else "") + f"{len(todo)} queued. The plots "
+            "show the finished runs; a missing point is still to come (`python -m "
+            "explorer.lab.grid` resumes it).")
 
 
 def scaling_text(rows: list[dict]) -> str:
@@ -93,15 +134,37 @@ def scaling_text(rows: list[dict]) -> str:
     return "**Best ViT width within each compute budget**\n" + "\n".join(lines)
 
 
+def lecture_note(figure: str, rows: list[dict]) -> str:
+    """What the Lecture's lab steps add under their text: the grid's findings for the figure
+    shown (`explorer.lecture.Step.figure`), computed from its rows; "" for other figures."""
+    if figure == "lab-data":
+        found = [summary_text(rows), analysis.scramble_sentence(rows)]
+    elif figure == "lab-compute":
+        found = [scaling_text(rows).replace("**Best ViT width within each compute budget**\n",
+                                            "Best ViT width within each compute budget:\n")]
+    elif figure == "lab-bias":
+        found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit")]
+    else:
+        return ""
+    found = [f for f in found if f]
+    return ("\n\n**Trained here:** " + " ".join(found)) if found else ""
+
+
 def live_message(result, rows: list[dict], run: LabRun, budget: Budget) -> str:
-    """A finished live run in words, beside the shipped grid's run of the same recipe (only
-    when it ran under the grid's budget)."""
-    seeds = analysis.seed_runs(rows, run.arch, run.train_images) if budget == Budget() else []
-    shipped = [r for r in seeds if r["seed"] == run.seed]
+    """A finished live run in words, beside the grid's run of the same architecture, images
+    and seed, and what its shorter budget cost."""
     message = (f"**Done in {result.seconds:.0f} s: test accuracy {100 * result.test_acc:.2f}%** "
-               f"(train {100 * result.train_acc:.1f}%).")
+               f"(train {100 * result.train_acc:.1f}%, {result.steps:,} steps).")
+    shipped = [r for r in analysis.seed_runs(rows, run.arch, run.train_images)
+               if r["seed"] == run.seed]
+    if budget == Budget():
+        if shipped:
+            message += f" The grid has {100 * shipped[0]['test_acc']:.2f}% for this run."
+        return message
+    message += (f" A live run is cut to {result.steps:,} steps; the grid trains this run for "
+                f"{Budget().steps(run.train_images):,}")
     if shipped:
-        spread = [r["test_acc"] for r in seeds]
-        message += (f" The shipped grid has {100 * shipped[0]['test_acc']:.2f}% for this run; "
-                    f"its seeds span {100 * min(spread):.2f}–{100 * max(spread):.2f}%.")
-    return message
+        diff = 100 * (shipped[0]["test_acc"] - result.test_acc)
+        message += (f" and reaches {100 * shipped[0]['test_acc']:.2f}% "
+                    f"({diff:+.1f} points against the live run)")
+    return message + "."

@@ -162,7 +162,8 @@ def step_view(step, example, size, presenter) -> dict:
         image = gr.Image(value=None, visible=False)
         plot = gr.Plot(value=lecture_plots.for_projector(made, bool(presenter)), visible=True,
                        label=name)
-    return {"step": step, "heading": f"## Step {step} of {count}: {s.title}", "text": s.text,
+    text = s.text + lab_view.lecture_note(s.figure, lab_view.grid_rows())
+    return {"step": step, "heading": f"## Step {step} of {count}: {s.title}", "text": text,
             "image": image, "plot": plot,
             "link": f"[Open the full view in its tab →]({links.view_query(tab_view)})",
             "query": links.view_query(view)}

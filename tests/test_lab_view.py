@@ -1,0 +1,90 @@
+"""What the lab tab and the Lecture's lab steps say: computed from the grid's rows, derived by
+hand here on made-up rows (and checked against the figure they sit under)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from explorer.lab.engine import LIVE_BUDGET, Budget, LabRun
+from explorer.lab.models import DEFAULT_SIZES
+from explorer.plots import lab as plots
+from explorer.ui import lab_view
+
+
+def _row(arch, n, acc, seed=0, variant="original", train=None, curve=None, steps=3000):
+    width, depth = DEFAULT_SIZES[arch]
+    return dict(arch=arch, width=width, depth=depth, train_images=n, seed=seed, test_acc=acc,
+                train_acc=train if train is not None else acc + 0.02, variant=variant,
+                budget=1.0, steps=steps, curve=curve or [(2400, acc, acc), (3000, acc, acc)],
+                params=200_000, seconds=60.0)
+
+
+ROWS = [_row("cnn", 500, 0.82), _row("cnn", 60000, 0.92), _row("vit", 500, 0.70),
+        _row("vit", 60000, 0.90), _row("cnn", 500, 0.70, variant="scrambled"),
+        _row("vit", 500, 0.705, variant="scrambled")]
+
+
+def test_summary_says_who_wins_how_the_gap_moves_and_the_papers_scale():
+    text = lab_view.summary_text(ROWS)
+    assert "Lowest test error: **CNN** at 500–60,000 images." in text
+    assert ("The ViT (absolute positions) is 12.0 points behind the CNN at 500 images and 2.0 "
+            "points behind it at 60,000: the gap narrows with data.") in text
+    assert "10⁷–10⁸" in text
+    assert lab_view.summary_text([]) == lab_view.NO_GRID
+
+
+def test_the_summary_agrees_with_the_plotted_points():
+    fig = plots.data_figure(ROWS)
+    lines = {t.name: dict(zip(t.x, t.y, strict=True)) for t in fig.data if t.name}
+    cnn, vit = lines["CNN"], lines["ViT (absolute positions)"]
+    gap_small, gap_large = vit[500] - cnn[500], vit[60000] - cnn[60000]
+    assert f"{gap_small:.1f} points behind" in lab_view.summary_text(ROWS)
+    assert f"{gap_large:.1f} points behind" in lab_view.summary_text(ROWS)
+
+
+def test_scrambled_text_and_figure_show_the_same_runs():
+    text = lab_view.scrambled_text(ROWS)
+    assert "the ViT (absolute positions) is unchanged (-0.5 points); the CNN loses 12.0" in text
+    fig = plots.scrambled_figure(ROWS)
+    solid = {t.name: list(t.y) for t in fig.data if t.name and t.mode == "lines+markers"}
+    assert solid == {"CNN": pytest.approx([30.0]), "ViT (absolute positions)": pytest.approx([29.5])}
+    dotted = [t for t in fig.data if t.line.dash == "dot"]
+    assert {t.name for t in dotted} == {"CNN, original images",
+                                        "ViT (absolute positions), original images"}
+    assert "No scrambled run" in lab_view.scrambled_text(ROWS[:4])
+
+
+def test_convergence_text_names_the_runs_that_fail():
+    late = _row("vit", 500, 0.70, curve=[(2400, 0.60, 0.7), (3000, 0.70, 0.72)])
+    text = lab_view.convergence_text(ROWS + [late])
+    assert "6 of 7 finished runs pass" in text
+    assert "not: ViT (absolute positions), 500 images, seed 0 (gain +10.0" in text
+    assert lab_view.convergence_text(ROWS).endswith("6 of 6 finished runs pass.")
+
+
+def test_progress_text_says_what_is_still_training():
+    status = {"done": ["a", "b"], "training": [("cnn-w24-d2-n60000-s0", 4000, 13594)],
+              "todo": ["c", "d", "e"]}
+    text = lab_view.progress_text(status)
+    assert "2 of 6 runs finished" in text and "step 4,000 of 13,594" in text
+    assert "3 queued" in text
+    assert lab_view.progress_text({"done": ["a"], "training": [], "todo": []}) == \
+        "All 1 grid runs have finished."
+
+
+def test_live_message_says_the_budget_is_shorter_and_what_it_cost():
+    result = SimpleNamespace(seconds=90.0, test_acc=0.65, train_acc=0.7, steps=600)
+    text = lab_view.live_message(result, ROWS, LabRun("vit", 500, 0), LIVE_BUDGET)
+    assert "cut to 600 steps; the grid trains this run for 3,000" in text
+    assert "reaches 70.00% (+5.0 points against the live run)" in text
+    full = lab_view.live_message(result, ROWS, LabRun("vit", 500, 0), Budget())
+    assert "The grid has 70.00% for this run." in full and "cut to" not in full
+
+
+def test_lecture_lab_steps_carry_the_grids_findings():
+    assert "Lowest test error" in lab_view.lecture_note("lab-data", ROWS)
+    assert "loses 12.0 points" in lab_view.lecture_note("lab-data", ROWS)
+    assert lab_view.lecture_note("rollout", ROWS) == ""
+    assert "No grid runs finished yet" in lab_view.lecture_note("lab-data", [])
