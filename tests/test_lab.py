@@ -417,3 +417,26 @@ def test_every_lab_figure_renders_from_the_shipped_grid():
         {a: load_shipped(a, 60000) for a in ("cnn", "vit", "vit_rel")}, x)
     assert set(table["vit"]) == {"attention", "features"} and "attention" not in table["cnn"]
     assert len(plots.shift_figure(table, 4).data) == 5
+
+
+@needs_fmnist
+def test_a_grid_worker_skips_claimed_and_finished_runs_and_appends_rows(tmp_path, monkeypatch):
+    from explorer.lab import sweep
+    runs = [LabRun("cnn", 40, 0), LabRun("vit", 40, 0), LabRun("cnn", 40, 1)]
+    monkeypatch.setattr(grid, "GRID_CSV", tmp_path / "grid.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(grid, "grid_runs", lambda: runs)
+    monkeypatch.setattr(sweep, "read_choice", lambda: {a: Hyper(lr=2e-3) for a in LAB_ARCHS})
+    tiny = Budget(min_steps=3, epochs=0, batch=8, evals=1, test_images=50)
+    assert grid._claim(runs[1].name)  # another worker is training it
+    assert grid.work("grid", budget=tiny) == 0
+    rows = grid.read_grid(tmp_path / "grid.csv")
+    assert [grid.row_key(r) for r in rows] == [runs[0].name, runs[2].name]
+    assert all(r["lr"] == 2e-3 and r["steps"] == 3 for r in rows)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # finished: no checkpoint left
+    grid._release(runs[1].name)
+    grid.work("grid", budget=tiny)  # the released run now, the finished ones never again
+    assert [grid.row_key(r) for r in grid.read_grid(tmp_path / "grid.csv")] == [
+        runs[0].name, runs[2].name, runs[1].name]
+    status = grid.status(tiny)
+    assert len(status["done"]) == 3 and status["training"] == [] and status["todo"] == []
