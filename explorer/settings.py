@@ -84,6 +84,10 @@ class Settings:
     view_concurrency: int = _setting(4, "VIT_EXPLORER_VIEW_CONCURRENCY",
                                      "re-renders from kept results (sliders, clicks) run at "
                                      "once, in their own group")
+    completion_concurrency: int = _setting(
+        16, "VIT_EXPLORER_COMPLETION_CONCURRENCY",
+        "iGPT completions in flight at once, in their own group: they share one decode loop "
+        "(explorer.igpt.batch), so more in flight means bigger batches, not more threads")
     queue_size: int = _setting(64, "VIT_EXPLORER_QUEUE", "requests that may wait in the queue")
     store_mb: float = _setting(384.0, "VIT_EXPLORER_STORE_MB",
                                "memory for every session's kept results together (least "

@@ -34,6 +34,12 @@ class TabContext:
         ``settings.concurrency`` at a time."""
         return {"concurrency_id": "analysis", "concurrency_limit": self.settings.concurrency}
 
+    def completions(self) -> dict:
+        """Queue settings of an iGPT completion: its own group, many at once, since they
+        all join one running batch (`explorer.igpt.batch`) instead of each taking a core."""
+        return {"concurrency_id": "completions",
+                "concurrency_limit": self.settings.completion_concurrency}
+
     def views(self) -> dict:
         """Queue settings of a re-render from kept results (sliders, clicks): their own group,
         so they never wait behind the forward passes of "analysis"."""

@@ -287,7 +287,7 @@ def build_igpt_tab(ctx: common.TabContext) -> TabLink:
     run.click(**out.event(analyse), inputs=[image, model], api_name="igpt_analyse",
               **ctx.analysis())
     go.click(complete, inputs=[image, model, rows, n, temperature, top_k, top_p, seed, decoder],
-             outputs=[grid, status], api_name="igpt_complete", **ctx.analysis())
+             outputs=[grid, status], api_name="igpt_complete", **ctx.completions())
     model.change(rows_for_model, inputs=model, outputs=rows, api_name="igpt_model_rows",
                  queue=False, show_progress="hidden")
     return TabLink(links.IGPT, image, run_id="igpt-analyse")
