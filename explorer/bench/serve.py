@@ -1,6 +1,7 @@
 """Serving benchmark: a lecture hall's mixed sessions, or cold start and first model load.
 
-    python -m explorer.bench serve [--users 1,8,32] [--sizes 224,518]
+    python -m explorer.bench serve [--users 1,8,32] [--sizes 224,518] [--p95 6]
+    python -m explorer.bench serve --only igpt_complete --users 1,8 --sizes 224
     python -m explorer.bench serve --first-load [--clients 8] [--requests 5] [--size 224]
 
 The default drives the real app (``app.py`` in a subprocess, restarted for each users x size
@@ -9,7 +10,11 @@ its own photo (a bundled example, flipped and shifted per user, so no two users 
 bytes): ``/tokens``, ``/attention``, three slider re-renders (``/attention_views``),
 ``/distance`` and ``/igpt_complete``. It prints, per users x size: errors, p50/p95 per call
 type and over all calls, wall time, and the server's peak RSS (the app process and its
-children, sampled every 0.1 s). ``--first-load`` is the earlier /tokens-only table.
+children, sampled every 0.1 s), then what a session costs in CPU-seconds (per call type,
+one session alone; per session, in the run) and how many students a vCPU serves at the
+chosen p95 (`serve_session.students_per_vcpu`). ``--only`` keeps some call types (e.g. 8
+students completing their own photos at once, against one alone). ``--first-load`` is the
+earlier /tokens-only table.
 """
 
 from __future__ import annotations
@@ -124,6 +129,10 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m explorer.bench serve")
     parser.add_argument("--users", default="1,8,32", help="comma-separated user counts")
     parser.add_argument("--sizes", default="224,518", help="comma-separated image sides (px)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated call types to make (default: the whole session)")
+    parser.add_argument("--p95", type=float, default=6.0,
+                        help="the p95 latency (s) the students-per-vCPU figure is for")
     parser.add_argument("--first-load", action="store_true",
                         help="the /tokens-only table: cold start, first load, --clients x --requests")
     parser.add_argument("--clients", type=int, default=8)
@@ -133,8 +142,11 @@ def main(argv: list[str]) -> None:
     if not args.first_load:
         from explorer.bench import serve_session
 
+        only = set(args.only.split(",")) if args.only else None
+        if only and not only <= set(serve_session.CALLS):
+            raise SystemExit(f"--only takes some of: {', '.join(serve_session.CALLS)}")
         serve_session.run([int(u) for u in args.users.split(",")],
-                          [int(s) for s in args.sizes.split(",")])
+                          [int(s) for s in args.sizes.split(",")], only, args.p95)
         return
     from gradio_client import Client
 

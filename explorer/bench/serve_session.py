@@ -3,7 +3,12 @@
 One user = one `gradio_client.Client` (its own server session) doing, in order: ``/tokens``,
 ``/attention``, three ``/attention_views`` re-renders (a layer, a head fusion, a colour map),
 ``/distance`` (random init and CNN on, the UI's defaults) and ``/igpt_complete`` (4
-completions, the UI's defaults). All users start together.
+completions below 14 rows, exact decoder, a fresh seed: never served from memory). All users
+start together; ``only`` keeps a subset of the calls (e.g. just ``igpt_complete``).
+
+What a session costs the server is read from its CPU time (the app process and its
+children, user + system): per call type from one session run alone after the warm-up, and
+per session from the whole N-user run (the CPU time it took, divided by N).
 """
 
 from __future__ import annotations
@@ -42,8 +47,14 @@ def user_photos(n: int, folder: Path) -> list[str]:
     return paths
 
 
-def session(client, photo: str, size: int, record) -> None:
-    """One user's session; ``record(call, seconds or exception)`` after each call."""
+CALLS = ("tokens", "attention", "attention_views", "distance", "igpt_complete")
+
+
+def session(client, photo: str, size: int, record, only: set[str] | None = None,
+            cpu=None) -> None:
+    """One user's session; ``record(call, seconds or exception, CPU-seconds or None)`` after
+    each call. ``only``: the call types to make (default: all); ``cpu()``: the server's CPU
+    seconds so far, read around each call (meaningful when this session runs alone)."""
     from gradio_client import handle_file
 
     img = handle_file(photo)
@@ -55,15 +66,17 @@ def session(client, photo: str, size: int, record) -> None:
               for s in RERENDERS]
     calls += [("distance", lambda: client.predict(img, None, [], True, True, size, size, "crop",
                                                   "drop", api_name="/distance")),
-              ("igpt_complete", lambda: client.predict(img, None, 14, 4, 1.0, 0, 1.0, 0,
+              ("igpt_complete", lambda: client.predict(img, None, 14, 4, 1.0, 0, 1.0, None,
                                                        "exact (fp32)", api_name="/igpt_complete"))]
     for name, call in calls:
-        start = time.perf_counter()
+        if only is not None and name not in only:
+            continue
+        start, cpu_start = time.perf_counter(), cpu() if cpu else None
         try:
             call()
-            record(name, time.perf_counter() - start)
+            record(name, time.perf_counter() - start, cpu() - cpu_start if cpu else None)
         except Exception as err:  # count, report, keep going
-            record(name, err)
+            record(name, err, None)
 
 
 class PeakRSS:
@@ -94,19 +107,44 @@ class PeakRSS:
         return self.peak
 
 
-def one_run(users: int, size: int, photos: list[str], env: dict) -> dict:
-    """Start the app, warm it with one session, then run ``users`` sessions at once."""
+def server_cpu(pid: int):
+    """A function giving the CPU seconds (user + system) of a process and its children."""
+    import psutil
+
+    proc = psutil.Process(pid)
+
+    def seconds() -> float:
+        total = 0.0
+        for p in (proc, *proc.children(recursive=True)):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    return seconds
+
+
+def one_run(users: int, size: int, photos: list[str], env: dict,
+            only: set[str] | None = None) -> dict:
+    """Start the app, warm it with one session, measure one session alone (CPU per call),
+    then run ``users`` sessions at once."""
     from gradio_client import Client
 
     proc, url, _ = start_app(env)
     try:
-        rss = PeakRSS(proc.pid)
-        session(Client(url, verbose=False), str(EXAMPLE), size, lambda *_: None)  # load models
+        rss, cpu = PeakRSS(proc.pid), server_cpu(proc.pid)
+        nothing = lambda *_: None  # noqa: E731
+        session(Client(url, verbose=False), str(EXAMPLE), size, nothing, only)  # load models
+        alone: dict[str, list[float]] = defaultdict(list)
+        session(Client(url, verbose=False), photos[-1], size,
+                lambda name, _, seconds: alone[name].append(seconds or 0.0), only, cpu)
         times: dict[str, list[float]] = defaultdict(list)
         errors: list[str] = []
         lock = threading.Lock()
 
-        def record(name, result):
+        def record(name, result, _cpu):
             with lock:
                 if isinstance(result, Exception):
                     errors.append(f"{name}: {type(result).__name__}: {result}")
@@ -114,20 +152,21 @@ def one_run(users: int, size: int, photos: list[str], env: dict) -> dict:
                     times[name].append(result)
 
         clients = [Client(url, verbose=False) for _ in range(users)]
-        start = time.perf_counter()
-        threads = [threading.Thread(target=session, args=(c, photos[i], size, record))
+        start, cpu_start = time.perf_counter(), cpu()
+        threads = [threading.Thread(target=session, args=(c, photos[i], size, record, only))
                    for i, c in enumerate(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        wall = time.perf_counter() - start
+        wall, cpu_run = time.perf_counter() - start, cpu() - cpu_start
         peak = rss.stop()
     finally:
         proc.terminate()
         proc.wait()
     return {"users": users, "size": size, "times": dict(times), "errors": errors,
-            "wall": wall, "peak_rss": peak}
+            "wall": wall, "peak_rss": peak, "cpu_alone": {k: sum(v) for k, v in alone.items()},
+            "cpu_per_session": cpu_run / users}
 
 
 def format_run(r: dict) -> str:
@@ -137,8 +176,7 @@ def format_run(r: dict) -> str:
     every = [t for ts in r["times"].values() for t in ts]
     calls = sum(len(ts) for ts in r["times"].values()) + len(r["errors"])
     cells = [str(r["users"]), f"{r['size']}", f"{len(r['errors'])} / {calls}", p(every)]
-    cells += [p(r["times"].get(name, [])) for name in
-              ("tokens", "attention", "attention_views", "distance", "igpt_complete")]
+    cells += [p(r["times"].get(name, [])) for name in CALLS]
     cells += [f"{r['wall']:.1f}", f"{r['peak_rss'] / 2**30:.2f}"]
     return "| " + " | ".join(cells) + " |"
 
@@ -148,17 +186,62 @@ HEADER = ("| users | px | errors | all calls p50 / p95 (s) | tokens | attention 
           "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def run(users: list[int], sizes: list[int]) -> None:
+CAPACITY_HEADER = ("| users | px | CPU-s per session, alone: "
+                   + ", ".join(CALLS) + " = total | CPU-s per session in the run |\n"
+                   "|---|---|---|---|")
+
+
+def format_capacity(r: dict) -> str:
+    alone = r["cpu_alone"]
+    parts = ", ".join(f"{alone[c]:.2f}" if c in alone else "-" for c in CALLS)
+    return (f"| {r['users']} | {r['size']} | {parts} = {sum(alone.values()):.2f} | "
+            f"{r['cpu_per_session']:.2f} |")
+
+
+def students_per_vcpu(runs: list[dict], p95: float, vcpus: int) -> list[str]:
+    """Lines saying how many students a vCPU serves with all calls' p95 <= ``p95`` s: the
+    largest measured burst that kept it, and the burst model's estimate (N students who
+    start together are N x S CPU-seconds on V vCPUs; the p95 call ends near the burst's
+    end, N x S / V, so N / V <= p95 / S), S being the CPU-seconds a session cost in the run."""
+    lines = []
+    for size in sorted({r["size"] for r in runs}):
+        rows = sorted((r for r in runs if r["size"] == size), key=lambda r: r["users"])
+        ok = [r["users"] for r in rows
+              if not r["errors"] and percentile([t for ts in r["times"].values() for t in ts],
+                                                95) <= p95]
+        busiest = rows[-1]
+        est = p95 / busiest["cpu_per_session"]
+        measured = (f"{max(ok)} users (of {', '.join(str(r['users']) for r in rows)} measured)"
+                    f", {max(ok) / vcpus:.1f} per vCPU" if ok else "none of the measured")
+        lines.append(f"- {size} px, p95 <= {p95:g} s: measured {measured}; estimate from "
+                     f"{busiest['cpu_per_session']:.2f} CPU-s per session "
+                     f"({busiest['users']} users): {est:.1f} students per vCPU")
+    return lines
+
+
+def run(users: list[int], sizes: list[int], only: set[str] | None = None,
+        p95: float = 6.0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        photos = user_photos(max(users), Path(tmp))
+        photos = user_photos(max(users) + 1, Path(tmp))  # the last one: the session alone
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        rows = []
+        runs, rows = [], []
         for size in sizes:
             for n in users:
-                r = one_run(n, size, photos, env)
+                r = one_run(n, size, photos, env, only)
+                runs.append(r)
                 rows.append(format_run(r))
                 print(rows[-1], flush=True)
                 for err in r["errors"][:3]:
                     print("error:", err, flush=True)
     print(HEADER)
     print("\n".join(rows))
+    if len(users) > 1 and only is not None:
+        for size in sizes:
+            walls = {r["users"]: r["wall"] for r in runs if r["size"] == size}
+            first = walls[min(walls)]
+            ratios = ", ".join(f"{n} users {w / first:.2f}x" for n, w in walls.items())
+            print(f"\n{size} px: wall of {ratios} the wall of {min(walls)} user(s)")
+    print("\n" + CAPACITY_HEADER)
+    print("\n".join(format_capacity(r) for r in runs))
+    print(f"\nStudents per vCPU ({os.cpu_count()} vCPUs here):")
+    print("\n".join(students_per_vcpu(runs, p95, os.cpu_count() or 1)))

@@ -23,6 +23,7 @@ No gradio here; `pipeline.stream_completions` is the tab's way in.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import weakref
@@ -201,18 +202,25 @@ def prefill(model: ImageGPT, prefix: torch.Tensor) -> tuple[list, torch.Tensor]:
 
 
 class DecodeLoop:
-    """The running batch of one model, and the thread that steps it while it has rows."""
+    """The running batch of one model, and the thread that steps it while it has rows.
 
-    def __init__(self, model: ImageGPT, step=None):
+    The thread runs the step on `threads` cores (default: all of them; a batch of fewer than
+    4 rows stays on one): a step mostly waits on memory, and a second core reading the
+    weights and caches alongside nearly halves it (BENCHMARKS.md "iGPT decode loop").
+    """
+
+    def __init__(self, model: ImageGPT, step=None, threads: int | None = None):
         self.step = step or step_for(model)
+        self.threads = threads or os.cpu_count() or 1
         self._lock = threading.Lock()
         self._pending: list[Completion] = []
         self._thread: threading.Thread | None = None
         self.rows = 0  # rows in the last step (read by tests and benchmarks)
 
-    def submit(self, model: ImageGPT, prefix: torch.Tensor, n: int, length: int,
-               cfg: SampleConfig, every: int = 1) -> Completion:
-        """Prefill (here, in the caller's thread), pick the first pixel and join the batch.
+    def prepare(self, model: ImageGPT, prefix: torch.Tensor, n: int, length: int,
+                cfg: SampleConfig, every: int = 1) -> Completion:
+        """A request ready to join: prefilled (in the caller's thread) and its first pixel
+        picked. `submit` joins it to the running batch.
 
         Args:
             prefix: (P,) known pixel tokens in raster order (no start token); P may be 0.
@@ -229,6 +237,13 @@ class DecodeLoop:
             kv, logits = prefill(model, prefix)
             request.cache = self.step.new_cache(model, kv, n, length)
             request.advance(logits.expand(n, -1))  # as `complete_stream` picks pixel P
+        return request
+
+    def submit(self, model: ImageGPT, prefix: torch.Tensor, n: int, length: int,
+               cfg: SampleConfig, every: int = 1) -> Completion:
+        """`prepare` a request and join it to the running batch at the next step (the loop's
+        thread starts if it was idle). Iterate the returned `Completion` for its rows."""
+        request = self.prepare(model, prefix, n, length, cfg, every)
         if not request.done:
             with self._lock:
                 self._pending.append(request)
@@ -239,32 +254,38 @@ class DecodeLoop:
                     self._thread.start()
         return request
 
+    @torch.inference_mode()
+    def step_all(self, active: list[Completion]) -> list[Completion]:
+        """One step for every row of `active` (none cancelled): each request picks its next
+        pixel with its own settings. Returns the requests not yet finished."""
+        tokens = torch.cat([c.out[:, c.t - 1] for c in active])
+        logits = self.step(tokens, active)
+        row = 0
+        for c in active:
+            if not c.cancelled:  # cancelled while the step ran: nobody listens
+                try:
+                    c.advance(logits[row:row + c.n])
+                except Exception as err:  # this request's settings, not the batch's
+                    c.fail(err)
+            row += c.n
+        return [c for c in active if not c.done]
+
     def _run(self) -> None:
         active: list[Completion] = []
+        torch.set_num_threads(self.threads)  # this thread's own setting (OpenMP's is per thread)
         try:
-            with torch.inference_mode():
-                while True:
-                    with self._lock:
-                        for c in self._pending + active:
-                            if c.cancelled:
-                                c.cache = None
-                        active = [c for c in active + self._pending if not c.cancelled]
-                        self._pending.clear()
-                        self.rows = sum(c.n for c in active)
-                        if not active:
-                            self._thread = None
-                            return
-                    tokens = torch.cat([c.out[:, c.t - 1] for c in active])
-                    logits = self.step(tokens, active)
-                    row = 0
-                    for c in active:
-                        if not c.cancelled:  # cancelled while the step ran: nobody listens
-                            try:
-                                c.advance(logits[row:row + c.n])
-                            except Exception as err:  # this request's settings, not the batch
-                                c.fail(err)
-                        row += c.n
-                    active = [c for c in active if not c.done]
+            while True:
+                with self._lock:
+                    for c in self._pending + active:
+                        if c.cancelled:
+                            c.cache = None
+                    active = [c for c in active + self._pending if not c.cancelled]
+                    self._pending.clear()
+                    self.rows = sum(c.n for c in active)
+                    if not active:
+                        self._thread = None
+                        return
+                active = self.step_all(active)
         except BaseException as err:  # hand the error to every waiting consumer
             with self._lock:
                 failed = active + self._pending

@@ -47,6 +47,7 @@ using namespace explorer_simd;
 constexpr int64_t kRowTile = 4;     // rows per GEMM tile (the batch is padded to a multiple)
 constexpr int64_t kKeyBlock = 128;  // keys per block of scores/values (16 KB of keys at hs 32)
 constexpr int kWeightsPerLayer = 10;
+constexpr int64_t kParallelRows = 4;  // fewer rows than this stay on one thread
 
 // C[r, :] (=|+=) A[r, :] @ W + bias for the kRowTile rows at A, over NV * 16 columns.
 template <int NV>
@@ -77,7 +78,8 @@ void gemm(const float* A, int64_t lda, int64_t M, const float* W, int64_t K, int
           const float* bias, float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t kWide = 4 * kLanes;
   const int64_t wide = N / kWide, narrow = (N - wide * kWide) / kLanes;
-  at::parallel_for(0, wide + narrow, M >= 16 ? 1 : wide + narrow, [&](int64_t b, int64_t e) {
+  const int64_t tiles = wide + narrow;
+  at::parallel_for(0, tiles, M >= kParallelRows ? 1 : tiles, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n0 = t < wide ? t * kWide : wide * kWide + (t - wide) * kLanes;
       const float* bt = bias != nullptr ? bias + n0 : nullptr;
@@ -288,7 +290,7 @@ at::Tensor decode_step(const at::Tensor& tokens, at::TensorList weights, at::Ten
     const float* const* p = w.data() + 4 + l * kWeightsPerLayer;
     rms_norm(x.data(), Bp, C, p[0], eps, h.data());
     gemm(h.data(), C, Bp, p[1], C, 3 * C, p[2], qkv.data(), 3 * C, false);
-    at::parallel_for(0, G * n_head, B >= 16 ? 1 : G * n_head, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, G * n_head, B >= kParallelRows ? 1 : G * n_head, [&](int64_t b, int64_t e) {
       std::vector<float> buf;
       for (int64_t t = b; t < e; ++t) {
         attend_group(groups[t / n_head], l, t % n_head, n_head, hs, qkv.data(), C, att.data(), buf);
