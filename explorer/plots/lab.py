@@ -85,6 +85,7 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
         title="Fashion-MNIST from scratch, trained here: test error vs training images",
         xaxis={"title": "training images (log scale)", "type": "log"},
         yaxis={"title": "test error (%)", "rangemode": "tozero"}, height=460,
+        showlegend=True,  # also for a lone live run (plotly hides a one-trace legend)
         legend={"orientation": "h", "y": -0.2}, margin={"t": 60})
     return fig
 

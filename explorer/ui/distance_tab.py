@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
+import torch
 
 from explorer import distance, models, patches
 from explorer.plots import distance as plots
@@ -33,9 +34,11 @@ attention everywhere, so the structure in the trained model is learned.
 RANDOM_LABEL = "random init (same architecture)"
 
 
-def _entry(name, width, height, label=None):
-    model, config = models.load_vit(common.load_name(name))  # the web name stays the label
-    return (label or name or models.DEFAULT_MODEL, model, config,
+def _entry(name, width, height) -> tuple[str, torch.nn.Module, dict, tuple[int, int]]:
+    """``(label, model, data config, (height, width))`` of a web model name, as
+    `explorer.distance.compare_models` takes it; the web name stays the label."""
+    model, config = models.load_vit(common.load_name(name))
+    return (name or models.DEFAULT_MODEL, model, config,
             common.resolution_for(model, config, width, height))
 
 
@@ -46,27 +49,29 @@ def per_image(image_path, model_name, others, random_init, cnn, width, height, f
     image = common.load_upload(image_path)
     with common.user_errors():
         main = _entry(model_name, width, height)
+        label, model, config, size = main
         entries = [main] + [_entry(n, width, height) for n in (others or []) if n != model_name]
         # this image's attention, if the session analysed it in the Attention tab already
         kept = common.session(request).peek(
             Analysis, common.ImageRequest(image_path, model_name, width, height, fit))
-        maps = kept.maps if kept is not None else None
-        if maps is None:
+        if kept is None:
             series, rate = distance.compare_models(image, entries, fit, prefix)
-        else:  # this image's attention is in the store already: no second forward
+        else:  # no second forward
             series, rate = distance.compare_models(image, entries[1:], fit, prefix)
-            series.insert(0, (main[0], distance.mean_attention_distance(
+            maps = kept.maps
+            series.insert(0, (label, distance.mean_attention_distance(
                 maps, maps.grid, maps.patch_size, maps.num_prefix_tokens, prefix)))
         if random_init:
-            series.append((RANDOM_LABEL, distance.random_init_distance(*main[:4], fit, prefix)))
-        rf = distance.mobilenet_receptive_fields(image, max(main[3])) if cnn else None
-    patch = patches.patch_size(main[1])
-    grid = patches.grid_for(main[3], patch)
-    shown_band = band[1:] if band and band[0] == main[0] else None
-    fig = plots.distance_figure(series, shown_band, rf, distance.uniform_distance(grid, patch))
-    info = (f"{main[0]}: attention maps + distance at {main[3][1]}x{main[3][0]} px: "
-            f"**{rate:.1f} images/s** on this machine." if maps is None else
-            f"{main[0]} at {main[3][1]}x{main[3][0]} px: distances from this image's maps in "
+            series.append((RANDOM_LABEL, distance.random_init_distance(
+                label, model, config, size, fit, prefix)))
+        rf = distance.mobilenet_receptive_fields(image, max(size)) if cnn else None
+    patch = patches.patch_size(model)
+    shown_band = band[1:] if band and band[0] == label else None
+    fig = plots.distance_figure(series, shown_band, rf,
+                                distance.uniform_distance(patches.grid_for(size, patch), patch))
+    info = (f"{label}: attention maps + distance at {size[1]}x{size[0]} px: "
+            f"**{rate:.1f} images/s** on this machine." if kept is None else
+            f"{label} at {size[1]}x{size[0]} px: distances from this image's maps in "
             "the Attention tab (no new forward pass).")
     if band and shown_band is None:
         info += f" (The dataset band was computed for {band[0]}; recompute it for this model.)"
