@@ -122,8 +122,8 @@ class Settings:
                              _flag)
     lab_steps: int | None = _setting(
         None, "VIT_EXPLORER_LAB_STEPS",
-        "optimisation steps of a live lab run (default: the shipped grid's budget); only a "
-        "run under the grid's budget is compared with its shipped point", int)
+        "optimisation steps of a live lab run (default: the lab's live budget, "
+        "explorer.lab.engine.LIVE_BUDGET)", int)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
