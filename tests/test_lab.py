@@ -11,7 +11,7 @@ import torch
 
 from explorer import datasets
 from explorer.attention import capture
-from explorer.lab import analysis, grid
+from explorer.lab import analysis, grid, paths
 from explorer.lab.checkpoint import load_shipped, save_vit
 from explorer.lab.engine import Budget, Hyper, LabRun, augment, batch_indices, run_lab, train
 from explorer.lab.models import DEFAULT_SIZES, LAB_ARCHS, RelPosAttention, build, param_count, relative_table
@@ -375,7 +375,7 @@ def test_every_shipped_row_says_what_it_is_and_follows_the_rule():
     assert len(keys) == len(set(keys)) and set(keys) <= {r.name for r in grid.grid_runs()}
     for r in rows:
         assert r["fit_images"] + r["val_images"] == r["train_images"]
-        assert r["steps"] == budget.steps(r["train_images"], r["budget"])
+        assert r["steps"] == budget.steps(r["train_images"], r["budget"] * 2 ** r["attempt"])
         assert r["epochs"] == pytest.approx(r["steps"] * r["batch"] / r["fit_images"], abs=0.01)
         h = chosen[r["arch"]]
         assert (r["lr"], r["weight_decay"], r["shift"], r["flip"]) == (
@@ -384,7 +384,7 @@ def test_every_shipped_row_says_what_it_is_and_follows_the_rule():
         assert 0.1 < r["test_acc"] <= 1 and r["seconds"] > 0
 
 
-@pytest.mark.skipif(not grid.SWEEP_CSV.is_file(), reason="no sweep shipped")
+@pytest.mark.skipif(not paths.HYPER_JSON.is_file(), reason="the sweep has not finished")
 def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
     from explorer.lab import sweep
     rows = grid.read_grid(grid.SWEEP_CSV)
@@ -427,7 +427,7 @@ def test_a_grid_worker_skips_claimed_and_finished_runs_and_appends_rows(tmp_path
     monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     monkeypatch.setattr(grid, "grid_runs", lambda: runs)
     monkeypatch.setattr(sweep, "read_choice", lambda: {a: Hyper(lr=2e-3) for a in LAB_ARCHS})
-    tiny = Budget(min_steps=3, epochs=0, batch=8, evals=1, test_images=50)
+    tiny = Budget(min_steps=3, epochs=0, batch=8, evals=1, test_images=50, max_attempts=1)
     assert grid._claim(runs[1].name)  # another worker is training it
     assert grid.work("grid", budget=tiny) == 0
     rows = grid.read_grid(tmp_path / "grid.csv")
@@ -440,3 +440,22 @@ def test_a_grid_worker_skips_claimed_and_finished_runs_and_appends_rows(tmp_path
         runs[0].name, runs[2].name, runs[1].name]
     status = grid.status(tiny)
     assert len(status["done"]) == 3 and status["training"] == [] and status["todo"] == []
+
+
+@needs_fmnist
+def test_a_run_that_has_not_converged_trains_again_with_twice_the_steps(tmp_path, monkeypatch):
+    from explorer.lab import sweep
+    run = LabRun("cnn", 40, 0)
+    for name in ("GRID_CSV", "ATTEMPTS_CSV"):
+        monkeypatch.setattr(grid, name, tmp_path / f"{name}.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(grid, "grid_runs", lambda: [run])
+    monkeypatch.setattr(sweep, "read_choice", lambda: {"cnn": Hyper()})
+    monkeypatch.setattr(grid, "convergence", lambda row: analysis.Convergence(0.01, 0.0, False))
+    tiny = Budget(min_steps=3, epochs=0, batch=8, evals=1, test_images=50, max_attempts=3)
+    grid.work("grid", budget=tiny)
+    tried = grid.read_grid(tmp_path / "ATTEMPTS_CSV.csv")
+    assert [(r["attempt"], r["steps"]) for r in tried] == [(0, 3), (1, 6)]
+    (final,) = grid.read_grid(tmp_path / "GRID_CSV.csv")
+    assert (final["attempt"], final["steps"], grid.row_key(final)) == (2, 12, run.name)
+    assert "up to 4×" in tiny.sentence()

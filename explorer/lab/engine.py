@@ -9,8 +9,10 @@ stopped (every batch is a pure function of the seed and the step; tested).
 
 The budget rule (`Budget`), one sentence: every run trains on 90% of its images (the other
 10%, at most 2,000, are its validation split) for 30 epochs but at least 3,000 AdamW steps of
-128 images, with 5% linear warm-up and cosine decay to zero; nothing is chosen on the test
-set. Convergence is then checked per run from its validation curve (`analysis.convergence`).
+128 images, with 5% linear warm-up and cosine decay to zero, and a run that has not converged
+(`analysis.convergence`: validation accuracy still gaining 0.3 points in its last 20% of
+steps, or train below test accuracy) is trained again from scratch with twice the steps, up
+to four times the base (`LabRun.attempt`); nothing is chosen on the test set.
 
 The training loop is the one every trainer shares (`explorer.training`); this module keeps
 the lab's own data path: in-memory 28-px tensors, seeded stratified subsets, random 2-px
@@ -69,6 +71,7 @@ class Budget:
     evals: int = 20
     test_images: int | None = None  # the final test set: None = all 10,000 (tests use fewer)
     checkpoint_every_s: float = 120.0  # training seconds between checkpoints (with a path)
+    max_attempts: int = 3  # a run that has not converged retrains at 2×, then 4× the steps
 
     def val_images(self, n: int) -> int:
         return min(self.max_val, max(10, round(n * self.val_frac)))
@@ -83,9 +86,11 @@ class Budget:
         return (f"every run trains on {100 * (1 - self.val_frac):.0f}% of its images (the other "
                 f"{100 * self.val_frac:.0f}%, at most {self.max_val:,}, validate) for "
                 f"{self.epochs:g} epochs but at least {self.min_steps:,} AdamW steps of "
-                f"{self.batch} images, with warm-up and cosine decay; learning rate, weight "
-                f"decay and augmentation per architecture come from a sweep on the validation "
-                f"split, never from the test set")
+                f"{self.batch} images, with warm-up and cosine decay; a run whose validation "
+                f"accuracy still gains in its last 20% of steps is trained again with twice "
+                f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate and "
+                f"augmentation per architecture come from a sweep on the validation split, "
+                f"never from the test set")
 
 
 # The tab's live run: the same recipe cut to 600 steps (a fifth of the grid's floor), so it
@@ -102,6 +107,7 @@ class LabRun:
     depth: int = 0
     variant: str = "original"  # or "scrambled": `explorer.lab.scramble`
     budget: float = 1.0  # scale of the budget rule's steps (the size sweep's shorter budgets)
+    attempt: int = 0  # retrained after not converging: 2**attempt × the budget's steps
 
     def __post_init__(self):
         spec = ArchSpec(self.arch, self.width, self.depth)
@@ -121,7 +127,14 @@ class LabRun:
             name += f"-{self.variant}"
         if self.budget != 1.0:
             name += f"-b{self.budget:g}"
+        if self.attempt:
+            name += f"-a{self.attempt}"
         return name
+
+    @property
+    def scale(self) -> float:
+        """The share of the budget rule's steps this run trains for."""
+        return self.budget * 2 ** self.attempt
 
 
 @dataclass
@@ -138,6 +151,7 @@ class LabResult:
     fit_images: int
     val_images: int
     budget: float
+    attempt: int
     steps: int
     batch: int
     epochs: float  # passes over the fit images
@@ -301,7 +315,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         ValueError: more training images than Fashion-MNIST has, or too few.
     """
     fit_x, fit_y, val_x, val_y = run_data(run, budget)
-    total = budget.steps(run.train_images, run.budget)
+    total = budget.steps(run.train_images, run.scale)
     model = build(run.spec, seed=run.seed)
     params, flops = param_count(model), forward_flops(model)
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
@@ -346,7 +360,8 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     result = LabResult(
         arch=run.arch, width=run.width, depth=run.depth, params=params, flops=flops,
         variant=run.variant, train_images=run.train_images, fit_images=len(fit_y),
-        val_images=len(val_y), budget=run.budget, steps=total, batch=budget.batch,
+        val_images=len(val_y), budget=run.budget, attempt=run.attempt, steps=total,
+        batch=budget.batch,
         epochs=round(total * budget.batch / len(fit_y), 2), lr=hyper.lr,
         weight_decay=hyper.weight_decay, shift=hyper.shift, flip=hyper.flip,
         seconds=round(loop.seconds, 1), seed=run.seed, train_acc=curve[-1][2],

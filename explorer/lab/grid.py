@@ -25,13 +25,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from explorer.lab import sweep
+from explorer.lab.analysis import convergence
 from explorer.lab.engine import Budget, Hyper, LabResult, LabRun
 from explorer.lab.models import LAB_ARCHS
-from explorer.lab.paths import CHECKPOINTS_DIR, GRID_CSV, SWEEP_CSV
+from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SWEEP_CSV
 
 DATA_SIZES = (500, 1200, 3000, 7500, 20000, 60000)
 SEEDS = (0, 1)
@@ -43,7 +44,7 @@ TARGET_SIZE = 60000  # where the issue's accuracy targets are (CNN ≥ 92%, ViT 
 KEEP_MODELS = {(arch, n) for arch in LAB_ARCHS for n in (1200, 60000)}  # seed 0, default size
 COLUMNS = tuple(f.name for f in fields(LabResult) if f.name != "model")
 _INTS = ("width", "depth", "params", "flops", "train_images", "fit_images", "val_images",
-         "steps", "batch", "shift", "seed")
+         "attempt", "steps", "batch", "shift", "seed")
 _FLOATS = ("budget", "epochs", "lr", "weight_decay", "seconds", "train_acc", "val_acc",
            "test_acc")
 
@@ -68,20 +69,29 @@ def grid_runs() -> list[LabRun]:
 
 def row_run(row: dict) -> LabRun:
     return LabRun(row["arch"], row["train_images"], row["seed"], row["width"], row["depth"],
-                  row["variant"], row["budget"])
+                  row["variant"], row["budget"], row["attempt"])
 
 
 def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
-    """A run's name, plus its hyperparameters for sweep runs (several per run)."""
+    """A run's name without its attempt (the grid holds one row per run: its last attempt),
+    plus its hyperparameters for sweep runs (several per run)."""
+    name = replace(run, attempt=0).name
     if hyper is None:
-        return run.name
+        return name
     aug = f"-shift{hyper.shift}" + ("-flip" if hyper.flip else "")
-    return f"{run.name}-lr{hyper.lr:g}-wd{hyper.weight_decay:g}{aug}"
+    return f"{name}-lr{hyper.lr:g}-wd{hyper.weight_decay:g}{aug}"
 
 
 def row_key(row: dict, with_hyper: bool = False) -> str:
     hyper = Hyper(row["lr"], row["weight_decay"], row["shift"], row["flip"])
     return work_key(row_run(row), hyper if with_hyper else None)
+
+
+def escalates(run: LabRun) -> bool:
+    """The architecture grid's runs (original and scrambled) retrain longer when they have
+    not converged; the size sweep's fixed budgets and the hyperparameter sweep do not."""
+    default = LabRun(run.arch, run.train_images)
+    return run.budget == 1.0 and (run.width, run.depth) == (default.width, default.depth)
 
 
 def read_grid(path: Path = GRID_CSV) -> list[dict]:
@@ -91,6 +101,7 @@ def read_grid(path: Path = GRID_CSV) -> list[dict]:
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
+            row.setdefault("attempt", "0")  # files written before runs were retried
             for k in _INTS:
                 row[k] = int(row[k])
             for k in _FLOATS:
@@ -107,11 +118,15 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     row = result.row()
     row["curve"] = json.dumps([[s, round(v, 4), round(t, 4)] for s, v, t in row["curve"]])
+    columns = COLUMNS
+    if not new:  # keep the file's own columns (a file from before a column was added)
+        with open(path, newline="") as f:
+            columns = tuple(next(csv.reader(f)))
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: row[k] for k in COLUMNS})
+        writer.writerow({k: row[k] for k in columns})
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,13 +170,15 @@ def status(budget: Budget | None = None) -> dict[str, list]:
     budget = budget or Budget()
     done = {row_key(r) for r in read_grid(GRID_CSV)}
     training, todo = [], []
+    tried = {row_key(r): r["attempt"] + 1 for r in read_grid(ATTEMPTS_CSV)}
     for run in grid_runs():
         if run.name in done:
             continue
+        run = replace(run, attempt=tried.get(run.name, 0))
         ckpt = CHECKPOINTS_DIR / f"{run.name}.pt"
         if ckpt.is_file():
             step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
-            training.append((run.name, step, budget.steps(run.train_images, run.budget)))
+            training.append((run.name, step, budget.steps(run.train_images, run.scale)))
         else:
             todo.append(run.name)
     return {"done": sorted(done), "training": training, "todo": todo}
@@ -174,12 +191,22 @@ def _keep_model(run: LabRun) -> bool:
             and (run.width, run.depth) == (default.width, default.depth))
 
 
+def _train_one(run: LabRun, hyper: Hyper, budget: Budget, key: str) -> LabResult:
+    from explorer.lab.engine import train
+
+    def report(event, seconds):
+        if event.val_acc is not None:
+            print(f"  {key} step {event.step}/{event.total_steps} val {event.val_acc:.4f} "
+                  f"train {event.train_acc:.4f} ({seconds:.0f}s)", flush=True)
+
+    return train(run, budget, hyper, checkpoint=CHECKPOINTS_DIR / f"{key}.pt", on_event=report)
+
+
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
     """One worker: train the phase's unclaimed, unfinished runs one after another."""
     import torch
 
     from explorer.lab.checkpoint import save_shipped
-    from explorer.lab.engine import train
 
     torch.set_num_threads(1)
     budget = budget or Budget()
@@ -201,18 +228,23 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
                 if run.arch not in chosen:
                     raise SystemExit(f"No swept hyperparameters for {run.arch}: run the sweep.")
                 hyper = chosen[run.arch]
-
-            def report(event, seconds, key=key):
-                if event.val_acc is not None:
-                    print(f"  {key} step {event.step}/{event.total_steps} val "
-                          f"{event.val_acc:.4f} train {event.train_acc:.4f} ({seconds:.0f}s)",
-                          flush=True)
-
-            result = train(run, budget, hyper, checkpoint=CHECKPOINTS_DIR / f"{key}.pt",
-                           on_event=report)
+            if phase == "grid":  # continue after the attempts that did not converge
+                attempts = [r["attempt"] for r in read_grid(ATTEMPTS_CSV) if row_key(r) == key]
+                run = replace(run, attempt=max(attempts, default=-1) + 1)
+            while True:
+                result = _train_one(run, hyper, budget, work_key(run, hyper) + (
+                    f"-a{run.attempt}" if run.attempt else ""))
+                if (phase != "grid" or not escalates(run)
+                        or run.attempt + 1 >= budget.max_attempts
+                        or convergence(result.row()).converged):
+                    break
+                append_row(result, ATTEMPTS_CSV)  # kept: the tab and --summary show them
+                print(f"  {key}: not converged at {result.steps:,} steps, training again "
+                      f"with twice the steps", flush=True)
+                run = replace(run, attempt=run.attempt + 1)
             append_row(result, path)
             if phase == "grid" and _keep_model(run):
-                save_shipped(result.model, run)
+                save_shipped(result.model, replace(run, attempt=0))
             trained += 1
             print(f"{time.time() - start:7.0f}s {key}: test {result.test_acc:.4f} val "
                   f"{result.val_acc:.4f} train {result.train_acc:.4f} ({result.seconds:.0f}s)",

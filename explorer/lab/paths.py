@@ -8,6 +8,7 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "lab"
 GRID_CSV = ASSETS / "grid.csv"
 SWEEP_CSV = ASSETS / "sweep.csv"
+ATTEMPTS_CSV = ASSETS / "attempts.csv"  # runs that had not converged and were retrained longer
 HYPER_JSON = ASSETS / "hyper.json"  # the sweep's choice per architecture
 MODELS_DIR = ASSETS / "models"
 CHECKPOINTS_DIR = ASSETS / "checkpoints"  # runs in progress (committed: a session may stop)
