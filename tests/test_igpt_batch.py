@@ -54,7 +54,7 @@ def image(seed: int, n: int = 36) -> torch.Tensor:
 
 def alone(model, make_step, prefix, n, cfg) -> torch.Tensor:
     """The request run by itself in a fresh loop."""
-    loop = batch.DecodeLoop(model, make_step(model))
+    loop = batch.DecodeLoop(model, make_step(model), lanes=1)
     return list(loop.submit(model, prefix, n, 36, cfg))[-1][1]
 
 
@@ -97,7 +97,7 @@ def test_requests_joining_mid_flight_get_their_own_samples(step, model_name):
         (image(4)[:14], 2, SampleConfig(greedy=True)),
     ]
     gate = Gate(make_step(model), hold_at={3, 6, 8})
-    loop = batch.DecodeLoop(model, gate)
+    loop = batch.DecodeLoop(model, gate, lanes=1)
     results: dict[int, list] = {}
 
     def consume(i, completion):
@@ -190,7 +190,7 @@ def test_cancelled_request_leaves_and_frees_its_rows(step):
     runs on, unchanged."""
     model, make_step = MODELS["wide"](), steps()[step]
     gate = Gate(make_step(model), hold_at={1, 3})
-    loop = batch.DecodeLoop(model, gate)
+    loop = batch.DecodeLoop(model, gate, lanes=1)
     cfg = SampleConfig(seed=4)
     keep = loop.submit(model, image(1)[:6], 2, 36, cfg)
     gate.wait()
@@ -210,6 +210,31 @@ def test_cancelled_request_leaves_and_frees_its_rows(step):
     while loop.rows and time.time() < deadline:
         time.sleep(0.01)
     assert loop.rows == 0
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_requests_split_between_lanes_keep_their_samples(step):
+    """Two lanes (threads), each stepping its own share of the requests: a request's
+    samples are still the ones it gets alone."""
+    model, make_step = MODELS["wide"](), steps()[step]
+    inner, start, lanes_seen = make_step(model), threading.Event(), set()
+
+    class Held:  # every step waits until all four requests are in, and says who ran it
+        new_cache = inner.new_cache
+
+        def __call__(self, tokens, group):
+            assert start.wait(30)
+            lanes_seen.add(threading.current_thread().ident)
+            return inner(tokens, group)
+
+    loop = batch.DecodeLoop(model, Held(), lanes=2)
+    cfgs = [SampleConfig(seed=s) for s in range(4)]
+    runs = [loop.submit(model, image(i)[:8], 2, 36, cfg) for i, cfg in enumerate(cfgs)]
+    assert [lane.rows for lane in loop._lanes] == [4, 4]  # two requests each
+    start.set()
+    for i, (run, cfg) in enumerate(zip(runs, cfgs, strict=True)):
+        assert torch.equal(list(run)[-1][1], alone(model, make_step, image(i)[:8], 2, cfg))
+    assert len(lanes_seen) == 2
 
 
 def test_a_failing_step_reaches_every_waiting_request_and_the_loop_recovers():
@@ -279,7 +304,7 @@ def test_the_tabs_completions_share_one_loop_and_match_the_reference(offline, mo
 
     model = offline.model
     gate = Gate(batch.step_for(model), hold_at={2})
-    monkeypatch.setitem(batch._loops, model, batch.DecodeLoop(model, gate))
+    monkeypatch.setitem(batch._loops, model, batch.DecodeLoop(model, gate, lanes=1))
     tokens = [fashion_tokens(offline, i) for i in (0, 1, 2)]
     cfgs = [SampleConfig(seed=0), SampleConfig(seed=5, top_k=3, temperature=0.9)]
     results = {}

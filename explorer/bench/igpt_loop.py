@@ -10,8 +10,10 @@ interleaved, best of ``--reps``:
 
 - "one loop per request (before)": `sampler.complete_stream` for each request, one after
   another (what each session ran for itself before the shared loop): the sum of their steps;
-- "batched, PyTorch step": `batch.DecodeLoop` with `TorchStep`, one thread;
-- "batched, compiled step, 1 thread" and "... all cores": `KernelStep`.
+- "batched, PyTorch step": `batch.DecodeLoop` with `TorchStep`, one lane, one thread;
+- "batched, compiled step": `KernelStep`, one lane on one thread; one lane whose step runs
+  on every core (OpenMP inside the step); one lane per core (the default: the requests
+  split between the lanes, each lane's step on one thread).
 
 Floor: the larger of (bytes one step reads: every weight once, each request's prefix
 keys/values once, each row's own keys/values so far, averaged over the steps) / the read
@@ -82,16 +84,29 @@ def images(m, count: int) -> list[torch.Tensor]:
     return [image_tokens(subset.image(i), m)[1] for i in range(count)]
 
 
-def time_loop(model, loop: batch.DecodeLoop, prefixes: list[torch.Tensor], length: int) -> float:
-    """Mean seconds per step of the requests' completions, stepped together in this thread."""
+def time_loop(model, loop: batch.DecodeLoop, prefixes: list[torch.Tensor], length: int,
+              lanes: int = 1) -> float:
+    """Seconds per step of the requests' completions: prefilled first, then stepped by
+    `lanes` threads, each with its share of the requests (as `DecodeLoop` splits them)."""
     active = [loop.prepare(model, p, SAMPLES, length, SampleConfig(seed=i))
               for i, p in enumerate(prefixes)]
-    torch.set_num_threads(loop.threads)
-    start, steps = time.perf_counter(), 0
-    while active:
-        active = loop.step_all(active)
-        steps += 1
-    return (time.perf_counter() - start) / steps
+    shares = [active[i::lanes] for i in range(lanes)]
+    steps = [0] * lanes
+
+    def lane(i):
+        torch.set_num_threads(loop.threads)
+        share = shares[i]
+        while share:
+            share = loop.step_all(share)
+            steps[i] += 1
+
+    threads = [threading.Thread(target=lane, args=(i,)) for i in range(lanes) if shares[i]]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return (time.perf_counter() - start) / max(steps)
 
 
 def time_separate(model, prefixes: list[torch.Tensor], length: int) -> float:
@@ -147,19 +162,20 @@ def main(argv: list[str]) -> None:
     print(f"# iGPT decode loop: offline model, {keep} pixels kept, {length - keep} generated, "
           f"{SAMPLES} samples per request; {describe()}")
     print(f"one thread: read bandwidth {bandwidth:.1f} GB/s, fp32 GEMM {gflops:.0f} GFLOP/s\n")
-    variants = {
-        "one loop per request (before)": None,
-        "batched, PyTorch step": batch.DecodeLoop(model, batch.TorchStep(), threads=1),
-        "batched, compiled step, 1 thread": batch.DecodeLoop(model, threads=1),
-        f"batched, compiled step, {cores} cores": batch.DecodeLoop(model, threads=cores),
+    variants = {  # name: (loop, lanes)
+        "one loop per request (before)": (None, 0),
+        "batched, PyTorch step": (batch.DecodeLoop(model, batch.TorchStep()), 1),
+        "batched, compiled step, 1 thread": (batch.DecodeLoop(model), 1),
+        f"batched, compiled step on {cores} threads": (batch.DecodeLoop(model, threads=cores), 1),
+        f"batched, compiled step, {cores} lanes (default)": (batch.DecodeLoop(model), cores),
     }
     times: dict[tuple[int, str], list[float]] = {}
     for _ in range(args.reps):  # interleaved: every variant and size once per round
         for rows in sizes:
             group = prefixes[:rows // SAMPLES]
-            for name, loop in variants.items():
+            for name, (loop, lanes) in variants.items():
                 t = (time_separate(model, group, length) if loop is None
-                     else time_loop(model, loop, group, length))
+                     else time_loop(model, loop, group, length, lanes))
                 times.setdefault((rows, name), []).append(t)
     print("| rows B | requests | step | ms per step | bytes floor ms | FLOP floor ms | "
           "÷ floor | vs before |")
@@ -178,7 +194,7 @@ def main(argv: list[str]) -> None:
     for _ in range(args.reps):
         alone.append(completions_wall(m, grids[:1]))
         together.append(completions_wall(m, grids[:args.concurrent]))
-    print(f"\nCompletions through `pipeline.stream_completions` (shared loop, {cores} cores): "
+    print(f"\nCompletions through `pipeline.stream_completions` (the shared loop, {cores} lanes): "
           f"one alone {statistics.median(alone):.2f} s, {args.concurrent} at once "
           f"{statistics.median(together):.2f} s "
           f"({statistics.median(together) / statistics.median(alone):.1f}× one alone); "

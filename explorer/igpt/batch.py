@@ -201,21 +201,36 @@ def prefill(model: ImageGPT, prefix: torch.Tensor) -> tuple[list, torch.Tensor]:
     return cache, logits
 
 
-class DecodeLoop:
-    """The running batch of one model, and the thread that steps it while it has rows.
+class _Lane:
+    """One thread stepping its share of the running requests (see `DecodeLoop`)."""
 
-    The thread runs the step on `threads` cores (default: all of them; a batch of fewer than
-    4 rows stays on one): a step mostly waits on memory, and a second core reading the
-    weights and caches alongside nearly halves it (BENCHMARKS.md "iGPT decode loop").
+    def __init__(self):
+        self.pending: list[Completion] = []
+        self.thread: threading.Thread | None = None
+        self.rows = 0  # rows running or waiting to join
+
+
+class DecodeLoop:
+    """The running batch of one model, stepped by `lanes` threads while it has rows.
+
+    Each lane is one thread with its own share of the requests (a new request joins the lane
+    with the fewest rows) and runs its steps on `threads` cores (default one). A step mostly
+    waits on memory, so a second core nearly halves it; lanes get that from a second core
+    without the OpenMP barriers a multi-threaded step needs ~20 times a step, which spin and
+    stall whenever the machine's other work takes a core (BENCHMARKS.md "iGPT decode loop").
+    A request stays in its lane, so its samples never depend on the lanes either.
     """
 
-    def __init__(self, model: ImageGPT, step=None, threads: int | None = None):
+    def __init__(self, model: ImageGPT, step=None, lanes: int | None = None, threads: int = 1):
         self.step = step or step_for(model)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads
+        self._lanes = [_Lane() for _ in range(lanes or os.cpu_count() or 1)]
         self._lock = threading.Lock()
-        self._pending: list[Completion] = []
-        self._thread: threading.Thread | None = None
-        self.rows = 0  # rows in the last step (read by tests and benchmarks)
+
+    @property
+    def rows(self) -> int:
+        """Rows running or waiting to join, over all lanes (read by tests and benchmarks)."""
+        return sum(lane.rows for lane in self._lanes)
 
     def prepare(self, model: ImageGPT, prefix: torch.Tensor, n: int, length: int,
                 cfg: SampleConfig, every: int = 1) -> Completion:
@@ -246,12 +261,15 @@ class DecodeLoop:
         request = self.prepare(model, prefix, n, length, cfg, every)
         if not request.done:
             with self._lock:
-                self._pending.append(request)
-                if self._thread is None:
+                lane = min(self._lanes, key=lambda la: la.rows)
+                lane.pending.append(request)
+                lane.rows += n
+                if lane.thread is None:
                     # not a daemon: at exit Python waits for the running rows (a daemon
                     # thread stopped inside a native step can abort the process)
-                    self._thread = threading.Thread(target=self._run, name="igpt-decode-loop")
-                    self._thread.start()
+                    lane.thread = threading.Thread(target=self._run, args=(lane,),
+                                                   name="igpt-decode-lane")
+                    lane.thread.start()
         return request
 
     @torch.inference_mode()
@@ -270,28 +288,28 @@ class DecodeLoop:
             row += c.n
         return [c for c in active if not c.done]
 
-    def _run(self) -> None:
+    def _run(self, lane: _Lane) -> None:
         active: list[Completion] = []
         torch.set_num_threads(self.threads)  # this thread's own setting (OpenMP's is per thread)
         try:
             while True:
                 with self._lock:
-                    for c in self._pending + active:
+                    for c in lane.pending + active:
                         if c.cancelled:
                             c.cache = None
-                    active = [c for c in active + self._pending if not c.cancelled]
-                    self._pending.clear()
-                    self.rows = sum(c.n for c in active)
+                    active = [c for c in active + lane.pending if not c.cancelled]
+                    lane.pending.clear()
+                    lane.rows = sum(c.n for c in active)
                     if not active:
-                        self._thread = None
+                        lane.thread = None
                         return
                 active = self.step_all(active)
         except BaseException as err:  # hand the error to every waiting consumer
             with self._lock:
-                failed = active + self._pending
-                self._pending.clear()
-                self._thread = None
-                self.rows = 0
+                failed = active + lane.pending
+                lane.pending.clear()
+                lane.thread = None
+                lane.rows = 0
             for c in failed:
                 c.cache = None
                 c.fail(err)
