@@ -115,3 +115,27 @@ def test_igpt_likelihood_and_greedy_completion():
     out = complete(gpu, prefix, 64, greedy)
     assert out.device.type == "cuda"
     assert torch.equal(out.cpu(), complete(cpu, prefix, 64, greedy))
+
+
+def test_igpt_decode_loop_on_cuda_matches_the_cpu():
+    """The shared loop's PyTorch step on a CUDA model: greedy rows equal the CPU's."""
+    from explorer.igpt import batch
+
+    torch.manual_seed(0)
+    cfg = IGPTConfig(vocab_size=9, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    cpu = ImageGPT(cfg).eval()
+    gpu = ImageGPT(cfg).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    assert isinstance(batch.step_for(gpu), batch.TorchStep)  # the kernel is CPU-only
+    prefix = torch.randint(0, 8, (24,))
+    greedy = SampleConfig(greedy=True)
+    got = list(batch.DecodeLoop(gpu, lanes=1).submit(gpu, prefix, 2, 64, greedy))[-1][1]
+    assert torch.equal(got.cpu(), complete(cpu, prefix.expand(2, -1).contiguous(), 64, greedy))
+
+
+def test_gpu_results_cross_to_the_cpu():
+    from explorer.gpu import to_cpu
+
+    x = torch.ones(3, device="cuda")
+    out = to_cpu({"maps": [x, (x, 1)]})
+    assert out["maps"][0].device.type == "cpu" and out["maps"][1][0].device.type == "cpu"

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from explorer.bench.serve import EXAMPLE
+from explorer.bench.serve_session import EXAMPLE
 
 
 class _Peak:

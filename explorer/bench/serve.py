@@ -21,42 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(env: dict) -> tuple[subprocess.Popen, str, float]:
-    """Start app.py; return the process, its URL and seconds until the page was served."""
-    port = _free_port()
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("app.py exited during start-up")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, url, time.perf_counter() - start
-        except OSError:
-            time.sleep(0.1)
+from explorer.bench import serve_session
+from explorer.bench.serve_session import EXAMPLE, ROOT, percentile, start_app
 
 
 def call_tokens(client, size: int) -> float:
@@ -93,13 +66,6 @@ def load_test(url: str, clients: int, requests: int, size: int) -> tuple[list[fl
     for t in threads:
         t.join()
     return latencies, errors, time.perf_counter() - start
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (1..99), interpolated between samples."""
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def model_load_rows() -> list[tuple[str, str]]:
@@ -140,8 +106,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args(argv)
     if not args.first_load:
-        from explorer.bench import serve_session
-
         only = set(args.only.split(",")) if args.only else None
         if only and not only <= set(serve_session.CALLS):
             raise SystemExit(f"--only takes some of: {', '.join(serve_session.CALLS)}")

@@ -1,4 +1,5 @@
-"""The mixed-session load test behind `python -m explorer.bench serve` (see serve.py).
+"""The mixed-session load test behind `python -m explorer.bench serve` (see serve.py), and the
+app it drives (`start_app`: ``app.py`` in a subprocess on a free port).
 
 One user = one `gradio_client.Client` (its own server session) doing, in order: ``/tokens``,
 ``/attention``, three ``/attention_views`` re-renders (a layer, a head fusion, a colour map),
@@ -14,15 +15,54 @@ per session from the whole N-user run (the CPU time it took, divided by N).
 from __future__ import annotations
 
 import os
+import socket
+import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from explorer.bench.serve import EXAMPLE, ROOT, percentile, start_app
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "assets" / "examples" / "chelsea.jpg"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(env: dict) -> tuple[subprocess.Popen, str, float]:
+    """Start app.py; return the process, its URL and seconds until the page was served."""
+    port = _free_port()
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("app.py exited during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, url, time.perf_counter() - start
+        except OSError:
+            time.sleep(0.1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (1..99), interpolated between samples."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
 
 EXAMPLES = sorted((ROOT / "assets" / "examples").glob("*.jpg")) or [EXAMPLE]
 RERENDERS = [  # layer, fusion, roll_fusion, discard, start, keep, opacity, cmap

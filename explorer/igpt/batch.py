@@ -67,7 +67,7 @@ class Completion:
         self.out[:, self.t] = pick_next(logits, self.cfg, self.gen)
         self.t += 1
         if self.t % self.every == 0 or self.done:
-            self._queue.put((self.t, self.out.clone()))
+            self._queue.put((self.t, self.out.to("cpu", copy=True)))  # a CPU snapshot
         if self.done:
             self.cache = None
 
@@ -82,7 +82,7 @@ class Completion:
         self.cancelled = True
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yields (pixels filled, (n, L) tokens) until the last pixel; closing the iterator
+        """Yields (pixels filled, (n, L) tokens on the CPU) until the last pixel; closing it
         (or dropping it) cancels the request."""
         try:
             while True:

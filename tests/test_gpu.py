@@ -1,0 +1,85 @@
+"""explorer.gpu: ZeroGPU's `spaces.GPU` where the Space has it, the function itself elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from explorer import gpu
+
+
+def square(x):
+    return x * x
+
+
+def count(n):
+    yield from range(n)
+
+
+def test_off_zero_gpu_the_function_is_returned_untouched(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setitem(sys.modules, "spaces", None)  # importing it now would fail
+    assert gpu.gpu_task(duration=20)(square) is square
+    assert gpu.gpu_task()(count) is count
+    monkeypatch.setenv("SPACES_ZERO_GPU", "false")
+    assert not gpu.on_zero_gpu() and gpu.gpu_task()(square) is square
+
+
+def test_the_spaces_package_imports_and_is_inert_on_cpu(monkeypatch):
+    """The real package (a dependency): importable, and its decorator a no-op off ZeroGPU."""
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    spaces = pytest.importorskip("spaces")
+    assert spaces.GPU(square) is square
+    assert spaces.GPU(duration=10)(count) is count
+
+
+@pytest.fixture
+def zero_gpu(monkeypatch):
+    """A ZeroGPU environment with a stand-in `spaces` that records the durations asked for."""
+    asked = []
+
+    def GPU(task=None, *, duration=None):  # noqa: N802 (spaces' own name)
+        def wrap(fn):
+            asked.append(duration)
+            fn.zerogpu = True
+            return fn
+        return wrap(task) if callable(task) else wrap
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    return asked
+
+
+def test_on_zero_gpu_calls_go_through_spaces_with_their_duration(zero_gpu):
+    wrapped = gpu.gpu_task(duration=15)(square)
+    assert wrapped is not square and wrapped.zerogpu and zero_gpu == [15]
+    assert wrapped(3) == 9 and wrapped.__name__ == "square"
+    streamed = gpu.gpu_task(duration=lambda n: n)(count)
+    assert list(streamed(3)) == [0, 1, 2] and zero_gpu[-1](7) == 7
+
+
+def test_on_zero_gpu_results_leave_on_the_cpu(zero_gpu, monkeypatch):
+    moved = []
+    monkeypatch.setattr(gpu, "to_cpu", lambda v: moved.append(v) or v)
+    assert gpu.gpu_task()(square)(2) == 4
+    assert list(gpu.gpu_task()(count)(2)) == [0, 1]
+    assert moved == [4, 0, 1]  # the result, then each streamed item
+
+
+@dataclass(frozen=True)
+class Result:
+    maps: torch.Tensor
+    name: str
+
+
+def test_to_cpu_walks_containers_and_keeps_cpu_values():
+    t = torch.ones(2)
+    value = {"a": [t, (t, "x")], "r": Result(t, "n"), "n": 3}
+    out = gpu.to_cpu(value)
+    assert out["a"][0] is t and out["a"][1][0] is t and out["a"][1][1] == "x"
+    assert out["r"].maps is t and out["r"].name == "n"
+    assert out["n"] == 3 and gpu.to_cpu(value["a"]) is value["a"]  # nothing to move: same list
