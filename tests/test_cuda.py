@@ -102,12 +102,18 @@ def test_mean_attention_distance(pair):
           distance.model_mean_attention_distance(cpu, x), atol=1e-2, rtol=1e-3)
 
 
-def test_igpt_likelihood_and_greedy_completion():
+def igpt_pair() -> tuple[ImageGPT, ImageGPT]:
+    """(cpu, cuda) copies of one small random iGPT."""
     torch.manual_seed(0)
     cfg = IGPTConfig(vocab_size=9, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     cpu = ImageGPT(cfg).eval()
     gpu = ImageGPT(cfg).cuda().eval()
     gpu.load_state_dict(cpu.state_dict())
+    return cpu, gpu
+
+
+def test_igpt_likelihood_and_greedy_completion():
+    cpu, gpu = igpt_pair()
     tokens = torch.randint(0, 8, (3, 8, 8))
     close(pixel_nll_bits(gpu, tokens), pixel_nll_bits(cpu, tokens), atol=1e-3, rtol=1e-3)
     prefix = tokens.flatten(1)[:, :24]
@@ -121,11 +127,7 @@ def test_igpt_decode_loop_on_cuda_matches_the_cpu():
     """The shared loop's PyTorch step on a CUDA model: greedy rows equal the CPU's."""
     from explorer.igpt import batch
 
-    torch.manual_seed(0)
-    cfg = IGPTConfig(vocab_size=9, n_positions=64, n_embd=32, n_layer=2, n_head=2)
-    cpu = ImageGPT(cfg).eval()
-    gpu = ImageGPT(cfg).cuda().eval()
-    gpu.load_state_dict(cpu.state_dict())
+    cpu, gpu = igpt_pair()
     assert isinstance(batch.step_for(gpu), batch.TorchStep)  # the kernel is CPU-only
     prefix = torch.randint(0, 8, (24,))
     greedy = SampleConfig(greedy=True)
