@@ -2,8 +2,9 @@
 
 A lecture hall asks for many completions at once, each a handful of samples of its own
 image. Run separately, each would push its few rows through every weight matrix on every
-step, and the loops would fight for the cores. Here one thread per model runs one decode
-step at a time for all rows of all running requests (continuous batching):
+step, and the loops would fight for the cores. Here each model has one loop: a thread per
+core (a lane), each running one decode step at a time for all rows of its share of the
+running requests (continuous batching):
 
 - a request (one image's known pixels, n samples, its own settings and seed) is prefilled
   in the caller's thread, its known pixels once for all its samples (as `SharedPrefixKV`),
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from explorer import kernels
-from explorer.igpt.model import GroupedKV, ImageGPT
+from explorer.igpt.model import Conv1D, GroupedKV, ImageGPT
 from explorer.igpt.sampler import SampleConfig, pick_next
 from explorer.igpt.sequence import with_start
 
@@ -41,7 +42,7 @@ from explorer.igpt.sequence import with_start
 class Completion:
     """One request in the running batch: n samples of one image, filled in place.
 
-    Created by `DecodeLoop.submit`; iterate it for (pixels filled, (n, L) tokens snapshot).
+    Made by `DecodeLoop.prepare`; iterate it for (pixels filled, (n, L) tokens snapshot).
     """
 
     def __init__(self, model: ImageGPT, prefix: torch.Tensor, n: int, length: int,
@@ -53,7 +54,7 @@ class Completion:
         self.gen = None
         if cfg.seed is not None and not cfg.greedy:
             self.gen = torch.Generator(device=prefix.device).manual_seed(int(cfg.seed))
-        self.cache = None  # the step's own layout, set by `DecodeLoop.submit`
+        self.cache = None  # keys/values in the step's own layout, set by `DecodeLoop.prepare`
         self.cancelled = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -131,7 +132,8 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 
 class KernelStep:
     """A step through the compiled kernel (`explorer.kernels.decode_op`): fp32 CPU models
-    with OpenAI's quick-GELU and widths that are multiples of 16 (`supports`)."""
+    with OpenAI's quick-GELU and widths that are multiples of 16 (`supports`). Holds its
+    own packed copy of the weight matrices (`pack`), the size of the model's."""
 
     def __init__(self, model: ImageGPT, op):
         self.op = op
@@ -153,8 +155,6 @@ class KernelStep:
 
     @staticmethod
     def supports(model: ImageGPT) -> bool:
-        from explorer.igpt.model import Conv1D
-
         p = model.transformer.wte.weight
         c = model.config
         return (p.device.type == "cpu" and p.dtype == torch.float32 and model.kv_dtype is None
