@@ -79,6 +79,7 @@ def test_nothing_else_reads_the_environment_for_a_setting():
                "explorer/__init__.py",  # the Triton opt-out: before torch is imported
                "explorer/kernels/__init__.py",  # the kernel switch, read per call
                "explorer/hub.py",  # huggingface_hub's own offline switch, read live
+               "explorer/gpu.py",  # the platform's ZeroGPU flag, read when a function is decorated
                "explorer/finetune/__main__.py"}  # the launcher's RANK (a CLI, not the app)
     readers = set()
     for path in [*ROOT.glob("explorer/**/*.py"), ROOT / "app.py"]:
