@@ -161,10 +161,12 @@ class Settings:
             flag = "--" + f.name.replace("_", "-")
             if f.metadata["parse"] is _flag:
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                    default=default, help=text)
+                                    default=default,
+                                    help=f"{text} (now: {'on' if default else 'off'})")
             else:
+                now = "" if default is None else f" (now: {default})"  # None: see the help
                 parser.add_argument(flag, dest=f.name, type=f.metadata["parse"], default=default,
-                                    metavar=f.name.upper(), help=f"{text} (default: {default})")
+                                    metavar=f.name.upper(), help=text + now)
         return replace(base, **vars(parser.parse_args(argv)))
 
 
