@@ -42,8 +42,12 @@ class Outputs:
 
             @functools.wraps(fn)
             def stream(*args, **kwargs) -> Iterator:
-                for values in fn(*args, **kwargs):
-                    yield convert(values)
+                values = fn(*args, **kwargs)
+                try:
+                    for changed in values:
+                        yield convert(changed)
+                finally:  # the client went away: ``fn``'s own clean-up (stop the job) runs now
+                    values.close()
 
             return {"fn": stream, "outputs": list(chosen.values())}
 
