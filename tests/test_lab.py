@@ -99,6 +99,8 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tmp_path):
     assert list(run_lab(run, budget, cancel=cancel, checkpoint=ckpt)) == []  # saved at step 0
     with pytest.raises(ValueError, match="another run"):
         list(run_lab(LabRun("vit", 100, seed=4), budget, checkpoint=ckpt))
+    with pytest.raises(ValueError, match="another run"):  # same run, other hyperparameters
+        list(run_lab(run, budget, Hyper(lr=5e-3), checkpoint=ckpt))
 
 
 @needs_fmnist

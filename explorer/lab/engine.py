@@ -324,11 +324,16 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     loop = TrainLoop(model, recipe, cancel=cancel,
                      checkpoint=Checkpointing(checkpoint, every_s=budget.checkpoint_every_s)
                      if checkpoint else None,
-                     extra_state=lambda: {"curve": curve, "run": asdict(run)})
+                     extra_state=lambda: {"curve": curve, "run": asdict(run),
+                                          "hyper": asdict(hyper), "steps": total})
     if checkpoint is not None and loop.resume():
-        if loop.resumed_extra.get("run") != asdict(run):
+        saved = loop.resumed_extra
+        # a field added since the checkpoint was written counts as its default
+        same = {k: saved["run"].get(k, v) for k, v in asdict(run).items()} == asdict(run)
+        if not same or saved.get("hyper", asdict(hyper)) != asdict(hyper) or (
+                saved.get("steps", total) != total):
             raise ValueError(f"The checkpoint {checkpoint.name} belongs to another run.")
-        curve[:] = [tuple(p) for p in loop.resumed_extra["curve"]]
+        curve[:] = [tuple(p) for p in saved["curve"]]
     device = loop.device
     eval_at = {round(total * (i + 1) / budget.evals) for i in range(budget.evals)}
     train_probe = (fit_x[:TRAIN_ACC_IMAGES], fit_y[:TRAIN_ACC_IMAGES])
