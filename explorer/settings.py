@@ -7,8 +7,9 @@ and the app passes the result down (`app.build_demo`, `explorer.tuning.tune`). T
 
 Nothing else reads the environment for a setting, save switches that must act before this
 module can be asked, each read where it acts: the Triton opt-out ``VIT_EXPLORER_TRITON``
-(`explorer.keep_triton_out`, before torch is imported) and the attention kernel's
-``EXPLORER_NATIVE`` / ``EXPLORER_KERNEL_CACHE`` (`explorer.kernels`).
+(`explorer.keep_triton_out`, before torch is imported), the native kernels'
+``EXPLORER_NATIVE`` / ``EXPLORER_KERNEL_CACHE`` (`explorer.kernels`) and the platform's
+``SPACES_ZERO_GPU`` (`explorer.gpu`, as the ``spaces`` package reads it).
 
 Code that also runs outside the app (the converted-weights cache, Fashion-MNIST, the CLIs)
 asks `current()`: the settings the app installed at start, else these fields read from the
@@ -88,6 +89,10 @@ class Settings:
         16, "VIT_EXPLORER_COMPLETION_CONCURRENCY",
         "iGPT completions in flight at once, in their own group: they share one decode loop "
         "(explorer.igpt.batch), so more in flight means bigger batches, not more threads")
+    decode_lanes: int | None = _setting(
+        None, "VIT_EXPLORER_DECODE_LANES",
+        "threads stepping the shared iGPT decode loop, each with its share of the running "
+        "completions (default: one per core)", int)
     queue_size: int = _setting(64, "VIT_EXPLORER_QUEUE", "requests that may wait in the queue")
     store_mb: float = _setting(384.0, "VIT_EXPLORER_STORE_MB",
                                "memory for every session's kept results together (least "

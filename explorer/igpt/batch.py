@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from explorer import kernels
+from explorer import kernels, settings
 from explorer.igpt.model import Conv1D, GroupedKV, ImageGPT
 from explorer.igpt.sampler import SampleConfig, pick_next
 from explorer.igpt.sequence import with_start
@@ -320,11 +320,12 @@ _loops_lock = threading.Lock()
 
 
 def loop_for(model: ImageGPT) -> DecodeLoop:
-    """The model's one decode loop (made on first use; it goes when the model does)."""
+    """The model's one decode loop (made on first use, with the settings' lanes; it goes when
+    the model does)."""
     with _loops_lock:
         loop = _loops.get(model)
         if loop is None:
-            loop = _loops[model] = DecodeLoop(model)
+            loop = _loops[model] = DecodeLoop(model, lanes=settings.current().decode_lanes)
         return loop
 
 
