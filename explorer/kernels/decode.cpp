@@ -103,7 +103,9 @@ void rms_norm(const float* x, int64_t rows, int64_t C, const float* w, double ep
     f16v ss{};
     for (int64_t c = 0; c < C; c += kLanes) ss += load(xr + c) * load(xr + c);
     const float inv = 1.f / std::sqrt(hsum(ss) / static_cast<float>(C) + static_cast<float>(eps));
-    for (int64_t c = 0; c < C; c += kLanes) store(out + r * C + c, load(xr + c) * inv * load(w + c));
+    for (int64_t c = 0; c < C; c += kLanes) {
+      store(out + r * C + c, load(xr + c) * inv * load(w + c));
+    }
   }
 }
 
@@ -207,7 +209,9 @@ void attend_group(const Group& g, int64_t layer, int64_t h, int64_t nh, int64_t 
   }
   for (int64_t j = 0; j < P; j += kKeyBlock) {
     const int64_t m = std::min(kKeyBlock, P - j);
-    for (int64_t i = 0; i < n; ++i) weighted_sum(S + i * total + j, v_pre + j * hs, m, hs, O + i * hs);
+    for (int64_t i = 0; i < n; ++i) {
+      weighted_sum(S + i * total + j, v_pre + j * hs, m, hs, O + i * hs);
+    }
   }
   for (int64_t i = 0; i < n; ++i) {
     const float* v = g.v_own + ((layer * n + i) * nh + h) * T * hs;

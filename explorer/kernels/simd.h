@@ -27,7 +27,8 @@ inline f16v load(const float* p) {
 }
 inline void store(float* p, f16v v) { std::memcpy(p, &v, sizeof v); }
 #ifdef __AVX512F__
-inline f16v splat(float x) { return reinterpret_cast<f16v>(_mm512_set1_ps(x)); }  // one vbroadcastss
+// one vbroadcastss (the generic form below costs an add and a shuffle)
+inline f16v splat(float x) { return reinterpret_cast<f16v>(_mm512_set1_ps(x)); }
 #else
 inline f16v splat(float x) { return f16v{} + x; }
 #endif
