@@ -262,6 +262,9 @@ def test_one_loop_per_model_and_the_compiled_step_where_it_can_run(monkeypatch):
     a, b = MODELS["tiny"](), MODELS["tiny"]()
     assert batch.loop_for(a) is batch.loop_for(a) and batch.loop_for(a) is not batch.loop_for(b)
     assert batch.KernelStep.supports(a)
+    monkeypatch.setattr(batch.KernelStep, "max_params", a.num_params() - 1)
+    assert not batch.KernelStep.supports(a)  # too big to keep a packed copy
+    monkeypatch.undo()
     a.kv_dtype = torch.bfloat16  # the int8 decoder's cache: PyTorch's step
     assert not batch.KernelStep.supports(a)
     assert isinstance(batch.step_for(a), batch.TorchStep)

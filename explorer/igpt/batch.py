@@ -153,11 +153,16 @@ class KernelStep:
                 b.mlp.c_proj.bias.detach()]
         self.n_head, self.eps, self.n_out = cfg.n_head, cfg.layer_norm_epsilon, cfg.n_colors
 
-    @staticmethod
-    def supports(model: ImageGPT) -> bool:
+    # Bigger models (OpenAI's iGPT-M and -L) take the PyTorch step: the packed copy would
+    # double their gigabytes of weights.
+    max_params = 100_000_000
+
+    @classmethod
+    def supports(cls, model: ImageGPT) -> bool:
         p = model.transformer.wte.weight
         c = model.config
         return (p.device.type == "cpu" and p.dtype == torch.float32 and model.kv_dtype is None
+                and model.num_params() <= cls.max_params
                 and c.activation_function == "quick_gelu" and c.n_embd % 16 == 0
                 and (c.n_inner or 4 * c.n_embd) % 16 == 0
                 and all(type(m) is Conv1D for b in model.transformer.h
