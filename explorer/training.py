@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,13 +146,16 @@ class TrainLoop:
         extra_state: called at each checkpoint; what it returns is saved beside the weights
             and handed back by `resume` (a trainer's own bookkeeping: curves, configs).
         accelerator: an existing Accelerator (its state is process-wide); None builds one.
+        compile: train through ``torch.compile(model)`` (CPU: fused C++ kernels); if the
+            first compiled step fails (no compiler on the machine), the loop warns and goes
+            on eagerly. Evaluation by the caller stays eager on the same weights.
     """
 
     def __init__(self, model: nn.Module, recipe: Recipe, *, mixed_precision: str = "auto",
                  grad_accum: int = 1, cancel: threading.Event | None = None,
                  checkpoint: Checkpointing | None = None,
                  extra_state: Callable[[], dict] | None = None,
-                 accelerator: Accelerator | None = None):
+                 accelerator: Accelerator | None = None, compile: bool = False):
         self.recipe = recipe
         self.accelerator = accelerator or Accelerator(
             mixed_precision=resolve_mixed_precision(mixed_precision),
@@ -161,6 +165,7 @@ class TrainLoop:
         self.extra_state = extra_state
         self.optimizer = recipe.optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.forward = torch.compile(self.model) if compile else self.model
         self.step = 0
         self.seconds = 0.0
         self.cancelled = False
@@ -243,7 +248,7 @@ class TrainLoop:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with accelerator.accumulate(model):
-                out = loss_fn(model, batch)
+                out = self._loss(loss_fn, batch)
                 loss, stats = out if isinstance(out, tuple) else (out, {})
                 accelerator.backward(loss)
                 if self.recipe.grad_clip and accelerator.sync_gradients:
@@ -265,6 +270,18 @@ class TrainLoop:
             if self._checkpoint_due(last_save):
                 self.save()
                 last_save = self.seconds
+
+    def _loss(self, loss_fn: LossFn, batch):
+        if self.forward is self.model:
+            return loss_fn(self.model, batch)
+        try:
+            return loss_fn(self.forward, batch)
+        except Exception as err:  # e.g. inductor finds no C++ compiler: train eagerly
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {err}); training "
+                          "eagerly", stacklevel=2)
+            self.forward = self.model
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_fn(self.model, batch)
 
     def _checkpoint_due(self, last_save: float) -> bool:
         c = self.checkpointing

@@ -108,3 +108,24 @@ def test_the_lab_and_the_fine_tune_engine_cancel_the_same_way(tmp_path):
                                FinetuneConfig(mode="full", epochs=1, batch_size=4), cancel))
     assert [e.stage for e in events] == ["cancelled"] and events[-1].result.cancelled
     assert not any("loss" in h for h in events[-1].result.history)
+
+
+def test_a_compile_that_fails_falls_back_to_eager_with_the_same_result(monkeypatch):
+    eager = _loop()
+    list(eager.fit(_batches(eager), _loss))
+
+    def broken(model):
+        def forward(*_a, **_k):
+            raise RuntimeError("no C++ compiler")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 2))
+    loop = TrainLoop(model, Recipe(lr=1e-2, total_steps=20, warmup_steps=3, grad_clip=1.0),
+                     compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        list(loop.fit(_batches(loop), _loss))
+    assert loop.forward is loop.model and loop.step == 20
+    for p, q in zip(eager.model.parameters(), loop.model.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -199,7 +200,9 @@ def _train_one(run: LabRun, hyper: Hyper, budget: Budget, key: str) -> LabResult
             print(f"  {key} step {event.step}/{event.total_steps} val {event.val_acc:.4f} "
                   f"train {event.train_acc:.4f} ({seconds:.0f}s)", flush=True)
 
-    return train(run, budget, hyper, checkpoint=CHECKPOINTS_DIR / f"{key}.pt", on_event=report)
+    # compiled on the grid (1.06–1.29× per step, BENCHMARKS.md); eager without a compiler
+    return train(run, budget, hyper, checkpoint=CHECKPOINTS_DIR / f"{key}.pt", on_event=report,
+                 compile=shutil.which("c++") is not None or shutil.which("g++") is not None)
 
 
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
