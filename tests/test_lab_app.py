@@ -58,10 +58,23 @@ def test_live_run_refuses_what_it_does_not_offer(demo):
     client.close()
 
 
+def test_relative_views_say_in_place_when_the_model_is_still_training(demo):
+    training = sorted({n for a, n in grid.KEEP_MODELS if a == "vit_rel"}
+                      - set(lab_view.shipped_sizes()))
+    if not training:
+        pytest.skip("every relative-attention model is shipped")
+    client = Client(demo.local_url, verbose=False)
+    status, bias, shift = client.predict(training[0], api_name="/lab_relative")
+    assert f"trained on {training[0]:,} images is still training" in status
+    assert bias is None and shift is None
+    client.close()
+
+
 @pytest.mark.skipif(not lab_view.shipped_sizes(), reason="no shipped lab models")
 def test_relative_views_render_from_the_shipped_models(demo):
     client = Client(demo.local_url, verbose=False)
-    bias, shift = client.predict(max(lab_view.shipped_sizes()), api_name="/lab_relative")
+    status, bias, shift = client.predict(max(lab_view.shipped_sizes()), api_name="/lab_relative")
+    assert status == ""
     assert "block 4 head 4" in bias["plot"] and "Translation test" in shift["plot"]
     client.close()
     assert grid.GRID_CSV.is_file()

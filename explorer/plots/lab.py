@@ -41,8 +41,8 @@ def scrambled_figure(rows: list[dict]) -> go.Figure:
             mode="lines", name=f"{ARCH_LABELS.get(arch, arch)}, original images",
             legendgroup=arch, showlegend=False, hoverinfo="skip", opacity=0.6,
             line={"color": ARCH_COLOURS.get(arch, "#7f7f7f"), "width": 1.5, "dash": "dot"}))
-    fig.update_layout(title="Scrambled Fashion-MNIST: test error vs training images "
-                            "(dotted: the same model on the original images)")
+    fig.update_layout(title="Scrambled Fashion-MNIST: test error vs training images<br>"
+                            "<sup>dotted: the same model on the original images</sup>")
     return fig
 
 
@@ -81,6 +81,10 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
                  + (f", {live['steps']:,} steps" if "steps" in live else ""),
             marker={"symbol": "star", "size": 20, "color": ARCH_COLOURS.get(live["arch"]),
                     "line": {"color": "black", "width": 2}}))
+    if not curves:
+        fig.add_annotation(text="no finished runs yet: the grid is still training",
+                           x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                           font={"size": 16, "color": "#666"})
     fig.update_layout(
         title="Fashion-MNIST from scratch, trained here: test error vs training images",
         xaxis={"title": "training images (log scale)", "type": "log"},

@@ -29,18 +29,18 @@ JOB = "lab"  # the session's job kind (`explorer.session_context.SessionContext.
 _SHIFT_CACHE: KeyedCache[dict] = KeyedCache(max_items=4)
 
 
-def relative_views(train_images, is_presenter: bool = False):
+def relative_views(train_images, is_presenter: bool = False) -> dict:
     """The learned bias tables of the shipped relative model and the translation test of the
-    shipped models trained on the same number of images (the `/lab_relative` endpoint).
-
-    Returns:
-        ``(bias figure, translation figure)``.
-    """
+    shipped models trained on the same number of images (the `/lab_relative` endpoint), by
+    output name; while the grid has not kept those models yet, ``rel_status`` says so in
+    place and the plots stay empty."""
     train_images = int(train_images)
     try:
         tables = lab_view.bias_tables(train_images)
-    except FileNotFoundError as err:
-        raise gr.Error(f"No shipped relative-attention model for {train_images:,} images.") from err
+    except FileNotFoundError:
+        return {"rel_status": f"*The relative-attention model trained on {train_images:,} "
+                              "images is still training: the grid keeps it when its run "
+                              "finishes.*", "bias_plot": None, "shift_plot": None}
 
     def compute() -> dict:
         x, _ = test_subset()
@@ -56,8 +56,9 @@ def relative_views(train_images, is_presenter: bool = False):
 
     with common.user_errors():
         table = _SHIFT_CACHE.get_or_build(str(train_images), compute)
-    return (for_projector(plots.relative_bias_figure(tables), is_presenter),
-            for_projector(plots.shift_figure(table, PATCH), is_presenter))
+    return {"rel_status": "",
+            "bias_plot": for_projector(plots.relative_bias_figure(tables), is_presenter),
+            "shift_plot": for_projector(plots.shift_figure(table, PATCH), is_presenter)}
 
 
 def live_run(arch: str, train_images, seed, session: SessionContext, budget: Budget):
@@ -116,9 +117,10 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
                 elem_id="lab-scrambled-plot")
     gr.Markdown(lab_view.summary_text(rows), elem_id="lab-summary")
     gr.Markdown(lab_view.scrambled_text(rows), elem_id="lab-scrambled")
-    gr.Markdown(lab_view.convergence_text(rows), elem_id="lab-convergence")
-    gr.Plot(paper_data_figure(), label="The paper's numbers (not measured here)",
-            elem_id="lab-paper-plot")
+    with gr.Row():
+        gr.Plot(paper_data_figure(), label="The paper's numbers (not measured here)",
+                elem_id="lab-paper-plot")
+        gr.Markdown(lab_view.convergence_text(rows), elem_id="lab-convergence")
     with gr.Row():
         gr.Plot(plots.scaling_figure(rows), label="Scaling, trained here",
                 elem_id="lab-compute-plot")
@@ -131,9 +133,12 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
                 "relative to its query; below, each head's table. Then a **translation test**: "
                 f"shift {SHIFT_IMAGES} test images by one patch ({PATCH} px); an equivariant "
                 "layer's output moves with the input. The CNN's feature maps are the reference.")
-    sizes = lab_view.shipped_sizes() or [60000]
+    # every size the grid keeps models for; one still training says so when picked
+    sizes = sorted({n for a, n in grid.KEEP_MODELS if a == "vit_rel"})
+    shipped = lab_view.shipped_sizes()
     with gr.Row():
-        rel_size = gr.Dropdown(sizes, value=sizes[-1], label="Shipped models trained on (images)",
+        rel_size = gr.Dropdown(sizes, value=(shipped or sizes)[-1],
+                               label="Shipped models trained on (images)",
                                elem_id="lab-rel-size", scale=2)
         rel_run = gr.Button("Show the bias tables and the translation test", variant="primary",
                             elem_id="lab-relative-run", scale=1)
@@ -141,7 +146,9 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
         bias_plot = gr.Plot(label="Learned relative-position bias", elem_id="lab-bias-plot")
         shift_plot = gr.Plot(label="Translation test", elem_id="lab-shift-plot")
     presenter = ctx.presenter if ctx.presenter is not None else gr.Checkbox(False, visible=False)
-    rel_run.click(relative_views, inputs=[rel_size, presenter], outputs=[bias_plot, shift_plot],
+    rel_status = gr.Markdown(elem_id="lab-rel-status")
+    rel_out = Outputs(rel_status=rel_status, bias_plot=bias_plot, shift_plot=shift_plot)
+    rel_run.click(**rel_out.event(relative_views), inputs=[rel_size, presenter],
                   api_name="lab_relative", **ctx.analysis())
 
     gr.Markdown("### A live run\nTrain one point of the grid here, with the grid's recipe cut "

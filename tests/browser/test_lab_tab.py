@@ -12,6 +12,26 @@ from explorer.ui import lab_view
 from tests.browser.helpers import open_tab, plot_in, screenshot
 
 
+def test_the_lab_says_how_far_the_grid_is_and_shows_the_scrambled_experiment(page, app_url):
+    from explorer.lab import grid
+    status = grid.status()  # what is on disk now (the app read the same at start)
+    page.goto(app_url + "?tab=lab")
+    page.get_by_role("tab", name="Inductive bias & scale").wait_for()
+    progress = page.locator("#lab-progress")
+    progress.wait_for()
+    total = len(status["done"]) + len(status["training"]) + len(status["todo"])
+    text = progress.inner_text()
+    if status["training"] or status["todo"]:
+        # a run may finish between the app's start and now: at most what is done now
+        done, shown_total = map(int, re.search(r"(\d+) of (\d+) runs finished", text).groups())
+        assert shown_total == total and done <= len(status["done"])
+    else:
+        assert f"All {total} grid runs have finished" in text
+    scrambled = plot_in(page, "lab-scrambled-plot")
+    assert "Scrambled Fashion-MNIST" in scrambled.locator(".gtitle").text_content()
+    assert "Inductive bias is an assumption" in page.locator("#lab-scrambled").inner_text()
+
+
 def test_link_opens_the_lab_with_the_grid_and_the_relative_views(page, app_url):
     if not lab_view.shipped_sizes():
         pytest.skip("no shipped lab models")
