@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from explorer import lecture
 from explorer.plots import lecture as lecture_plots
 from explorer.ui.links import TAB_KEYS
@@ -49,3 +51,89 @@ def test_lecture_numbers_match_the_slides():
     rows = {(m, d): (acc, days) for m, d, acc, days in lecture.PAPER_IMAGENET}
     assert rows[("ViT-L/16", "JFT-300M")] == (87.76, 680)
     assert rows[("ViT-L/16", "ImageNet-21k")] == (85.30, 230)
+
+
+# --- the notes about a figure, from hand-built data -------------------------------------
+
+def test_patch_note_counts_tokens_from_size_and_patch():
+    note = lecture.patch_note((224, 224), (14, 14))
+    assert "**256 tokens of 14×14 px** (16×16 patches)" in note and "50,176 pixel tokens" in note
+    assert "196 tokens at this size" in note  # what the title's 16 px patches would give
+    paper = lecture.patch_note((224, 224), (16, 16))
+    assert "**196 tokens of 16×16 px**" in paper and "title" not in paper
+    wide = lecture.patch_note((224, 448), (14, 14))  # (height, width): 16 rows, 32 columns
+    assert "448×224 px image becomes **512 tokens" in wide and "(16×32 patches)" in wide
+
+
+def test_sequence_note_counts_prefix_tokens():
+    note = lecture.sequence_note((16, 32), ["CLS", "REG1", "REG2"])
+    assert "16×32 = **512 patch tokens**" in note and "3 prefix tokens (CLS, REG1, REG2)" in note
+    assert "**515 tokens** in all" in note
+    assert "prefix" not in lecture.sequence_note((2, 2), [])
+
+
+def test_position_facts_average_neighbours_lines_and_the_rest():
+    # 3x3 grid, similarity 1 to 4-neighbours, 0.5 along the row / column, 0 elsewhere
+    import numpy as np
+
+    rows = cols = 3
+    sim = np.zeros((rows, cols, rows, cols))
+    for r in range(rows):
+        for c in range(cols):
+            for r2 in range(rows):
+                for c2 in range(cols):
+                    d = abs(r - r2) + abs(c - c2)
+                    sim[r, c, r2, c2] = 2.0 if d == 0 else 1.0 if d == 1 else (
+                        0.5 if r == r2 or c == c2 else 0.0)
+    facts = lecture.position_facts(sim)
+    assert (facts.neighbour, facts.line, facts.other) == (1.0, 0.5, 0.0)
+    assert "rows and columns" not in lecture.position_note((3, 3), (3, 3), facts)
+    assert "Nearby patches, and then the patch's row and column, light up" in \
+        lecture.position_note((3, 3), (3, 3), facts)
+    assert "no interpolation" in lecture.position_note((3, 3), (3, 3), facts)
+    assert "interpolated down to this image's 3×3" in lecture.position_note((5, 5), (3, 3), facts)
+    flat = lecture.PositionFacts(0.1, 0.1, 0.2)
+    assert "do not stand out" in lecture.position_note((3, 3), (3, 3), flat)
+
+
+def test_rollout_note_calls_a_sink_peak_a_sink():
+    import numpy as np
+
+    from explorer.attention import Sink
+
+    rollout = np.full((4, 4), 0.01)
+    rollout[3, 3] = 0.5
+    corner = 1 + 15  # one prefix token, then 16 patches row-major
+    sinks = [[], [Sink(corner, 0.13, 0.04, 0.9)]]
+    facts = lecture.rollout_facts(rollout, sinks, num_prefix_tokens=1, num_tokens=17)
+    assert facts.peak == (3, 3) and facts.peak_share == 0.5
+    assert facts.mean_share == pytest.approx(0.65 / 16)
+    assert facts.top_tenth == pytest.approx(0.51 / 0.65)  # the top 2 of 16 patches
+    assert facts.sink_block == 1
+    note = lecture.rollout_note(facts, (4, 4))
+    assert "row 4, column 4, the bottom-right corner" in note and "**attention sink**" in note
+    assert "in block 2 the tokens put on average 13%" in note and "12×" in note  # 0.5/0.0406
+    # the same map without a sink at its peak: no sink is claimed
+    plain = lecture.rollout_facts(rollout, [[Sink(1, 0.2, 0.1, 1.0)]], 1, 17)
+    assert plain.sink is None and "sink" not in lecture.rollout_note(plain, (4, 4))
+
+
+def test_distance_profile_names_the_trend_the_numbers_have():
+    import numpy as np
+
+    grows = np.array([[10.0, 30.0], [40.0, 60.0], [80.0, 100.0]])  # means 20, 50, 90
+    p = lecture.distance_profile(grows, uniform=110.0)
+    assert p.trend == "grows" and p.most_global == (2, 1, 100.0) and p.means == (20.0, 50.0, 90.0)
+    note = lecture.distance_note(p)
+    assert "grows with depth, from 20 px in block 1 to 90 px in block 3" in note
+    assert "head 2 of block 3 at 100 px" in note and "110 px" in note
+    falls = lecture.distance_profile(grows[::-1], 110.0)
+    assert falls.trend == "falls" and "does not grow with depth" in lecture.distance_note(falls)
+    # the astronaut's shape: most global in block 1, a dip in block 2, a partial recovery
+    dip = np.array([[100.0], [40.0], [50.0], [60.0], [70.0]])
+    p = lecture.distance_profile(dip, 117.0)
+    assert (p.trend, p.highest, p.lowest, p.recovers) == ("mixed", 0, 1, True)
+    note = lecture.distance_note(p)
+    assert "highest in block 1 (100 px) and lowest in block 2 (40 px)" in note
+    assert "grows again to 70 px in block 5 without returning to block 1's level" in note
+    assert "does not simply grow with depth" in note

@@ -10,6 +10,7 @@ One module per concept:
 - `rollout`: head fusion, attention rollout, class-token and patch rollout maps.
 - `relevance`: Chefer et al.'s class-specific relevance.
 - `analyses`: query maps, DINO-style masks, prefix-token shares, high-norm tokens.
+- `sinks`: tokens that take an outsized share of attention (attention sinks).
 
 The attention tab's view model lives in `explorer.ui.attention_view`.
 """
@@ -40,10 +41,11 @@ from explorer.attention.rollout import (
     fuse_heads,
     patch_rollout_map,
 )
+from explorer.attention.sinks import SINK_FACTOR, Sink, attention_sinks, patch_sinks
 
 __all__ = [
-    "HEAD_FUSIONS", "VIEWS", "AttentionMaps", "EachLayer", "HeadMean", "ProbsConsumer",
-    "QueryKeys", "Reduction", "attention_rollout", "capture", "class_relevance",
+    "HEAD_FUSIONS", "SINK_FACTOR", "VIEWS", "AttentionMaps", "EachLayer", "HeadMean", "ProbsConsumer",
+    "QueryKeys", "Reduction", "Sink", "attention_rollout", "attention_sinks", "capture", "class_relevance",
     "class_token_maps", "cls_rollout_map", "fuse_heads", "high_norm_tokens", "mass_mask",
-    "patch_rollout_map", "prefix_attention_share", "query_maps", "query_maps_all_layers",
+    "patch_rollout_map", "patch_sinks", "prefix_attention_share", "query_maps", "query_maps_all_layers",
 ]

@@ -21,9 +21,11 @@ from explorer.attention import (
     fuse_heads,
     mass_mask,
     patch_rollout_map,
+    patch_sinks,
     prefix_attention_share,
     query_maps_all_layers,
 )
+from explorer.attention.sinks import Sink
 from explorer.patches import ModelGeometry
 
 HEAD = "head "  # how the UI names one head: "head 3" is index 2 (heads are 0-based inside)
@@ -164,3 +166,30 @@ def query_views(
             raise ValueError(f"head must be in [0, {maps.num_heads - 1}], not {head}.")
         chosen = per_layer[:, head]
     return chosen[layer], chosen
+
+
+def layer_sinks(maps: AttentionMaps) -> list[list[Sink]]:
+    """Each block's patch attention sinks for image 0 (`explorer.attention.patch_sinks`):
+    patches that take an outsized share of every query's attention (heads averaged)."""
+    return [patch_sinks(p[0], maps.num_prefix_tokens)
+            for _, p in maps.iter_probs(range(maps.num_layers))]
+
+
+def sink_note(sinks: list[list[Sink]], grid: tuple[int, int], num_prefix_tokens: int,
+              num_tokens: int) -> str:
+    """The attention sinks of `layer_sinks` in words, for beside an attention map ("" if none).
+
+    Names the strongest patch sink and every block in which that patch is one.
+    """
+    found = [(b, s) for b, block in enumerate(sinks) for s in block]
+    if not found:
+        return ""
+    block, top = max(found, key=lambda bs: bs[1].share)
+    row, col = divmod(top.token - num_prefix_tokens, grid[1])
+    blocks = [b + 1 for b, s in found if s.token == top.token]
+    listed = ", ".join(str(b) for b in blocks)
+    return (f"**Attention sink:** in block {block + 1} the tokens put on average {top.share:.0%} "
+            f"of their attention on the patch at row {row + 1}, column {col + 1} (uniform: "
+            f"{1 / num_tokens:.1%}); it is a sink in block{'s' if len(blocks) > 1 else ''} "
+            f"{listed}. Rollout multiplies such a sink through the blocks above, so it can be "
+            "the brightest patch of the rollout map without being part of the object.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
-from explorer import distance, models, patches
+from explorer import distance, lecture, models, patches
 from explorer.plots import distance as plots
 from explorer.ui import common, links
 from explorer.ui.attention_view import Analysis
@@ -22,8 +22,9 @@ MEANING = """
 **What the plot means, in plain words.** Each dot is one attention head. Its height says how
 far, on average, that head's patches look for information: a low dot is a *local* head (it
 mostly reads its neighbours, like a small convolution), a dot near the dotted line is a
-*global* head (it reads the whole image evenly). In a trained ViT some heads are already
-global in the first layers, and distance grows with depth: the model *can* look everywhere
+*global* head (it reads the whole image evenly). In the ViT paper (averaged over many
+images) some heads are already global in the first layers and distance grows with depth; the
+line under the plot says what this image's profile does. The model *can* look everywhere
 from the start and learns where that helps. A CNN cannot: its receptive field (cyan) grows
 only layer by layer, and its *effective* field (measured from gradients on this image) is
 smaller still, because it is built into the architecture (an inductive bias). The randomly
@@ -67,14 +68,16 @@ def per_image(image_path, model_name, others, random_init, cnn, width, height, f
         rf = distance.mobilenet_receptive_fields(image, max(size)) if cnn else None
     patch = patches.patch_size(model)
     shown_band = band[1:] if band and band[0] == label else None
-    fig = plots.distance_figure(series, shown_band, rf,
-                                distance.uniform_distance(patches.grid_for(size, patch), patch))
+    uniform = distance.uniform_distance(patches.grid_for(size, patch), patch)
+    fig = plots.distance_figure(series, shown_band, rf, uniform)
     info = (f"{label}: attention maps + distance at {size[1]}x{size[0]} px: "
             f"**{rate:.1f} images/s** on this machine." if kept is None else
             f"{label} at {size[1]}x{size[0]} px: distances from this image's maps in "
             "the Attention tab (no new forward pass).")
     if band and shown_band is None:
         info += f" (The dataset band was computed for {band[0]}; recompute it for this model.)"
+    # the plotted profile of the main model in words (`explorer.lecture.distance_note`)
+    info += "\n\n" + lecture.distance_note(lecture.distance_profile(series[0][1].cpu(), uniform))
     return {"plot": fig, "erf": plots.erf_mosaic(rf) if rf is not None else None, "info": info}
 
 

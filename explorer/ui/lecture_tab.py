@@ -1,7 +1,8 @@
 """Lecture tab: the lecture's outline as a path of steps, each with a live figure.
 
-The steps' words live in `explorer.lecture`; each figure reuses an analysis and a figure
-builder of `explorer.plots` (no tensor math here). Previous / next buttons, the arrow keys
+The steps' words live in `explorer.lecture`; each image step's figure and the note that
+describes it come from `explorer.ui.lecture_view` (no tensor math here), the lab steps' from
+`explorer.ui.lab_view`. Previous / next buttons, the arrow keys
 (the page script `explorer.ui.presenter.HEAD`) and ``?tab=lecture&step=N`` move along the
 path.
 """
@@ -17,106 +18,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from explorer import attention, distance, images, lecture, models, patches
-from explorer.cache import KeyedCache
-from explorer.igpt import pipeline
-from explorer.plots import attention as attention_plots
-from explorer.plots import colors
-from explorer.plots import distance as distance_plots
+from explorer import images, lecture
 from explorer.plots import lab as lab_plots
 from explorer.plots import lecture as lecture_plots
-from explorer.plots import tokens as token_plots
-from explorer.ui import attention_view, common, lab_view, links
+from explorer.ui import common, lab_view, lecture_view, links
 from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import COPY_JS
 
 FIGURE_DIR = Path(tempfile.gettempdir()) / "vit-explorer-figures"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One example at one size, ready for the figures (cached: stepping back is instant)."""
-
-    model: object
-    shown: np.ndarray  # (H, W, 3) the input as the model sees it
-    tokens: patches.TokenizationResult
-
-
-_PREPARED: KeyedCache[Prepared] = KeyedCache(max_items=4)
-_CNN_FIELDS: KeyedCache[distance.CNNReceptiveFields] = KeyedCache(max_items=4)
-
-
-def example_path(example: str) -> str:
-    """The bundled example file called ``example`` (see `explorer.images.example_paths`)."""
-    return str(next(p for p in images.example_paths() if p.stem == example))
-
-
-def prepared(example: str, size: int | None) -> Prepared:
-    def build() -> Prepared:
-        model, config, pixels = common.model_and_pixels(example_path(example), None, size,
-                                                        size, "crop")
-        with common.user_errors():
-            result = patches.analyse_tokenization(model, pixels)
-        return Prepared(model, images.pixels_to_image(pixels, config), result)
-
-    return _PREPARED.get_or_build((models.DEFAULT_MODEL, example, size), build)
-
-
-def _overlay(presenter: bool) -> tuple[float, str]:
-    """(opacity, colour map) of heat maps. Inferno spans black to pale yellow, the widest
-    lightness range of the maps offered; a projector washes the photo out, so when
-    presenting the map covers more of it."""
-    return (0.8 if presenter else 0.6), "inferno"
-
-
-def fig_sequence(example, size, presenter):
-    p = prepared(example, size)
-    return token_plots.token_sequence(p.shown, p.tokens.patch, p.tokens.prefix_names)
-
-
-def fig_rgb9(example, size, presenter):
-    photo, photo9 = pipeline.in_rgb9(common.load_upload(example_path(example)))
-    return colors.mosaic([photo, photo9], cols=2, labels=["24-bit colour (16.7 M words)",
-                                                          "9-bit palette (512 words)"])
-
-
-def fig_patches(example, size, presenter):
-    p = prepared(example, size)
-    return token_plots.grid_overlay(p.shown, p.tokens.patch, len(p.tokens.prefix_names))
-
-
-def fig_positions(example, size, presenter):
-    return token_plots.similarity_tiles(prepared(example, size).tokens.pos_similarity)
-
-
-def fig_rollout(example, size, presenter):
-    p = prepared(example, size)
-    with common.user_errors():
-        maps = attention.capture(p.model, p.tokens.pixels)
-    views = attention_view.attention_views(maps, maps.num_layers - 1)
-    return attention_plots.heat_overlay(p.shown, views.rollout, *_overlay(presenter))
-
-
-def _cnn(example, size):
-    side = max(prepared(example, size).tokens.size)
-
-    def build():
-        with common.user_errors():
-            image = common.load_upload(example_path(example))
-            return distance.mobilenet_receptive_fields(image, side)
-
-    return _CNN_FIELDS.get_or_build((example, side), build)
-
-
-def fig_distance(example, size, presenter):
-    p = prepared(example, size)
-    image = common.load_upload(example_path(example))
-    with common.user_errors():
-        model, config = models.load_vit(None)
-        series, _ = distance.compare_models(image, [(models.DEFAULT_MODEL, model, config,
-                                                     p.tokens.size)])
-    uniform = distance.uniform_distance(p.tokens.grid, p.tokens.patch)
-    return distance_plots.distance_figure(series, None, _cnn(example, size), uniform)
 
 
 def fig_lab_bias():
@@ -126,13 +35,27 @@ def fig_lab_bias():
         raise gr.Error(str(err)) from err
 
 
-FIGURES: dict[str, Callable] = {
-    "sequence": fig_sequence, "rgb9": fig_rgb9, "patches": fig_patches,
-    "positions": fig_positions, "rollout": fig_rollout, "distance": fig_distance,
-    "lab-data": lambda *_: lab_plots.data_figure(lab_view.grid_rows()),
-    "lab-compute": lambda *_: lab_plots.scaling_figure(lab_view.grid_rows()),
-    "lab-bias": lambda *_: fig_lab_bias(),
+# The lab's steps: figures of the shipped grid; their notes are `lab_view.lecture_note`'s.
+LAB_FIGURES: dict[str, Callable] = {
+    "lab-data": lambda: lab_plots.data_figure(lab_view.grid_rows()),
+    "lab-compute": lambda: lab_plots.scaling_figure(lab_view.grid_rows()),
+    "lab-bias": fig_lab_bias,
 }
+FIGURES = {**lecture_view.FIGURES, **LAB_FIGURES}
+
+
+def draw(figure: str, example: str, size: int | None, presenter: bool) -> tuple[object, str]:
+    """(figure, note) of one step: image steps from `lecture_view` (note computed from the
+    figure's data), lab steps with the grid's findings."""
+    if figure in LAB_FIGURES:
+        return LAB_FIGURES[figure](), lab_view.lecture_note(figure, lab_view.grid_rows())
+    with common.user_errors():
+        shown = lecture_view.FIGURES[figure](example, size, presenter)
+        asked = lecture_view.prepared(example, size).asked
+    got = lecture_view.prepared(example, size).tokens.size
+    if size and asked != got:
+        gr.Info(f"Resolution snapped to {got[1]}x{got[0]}: a multiple of the patch size.")
+    return shown.figure, "\n\n" + shown.note
 
 
 def figure_file(image, name: str) -> str:
@@ -151,7 +74,7 @@ def step_view(step, example, size, presenter) -> dict:
     s = lecture.STEPS[step - 1]
     size = int(size) if size else None
     name = f"vit-explorer_{example}_step{step}_{s.caption}"
-    made = FIGURES[s.figure](example, size, bool(presenter))
+    made, note = draw(s.figure, example, size, bool(presenter))
     view = links.View(tab=links.LECTURE.key, example=example, size=size, step=step,
                       presenter=bool(presenter))
     tab_view = links.View(tab=s.tab, example=example, size=size, presenter=bool(presenter))
@@ -162,7 +85,7 @@ def step_view(step, example, size, presenter) -> dict:
         image = gr.Image(value=None, visible=False)
         plot = gr.Plot(value=lecture_plots.for_projector(made, bool(presenter)), visible=True,
                        label=name)
-    text = s.text + lab_view.lecture_note(s.figure, lab_view.grid_rows())
+    text = s.text + note
     return {"step": step, "heading": f"## Step {step} of {count}: {s.title}", "text": text,
             "image": image, "plot": plot,
             "link": f"[Open the full view in its tab →]({links.view_query(tab_view)})",

@@ -1,0 +1,155 @@
+"""Each Lecture step's words against its figure, for every bundled example, on the real
+offline model: the numbers a step states are recomputed here from the model, the image and
+the figure itself (not read back from the note's own inputs), so a step whose text and
+figure disagree fails. Steps 7-9 are the lab's (`tests/test_lab_view.py`)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from explorer import attention, images, lecture, models, patches
+from explorer.attention import SINK_FACTOR
+from explorer.igpt import palette
+from explorer.plots import attention as attention_plots
+from explorer.ui import lecture_tab, lecture_view
+
+EXAMPLES = [p.stem for p in images.example_paths()]
+STEP = {s.figure: i + 1 for i, s in enumerate(lecture.STEPS)}
+
+
+def shown_text(figure: str, example: str) -> str:
+    """The Markdown the Lecture shows for the step of ``figure`` (the app's own callback)."""
+    return lecture_tab.step_view(STEP[figure], example, 0, False)["text"]
+
+
+def numbers(pattern: str, text: str) -> tuple[int, ...]:
+    found = re.search(pattern, re.sub(r"(\d),(\d{3})", r"\1\2", text))  # 50,176 -> 50176
+    assert found, f"{pattern!r} not in {text!r}"
+    return tuple(int(g) for g in found.groups())
+
+
+@pytest.fixture(scope="module")
+def model():
+    model, config = models.load_vit(None)
+    geometry = patches.model_geometry(model, config)
+    return model, config, geometry
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_step1_counts_the_tokens_of_the_model_and_size(model, example):
+    m, config, geometry = model
+    rows, cols = (s // p for s, p in zip(geometry.default_size, geometry.patch, strict=True))
+    prefix = int(m.num_prefix_tokens)
+    text = shown_text("sequence", example)
+    assert numbers(r"(\d+)×(\d+) = \*\*(\d+) patch tokens", text) == (rows, cols, rows * cols)
+    assert numbers(r"\*\*(\d+) tokens\*\* in all", text) == (rows * cols + prefix,)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_step2_sizes_and_colours_are_the_photos(example):
+    text = shown_text("rgb9", example)
+    shown = lecture_view.rgb9(example, None, False)
+    photo = images.open_image(lecture_view.example_path(example)).convert("RGB")
+    photo.thumbnail((256, 256), Image.BOX)  # the figure's left half, as drawn
+    w, h = photo.size
+    colours = len(palette.rgb9_quantize(torch.from_numpy(np.asarray(photo).copy())).unique())
+    assert numbers(r"(\d+)×(\d+) px: as pixel words it would be \*\*(\d+) tokens", text) == (
+        w, h, w * h)
+    assert numbers(r"uses (\d+) of the 512 colours", text) == (colours,)
+    assert shown.figure.shape[0] >= h  # both halves of the figure are the photo's height
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_step3_patch_size_and_token_count_are_the_models(model, example):
+    m, _, geometry = model
+    ph, pw = (int(v) for v in m.patch_embed.patch_size)
+    h, w = geometry.default_size
+    text = shown_text("patches", example)
+    assert numbers(r"a (\d+)×(\d+) px image becomes \*\*(\d+) tokens of (\d+)×(\d+) px", text) == (
+        w, h, (h // ph) * (w // pw), pw, ph)
+    assert "196 tokens of 16" not in text  # the lecture's ViT-B/16 count, not this model's
+    grid = lecture_view.patch_grid(example, None, False).figure
+    scale = grid.shape[0] // h  # drawn enlarged for the index labels
+    assert scale >= 1 and grid.shape[:2] == (scale * h, scale * w)  # the image the tokens cut
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_step4_grids_and_ordering_are_the_similaritys(model, example):
+    _, config, geometry = model
+    native = tuple(s // p for s, p in zip(images.native_size(config), geometry.patch, strict=True))
+    sim = lecture_view.positions(example, None, False).data["similarity"].cpu().numpy()
+    rows, cols = sim.shape[:2]
+    text = shown_text("positions", example)
+    assert numbers(r"trained on a (\d+)×(\d+) grid", text) == native
+    assert numbers(r"to this image's (\d+)×(\d+) grid", text) == (rows, cols)
+    near, line, other = [], [], []
+    for i in range(rows * cols):
+        r, c = divmod(i, cols)
+        for j in range(rows * cols):
+            r2, c2 = divmod(j, cols)
+            d = abs(r - r2) + abs(c - c2)
+            if d == 1:
+                near.append(sim[r, c, r2, c2])
+            elif d > 1 and (r == r2 or c == c2):
+                line.append(sim[r, c, r2, c2])
+            elif d > 1:
+                other.append(sim[r, c, r2, c2])
+    said = [float(x) for x in re.findall(r"\d\.\d\d", text.split("mean similarity")[1])]
+    assert said == pytest.approx([np.mean(near), np.mean(line), np.mean(other)], abs=0.006)
+    claims = "row and column, light up" in text
+    assert claims == (np.mean(near) > np.mean(other) and np.mean(line) > np.mean(other))
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_step5_names_the_rollout_peak_and_the_sink_behind_it(example):
+    p = lecture_view.prepared(example, None)
+    shown = lecture_view.rollout(example, None, False)
+    text = shown_text("rollout", example)
+    maps = attention.capture(p.model, p.tokens.pixels)
+    prefix = maps.num_prefix_tokens
+    rollout = attention.attention_rollout(maps, rows=[0])[0, 0, prefix:].reshape(maps.grid)
+    # the figure is this rollout over the image
+    again = attention_plots.heat_overlay(p.shown, rollout, *lecture_view.overlay(False))
+    assert np.abs(shown.figure.astype(int) - again.astype(int)).max() <= 2
+    row, col = divmod(int(rollout.argmax()), maps.grid[1])
+    assert numbers(r"at row (\d+), column (\d+)", text) == (row + 1, col + 1)
+    peak = float(re.search(r"holds (\d+\.\d)% of the class token's rollout", text).group(1))
+    assert peak == pytest.approx(100 * float(rollout.max()), abs=0.06)
+    token = prefix + row * maps.grid[1] + col
+    received = [float(maps.probs(b)[0].mean(0)[:, token].mean()) for b in range(maps.num_layers)]
+    sink_blocks = [b for b, r in enumerate(received) if r >= SINK_FACTOR / maps.num_tokens]
+    assert ("**attention sink**" in text) == bool(sink_blocks)
+    if sink_blocks:
+        (block,) = numbers(r"in block (\d+) the tokens put on average", text)
+        assert block == sink_blocks[0] + 1
+        share = int(re.search(r"on average (\d+)% of their attention", text).group(1))
+        assert share == pytest.approx(100 * received[block - 1], abs=0.51)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_step6_describes_the_plotted_profile(example):
+    shown = lecture_view.distance_view(example, None, False)
+    text = shown_text("distance", example)
+    dots = next(t for t in shown.figure.data if t.mode == "markers" and t.name == shown.data["label"])
+    layer_head = np.asarray(dots.customdata, dtype=int)
+    d = np.zeros((layer_head[:, 0].max(), layer_head[:, 1].max()))
+    d[layer_head[:, 0] - 1, layer_head[:, 1] - 1] = dots.y
+    means = d.mean(axis=1)
+    block, head = divmod(int(d.argmax()), d.shape[1])
+    assert numbers(r"head (\d+) of block (\d+) at (\d+) px", text) == (
+        head + 1, block + 1, round(d.max()))
+    uniform = shown.figure.layout.shapes[0].y0  # the plotted uniform-attention line
+    assert numbers(r"uniform attention over the whole image: (\d+) px", text) == (round(uniform),)
+    rising = np.corrcoef(np.arange(len(means)), means)[0, 1] >= lecture.TREND_CORRELATION
+    note = text.split("Here the most global head")[1]
+    assert ("grows with depth, from" in note) == rising
+    if not rising:
+        assert numbers(r"highest in block (\d+) \((\d+) px\) and lowest in block (\d+) \((\d+) px\)",
+                       note) == (int(means.argmax()) + 1, round(means.max()),
+                                 int(means.argmin()) + 1, round(means.min()))
+        assert "does not" in note
