@@ -137,3 +137,19 @@ def test_distance_profile_names_the_trend_the_numbers_have():
     assert "highest in block 1 (100 px) and lowest in block 2 (40 px)" in note
     assert "grows again to 70 px in block 5 without returning to block 1's level" in note
     assert "does not simply grow with depth" in note
+
+
+def test_mosaic_labels_fit_under_their_own_tile():
+    # step 2's figure: two 256 px tiles whose labels are long for them
+    import numpy as np
+
+    from explorer.plots.colors import mosaic
+
+    tiles = [np.full((256, 256, 3), 255, np.uint8)] * 2
+    out = mosaic(tiles, cols=2, labels=["24-bit colour (16.7 M words)", "9-bit palette (512 words)"])
+    band = out[2 + 256:].min(axis=2)  # the label row under the tiles, darkest channel
+    inked = np.flatnonzero((band < 128).any(axis=0))
+    assert inked.size  # the labels are drawn
+    first, second = inked[inked < 2 + 256], inked[inked >= 2 + 256 + 2]
+    assert first.size and second.size and not ((inked >= 258) & (inked < 260)).any()
+    assert first.min() > 0 and second.max() < out.shape[1] - 1  # inside the figure

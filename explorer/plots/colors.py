@@ -94,6 +94,14 @@ def mosaic(
 _BACKGROUNDS: KeyedCache[np.ndarray] = KeyedCache(max_items=32)
 
 
+def _fitting_font(draw: ImageDraw.ImageDraw, text: str, size: int, width: float):
+    """The font of ``size`` px, smaller until ``text`` fits in ``width`` px (at least 8 px):
+    a label never runs into its neighbour's."""
+    while size > 8 and draw.textlength(text, font=font(size)) > width:
+        size -= 1
+    return font(size)
+
+
 def _labelled_background(h, w, n, cols, gap, labels, background) -> np.ndarray:
     rows = -(-n // cols)
     label_h = max(12, h // 6) if labels else 0
@@ -101,11 +109,12 @@ def _labelled_background(h, w, n, cols, gap, labels, background) -> np.ndarray:
     if labels:
         canvas = Image.fromarray(out)
         draw = ImageDraw.Draw(canvas)
-        text_font = font(max(9, label_h - 3))
+        size = max(9, label_h - 3)
         for i, text in enumerate(labels):
             r, c = divmod(i, cols)
             y, x = gap + r * (h + gap + label_h) + h, gap + c * (w + gap)
-            draw.text((x + w / 2, y + label_h / 2), text, fill=(0, 0, 0), font=text_font, anchor="mm")
+            draw.text((x + w / 2, y + label_h / 2), text, fill=(0, 0, 0),
+                      font=_fitting_font(draw, text, size, w - 4), anchor="mm")
         out = np.asarray(canvas)
     out.flags.writeable = False  # shared: callers get copies
     return out
