@@ -67,6 +67,7 @@ DEPENDS = {
     "norm_note": {"layer"},
     "relevance": {"opacity", "cmap"},
     "relevance_note": set(),
+    "sink_note": set(),
 }
 VIEWS = tuple(DEPENDS)
 CONTROLS = ("layer", "start", "query_head", "heads", "strip", "rollout")  # follow the model
@@ -123,7 +124,8 @@ def _analyse(request: common.ImageRequest) -> Analysis:
                f"patches, {maps.num_layers} layers x {maps.num_heads} heads, prefix: "
                f"{', '.join(maps.prefix_names) or 'none'}.")
     return Analysis(maps, patches.model_geometry(model, data_config),
-                    images.pixels_to_image(pixels, data_config), share, relevance, note, summary)
+                    images.pixels_to_image(pixels, data_config), share, relevance, note, summary,
+                    sinks=attention_view.layer_sinks(maps))
 
 
 def kept(ref: Ref | None) -> Analysis:
@@ -163,6 +165,10 @@ def render(analysis: Analysis, s: ViewSettings, only: set[str] | None = None) ->
         "relevance": lambda: (plots.heat_overlay(shown, relevance, s.opacity, s.cmap)
                               if relevance is not None else None),
         "relevance_note": lambda: analysis.relevance_note,
+        "sink_note": lambda: attention_view.sink_note(
+            analysis.sinks or [], maps.grid, maps.num_prefix_tokens, maps.num_tokens)
+        or f"No attention sink: no patch receives {attention.SINK_FACTOR:g}x the uniform share "
+           "of attention in any block.",
     }
     return {name: draw[name]() for name in VIEWS if only is None or name in only}
 
@@ -300,8 +306,10 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
     strip = gr.Image(label=labels["strip"], format=VIEW_FORMAT,
                      interactive=False, elem_id="attn-strip")
     with gr.Row():
-        rollout = gr.Image(label=labels["rollout"], format=VIEW_FORMAT,
-                           interactive=False, elem_id="attn-rollout")
+        with gr.Column():
+            rollout = gr.Image(label=labels["rollout"], format=VIEW_FORMAT,
+                               interactive=False, elem_id="attn-rollout")
+            sink_note = gr.Markdown(elem_id="attn-sink-note")
         with gr.Column():
             relevance = gr.Image(label="Class-specific relevance", format=VIEW_FORMAT,
                                  interactive=False, elem_id="attn-relevance")
@@ -321,7 +329,8 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
                   rollout=rollout, masks=masks, prefix_plot=prefix_plot, norm_map=norm_map,
                   norm_plot=norm_plot, norm_note=norm_note, relevance=relevance,
                   relevance_note=relevance_note, layer=layer, start=start, query_head=query_head,
-                  query_img=query_img, query_strip=query_strip, query_info=query_info)
+                  query_img=query_img, query_strip=query_strip, query_info=query_info,
+                  sink_note=sink_note)
     settings = [layer, fusion, roll_fusion, discard, start, keep, opacity, cmap]  # ViewSettings
     model.change(**out.event(model_controls, *CONTROLS), inputs=model,
                  api_name="attention_geometry", show_progress="hidden", **ctx.views())

@@ -70,6 +70,7 @@ class Analysis:
         relevance_note: what the relevance view shows, in words.
         note: the analysis in words (model, size, grid, layers and heads, prefix tokens).
         drawn: the settings the session's views were last drawn with (None: not yet).
+        sinks: each block's patch attention sinks (`layer_sinks`).
     """
 
     maps: AttentionMaps
@@ -80,6 +81,7 @@ class Analysis:
     relevance_note: str
     note: str
     drawn: object | None = None
+    sinks: list[list[Sink]] | None = None
 
 
 @dataclass
@@ -171,6 +173,8 @@ def query_views(
 def layer_sinks(maps: AttentionMaps) -> list[list[Sink]]:
     """Each block's patch attention sinks for image 0 (`explorer.attention.patch_sinks`):
     patches that take an outsized share of every query's attention (heads averaged)."""
+    if maps.head_mean is not None:  # kept head means: no probabilities to recompute
+        return [patch_sinks(m[0], maps.num_prefix_tokens) for m in maps.head_mean]
     return [patch_sinks(p[0], maps.num_prefix_tokens)
             for _, p in maps.iter_probs(range(maps.num_layers))]
 

@@ -18,6 +18,10 @@ def test_click_a_patch_changes_the_query_map(page):
     page.locator("#attn-summary").get_by_text("heads").wait_for()
     assert "16x16 patches" in page.locator("#attn-summary").inner_text()  # 224 px / 14 px
     assert_images_rendered(page, VIEWS, min_width=100)
+    # beside the rollout: the attention sink found in this image's attention
+    # (explorer.attention.sinks; on the cat, a patch near the top every token attends to)
+    sink = page.locator("#attn-sink-note").inner_text()
+    assert "Attention sink:" in sink and "of their attention on the patch at row" in sink
     # the layer slider reads the model's depth: the default DINOv2 ViT-S/14 has 12 blocks
     assert page.locator("#attn-layer input[type=range]").get_attribute("max") == "12"
     assert page.locator("#attn-layer input[type=range]").input_value() == "12"
