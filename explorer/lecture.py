@@ -257,24 +257,36 @@ def _where(row: int, col: int, grid: tuple[int, int]) -> str:
     return place
 
 
-def rollout_note(facts: RolloutFacts, grid: tuple[int, int]) -> str:
+def rollout_note(facts: RolloutFacts, grid: tuple[int, int], masked: RolloutFacts | None = None,
+                 masked_tokens: int = 0) -> str:
     """Step 5: what the rollout map shows; an attention sink named and explained when its
-    brightest patch is one."""
+    brightest patch is one; with ``masked`` (the facts of the rollout with ``masked_tokens``
+    sink patches taken out, drawn on the right), what that map shows too."""
     ratio = facts.peak_share / facts.mean_share
     place = _where(*facts.peak, grid)
+    side = "Left, the" if masked is not None else "Here the"
+    after = "" if masked is None else " " + _masked_note(masked, grid, masked_tokens)
     if facts.sink is None:
-        return (f"Here the brightest patch (at {place}) holds {facts.peak_share:.1%} of the class "
+        return (f"{side} brightest patch (at {place}) holds {facts.peak_share:.1%} of the class "
                 f"token's rollout, {ratio:.0f}× the mean patch; the brightest tenth of the patches "
-                f"hold {facts.top_tenth:.0%} of it.")
+                f"hold {facts.top_tenth:.0%} of it.{after}")
     s = facts.sink
-    return (f"Here the brightest patch (at {place}) holds {facts.peak_share:.1%} of the class "
+    return (f"{side} brightest patch (at {place}) holds {facts.peak_share:.1%} of the class "
             f"token's rollout, {ratio:.0f}× the mean patch. It is an **attention sink**, not a "
             f"sign of where the object is: in block {facts.sink_block + 1} the tokens put on "
             f"average {s.share:.0%} of their attention on that one patch (uniform would be "
             f"{1 / facts.num_tokens:.1%}; {s.queries:.0%} of them give it over "
             f"{SINK_FACTOR:g}× that), a place where the block parks attention it does not need, and "
             "rollout multiplies it through the blocks above. The brightest tenth of the patches "
-            f"hold {facts.top_tenth:.0%} of the rollout.")
+            f"hold {facts.top_tenth:.0%} of the rollout.{after}")
+
+
+def _masked_note(m: RolloutFacts, grid: tuple[int, int], tokens: int) -> str:
+    what = "the sink patch" if tokens == 1 else f"the {tokens} sink patches"
+    return (f"Right, the same rollout with {what} taken out of every block's attention (the "
+            f"other weights renormalised): its brightest patch is at {_where(*m.peak, grid)}, "
+            f"{m.peak_share / m.mean_share:.0f}× the mean, and the brightest tenth of the patches "
+            f"hold {m.top_tenth:.0%} of it.")
 
 
 @dataclass(frozen=True)

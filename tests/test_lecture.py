@@ -113,6 +113,14 @@ def test_rollout_note_calls_a_sink_peak_a_sink():
     note = lecture.rollout_note(facts, (4, 4))
     assert "row 4, column 4, the bottom-right corner" in note and "**attention sink**" in note
     assert "in block 2 the tokens put on average 13%" in note and "12×" in note  # 0.5/0.0406
+    # with the masked map drawn on the right, the note says what each side shows
+    masked_map = np.full((4, 4), 0.05)
+    masked_map[1, 0] = 0.2  # 0.2 / mean (0.2 + 15 * 0.05) / 16 = 3.4
+    masked = lecture.rollout_facts(masked_map, [], 1, 17)
+    both = lecture.rollout_note(facts, (4, 4), masked, masked_tokens=2)
+    assert both.startswith("Left, the brightest patch (at row 4, column 4")
+    assert "Right, the same rollout with the 2 sink patches taken out" in both
+    assert "brightest patch is at row 2, column 1, on the left edge, 3× the mean" in both
     # the same map without a sink at its peak: no sink is claimed
     plain = lecture.rollout_facts(rollout, [[Sink(1, 0.2, 0.1, 1.0)]], 1, 17)
     assert plain.sink is None and "sink" not in lecture.rollout_note(plain, (4, 4))

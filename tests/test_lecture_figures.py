@@ -105,30 +105,64 @@ def test_step4_grids_and_ordering_are_the_similaritys(model, example):
     assert claims == (np.mean(near) > np.mean(other) and np.mean(line) > np.mean(other))
 
 
+def class_rollout(maps, masked=()) -> np.ndarray:
+    """The class token's rollout over the patches, by hand from every block's attention:
+    e0 Â_{L-1} ... Â_0 with Â = rownorm(0.5 (A + I)), A the head mean with the ``masked``
+    columns zeroed and its rows renormalised (float64)."""
+    v = np.eye(maps.num_tokens)[0]
+    for b in reversed(range(maps.num_layers)):
+        a = maps.probs(b)[0].double().mean(0).numpy()
+        a[:, list(masked)] = 0
+        a /= a.sum(axis=1, keepdims=True)
+        v = v @ (0.5 * (a + np.eye(len(a))))
+    return v[maps.num_prefix_tokens:].reshape(maps.grid)
+
+
+def said_peak(text: str) -> tuple[int, int]:
+    return numbers(r"at row (\d+), column (\d+)", text)
+
+
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_step5_names_the_rollout_peak_and_the_sink_behind_it(example):
     p = lecture_view.prepared(example, None)
     shown = lecture_view.rollout(example, None, False)
     text = shown_text("rollout", example)
     maps = attention.capture(p.model, p.tokens.pixels)
-    prefix = maps.num_prefix_tokens
-    rollout = attention.attention_rollout(maps, rows=[0])[0, 0, prefix:].reshape(maps.grid)
-    # the figure is this rollout over the image
-    again = attention_plots.heat_overlay(p.shown, rollout, *lecture_view.overlay(False))
-    assert np.abs(shown.figure.astype(int) - again.astype(int)).max() <= 2
-    row, col = divmod(int(rollout.argmax()), maps.grid[1])
-    assert numbers(r"at row (\d+), column (\d+)", text) == (row + 1, col + 1)
+    prefix, n, cols = maps.num_prefix_tokens, maps.num_tokens, maps.grid[1]
+    rollout = class_rollout(maps)
+    received = np.stack([maps.probs(b)[0].double().mean(0).mean(0).numpy()
+                         for b in range(maps.num_layers)])  # (L, N) share each token receives
+    sinks = sorted({int(t) for t in np.flatnonzero((received >= SINK_FACTOR / n).any(0))
+                    if t >= prefix})
+    # the figure: this rollout over the image, and (with sinks) the masked one beside it
+    w = p.shown.shape[1]
+    drawn = [attention_plots.heat_overlay(p.shown, rollout, *lecture_view.overlay(False))]
+    if sinks:
+        masked = class_rollout(maps, sinks)
+        drawn.append(attention_plots.heat_overlay(p.shown, masked, *lecture_view.overlay(False)))
+    for i, tile in enumerate(drawn):
+        x = 2 + i * (w + 2) if sinks else 0  # the mosaic's tiles, 2 px apart
+        y = 2 if sinks else 0
+        got = shown.figure[y : y + tile.shape[0], x : x + w].astype(int)
+        assert np.abs(got - tile.astype(int)).max() <= 3, i
+    row, col = divmod(int(rollout.argmax()), cols)
+    left = text.split("Right, ")[0]
+    assert said_peak(left) == (row + 1, col + 1)
     peak = float(re.search(r"holds (\d+\.\d)% of the class token's rollout", text).group(1))
     assert peak == pytest.approx(100 * float(rollout.max()), abs=0.06)
-    token = prefix + row * maps.grid[1] + col
-    received = [float(maps.probs(b)[0].mean(0)[:, token].mean()) for b in range(maps.num_layers)]
-    sink_blocks = [b for b, r in enumerate(received) if r >= SINK_FACTOR / maps.num_tokens]
-    assert ("**attention sink**" in text) == bool(sink_blocks)
-    if sink_blocks:
+    token = prefix + row * cols + col
+    sink_blocks = np.flatnonzero(received[:, token] >= SINK_FACTOR / n)
+    assert ("**attention sink**" in text) == bool(sink_blocks.size)
+    if sink_blocks.size:
         (block,) = numbers(r"in block (\d+) the tokens put on average", text)
         assert block == sink_blocks[0] + 1
         share = int(re.search(r"on average (\d+)% of their attention", text).group(1))
-        assert share == pytest.approx(100 * received[block - 1], abs=0.51)
+        assert share == pytest.approx(100 * received[block - 1, token], abs=0.51)
+    assert ("Right, " in text) == bool(sinks)
+    if sinks:
+        right = text.split("Right, ")[1]
+        assert said_peak(right) == tuple(int(v) + 1 for v in divmod(int(masked.argmax()), cols))
+        assert ("the sink patch" in right) == (len(sinks) == 1)
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

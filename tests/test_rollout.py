@@ -84,3 +84,18 @@ def test_rollout_from_maps_matches_rollout_of_stack():
     cls_map = cls_rollout_map(maps)
     assert cls_map.shape == (2, 3, 5)
     torch.testing.assert_close(cls_map.flatten(-2), full[:, 0, 5:])
+
+
+def test_masked_rollout_takes_a_sink_out_of_every_layer_by_hand():
+    from explorer.attention.rollout import mask_keys
+
+    # one layer, one head, 3 tokens; every query gives 0.6 to token 2 (the sink)
+    attn = torch.tensor([[0.2, 0.2, 0.6]] * 3).reshape(1, 1, 3, 3)
+    assert torch.allclose(mask_keys(attn[0, 0], [2]), torch.tensor([[0.5, 0.5, 0.0]] * 3))
+    # 0.5 (A' + I) with A' the masked rows [0.5, 0.5, 0]
+    expected = torch.tensor([[0.75, 0.25, 0.0], [0.25, 0.75, 0.0], [0.25, 0.25, 0.5]])
+    assert torch.allclose(attention_rollout(attn, masked=[2]), expected)
+    assert torch.allclose(attention_rollout(attn, masked=[2], rows=[0]), expected[:1])
+    # unmasked, the sink keeps its 0.6 / 2 = 0.3 of every row
+    assert torch.allclose(attention_rollout(attn)[0], torch.tensor([0.6, 0.1, 0.3]))
+    assert torch.equal(mask_keys(attn, []), attn)

@@ -31,16 +31,29 @@ def _top_down(attn, start_layer: int) -> Iterator[torch.Tensor]:
     return (attn[i] for i in range(len(attn) - 1, start_layer - 1, -1))
 
 
-def _rollout_step(a: torch.Tensor, head_fusion: str, discard_ratio: float) -> torch.Tensor:
-    """One layer of rollout: fuse heads, drop the weakest links, add identity, renormalise.
+def mask_keys(fused: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """(..., N, N) attention with the columns of ``tokens`` set to 0 and every row
+    renormalised: the attention as if those keys were not there (e.g. attention sinks)."""
+    if not tokens:
+        return fused
+    fused = fused.clone()
+    fused[..., list(tokens)] = 0
+    return fused / fused.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(fused.dtype).tiny)
+
+
+def _rollout_step(a: torch.Tensor, head_fusion: str, discard_ratio: float,
+                  masked: Sequence[int] = ()) -> torch.Tensor:
+    """One layer of rollout: fuse heads, mask keys, drop the weakest links, add identity,
+    renormalise.
 
     Args:
         a: (..., H, N, N) attention of one layer.
+        masked: keys taken out first (`mask_keys`).
 
     Returns:
         (..., N, N) row-stochastic matrix 0.5 (A + I), rows renormalised.
     """
-    fused = fuse_heads(a, head_fusion)
+    fused = mask_keys(fuse_heads(a, head_fusion), masked)
     if discard_ratio > 0:
         # As in Abnar & Zuidema's reference code: per image, zero the smallest weights of
         # the whole matrix (the identity below keeps every row non-empty).
@@ -71,6 +84,7 @@ def attention_rollout(
     discard_ratio: float = 0.0,
     start_layer: int = 0,
     rows: Sequence[int] | None = None,
+    masked: Sequence[int] = (),
 ) -> torch.Tensor:
     """Attention rollout: how much each token's final state traces back to each token.
 
@@ -86,6 +100,9 @@ def attention_rollout(
         start_layer: first block included (earlier blocks are skipped).
         rows: only these query rows (e.g. ``[0]`` for the class token): computed as a
             vector-matrix chain from the top layer down, never forming N x N products.
+        masked: tokens taken out of every layer's fused attention before the identity is
+            added (`mask_keys`: their columns zeroed, rows renormalised), e.g. attention
+            sinks, so the map shows what the other tokens carry.
 
     Returns:
         (..., N, N), or (..., len(rows), N) with ``rows``; "..." is the batch dims of the
@@ -104,8 +121,10 @@ def attention_rollout(
         means = attn.head_mean[start_layer:]
         result = _eye_rows(attn.num_tokens, rows, attn.token_norms).expand(attn.batch_size, -1, -1)
         for m in reversed(means):
-            result = 0.5 * (result @ m.to(result.dtype) + result)  # kept maps may be compact
+            m = mask_keys(m.to(result.dtype), masked)  # kept maps may be compact
+            result = 0.5 * (result @ m + result)
         return result
+    plain = plain and not masked
     result = None
     for a in _top_down(attn, start_layer):
         if result is None:  # top layer: start from its rows (or the identity's rows)
@@ -115,7 +134,7 @@ def attention_rollout(
             # Fast path: r (0.5 (mean_h A_h + I)) = 0.5 (mean_h (r A_h) + r); no fused copy.
             result = 0.5 * (torch.matmul(result.unsqueeze(-3), a).mean(dim=-3) + result)
         else:
-            result = result @ _rollout_step(a, head_fusion, discard_ratio)
+            result = result @ _rollout_step(a, head_fusion, discard_ratio, masked)
     return result
 
 

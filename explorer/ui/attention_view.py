@@ -197,3 +197,11 @@ def sink_note(sinks: list[list[Sink]], grid: tuple[int, int], num_prefix_tokens:
             f"{1 / num_tokens:.1%}); it is a sink in block{'s' if len(blocks) > 1 else ''} "
             f"{listed}. Rollout multiplies such a sink through the blocks above, so it can be "
             "the brightest patch of the rollout map without being part of the object.")
+
+
+def masked_rollout(maps: AttentionMaps, tokens: list[int]) -> torch.Tensor:
+    """(rows, cols) rollout map of image 0 with ``tokens`` (e.g. attention sinks) taken out of
+    every block's attention, the rest renormalised (`explorer.attention.attention_rollout`'s
+    ``masked``): the class token's map for models with one, else the patch queries' mean."""
+    rollout_map = cls_rollout_map if maps.has_class_token else patch_rollout_map
+    return rollout_map(maps, masked=tokens)[0]

@@ -140,9 +140,20 @@ def rollout(example: str, size: int | None, presenter: bool) -> Shown:
     sinks = attention_view.layer_sinks(maps)
     facts = lecture.rollout_facts(views.rollout.cpu(), sinks, maps.num_prefix_tokens,
                                   maps.num_tokens)
-    figure = attention_plots.heat_overlay(p.shown, views.rollout, *overlay(presenter))
-    return Shown(figure, lecture.rollout_note(facts, maps.grid),
-                 {"rollout": views.rollout, "sinks": sinks, "facts": facts, "maps": maps})
+    shown = attention_plots.heat_overlay(p.shown, views.rollout, *overlay(presenter))
+    tokens = sorted({s.token for block in sinks for s in block})
+    if not tokens:
+        return Shown(shown, lecture.rollout_note(facts, maps.grid),
+                     {"rollout": views.rollout, "sinks": sinks, "facts": facts, "masked": None})
+    # beside it, the same rollout with the sink patches taken out of every block's attention
+    masked = attention_view.masked_rollout(maps, tokens)
+    masked_facts = lecture.rollout_facts(masked.cpu(), [], maps.num_prefix_tokens, maps.num_tokens)
+    figure = colors.mosaic(
+        [shown, attention_plots.heat_overlay(p.shown, masked, *overlay(presenter))], cols=2,
+        labels=["rollout", "rollout, sinks masked"])
+    return Shown(figure, lecture.rollout_note(facts, maps.grid, masked_facts, len(tokens)),
+                 {"rollout": views.rollout, "sinks": sinks, "facts": facts, "masked": masked,
+                  "masked_facts": masked_facts, "tokens": tokens})
 
 
 def distance_view(example: str, size: int | None, presenter: bool) -> Shown:
