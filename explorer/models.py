@@ -321,13 +321,9 @@ def _build_hub(name: str) -> torch.nn.Module:
         raise ModelUnavailableError(
             f"timm has no model called '{name}' (a Hugging Face repo is 'hf-hub:owner/name')."
         )
-    if not hub_weights_cached(name) and not hub.reachable():
-        # Fail now: huggingface_hub would first retry each file with exponential backoff.
-        raise ModelUnavailableError(
-            f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached "
-            "(no internet here?). Hub models need internet the first time; offline, use the "
-            "default model or a local checkpoint."
-        )
+    problem = offline_problem(name)
+    if problem:  # fail now: huggingface_hub would first retry each file with exponential backoff
+        raise ModelUnavailableError(problem)
     try:
         model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
     except Exception as err:
@@ -347,6 +343,23 @@ def _build_hub(name: str) -> torch.nn.Module:
             "Hub models need internet; offline, use the default model or a local checkpoint."
         ) from err
     return model
+
+
+def offline_problem(name: str | None) -> str | None:
+    """Why the hub model ``name`` cannot load here, said before anything is built: its files
+    are not cached and the hub cannot be reached; None when it can (or is not a hub model)."""
+    entry = CATALOGUE.get(name or "")
+    if entry is not None:
+        if entry.source != "hub":
+            return None
+        name = entry.architecture
+    if not name or name.startswith("local:") or name in local_model_names():
+        return None
+    if hub_weights(name) is None or hub_weights_cached(name) or hub.reachable():
+        return None
+    return (f"'{name}' is not in the local Hugging Face cache and the hub cannot be reached "
+            "(no internet here?). Hub models need internet the first time; offline, use the "
+            "default model or a local checkpoint.")
 
 
 def hub_weights(name: str) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:

@@ -336,6 +336,7 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
                  api_name="attention_geometry", show_progress="hidden", **ctx.views())
     run.click(**out.event(analyse_and_render),
               inputs=[image, model, width, height, fit, *settings, query_head],
+              validator=common.validator("image", "model", *[None] * 12),
               api_name="attention", **ctx.analysis())
     gr.on([layer.release, fusion.change, roll_fusion.change, discard.release, start.release,
            keep.release, opacity.release, cmap.change],

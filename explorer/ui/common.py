@@ -121,10 +121,42 @@ def user_errors() -> Iterator[None]:
         raise
 
 
+NO_IMAGE = "Please upload an image or pick an example first."
+
+
+def input_problems(image_path: str | None, model_name: str | None,
+                   request: gr.Request | None = None) -> dict[str, str]:
+    """What stops an analysis before it starts, by input name ("image", "model"): no image;
+    a model name this visitor may not load; a hub model not cached while the hub is out of
+    reach. Quick (no weights are read): for an event's ``validator`` (`validator`)."""
+    problems = {}
+    if not image_path:
+        problems["image"] = NO_IMAGE
+    try:
+        offline = models.offline_problem(session(request).resolve(model_name))
+    except ModelUnavailableError as err:
+        offline = without_paths(str(err))
+    if offline:
+        problems["model"] = offline
+    return problems
+
+
+def validator(*names: str | None):
+    """An event's ``validator=`` for inputs named ``names`` in order (None: not checked):
+    `input_problems`' messages appear beside their inputs, the analysis does not start, and
+    its outputs (controls included) stay as they are; API calls get a validation error."""
+    def check(*values, request: gr.Request | None = None):
+        by_name = dict(zip(names, values, strict=False))
+        problems = input_problems(by_name.get("image"), by_name.get("model"), request)
+        return [gr.validate(name not in problems, problems.get(name, "")) for name in names]
+
+    return check
+
+
 def load_upload(path: str | None) -> Image.Image:
     """Open an uploaded image path as RGB, telling the person about any conversion."""
     if not path:
-        raise gr.Error("Please upload an image or pick an example first.")
+        raise gr.Error(NO_IMAGE)
     with user_errors():
         loaded = images.load_image(path)
     for note in loaded.notes:

@@ -48,3 +48,18 @@ def test_click_a_patch_changes_the_query_map(page):
     assert "row 11" in page.locator("#attn-query-info").inner_text()  # 0.7 * 16 patches
     page.locator("#attn-query-strip img").first.wait_for(state="visible")
     screenshot(page, "attention")
+
+
+def test_no_image_says_so_beside_the_upload_and_leaves_the_controls(page):
+    open_tab(page, "Attention maps")
+    page.locator("#attn-run").click()
+    # gradio's validator: the message beside the image input, the analysis never starts
+    page.locator("#attn-image").get_by_text("Please upload an image").wait_for()
+    for control in ("attn-layer", "attn-start", "attn-query-head"):
+        assert "Error" not in page.locator(f"#{control}").inner_text(), control
+    assert page.locator("#attn-layer input[type=range]").is_enabled()
+    # with an image the same button runs the analysis and the message goes
+    pick_example(page, "attn", 0)
+    page.locator("#attn-run").click()
+    page.locator("#attn-summary").get_by_text("heads").wait_for()
+    assert not page.locator("#attn-image").get_by_text("Please upload an image").is_visible()
