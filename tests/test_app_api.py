@@ -94,3 +94,18 @@ def test_offline_hub_model_is_a_clear_message(client, monkeypatch):
     with pytest.raises(Exception, match="need internet|no model called"):
         client.predict(handle_file("assets/examples/rocket.jpg"), "deit_tiny_patch16_224.fb_in1k",
                        224, 224, "crop", api_name="/tokens")
+
+
+def test_attention_checks_its_inputs_first_and_still_explains_a_bad_file(client, tmp_path):
+    # /attention has a validator (explorer.ui.common.validator): a missing image is refused
+    # before the analysis, and a broken file still reaches the callback's own message
+    def attention(image):
+        return client.predict(image, None, 224, 224, "crop", 12, "mean", "mean", 0.0, 1, 0.6,
+                              0.6, "inferno", "mean", api_name="/attention")
+
+    with pytest.raises(Exception, match="Please upload an image"):
+        attention(None)
+    for name, data, message in [("not-an-image.png", b"just some text", "not an image"),
+                                ("huge.png", _png_header_only(20000, 20000), "too many pixels|limit is")]:
+        with pytest.raises(Exception, match=message):
+            attention(handle_file(_write(tmp_path / name, data)))

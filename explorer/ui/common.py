@@ -80,8 +80,9 @@ def upload_image(**kwargs) -> gr.Image:
     """A ``gr.Image(type="filepath")`` whose upload problems reach the person as `gr.Error`.
 
     Gradio opens uploads with PIL before any callback runs, so a non-image or a
-    decompression bomb would otherwise fail with a generic "Error". Here the same failure is
-    explained by `explorer.images.load_image`'s message. (A subclass of gr.Image would need
+    decompression bomb would otherwise fail with a generic "Error". Here such an upload is
+    handed to the callback as it came, whose `load_upload` explains the failure with
+    `explorer.images.load_image`'s message. (A subclass of gr.Image would need
     its own front-end component, so the instance's ``preprocess`` is wrapped instead.)
     ``image_mode=None`` hands the file over as uploaded: gradio's own conversion to RGB would
     clip a 16-bit image to white, while `explorer.images.load_image` stretches its range (and
@@ -100,8 +101,11 @@ def upload_image(**kwargs) -> gr.Image:
             try:
                 if path:
                     images.load_image(path)
-            except images.ImageError as image_err:
-                raise gr.Error(without_paths(str(image_err))) from err
+            except images.ImageError:
+                # The upload as it came: the callback's `load_upload` says what is wrong with
+                # it. Raising here instead would fail an event's `validator` step (which
+                # preprocesses too) with a bare "400 Bad Request" for API clients.
+                return path
             raise gr.Error(f"Could not read this upload as an image ({type(err).__name__}).") from err
 
     component.preprocess = preprocess
