@@ -314,6 +314,22 @@ def test_the_grid_in_words_is_computed_from_its_rows():
     assert analysis.scramble_sentence(rows[:-2]) == ""
 
 
+def test_the_learning_rate_sweep_extends_upwards_while_the_best_is_at_its_edge():
+    from explorer.lab import sweep
+
+    def rows(arch, accs):
+        return [dict(arch=arch, width=DEFAULT_SIZES[arch][0], depth=DEFAULT_SIZES[arch][1],
+                     train_images=sweep.SWEEP_IMAGES, lr=lr, shift=2, flip=True, val_acc=a,
+                     weight_decay=0.05) for lr, a in zip(sweep.LRS, accs, strict=True)]
+
+    base = len(sweep.lr_stage())
+    rising = rows("cnn", (0.80, 0.82, 0.84, 0.86))  # best at the largest rate: try twice it
+    interior = rows("vit", (0.60, 0.70, 0.72, 0.65))
+    extra = sweep.lr_stage(rising + interior)[base:]
+    assert [(run.arch, h.lr) for run, h in extra] == [("cnn", 2 * max(sweep.LRS))]
+    assert sweep.lr_stage(rows("cnn", (0.80, 0.82, 0.84, 0.86))[:3]) == sweep.lr_stage()
+
+
 def test_convergence_reads_the_last_fifth_of_the_validation_curve():
     curve = [(200, 0.50, 0.5), (400, 0.80, 0.8), (600, 0.850, 0.86), (800, 0.900, 0.92),
              (1000, 0.902, 0.95)]

@@ -140,7 +140,7 @@ PHASES = ("sweep-lr", "sweep-aug", "grid")
 def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
     """The CSV a phase writes and its runs (with hyperparameters for the sweep's)."""
     if phase == "sweep-lr":
-        return SWEEP_CSV, sweep.lr_stage()
+        return SWEEP_CSV, sweep.lr_stage(read_grid(SWEEP_CSV))
     if phase == "sweep-aug":
         return SWEEP_CSV, sweep.aug_stage(read_grid(SWEEP_CSV))
     if phase == "grid":

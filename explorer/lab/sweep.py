@@ -1,10 +1,11 @@
 """The per-architecture hyperparameter sweep on the validation split (never the test set).
 
-Two stages at one data size (`SWEEP_IMAGES` images, seed 0, a quarter of the budget rule's steps):
-the peak learning rate from `LRS` with augmentation on, then augmentation off at the best
-rate. The choice per architecture is the highest final validation accuracy; it is written to
-`paths.HYPER_JSON` and every grid run of that architecture uses it. Weight decay is AdamW's
-0.05 (DeiT's) for every architecture: not swept, to keep the sweep small.
+Two stages at one data size (`SWEEP_IMAGES` images, seed 0, a quarter of the budget rule's
+steps): the peak learning rate from `LRS` with augmentation on (extended upwards while the
+best rate is the largest tried), then augmentation off at the best rate. The choice per
+architecture is the highest final validation accuracy; it is written to `paths.HYPER_JSON`
+and every grid run of that architecture uses it. Weight decay is AdamW's 0.05 (DeiT's) for
+every architecture: not swept, to keep the sweep small.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from explorer.lab.paths import HYPER_JSON
 SWEEP_IMAGES = 3000
 SWEEP_BUDGET = 0.25  # of the budget rule's steps (750 steps: 36 epochs of the 2,700 fit images)
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3 came out best for every architecture
+MAX_LR = 3.2e-2
 NO_AUG = {"shift": 0, "flip": False}
 
 
@@ -27,8 +29,17 @@ def sweep_run(arch: str) -> LabRun:
     return LabRun(arch, SWEEP_IMAGES, 0, budget=SWEEP_BUDGET)
 
 
-def lr_stage() -> list[tuple[LabRun, Hyper]]:
-    return [(sweep_run(a), Hyper(lr=lr)) for a in LAB_ARCHS for lr in LRS]
+def lr_stage(rows: list[dict] | None = None) -> list[tuple[LabRun, Hyper]]:
+    """Every architecture at every rate of `LRS`; then, for an architecture whose best rate so
+    far is the largest it tried, twice that rate (up to `MAX_LR`), so the choice is never
+    left at the edge of the range for want of trying the next rate."""
+    items = [(sweep_run(a), Hyper(lr=lr)) for a in LAB_ARCHS for lr in LRS]
+    for a in LAB_ARCHS:
+        tried = {r["lr"] for r in _rows_of(rows or [], a) if r["shift"] or r["flip"]}
+        top = best(rows or [], a, augmented=True)
+        if set(LRS) <= tried and top["lr"] == max(tried) and 2 * max(tried) <= MAX_LR:
+            items.append((sweep_run(a), Hyper(lr=2 * max(tried))))
+    return items
 
 
 def _rows_of(rows: list[dict], arch: str) -> list[dict]:
