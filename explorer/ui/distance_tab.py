@@ -153,7 +153,8 @@ def build_distance_tab(ctx: common.TabContext) -> TabLink:
 
     out = Outputs(plot=plot, erf=erf, info=info)
     inputs = [image, model, others, random_init, cnn, width, height, fit, prefix, band]
-    run.click(**out.event(per_image), inputs=inputs, api_name="distance", **ctx.analysis())
+    run.click(**out.event(per_image), inputs=inputs, api_name="distance",
+              validator=common.validator("image", "model", *[None] * 8), **ctx.analysis())
     band_run.click(dataset_band, inputs=[model, source, n, zip_file, width, height, prefix],
                    outputs=[band, band_info], api_name="distance_dataset", **ctx.analysis()).then(
         **out.event(refresh), inputs=inputs, api_name="distance_refresh")

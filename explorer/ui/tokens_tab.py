@@ -164,6 +164,7 @@ def build_tokens_tab(ctx: common.TabContext) -> TabLink:
                   pos_native=pos_native, pos_chosen=pos_chosen, cost_plot=cost_plot,
                   cost_table=cost_md, pca=pca)
     run.click(**out.event(tokens, *VIEWS), inputs=[image, model, width, height, fit],
+              validator=common.validator("image", "model", None, None, None),
               api_name="tokens", **ctx.analysis())
     # First impression: the page opens on a worked example. It is kept (the first visitor
     # computes it; the others wait on its key), so a room opening the page at once neither
