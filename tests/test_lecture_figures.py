@@ -19,12 +19,15 @@ from explorer.plots import attention as attention_plots
 from explorer.ui import lecture_tab, lecture_view
 
 EXAMPLES = [p.stem for p in images.example_paths()]
+# every example at the model's default size, and one at another size (a bigger grid, the
+# position embeddings interpolated to it, the sink in another place)
+CASES = [(e, None) for e in EXAMPLES] + [("astronaut", 448)]
 STEP = {s.figure: i + 1 for i, s in enumerate(lecture.STEPS)}
 
 
-def shown_text(figure: str, example: str) -> str:
+def shown_text(figure: str, example: str, size: int | None = None) -> str:
     """The Markdown the Lecture shows for the step of ``figure`` (the app's own callback)."""
-    return lecture_tab.step_view(STEP[figure], example, 0, False)["text"]
+    return lecture_tab.step_view(STEP[figure], example, size or 0, False)["text"]
 
 
 def numbers(pattern: str, text: str) -> tuple[int, ...]:
@@ -40,12 +43,13 @@ def model():
     return model, config, geometry
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_step1_counts_the_tokens_of_the_model_and_size(model, example):
+@pytest.mark.parametrize(("example", "size"), CASES)
+def test_step1_counts_the_tokens_of_the_model_and_size(model, example, size):
     m, config, geometry = model
-    rows, cols = (s // p for s, p in zip(geometry.default_size, geometry.patch, strict=True))
+    side = (size, size) if size else geometry.default_size
+    rows, cols = (s // p for s, p in zip(side, geometry.patch, strict=True))
     prefix = int(m.num_prefix_tokens)
-    text = shown_text("sequence", example)
+    text = shown_text("sequence", example, size)
     assert numbers(r"(\d+)×(\d+) = \*\*(\d+) patch tokens", text) == (rows, cols, rows * cols)
     assert numbers(r"\*\*(\d+) tokens\*\* in all", text) == (rows * cols + prefix,)
 
@@ -64,27 +68,29 @@ def test_step2_sizes_and_colours_are_the_photos(example):
     assert shown.figure.shape[0] >= h  # both halves of the figure are the photo's height
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_step3_patch_size_and_token_count_are_the_models(model, example):
+@pytest.mark.parametrize(("example", "size"), CASES)
+def test_step3_patch_size_and_token_count_are_the_models(model, example, size):
     m, _, geometry = model
     ph, pw = (int(v) for v in m.patch_embed.patch_size)
-    h, w = geometry.default_size
-    text = shown_text("patches", example)
+    h, w = (size, size) if size else geometry.default_size
+    text = shown_text("patches", example, size)
     assert numbers(r"a (\d+)×(\d+) px image becomes \*\*(\d+) tokens of (\d+)×(\d+) px", text) == (
         w, h, (h // ph) * (w // pw), pw, ph)
     assert "196 tokens of 16" not in text  # the lecture's ViT-B/16 count, not this model's
-    grid = lecture_view.patch_grid(example, None, False).figure
+    grid = lecture_view.patch_grid(example, size, False).figure
     scale = grid.shape[0] // h  # drawn enlarged for the index labels
     assert scale >= 1 and grid.shape[:2] == (scale * h, scale * w)  # the image the tokens cut
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_step4_grids_and_ordering_are_the_similaritys(model, example):
+@pytest.mark.parametrize(("example", "size"), CASES)
+def test_step4_grids_and_ordering_are_the_similaritys(model, example, size):
     _, config, geometry = model
     native = tuple(s // p for s, p in zip(images.native_size(config), geometry.patch, strict=True))
-    sim = lecture_view.positions(example, None, False).data["similarity"].cpu().numpy()
+    sim = lecture_view.positions(example, size, False).data["similarity"].cpu().numpy()
     rows, cols = sim.shape[:2]
-    text = shown_text("positions", example)
+    assert (rows, cols) == tuple(s // p for s, p in zip(
+        (size, size) if size else geometry.default_size, geometry.patch, strict=True))
+    text = shown_text("positions", example, size)
     assert numbers(r"trained on a (\d+)×(\d+) grid", text) == native
     assert numbers(r"to this image's (\d+)×(\d+) grid", text) == (rows, cols)
     near, line, other = [], [], []
@@ -122,11 +128,11 @@ def said_peak(text: str) -> tuple[int, int]:
     return numbers(r"at row (\d+), column (\d+)", text)
 
 
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_step5_names_the_rollout_peak_and_the_sink_behind_it(example):
-    p = lecture_view.prepared(example, None)
-    shown = lecture_view.rollout(example, None, False)
-    text = shown_text("rollout", example)
+@pytest.mark.parametrize(("example", "size"), CASES)
+def test_step5_names_the_rollout_peak_and_the_sink_behind_it(example, size):
+    p = lecture_view.prepared(example, size)
+    shown = lecture_view.rollout(example, size, False)
+    text = shown_text("rollout", example, size)
     maps = attention.capture(p.model, p.tokens.pixels)
     prefix, n, cols = maps.num_prefix_tokens, maps.num_tokens, maps.grid[1]
     rollout = class_rollout(maps)

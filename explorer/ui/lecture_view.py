@@ -62,7 +62,8 @@ class Shown:
     data: dict
 
 
-_PREPARED: KeyedCache[Prepared] = KeyedCache(max_items=4)
+# Every bundled example at two sizes (each entry is small: the tokenisation views' tensors).
+_PREPARED: KeyedCache[Prepared] = KeyedCache(max_items=8)
 
 
 def example_path(example: str) -> Path:
