@@ -18,6 +18,10 @@ def test_distance_plot_renders_with_band_and_cnn(page):
     assert "random init (same architecture)" in names
     assert any("MobileNetV2" in n for n in names)
     assert page.locator("#dist-plot .scatterlayer .point").count() >= 2 * 12 * 6  # two ViTs
+    # under the plot, its profile in words (explorer.lecture.distance_note; the numbers are
+    # checked against the plotted dots in tests/test_lecture_figures.py)
+    info = page.locator("#dist-info").inner_text()
+    assert "most global head is head" in info and "uniform attention over the whole image" in info
     page.locator("#dist-erf img").first.wait_for(state="visible")
 
     page.locator("#dist-band-n input[type=number]").fill("8")
