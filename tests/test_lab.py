@@ -486,3 +486,24 @@ def test_a_run_that_has_not_converged_trains_again_with_twice_the_steps(tmp_path
     (final,) = grid.read_grid(tmp_path / "GRID_CSV.csv")
     assert (final["attempt"], final["steps"], grid.row_key(final)) == (2, 12, run.name)
     assert "up to 4×" in tiny.sentence()
+
+
+def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
+    from explorer.lab import sweep
+    run = LabRun("vit", 40, 0)
+    monkeypatch.setattr(grid, "GRID_CSV", tmp_path / "grid.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(grid, "grid_runs", lambda: [run])
+    monkeypatch.setattr(sweep, "read_choice", lambda: {"vit": Hyper(lr=4e-3, shift=0)})
+    keys = []
+
+    def stopped(run, hyper, budget, key):  # the session stops mid-run
+        keys.append(key)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid, "_train_one", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        grid.work("grid")
+    assert keys == [run.name]  # not suffixed with the hyperparameters
+    torch.save({"step": 7}, tmp_path / "checkpoints" / f"{keys[0]}.pt")
+    assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]

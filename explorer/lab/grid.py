@@ -235,8 +235,9 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
                 attempts = [r["attempt"] for r in read_grid(ATTEMPTS_CSV) if row_key(r) == key]
                 run = replace(run, attempt=max(attempts, default=-1) + 1)
             while True:
-                result = _train_one(run, hyper, budget, work_key(run, hyper) + (
-                    f"-a{run.attempt}" if run.attempt else ""))
+                # the checkpoint is named by the claim (a grid run's name, as `status` reads it)
+                result = _train_one(run, hyper, budget,
+                                    key + (f"-a{run.attempt}" if run.attempt else ""))
                 if (phase != "grid" or not escalates(run)
                         or run.attempt + 1 >= budget.max_attempts
                         or convergence(result.row()).converged):
