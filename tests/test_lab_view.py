@@ -88,3 +88,17 @@ def test_lecture_lab_steps_carry_the_grids_findings():
     assert "loses 12.0 points" in lab_view.lecture_note("lab-data", ROWS)
     assert lab_view.lecture_note("rollout", ROWS) == ""
     assert "No grid runs finished yet" in lab_view.lecture_note("lab-data", [])
+
+
+def test_lecture_lab_steps_say_what_is_still_training_instead_of_failing(monkeypatch):
+    from explorer.ui import lecture_tab
+
+    def nothing_kept(*_a):
+        raise FileNotFoundError("no model")
+
+    monkeypatch.setattr(lab_view, "bias_tables", nothing_kept)
+    monkeypatch.setattr(lab_view, "grid_rows", lambda: [])
+    for step, what in ((7, "the grid is still training"), (8, "The ViT size sweep is still"),
+                       (9, "The relative-attention model is still training")):
+        plot = lecture_tab.step_view(step, "astronaut", 0, False)["plot"]
+        assert what in str(plot.value), step

@@ -31,6 +31,17 @@ def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
     return error_vs_data_figure(error_vs_data(rows), live)
 
 
+def still_training_figure(title: str, what: str) -> go.Figure:
+    """An empty figure that says what is missing because the grid has not trained it yet."""
+    fig = go.Figure()
+    fig.add_annotation(text=f"{what} is still training", x=0.5, y=0.5, xref="paper",
+                       yref="paper", showarrow=False, font={"size": 16, "color": "#666"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, height=420)
+    return fig
+
+
 def scrambled_figure(rows: list[dict]) -> go.Figure:
     """The wrong-bias experiment: test error on scrambled images against training images,
     each architecture's original-data curve dotted beside it for reference."""

@@ -31,14 +31,17 @@ FIGURE_DIR = Path(tempfile.gettempdir()) / "vit-explorer-figures"
 def fig_lab_bias():
     try:
         return lab_plots.relative_bias_figure(lab_view.bias_tables())
-    except FileNotFoundError as err:
-        raise gr.Error(str(err)) from err
+    except FileNotFoundError:  # the grid keeps the model when its run finishes
+        return lab_plots.still_training_figure("Learned relative-position bias w(i−j)",
+                                               "The relative-attention model")
 
 
 # The lab's steps: figures of the shipped grid; their notes are `lab_view.lecture_note`'s.
 LAB_FIGURES: dict[str, Callable] = {
     "lab-data": lambda: lab_plots.data_figure(lab_view.grid_rows()),
-    "lab-compute": lambda: lab_plots.scaling_figure(lab_view.grid_rows()),
+    "lab-compute": lambda: lab_plots.scaling_figure(lab_view.grid_rows()) or
+    lab_plots.still_training_figure("Scaling: ViT sizes against training compute",
+                                    "The ViT size sweep"),
     "lab-bias": fig_lab_bias,
 }
 FIGURES = {**lecture_view.FIGURES, **LAB_FIGURES}
