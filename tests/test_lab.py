@@ -495,15 +495,16 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     monkeypatch.setattr(grid, "grid_runs", lambda: [run])
     monkeypatch.setattr(sweep, "read_choice", lambda: {"vit": Hyper(lr=4e-3, shift=0)})
-    keys = []
+    paths = []
 
-    def stopped(run, hyper, budget, key):  # the session stops mid-run
-        keys.append(key)
+    def stopped(run, hyper, budget, checkpoint):  # the session stops mid-run
+        paths.append(checkpoint)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(grid, "_train_one", stopped)
     with pytest.raises(KeyboardInterrupt):
         grid.work("grid")
-    assert keys == [run.name]  # not suffixed with the hyperparameters
-    torch.save({"step": 7}, tmp_path / "checkpoints" / f"{keys[0]}.pt")
+    # named by the run, not suffixed with the hyperparameters
+    assert paths == [tmp_path / "checkpoints" / f"{run.name}.pt"]
+    torch.save({"step": 7}, paths[0])
     assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from explorer.attention import EachLayer, capture
-from explorer.lab.models import DEFAULT_SIZES, PATCH, RelPosAttention, relative_table
+from explorer.lab.models import (
+    ARCH_LABELS,
+    DEFAULT_SIZES,
+    PATCH,
+    RelPosAttention,
+    relative_table,
+)
 from explorer.patches import grid_for, patch_size
 
 # ---------------------------------------------------------------------------------------
@@ -80,11 +86,6 @@ def winners(curves: dict[str, list[ErrorPoint]]) -> dict[int, str]:
     return {n: arch for n, (_, arch) in sorted(best.items())}
 
 
-def _label(arch: str) -> str:
-    from explorer.lab.models import ARCH_LABELS
-    return ARCH_LABELS[arch]
-
-
 def _sizes(ns: list[int]) -> str:
     return f"{ns[0]:,}" if len(ns) == 1 else f"{ns[0]:,}–{ns[-1]:,}"
 
@@ -102,7 +103,7 @@ def winners_sentence(curves: dict[str, list[ErrorPoint]]) -> str:
         else:
             groups.append((arch, [n]))
     return "Lowest test error: " + ", ".join(
-        f"**{_label(a)}** at {_sizes(ns)} images" for a, ns in groups) + "."
+        f"**{ARCH_LABELS[a]}** at {_sizes(ns)} images" for a, ns in groups) + "."
 
 
 # A change of less than this (in error, i.e. accuracy points / 100) is "about the same".
@@ -124,8 +125,8 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
     def behind(g: float) -> str:
         return (f"{abs(g):.1f} points behind" if g > 0 else f"{abs(g):.1f} points ahead of")
 
-    text = (f"The {_label(arch)} is {behind(gaps[0])} the {_label(reference)} at {lo:,} "
-            f"images and {behind(gaps[-1])} it at {hi:,}")
+    text = (f"The {ARCH_LABELS[arch]} is {behind(gaps[0])} the {ARCH_LABELS[reference]} at "
+            f"{lo:,} images and {behind(gaps[-1])} it at {hi:,}")
     if abs(gaps[-1]) < abs(gaps[0]) - 100 * SAME:
         text += ": the gap narrows with data"
     elif abs(gaps[-1]) > abs(gaps[0]) + 100 * SAME:
@@ -134,7 +135,7 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
         text += ": the gap stays about the same"
     flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False) if g0 > 0 >= g1]
     if flips:
-        text += f", and the {_label(arch)} overtakes it at {flips[0]:,} images"
+        text += f", and the {ARCH_LABELS[arch]} overtakes it at {flips[0]:,} images"
     return text + "."
 
 
@@ -154,9 +155,9 @@ def scramble_sentence(rows: list[dict]) -> str:
     parts = []
     for arch, (d, _) in sorted(changes.items(), key=lambda kv: kv[1][0]):
         if abs(d) < SAME:
-            parts.append(f"the {_label(arch)} is unchanged ({100 * d:+.1f} points)")
+            parts.append(f"the {ARCH_LABELS[arch]} is unchanged ({100 * d:+.1f} points)")
         else:
-            parts.append(f"the {_label(arch)} {'loses' if d > 0 else 'gains'} "
+            parts.append(f"the {ARCH_LABELS[arch]} {'loses' if d > 0 else 'gains'} "
                          f"{100 * abs(d):.1f} points")
     sizes = sorted({n for _, ns in changes.values() for n in ns})
     return (f"On scrambled images (mean over {', '.join(f'{n:,}' for n in sizes)} images) "

@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -148,6 +147,21 @@ def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
     raise ValueError(f"phase must be one of {PHASES}")
 
 
+def checkpoint_path(run: LabRun, sweep_hyper: Hyper | None = None) -> Path:
+    """Where an unfinished run keeps its checkpoint: named by the run (attempt included), a
+    sweep run's with its hyperparameters."""
+    name = run.name if sweep_hyper is None else work_key(run, sweep_hyper)
+    return CHECKPOINTS_DIR / f"{name}.pt"
+
+
+def next_attempts() -> dict[str, int]:
+    """For each grid run with attempts that did not converge, the attempt it is on now."""
+    out: dict[str, int] = {}
+    for r in read_grid(ATTEMPTS_CSV):
+        out[row_key(r)] = max(out.get(row_key(r), 0), r["attempt"] + 1)
+    return out
+
+
 def _claim(key: str) -> bool:
     CHECKPOINTS_DIR.mkdir(parents=True, exist_ok=True)
     try:
@@ -171,12 +185,12 @@ def status(budget: Budget | None = None) -> dict[str, list]:
     budget = budget or Budget()
     done = {row_key(r) for r in read_grid(GRID_CSV)}
     training, todo = [], []
-    tried = {row_key(r): r["attempt"] + 1 for r in read_grid(ATTEMPTS_CSV)}
+    attempts = next_attempts()
     for run in grid_runs():
         if run.name in done:
             continue
-        run = replace(run, attempt=tried.get(run.name, 0))
-        ckpt = CHECKPOINTS_DIR / f"{run.name}.pt"
+        run = replace(run, attempt=attempts.get(run.name, 0))
+        ckpt = checkpoint_path(run)
         if ckpt.is_file():
             step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
             training.append((run.name, step, budget.steps(run.train_images, run.scale)))
@@ -192,17 +206,17 @@ def _keep_model(run: LabRun) -> bool:
             and (run.width, run.depth) == (default.width, default.depth))
 
 
-def _train_one(run: LabRun, hyper: Hyper, budget: Budget, key: str) -> LabResult:
+def _train_one(run: LabRun, hyper: Hyper, budget: Budget, checkpoint: Path) -> LabResult:
     from explorer.lab.engine import train
 
     def report(event, seconds):
         if event.val_acc is not None:
-            print(f"  {key} step {event.step}/{event.total_steps} val {event.val_acc:.4f} "
-                  f"train {event.train_acc:.4f} ({seconds:.0f}s)", flush=True)
+            print(f"  {checkpoint.stem} step {event.step}/{event.total_steps} val "
+                  f"{event.val_acc:.4f} train {event.train_acc:.4f} ({seconds:.0f}s)", flush=True)
 
-    # compiled on the grid (1.06–1.29× per step, BENCHMARKS.md); eager without a compiler
-    return train(run, budget, hyper, checkpoint=CHECKPOINTS_DIR / f"{key}.pt", on_event=report,
-                 compile=shutil.which("c++") is not None or shutil.which("g++") is not None)
+    # compiled on the grid (1.06–1.29× per step, BENCHMARKS.md); the loop core trains
+    # eagerly where compiling fails (no C++ compiler)
+    return train(run, budget, hyper, checkpoint=checkpoint, on_event=report, compile=True)
 
 
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
@@ -222,22 +236,20 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
                      if work_key(run, hyper) not in done and _claim(work_key(run, hyper))), None)
         if item is None:
             return 0
-        run, hyper = item
-        key = work_key(run, hyper)
+        run, sweep_hyper = item
+        key = work_key(run, sweep_hyper)
         try:
-            if work_key(run, hyper) in {row_key(r, phase != "grid") for r in read_grid(path)}:
+            if key in {row_key(r, phase != "grid") for r in read_grid(path)}:
                 continue  # finished by another worker between the two reads
+            hyper = sweep_hyper
             if hyper is None:
                 if run.arch not in chosen:
                     raise SystemExit(f"No swept hyperparameters for {run.arch}: run the sweep.")
                 hyper = chosen[run.arch]
             if phase == "grid":  # continue after the attempts that did not converge
-                attempts = [r["attempt"] for r in read_grid(ATTEMPTS_CSV) if row_key(r) == key]
-                run = replace(run, attempt=max(attempts, default=-1) + 1)
+                run = replace(run, attempt=next_attempts().get(key, 0))
             while True:
-                # the checkpoint is named by the claim (a grid run's name, as `status` reads it)
-                result = _train_one(run, hyper, budget,
-                                    key + (f"-a{run.attempt}" if run.attempt else ""))
+                result = _train_one(run, hyper, budget, checkpoint_path(run, sweep_hyper))
                 if (phase != "grid" or not escalates(run)
                         or run.attempt + 1 >= budget.max_attempts
                         or convergence(result.row()).converged):
@@ -264,14 +276,13 @@ def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = No
     for claim in CHECKPOINTS_DIR.glob("*.claim"):  # left by workers that were killed
         claim.unlink()
     for phase in phases:
-        if phase == "grid":
+        if phase == "grid" and not sweep.read_choice():
             choice = sweep.choose(read_grid(SWEEP_CSV))
-            if set(choice) != set(LAB_ARCHS) and not sweep.read_choice():
+            if set(choice) != set(LAB_ARCHS):
                 raise SystemExit("The sweep has not covered every architecture.")
-            if not sweep.read_choice():
-                sweep.write_choice(choice)
-                print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
-                      flush=True)
+            sweep.write_choice(choice)
+            print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
+                  flush=True)
         cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase]
         cmd += ["--limit", str(limit)] if limit else []
         procs = [subprocess.Popen(cmd) for _ in range(workers)]

@@ -26,6 +26,12 @@ def _band(colour: str) -> str:
     return f"rgba({r},{g},{b},0.18)"
 
 
+def _say(fig: go.Figure, text: str) -> None:
+    """Write ``text`` across the middle of ``fig`` (what is missing, and why)."""
+    fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 16, "color": "#666"})
+
+
 def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
     """The grid's test error against training images (`error_vs_data_figure`)."""
     return error_vs_data_figure(error_vs_data(rows), live)
@@ -34,8 +40,7 @@ def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
 def still_training_figure(title: str, what: str) -> go.Figure:
     """An empty figure that says what is missing because the grid has not trained it yet."""
     fig = go.Figure()
-    fig.add_annotation(text=f"{what} is still training", x=0.5, y=0.5, xref="paper",
-                       yref="paper", showarrow=False, font={"size": 16, "color": "#666"})
+    _say(fig, f"{what} is still training")
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(title=title, height=420)
@@ -93,9 +98,7 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
             marker={"symbol": "star", "size": 20, "color": ARCH_COLOURS.get(live["arch"]),
                     "line": {"color": "black", "width": 2}}))
     if not curves:
-        fig.add_annotation(text="no finished runs yet: the grid is still training",
-                           x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                           font={"size": 16, "color": "#666"})
+        _say(fig, "no finished runs yet: the grid is still training")
     fig.update_layout(
         title="Fashion-MNIST from scratch, trained here: test error vs training images",
         xaxis={"title": "training images (log scale)", "type": "log"},

@@ -118,11 +118,12 @@ def progress_text(status: dict[str, list] | None = None) -> str:
             "explorer.lab.grid` resumes it).")
 
 
-def scaling_text(rows: list[dict]) -> str:
-    """Which ViT size is best at a few compute budgets, per data size, in words."""
+SCALING_HEADING = "Best ViT width within each compute budget"
+
+
+def scaling_lines(rows: list[dict]) -> list[str]:
+    """Which ViT size is best at a few compute budgets, one line per data size."""
     curves = analysis.compute_curves(rows)
-    if not curves:
-        return ""
     lines = []
     for n in sorted({c.train_images for c in curves}):
         group = [c for c in curves if c.train_images == n]
@@ -131,7 +132,13 @@ def scaling_text(rows: list[dict]) -> str:
         best = analysis.best_per_budget(group, budgets)
         steps = ", ".join(f"{b:.0e} → {w}" for b, w in zip(budgets, best, strict=True))
         lines.append(f"- {n:,} images: best width at training FLOPs {steps}")
-    return "**Best ViT width within each compute budget**\n" + "\n".join(lines)
+    return lines
+
+
+def scaling_text(rows: list[dict]) -> str:
+    """`scaling_lines` under a heading, for the tab ("" without a size sweep)."""
+    lines = scaling_lines(rows)
+    return f"**{SCALING_HEADING}**\n" + "\n".join(lines) if lines else ""
 
 
 def lecture_note(figure: str, rows: list[dict]) -> str:
@@ -140,8 +147,8 @@ def lecture_note(figure: str, rows: list[dict]) -> str:
     if figure == "lab-data":
         found = [summary_text(rows), analysis.scramble_sentence(rows)]
     elif figure == "lab-compute":
-        found = [scaling_text(rows).replace("**Best ViT width within each compute budget**\n",
-                                            "Best ViT width within each compute budget:\n")]
+        lines = scaling_lines(rows)
+        found = [f"{SCALING_HEADING}:\n" + "\n".join(lines) if lines else ""]
     elif figure == "lab-bias":
         found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit")]
     else:
