@@ -43,6 +43,8 @@ def test_bad_upload_gives_clear_message_and_app_keeps_serving(page, tmp_path):
 
     Image.new("RGB", (1, 1)).save(tiny)
     page.locator("#tokens-image input[type=file]").set_input_files(str(tiny))
+    # as a person would: run once the upload shows (a click before it lands sends no image)
+    page.locator("#tokens-image img").first.wait_for(state="visible")
     page.locator("#tokens-run").click()
     page.get_by_text("needs at least").first.wait_for()
     # the same page still works afterwards
