@@ -192,7 +192,9 @@ def status(budget: Budget | None = None) -> dict[str, list]:
         run = replace(run, attempt=attempts.get(run.name, 0))
         ckpt = checkpoint_path(run)
         if ckpt.is_file():
-            step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["step"])
+            # memory-mapped: reads the step, not the weights and optimiser state
+            step = int(torch.load(ckpt, map_location="cpu", weights_only=False,
+                                  mmap=True)["step"])
             training.append((run.name, step, budget.steps(run.train_images, run.scale)))
         else:
             todo.append(run.name)
