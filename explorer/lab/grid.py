@@ -9,8 +9,9 @@ Three phases, in order: the hyperparameter sweep's two stages (`explorer.lab.swe
 `assets/lab/sweep.csv`, its choice in `assets/lab/hyper.json`), then the grid (`grid_runs`):
 every architecture at every data size with two seeds, the scrambled variant at three sizes
 with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
-that a partial grid is already a picture (seed 0 first, the accuracy targets' runs first of
-all). ``--workers N`` starts N processes, one torch thread each (two use both cores of the
+that a partial grid is already a picture (the accuracy targets' runs first of all, then the
+CNN and the ViT at every size, original and scrambled, then the other architectures; seed 0
+before seed 1). ``--workers N`` starts N processes, one torch thread each (two use both cores of the
 2-vCPU machine); each takes the next run nobody has claimed, trains it with a checkpoint in
 `assets/lab/checkpoints/` every two minutes of training, appends its row when done and deletes
 the checkpoint. Commit `assets/lab/` to carry a grid in progress to another machine.
@@ -51,7 +52,11 @@ _FLOATS = ("budget", "epochs", "lr", "weight_decay", "seconds", "train_acc", "va
 
 def grid_runs() -> list[LabRun]:
     """Every grid run, in the order they are trained."""
+    # the lecture's comparison first: CNN against ViT at every size, original and scrambled;
+    # then the other two architectures
     runs = [LabRun(a, TARGET_SIZE, 0) for a in ("cnn", "vit")]
+    runs += [LabRun(a, n, 0) for n in DATA_SIZES for a in ("cnn", "vit")]
+    runs += [LabRun(a, n, 0, variant="scrambled") for n in SCRAMBLED_SIZES for a in ("cnn", "vit")]
     runs += [LabRun(a, n, 0) for n in DATA_SIZES for a in LAB_ARCHS]
     runs += [LabRun(a, n, 0, variant="scrambled") for n in SCRAMBLED_SIZES for a in LAB_ARCHS]
     runs += [LabRun(a, n, s) for s in SEEDS[1:] for n in DATA_SIZES for a in LAB_ARCHS]
