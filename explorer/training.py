@@ -49,6 +49,12 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def warmup_steps(total_steps: int, warmup_frac: float) -> int:
+    """Linear warm-up steps for a run of ``total_steps``: its ``warmup_frac`` share, rounded,
+    at least one when the share is not zero (the lab and fine-tuning both use this)."""
+    return max(1, round(total_steps * warmup_frac)) if warmup_frac > 0 else 0
+
+
 @dataclass(frozen=True)
 class Recipe:
     """AdamW and its learning-rate schedule, in optimiser steps.

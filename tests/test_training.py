@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explorer.training import Checkpointing, Recipe, TrainLoop
+from explorer.training import Checkpointing, Recipe, TrainLoop, warmup_steps
 
 
 def test_recipe_warms_up_linearly_then_follows_the_cosine_to_its_floor():
@@ -22,6 +22,13 @@ def test_recipe_warms_up_linearly_then_follows_the_cosine_to_its_floor():
     floor = Recipe(lr=1.0, total_steps=110, warmup_steps=10, min_lr_frac=0.1)
     assert floor.factor(60) == pytest.approx(0.55) and floor.factor(110) == pytest.approx(0.1)
     assert floor.factor(20, progress=1.0) == pytest.approx(0.1)  # a time budget ran out
+
+
+def test_warmup_is_the_rounded_share_and_at_least_one_step_when_asked():
+    # the lab's budget rule: 5% of 3,000 steps and of the 60,000-image run's 13,594
+    assert warmup_steps(3000, 0.05) == 150 and warmup_steps(13594, 0.05) == 680
+    assert warmup_steps(10, 0.05) == 1  # 0.5 rounds to 0: one step, not none
+    assert warmup_steps(10, 0.0) == 0
 
 
 def test_optimizer_exempts_norms_and_biases_only_when_asked():

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from explorer.bench.machine import cpu_name
 from explorer.datasets import ImageSet, fashion_mnist
 from explorer.finetune.data import PixelDataset, make_loader
-from explorer.finetune.engine import FinetuneConfig, finetune, prepare_model, warmup_steps
+from explorer.finetune.engine import FinetuneConfig, finetune, prepare_model
 from explorer.finetune.probe import FEATURE_CACHE, vit_layerwise_probe
 from explorer.models import DEFAULT_MODEL, build_vit
-from explorer.training import Recipe
+from explorer.training import Recipe, warmup_steps
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -51,7 +51,7 @@ from explorer.finetune.probe import (
 )
 from explorer.finetune.resolution import set_resolution, snap_resolution
 from explorer.patches import has_class_token
-from explorer.training import Recipe, TrainLoop, resolve_mixed_precision
+from explorer.training import Recipe, TrainLoop, resolve_mixed_precision, warmup_steps
 
 MODES = ("linear", "last_k", "full")
 PROBE_POOLS = ("token", "avg")  # timm global_pool values a linear probe may read
@@ -240,11 +240,6 @@ def set_pooling(model: nn.Module, pool: str) -> None:
     if pool == "token" and not has_class_token(model):
         raise ValueError("this model has no class token to probe")
     model.global_pool = pool
-
-
-def warmup_steps(total_steps: int, warmup_frac: float) -> int:
-    """Linear warm-up steps for a run: a share of its steps, at least one when any."""
-    return max(1, round(total_steps * warmup_frac)) if warmup_frac > 0 else 0
 
 
 def run_finetune(

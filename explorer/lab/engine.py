@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from explorer.datasets import read_fashion_mnist, stratified_sample
 from explorer.lab.models import IMAGE_SIZE, MEAN, PATCH, STD, ArchSpec, build, param_count
 from explorer.lab.scramble import Scramble, make_scramble, scramble_images
-from explorer.training import Checkpointing, Recipe, TrainLoop
+from explorer.training import Checkpointing, Recipe, TrainLoop, warmup_steps
 
 VARIANTS = ("original", "scrambled")
 TRAIN_ACC_IMAGES = 2000  # training images (not augmented) scored at each evaluation
@@ -320,7 +320,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     model = build(run.spec, seed=run.seed)
     params, flops = param_count(model), forward_flops(model)
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
-                    warmup_steps=round(budget.warmup_frac * total))
+                    warmup_steps=warmup_steps(total, budget.warmup_frac))
     curve: list[tuple[int, float, float]] = []
     loop = TrainLoop(model, recipe, cancel=cancel, compile=compile,
                      checkpoint=Checkpointing(checkpoint, every_s=budget.checkpoint_every_s)
