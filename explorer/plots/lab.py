@@ -62,12 +62,14 @@ def scrambled_figure(rows: list[dict]) -> go.Figure:
     return fig
 
 
-def scaling_figure(rows: list[dict]) -> go.Figure | None:
+def scaling_figure(rows: list[dict]) -> go.Figure:
     """The grid's ViT size sweep against training compute, with the CNN's runs at the same
-    data sizes for reference (`compute_figure`); None when the grid has no sweep."""
+    data sizes for reference (`compute_figure`); a figure saying it is still training when
+    the grid has no sweep run yet."""
     curves = compute_curves(rows)
     if not curves:
-        return None
+        return still_training_figure("Scaling: ViT sizes against training compute",
+                                     "The ViT size sweep")
     return compute_figure(curves, compute_curves(rows, "cnn", {c.train_images for c in curves}))
 
 
