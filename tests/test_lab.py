@@ -416,6 +416,15 @@ def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
                 hyper.lr, hyper.shift, hyper.flip))
 
 
+def test_the_scaling_figure_says_the_size_sweep_is_still_training_before_its_first_run():
+    from explorer.plots import lab as plots
+    cnn_only = [{"arch": "cnn", "variant": "original", "width": 24, "depth": 2, "budget": 1.0}]
+    for rows in ([], cnn_only):
+        fig = plots.scaling_figure(rows)
+        assert not fig.data
+        assert fig.layout.annotations[0].text == "The ViT size sweep is still training"
+
+
 @shipped
 def test_every_lab_figure_renders_from_the_shipped_grid():
     """The grid lands in stages: each figure draws what has finished."""
@@ -435,10 +444,6 @@ def test_every_lab_figure_renders_from_the_shipped_grid():
         compute = plots.compute_figure(curves)
         assert {f"ViT width {c.width}" for c in curves} <= {
             t.name.split(" (")[0] for t in compute.data}
-    else:  # no run of the size sweep yet: the figure says so instead of staying blank
-        scaling = plots.scaling_figure(rows)
-        assert not scaling.data
-        assert scaling.layout.annotations[0].text == "The ViT size sweep is still training"
     kept = [a for a in ("cnn", "vit", "vit_rel") if shipped_path(LabRun(a, 60000)).is_file()]
     if "vit_rel" in kept:
         bias = plots.relative_bias_figure(analysis.relative_tables(load_shipped("vit_rel", 60000)))
