@@ -502,6 +502,7 @@ def test_attention_views_and_plots_for_one_image():
     from matplotlib import colormaps
 
     from explorer.plots import attention as plots
+    from explorer.plots import colors
 
     model = tiny("registers")
     maps = capture(model, torch.randn(1, 3, 42, 70))  # 3x5 grid, 5 prefix tokens
@@ -545,7 +546,7 @@ def test_attention_views_and_plots_for_one_image():
     grid = plots.head_grid(image, v.heads, v.fused, "max", 1)
     gap = 2
     tile_h, tile_w = round(42 * plots.TILE / 70), plots.TILE  # the longer side is TILE px
-    label_h = max(12, tile_h // 6)
+    label_h = colors.caption_layout(["L2 head 1", "L2 head 2", "L2 max"], tile_w, tile_h)[1]
     assert grid.shape == (gap + tile_h + label_h + gap, 3 * (tile_w + gap) + gap, 3)
     for i, heat in enumerate([*v.heads, v.fused]):  # head 1, head 2, then the fused map
         x = gap + i * (tile_w + gap)

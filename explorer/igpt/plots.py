@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from explorer.igpt.palette import Palette
+from explorer.plots.text import fit_size, font
 
 GAP = 4  # pixels between tiles in a grid
 MARK = (220, 40, 40)  # the line that marks where the kept rows end
@@ -78,7 +79,8 @@ def palette_swatch(palette: Palette, cell: int | None = None, per_row: int = 32)
         draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=tuple(int(v) for v in c))
         if cell >= 24:
             ink = (0, 0, 0) if c.mean() > 127 else (255, 255, 255)
-            draw.text((x + 4, y + 4), str(k), fill=ink)
+            draw.text((x + 4, y + 3), str(k), fill=ink, font=font(fit_size(str(k), cell - 8,
+                                                                             cell - 8, 14)))
     return img
 
 
@@ -101,7 +103,8 @@ def sequence_ribbon(tokens: torch.Tensor, palette: Palette, per_line: int | None
         x, y = (i % per_line) * cell, (i // per_line) * (cell + 3)
         if i == 0:
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=MARK)
-            draw.text((x + 2, y - 1), "S", fill=(255, 255, 255))
+            draw.text((x + cell / 2, y + cell / 2), "S", fill=(255, 255, 255), anchor="mm",
+                      font=font(fit_size("S", cell - 2, cell - 2, cell)))
         else:
             c = tuple(int(v) for v in colors[i - 1])
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=c, outline=(200, 200, 200))

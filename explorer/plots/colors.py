@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from explorer.cache import KeyedCache
+from explorer.plots import text
 
 COLORMAPS = ["inferno", "viridis", "magma", "jet", "gray"]
 
@@ -60,27 +61,28 @@ def overlay(
     return blend.clip(0, 255).astype(np.uint8)
 
 
-def font(size: int) -> ImageFont.ImageFont:
-    """PIL's bundled scalable font (no system fonts needed)."""
-    return ImageFont.load_default(size=size)
-
-
 def mosaic(
     tiles: list[np.ndarray],
     cols: int,
     gap: int = 2,
     labels: list[str] | None = None,
     background: int = 255,
+    max_lines: int = 2,
 ) -> np.ndarray:
-    """Lay equally sized (h, w, 3) uint8 tiles out in a grid, optional label under each.
+    """Lay equally sized (h, w, 3) uint8 tiles out in a grid, optional caption under each.
+
+    Captions sit under their tile, never on it, in DejaVu Sans (`explorer.plots.text`), at
+    one size for all, word-wrapped to at most ``max_lines`` lines as wide as the tile
+    (`caption_layout`).
 
     Returns:
         (H, W, 3) uint8.
     """
     h, w = tiles[0].shape[:2]
-    label_h = max(12, h // 6) if labels else 0
-    key = (h, w, len(tiles), cols, gap, tuple(labels or ()), background)
+    key = (h, w, len(tiles), cols, gap, tuple(labels or ()), background, max_lines)
     out = _BACKGROUNDS.get_or_build(key, lambda: _labelled_background(*key)).copy()
+    rows = -(-len(tiles) // cols)
+    label_h = (out.shape[0] - gap) // rows - h - gap  # the caption band the layout chose
     for i, tile in enumerate(tiles):
         r, c = divmod(i, cols)
         y, x = gap + r * (h + gap + label_h), gap + c * (w + gap)
@@ -88,33 +90,42 @@ def mosaic(
     return out
 
 
-# Labels sit under the tiles, never on them: the labelled background depends only on the
-# layout, and drawing its text was most of a big mosaic's time (1,369 labels for DINOv2's
-# token sequence at 518 px), so it is drawn once per layout.
+# The labelled background depends only on the layout, and drawing its text was most of a big
+# mosaic's time (1,369 labels for DINOv2's token sequence at 518 px), so it is drawn once per
+# layout.
 _BACKGROUNDS: KeyedCache[np.ndarray] = KeyedCache(max_items=32)
+CAPTION_PAD = 4  # px above and below a caption's lines
 
 
-def _fitting_font(draw: ImageDraw.ImageDraw, text: str, size: int, width: float):
-    """The font of ``size`` px, smaller until ``text`` fits in ``width`` px (at least 8 px):
-    a label never runs into its neighbour's."""
-    while size > 8 and draw.textlength(text, font=font(size)) > width:
-        size -= 1
-    return font(size)
+def caption_size(tile_height: int) -> int:
+    """The caption font size for tiles ``tile_height`` px tall: 1/7 of it, 10 to 16 px."""
+    return max(10, min(16, tile_height // 7))
 
 
-def _labelled_background(h, w, n, cols, gap, labels, background) -> np.ndarray:
+def caption_layout(labels, tile_width: int, tile_height: int, max_lines: int = 2
+                   ) -> tuple[list[text.Caption], int]:
+    """Captions of tiles ``tile_width`` px wide laid out to fit it (1 px margin each side),
+    and the height of the caption band under each tile row (0 without labels)."""
+    if not labels:
+        return [], 0
+    captions = text.fit_captions(labels, tile_width - 2, caption_size(tile_height),
+                                 min_size=8, max_lines=max_lines)
+    return captions, max(c.height for c in captions) + 2 * CAPTION_PAD
+
+
+def _labelled_background(h, w, n, cols, gap, labels, background, max_lines) -> np.ndarray:
     rows = -(-n // cols)
-    label_h = max(12, h // 6) if labels else 0
+    captions, label_h = caption_layout(labels, w, h, max_lines)
     out = np.full((rows * (h + gap + label_h) + gap, cols * (w + gap) + gap, 3), background, np.uint8)
     if labels:
         canvas = Image.fromarray(out)
         draw = ImageDraw.Draw(canvas)
-        size = max(9, label_h - 3)
-        for i, text in enumerate(labels):
+        for i, caption in enumerate(captions):
             r, c = divmod(i, cols)
-            y, x = gap + r * (h + gap + label_h) + h, gap + c * (w + gap)
-            draw.text((x + w / 2, y + label_h / 2), text, fill=(0, 0, 0),
-                      font=_fitting_font(draw, text, size, w - 4), anchor="mm")
+            y, x = gap + r * (h + gap + label_h) + h + CAPTION_PAD, gap + c * (w + gap)
+            for j, line in enumerate(caption.lines):  # anchor "ma": centred, top at ascender
+                draw.text((x + w / 2, y + j * text.line_height(caption.font)), line,
+                          fill=(0, 0, 0), font=caption.font, anchor="ma")
         out = np.asarray(canvas)
     out.flags.writeable = False  # shared: callers get copies
     return out

@@ -92,8 +92,9 @@ def misclassified_grid(val_set: ImageSet, labels: np.ndarray, preds: np.ndarray,
     tiles = [upscale(np.asarray(val_set.image(int(i)).resize((tile, tile))), (tile, tile))
              for i in picked]
     names = val_set.classes
-    captions = [f"{names[labels[i]][:10]} → {names[preds[i]][:10]}" for i in picked]
-    return mosaic(tiles, cols=min(cols, len(tiles)), gap=3, labels=captions)
+    captions = [f"{names[labels[i]]} → {names[preds[i]]}" for i in picked]
+    # up to three lines under a tile: "T-shirt/top →" / "Ankle boot" fit without cutting
+    return mosaic(tiles, cols=min(cols, len(tiles)), gap=3, labels=captions, max_lines=3)
 
 
 def probe_depth_figure(probes: list[LayerwiseProbe], relative: bool | None = None) -> go.Figure:

@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 
 from explorer.cache import KeyedCache
 from explorer.patches import AttentionCost
-from explorer.plots.colors import as_array, colorize, font, mosaic, upscale
+from explorer.plots.colors import as_array, colorize, mosaic, upscale
+from explorer.plots.text import fit_size, font
 
 PREFIX_COLORS = {"CLS": (220, 60, 60), "DIST": (60, 140, 220), "REG": (90, 170, 90)}
 
@@ -54,12 +55,16 @@ def _grid_layer(height, width, patch, first_index, scale) -> Image.Image:
         draw.line([(0, r * ph), (cols * pw, r * ph)], fill=(255, 255, 255, 255), width=1)
     for c in range(cols + 1):
         draw.line([(c * pw, 0), (c * pw, rows * ph)], fill=(255, 255, 255, 255), width=1)
-    text_font = font(max(8, int(min(ph, pw) * 0.32)))
+    # one size for every index, the largest that keeps the longest (last) one and its
+    # outline inside its patch, clear of the grid lines
+    stroke, last = 2, str(first_index + rows * cols - 1)
+    text_font = font(fit_size(last, pw - 2 * stroke - 3, ph - 2 * stroke - 3,
+                              max(8, int(min(ph, pw) * 0.32))))
     for r in range(rows):
         for c in range(cols):
             x, y = c * pw + pw / 2, r * ph + ph / 2
             draw.text((x, y), str(first_index + r * cols + c), fill=(255, 255, 0, 255),
-                      font=text_font, anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0, 255))
+                      font=text_font, anchor="mm", stroke_width=stroke, stroke_fill=(0, 0, 0, 255))
     return layer
 
 
