@@ -15,6 +15,7 @@ Whether this is a ZeroGPU Space is read when a function is decorated (at import)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -78,3 +79,39 @@ def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
         return spaces.GPU(duration=duration)(on_cpu)
 
     return decorate
+
+
+# A ViT analysis on ZeroGPU: the app keeps its models on the CPU (CUDA must not start in the
+# main process there, `explorer.models.default_device`); each analysis call borrows a GPU
+# and runs in a worker process, where the model (handed over in shared memory, as torch's
+# multiprocessing pickles CPU tensors) is moved to the GPU, and only CPU tensors come back.
+# Sized for one forward pass and its captures on ViT-S/B at up to 518 px, plus the worker's
+# start and the model's copy to the GPU: seconds, not the 60 s default (ZeroGPU checks a
+# visitor's quota against it before the call).
+ANALYSIS_SECONDS = 20
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _analyse_on_device(fn: Callable[..., Any], model: torch.nn.Module, *args, **kwargs) -> Any:
+    """``fn(model, *args, **kwargs)``; in a ZeroGPU worker, with the model and the tensors
+    among the arguments moved to its GPU first (the worker's copy: the app's stays put)."""
+    if on_zero_gpu() and torch.cuda.is_available():
+        device = torch.device("cuda")
+        model = copy.deepcopy(model).to(device)  # a copy: the caller's stays on the CPU
+        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+    return fn(model, *args, **kwargs)
+
+
+#: Run a ViT analysis ``fn(model, *args, **kwargs)`` where the GPU is: a ZeroGPU call on a
+#: ZeroGPU Space (results on the CPU), and a plain call everywhere else (the model already
+#: sits on CUDA or the CPU, `explorer.models.default_device`).
+analyse_on_device = gpu_task(duration=ANALYSIS_SECONDS)(_analyse_on_device)

@@ -83,3 +83,34 @@ def test_to_cpu_walks_containers_and_keeps_cpu_values():
     assert out["a"][0] is t and out["a"][1][0] is t and out["a"][1][1] == "x"
     assert out["r"].maps is t and out["r"].name == "n"
     assert out["n"] == 3 and gpu.to_cpu(value["a"]) is value["a"]  # nothing to move: same list
+
+
+def first_block_sum(model, pixels, scale=1.0):
+    return {"out": model(pixels) * scale, "where": str(pixels.device)}
+
+
+def test_an_analysis_off_zero_gpu_is_the_plain_call_on_the_models_device(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    got = gpu.analyse_on_device(first_block_sum, model, x, scale=2.0)
+    assert torch.equal(got["out"], model(x) * 2.0) and got["where"] == "cpu"
+    assert gpu.analyse_on_device is gpu._analyse_on_device  # no wrapper off ZeroGPU
+
+
+def test_an_analysis_on_zero_gpu_goes_through_spaces_with_the_analysis_duration(zero_gpu):
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    wrapped = gpu.gpu_task(duration=gpu.ANALYSIS_SECONDS)(gpu._analyse_on_device)
+    got = wrapped(first_block_sum, model, x)
+    assert zero_gpu == [gpu.ANALYSIS_SECONDS] and gpu.ANALYSIS_SECONDS < 60
+    assert torch.equal(got["out"], model(x)) and got["out"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_in_a_zero_gpu_worker_the_analysis_runs_on_cuda_and_leaves_the_model_on_the_cpu(
+        zero_gpu):
+    model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    wrapped = gpu.gpu_task(duration=gpu.ANALYSIS_SECONDS)(gpu._analyse_on_device)
+    got = wrapped(first_block_sum, model, x)
+    assert got["where"].startswith("cuda") and got["out"].device.type == "cpu"
+    assert next(model.parameters()).device.type == "cpu"
+    torch.testing.assert_close(got["out"], model(x))
