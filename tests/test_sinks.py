@@ -74,3 +74,82 @@ def test_sink_note_names_the_strongest_patch_and_its_blocks():
     assert "in block 3 the tokens put on average 20%" in note
     assert "row 4, column 5" in note and "blocks 1, 3" in note and "4.8%" in note  # 1/21
     assert sink_note([[], []], grid, prefix, n) == ""
+
+
+# --- the attention tab's sink view (`explorer.ui.attention_view`) ---------------------------
+
+def _tiny_maps(class_token: bool = True):
+    import timm
+
+    from explorer.attention import capture
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, num_heads=2,
+                              embed_dim=32, img_size=(48, 80), patch_size=16, reg_tokens=1,
+                              class_token=class_token, global_pool="token" if class_token else "avg",
+                              num_classes=0).eval()
+    return capture(model, torch.randn(1, 3, 48, 80))  # 3x5 grid, 2 or 1 prefix tokens
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_masked_class_token_maps_zero_the_sinks_and_renormalise_each_row(class_token):
+    from explorer.attention.rollout import mask_keys
+    from explorer.ui.attention_view import masked_class_token_maps
+
+    maps = _tiny_maps(class_token)
+    p, tokens = maps.num_prefix_tokens, [p_ + maps.num_prefix_tokens for p_ in (3, 14)]
+    probs = maps.probs(1)  # (1, heads, N, N), rows sum to 1
+    got = masked_class_token_maps(maps, 1, tokens)  # (1, heads, 3, 5)
+    rows = probs[:, :, :1] if class_token else probs[:, :, p:]  # the class token, or every patch
+    by_hand = rows.clone()
+    by_hand[..., tokens] = 0
+    by_hand = (by_hand / by_hand.sum(-1, keepdim=True))[..., p:].mean(dim=2)
+    torch.testing.assert_close(got.flatten(-2), by_hand, atol=1e-5, rtol=1e-5)
+    flat = got.flatten(-2)
+    assert (flat[..., [3, 14]] == 0).all()  # the sinks hold nothing
+    assert (flat[..., 0] > rows.mean(2)[..., p]).all()  # the others gain, row by row
+    torch.testing.assert_close(mask_keys(rows, [])[..., p:].mean(2).reshape(got.shape),
+                               masked_class_token_maps(maps, 1, []))
+
+
+def test_attention_views_mask_the_maps_and_the_rollout_they_show():
+    from explorer.ui.attention_view import (
+        attention_views,
+        masked_class_token_maps,
+        masked_rollout,
+    )
+
+    maps = _tiny_maps()
+    tokens = [maps.num_prefix_tokens + 7]
+    v = attention_views(maps, 1, masked=tokens)
+    torch.testing.assert_close(v.rollout, masked_rollout(maps, tokens))
+    torch.testing.assert_close(v.heads, masked_class_token_maps(maps, 1, tokens)[0])
+    assert v.rollout.flatten()[7] < attention_views(maps, 1).rollout.flatten()[7]
+    assert (v.per_layer.flatten(-2)[:, 7] == 0).all()  # every layer of the strip
+
+
+def test_sink_view_note_says_where_each_view_peaks_from_the_maps():
+    from explorer.ui.attention_view import sink_view_note
+
+    grid, prefix, n = (4, 5), 1, 21
+    corner = prefix + 19  # row 4, column 5
+    sinks = [[Sink(corner, 0.13, 0.04, 1.0)], []]
+    plain = torch.full((4, 5), 0.01)
+    plain[3, 4] = 0.5  # the rollout peaks on the sink
+    masked = torch.full((4, 5), 0.01)
+    masked[1, 2] = 0.2  # without it, on the object
+    masked[3, 4] = 0.0
+    as_they_are = sink_view_note(sinks, grid, prefix, n, plain, masked, masked=False)
+    assert "sinks as they are" in as_they_are
+    # mean patch: (0.5 + 19 x 0.01) / 20 = 0.0345, so 0.5 is 14x it
+    assert "peaks at row 4, column 5 (50.0% of the rollout, 14× the mean patch)" in as_they_are
+    assert "itself a sink" in as_they_are and "then it peaks at row 2, column 3" in as_they_are
+    shown = sink_view_note(sinks, grid, prefix, n, masked, plain, masked=True)
+    assert "sinks masked" in shown and "the sink patch (at row 4, column 5)" in shown
+    assert "peaks at row 2, column 3 (20.0% of the rollout" in shown
+    assert "as they are, it peaks at row 4, column 5" in shown
+    # the map's own peak decides: a rollout that peaks elsewhere is not called a sink
+    elsewhere = sink_view_note(sinks, grid, prefix, n, masked, masked, masked=False)
+    assert "not a sink itself" in elsewhere
+    none = sink_view_note([[], []], grid, prefix, n, plain, plain, masked=True)
+    assert none.startswith("No attention sink") and "masking changes nothing" in none

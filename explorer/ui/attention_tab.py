@@ -14,7 +14,13 @@ from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
 from explorer.store import Ref
 from explorer.ui import attention_view, common, links
-from explorer.ui.attention_view import HEAD_FUSIONS, Analysis, head_choices, parse_head
+from explorer.ui.attention_view import (
+    HEAD_FUSIONS,
+    SINK_VIEWS,
+    Analysis,
+    head_choices,
+    parse_head,
+)
 from explorer.ui.outputs import Outputs
 from explorer.ui.presenter import TabLink
 
@@ -43,11 +49,15 @@ class ViewSettings:
     keep: float
     opacity: float
     cmap: str
+    sinks: str = SINK_VIEWS[0]  # attention sinks "as they are" or "masked"
 
     @classmethod
-    def from_ui(cls, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
+    def from_ui(cls, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap,
+                sinks=SINK_VIEWS[0]):
+        if sinks not in SINK_VIEWS:
+            raise gr.Error(f"Attention sinks: one of {', '.join(SINK_VIEWS)}, not {sinks!r}.")
         return cls(int(layer), fusion, roll_fusion, float(discard), int(start), float(keep),
-                   float(opacity), cmap)
+                   float(opacity), cmap, sinks)
 
     def changed(self, other: ViewSettings) -> set[str]:
         """Names of the settings that differ from ``other``'s."""
@@ -57,31 +67,33 @@ class ViewSettings:
 # The views, in the order the API returns them, and the settings each depends on: a re-render
 # sends only the views whose settings changed.
 DEPENDS = {
-    "heads": {"layer", "fusion", "opacity", "cmap"},
-    "strip": {"fusion", "opacity", "cmap"},
-    "rollout": {"roll_fusion", "discard", "start", "opacity", "cmap"},
-    "masks": {"layer", "keep"},
+    "heads": {"layer", "fusion", "opacity", "cmap", "sinks"},
+    "strip": {"fusion", "opacity", "cmap", "sinks"},
+    "rollout": {"roll_fusion", "discard", "start", "opacity", "cmap", "sinks"},
+    "masks": {"layer", "keep", "sinks"},
     "prefix_plot": set(),
     "norm_map": {"layer", "cmap"},
     "norm_plot": {"layer"},
     "norm_note": {"layer"},
     "relevance": {"opacity", "cmap"},
     "relevance_note": set(),
-    "sink_note": set(),
+    "sink_note": {"roll_fusion", "discard", "start", "sinks"},
 }
 VIEWS = tuple(DEPENDS)
-CONTROLS = ("layer", "start", "query_head", "heads", "strip", "rollout")  # follow the model
+CAPTIONS = ("heads_caption", "strip_caption", "rollout_caption")  # name the model's source token
+CONTROLS = ("layer", "start", "query_head", *CAPTIONS)  # follow the model
 QUERY = ("query_img", "query_strip", "query_info")  # a clicked patch's views
 CLICK_A_PATCH = "Click a patch on the input image."
 
 
 def view_labels(geometry: patches.ModelGeometry) -> dict[str, str]:
-    """Labels of the views whose source token depends on the model: its class token, if it
-    has one, else what the patches receive on average (`explorer.patches.has_class_token`)."""
+    """Captions of the views whose source token depends on the model (`CAPTIONS`): its class
+    token, if it has one, else what the patches receive on average
+    (`explorer.patches.has_class_token`)."""
     source = "Class token" if geometry.class_token else "Mean over patch queries"
-    return {"heads": f"{source} -> patches, every head of the chosen layer, and fused",
-            "strip": f"{source} -> patches, every layer (fused)",
-            "rollout": f"Attention rollout ({source.lower()})"}
+    return {"heads_caption": f"{source} → patches, every head of the chosen layer, and fused",
+            "strip_caption": f"{source} → patches, every layer (fused)",
+            "rollout_caption": f"Attention rollout ({source.lower()})"}
 
 
 def geometry_updates(geometry: patches.ModelGeometry | None, layer=None, start=None,
@@ -96,7 +108,7 @@ def geometry_updates(geometry: patches.ModelGeometry | None, layer=None, start=N
     return {"layer": gr.Slider(maximum=depth, value=min(int(layer or depth), depth)),
             "start": gr.Slider(maximum=depth, value=min(int(start or 1), depth)),
             "query_head": gr.Dropdown(choices=choices, value=head if head in choices else "mean"),
-            **{name: gr.Image(label=label) for name, label in view_labels(geometry).items()}}
+            **view_labels(geometry)}
 
 
 def model_controls(model_name) -> dict:
@@ -143,10 +155,13 @@ def kept(ref: Ref | None) -> Analysis:
 def render(analysis: Analysis, s: ViewSettings, only: set[str] | None = None) -> dict:
     """The per-image views (`VIEWS`) of an analysis; ``only``: just those."""
     maps, shown = analysis.maps, analysis.shown
+    sinks = analysis.sinks or []
+    masked = s.sinks == "masked"
+    tokens = attention_view.sink_tokens(sinks) if masked else []
     with common.user_errors(), _index_errors():
         v = attention_view.attention_views(maps, min(s.layer - 1, maps.num_layers - 1), s.fusion,
                                            s.roll_fusion, s.discard, s.start - 1, s.keep,
-                                           prefix_share=analysis.prefix_share)
+                                           prefix_share=analysis.prefix_share, masked=tokens)
     relevance = analysis.relevance
     draw = {
         "heads": lambda: plots.head_grid(shown, v.heads, v.fused, s.fusion, v.layer, s.opacity,
@@ -165,22 +180,27 @@ def render(analysis: Analysis, s: ViewSettings, only: set[str] | None = None) ->
         "relevance": lambda: (plots.heat_overlay(shown, relevance, s.opacity, s.cmap)
                               if relevance is not None else None),
         "relevance_note": lambda: analysis.relevance_note,
-        "sink_note": lambda: attention_view.sink_note(
-            analysis.sinks or [], maps.grid, maps.num_prefix_tokens, maps.num_tokens)
-        or f"No attention sink: no patch receives {attention.SINK_FACTOR:g}x the uniform share "
-           "of attention in any block.",
+        "sink_note": lambda: attention_view.sink_view_note(
+            sinks, maps.grid, maps.num_prefix_tokens, maps.num_tokens, v.rollout.cpu(),
+            attention_view.rollout_map(  # the other choice, for comparison
+                maps, [] if masked else attention_view.sink_tokens(sinks),
+                head_fusion=s.roll_fusion, discard_ratio=s.discard,
+                start_layer=s.start - 1).cpu(),
+            masked, "class token" if maps.has_class_token else "patch queries' mean"),
     }
     return {name: draw[name]() for name in VIEWS if only is None or name in only}
 
 
-def rerender(ref: Ref | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap):
+def rerender(ref: Ref | None, layer, fusion, roll_fusion, discard, start, keep, opacity, cmap,
+             sinks=SINK_VIEWS[0]):
     """Redraw the kept analysis after a setting changes (the `/attention_views` endpoint):
     only the views whose settings changed since the session's last drawing (`DEPENDS`; the
     others are left as shown); nothing to do before the first analysis."""
     if ref is None:
         return {}
     analysis = kept(ref)
-    now = ViewSettings.from_ui(layer, fusion, roll_fusion, discard, start, keep, opacity, cmap)
+    now = ViewSettings.from_ui(layer, fusion, roll_fusion, discard, start, keep, opacity, cmap,
+                               sinks)
     before, analysis.drawn = analysis.drawn, now
     if before is None:  # first drawing of a rebuilt analysis: everything
         return render(analysis, now)
@@ -189,7 +209,7 @@ def rerender(ref: Ref | None, layer, fusion, roll_fusion, discard, start, keep, 
 
 
 def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion, roll_fusion,
-                       discard, start, keep, opacity, cmap, head="mean",
+                       discard, start, keep, opacity, cmap, head="mean", sinks=SINK_VIEWS[0],
                        request: gr.Request | None = None):
     """Analyse an image and build every view (the `/attention` endpoint).
 
@@ -202,10 +222,8 @@ def analyse_and_render(image_path, model_name, width, height, fit, layer, fusion
     depth = analysis.geometry.depth
     layer, start = min(int(layer or depth), depth), min(int(start or 1), depth)
     analysis.drawn = ViewSettings.from_ui(layer, fusion, roll_fusion, discard, start, keep,
-                                          opacity, cmap)
+                                          opacity, cmap, sinks)
     views = render(analysis, analysis.drawn)
-    for name, label in view_labels(analysis.geometry).items():  # a new model's labels too
-        views[name] = gr.Image(value=views[name], label=label)
     return {"session": ref, "summary": analysis.note, "shown": analysis.shown,
             **geometry_updates(analysis.geometry, layer, start, head), **views,
             "query_img": None, "query_strip": None, "query_info": CLICK_A_PATCH}
@@ -267,7 +285,8 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
         with gr.Column(scale=1):
             image, model = common.image_and_model("attn", height=260)
             width, height, fit = common.resolution_inputs("attn")
-            run = gr.Button("Show attention", variant="primary", elem_id="attn-run")
+            run = gr.Button("Show attention", variant="primary", elem_id="attn-run",
+                            interactive=False)  # until an image is there
         with gr.Column(scale=1):
             # Layer, start and head limits come from the model: the default's at first, then
             # `model_controls` on every model change and `analyse_and_render` with each run.
@@ -275,6 +294,11 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
                               elem_id="attn-layer",
                               info="1 = first block; the maximum is the model's depth")
             fusion = gr.Radio(list(HEAD_FUSIONS), value="mean", label="Fuse heads by")
+            sinks = gr.Radio(list(SINK_VIEWS), value=SINK_VIEWS[0], label="Attention sinks",
+                             elem_id="attn-sinks",
+                             info="patches that take an outsized share of every token's "
+                                  "attention; masked: taken out of the class-token maps and "
+                                  "rollout, the rest renormalised")
             with gr.Accordion("Rollout", open=True):
                 roll_fusion = gr.Radio(list(HEAD_FUSIONS), value="mean",
                                        label="Rollout head fusion")
@@ -287,9 +311,10 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Overlay opacity")
                 cmap = gr.Dropdown(COLORMAPS, value="inferno", label="Colour map")
         with gr.Column(scale=1):
+            message = common.message_box("attn")
             summary = gr.Markdown(elem_id="attn-summary")
-            shown = gr.Image(label="Input as the model sees it: click a patch", format=VIEW_FORMAT,
-                             interactive=False, elem_id="attn-input")
+            _, shown = common.figure("Input as the model sees it: **click a patch**",
+                                     "attn-input", format=VIEW_FORMAT)
             query_info = gr.Markdown(CLICK_A_PATCH, elem_id="attn-query-info")
             query_head = gr.Dropdown(head_choices(geometry.num_heads), value="mean",
                                      label="Query map: head",
@@ -297,59 +322,67 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
             with gr.Row():
                 q_row = gr.Number(label="Patch row (0-based)", precision=0, elem_id="attn-q-row")
                 q_col = gr.Number(label="Patch column (0-based)", precision=0, elem_id="attn-q-col")
-    query_img = gr.Image(label="Clicked patch: attention in the chosen layer", format=VIEW_FORMAT,
-                         interactive=False, elem_id="attn-query")
-    query_strip = gr.Image(label="Clicked patch: attention in every layer", format=VIEW_FORMAT,
-                           interactive=False, elem_id="attn-query-strip")
-    heads = gr.Image(label=labels["heads"],
-                     format=VIEW_FORMAT, interactive=False, elem_id="attn-heads")
-    strip = gr.Image(label=labels["strip"], format=VIEW_FORMAT,
-                     interactive=False, elem_id="attn-strip")
+    _, query_img = common.figure("Clicked patch: attention in the chosen layer", "attn-query",
+                                 format=VIEW_FORMAT)
+    _, query_strip = common.figure("Clicked patch: attention in every layer",
+                                   "attn-query-strip", format=VIEW_FORMAT)
+    heads_caption, heads = common.figure(labels["heads_caption"], "attn-heads", format=VIEW_FORMAT)
+    strip_caption, strip = common.figure(labels["strip_caption"], "attn-strip", format=VIEW_FORMAT)
     with gr.Row():
         with gr.Column():
-            rollout = gr.Image(label=labels["rollout"], format=VIEW_FORMAT,
-                               interactive=False, elem_id="attn-rollout")
+            rollout_caption, rollout = common.figure(labels["rollout_caption"], "attn-rollout",
+                                                     format=VIEW_FORMAT)
             sink_note = gr.Markdown(elem_id="attn-sink-note")
         with gr.Column():
-            relevance = gr.Image(label="Class-specific relevance", format=VIEW_FORMAT,
-                                 interactive=False, elem_id="attn-relevance")
+            _, relevance = common.figure("Class-specific relevance", "attn-relevance",
+                                         format=VIEW_FORMAT)
             relevance_note = gr.Markdown()
-    masks = gr.Image(label="DINO-style masks per head", format=VIEW_FORMAT, interactive=False,
-                     elem_id="attn-masks")
+    _, masks = common.figure("DINO-style masks per head", "attn-masks", format=VIEW_FORMAT)
     with gr.Row():
         prefix_plot = gr.Plot(label="Prefix tokens", elem_id="attn-prefix")
         with gr.Column():
-            norm_map = gr.Image(label="Token norms (high-norm tokens boxed)", format=VIEW_FORMAT,
-                                interactive=False, elem_id="attn-norms")
+            _, norm_map = common.figure("Token norms (high-norm tokens boxed)", "attn-norms",
+                                        format=VIEW_FORMAT)
             norm_note = gr.Markdown(elem_id="attn-norm-note")
     norm_plot = gr.Plot(label="Token norm distribution", elem_id="attn-norm-hist")
     gr.Markdown(NORM_NOTE)
 
-    out = Outputs(session=session, summary=summary, shown=shown, heads=heads, strip=strip,
-                  rollout=rollout, masks=masks, prefix_plot=prefix_plot, norm_map=norm_map,
-                  norm_plot=norm_plot, norm_note=norm_note, relevance=relevance,
-                  relevance_note=relevance_note, layer=layer, start=start, query_head=query_head,
-                  query_img=query_img, query_strip=query_strip, query_info=query_info,
-                  sink_note=sink_note)
+    out = Outputs(session=session, summary=summary, shown=shown, heads=heads,
+                  strip=strip, rollout=rollout, masks=masks, prefix_plot=prefix_plot,
+                  norm_map=norm_map, norm_plot=norm_plot, norm_note=norm_note,
+                  relevance=relevance, relevance_note=relevance_note, layer=layer, start=start,
+                  query_head=query_head, query_img=query_img, query_strip=query_strip,
+                  query_info=query_info, sink_note=sink_note, heads_caption=heads_caption,
+                  strip_caption=strip_caption, rollout_caption=rollout_caption,
+                  message=message)  # last: the API's outputs keep their order
+    # failures are said in the message box (its progress too), never over the controls
+    shown_in = {"show_progress_on": [message]}
     settings = [layer, fusion, roll_fusion, discard, start, keep, opacity, cmap]  # ViewSettings
+    common.enable_with_image(image, run)
     model.change(**out.event(model_controls, *CONTROLS), inputs=model,
                  api_name="attention_geometry", show_progress="hidden", **ctx.views())
-    run.click(**out.event(analyse_and_render),
-              inputs=[image, model, width, height, fit, *settings, query_head],
-              validator=common.validator("image", "model", *[None] * 12),
-              api_name="attention", **ctx.analysis())
-    gr.on([layer.release, fusion.change, roll_fusion.change, discard.release, start.release,
-           keep.release, opacity.release, cmap.change],
-          **out.event(rerender, *VIEWS), inputs=[session, *settings], api_name="attention_views",
-          trigger_mode="always_last", **ctx.views())
+    analysed = run.click(**out.event(common.reported(analyse_and_render, "attn")),
+                         inputs=[image, model, width, height, fit, *settings, query_head, sinks],
+                         validator=common.validator("image", "model", *[None] * 13),
+                         api_name="attention", **shown_in, **ctx.analysis())
+    redrawn = gr.on([layer.release, fusion.change, roll_fusion.change, discard.release,
+                     start.release, keep.release, opacity.release, cmap.change, sinks.change],
+                    **out.event(common.reported(rerender, "attn", clear=False), *VIEWS),
+                    inputs=[session, *settings, sinks], api_name="attention_views",
+                    trigger_mode="always_last", **shown_in, **ctx.views())
     query_inputs = [session, q_row, q_col, layer, query_head, opacity, cmap]
-    shown.select(pick_patch, inputs=session, outputs=[q_row, q_col],
-                 api_name="attention_pick", **ctx.views()).then(
-        **out.event(query, *QUERY), inputs=query_inputs, api_name="attention_query",
-        **ctx.views())
-    gr.on([query_head.change, layer.release], **out.event(query_if_picked, *QUERY),
-          inputs=query_inputs, api_name="attention_query_update", trigger_mode="always_last",
-          **ctx.views())
+    picked = shown.select(common.reported(pick_patch, "attn", clear=False), inputs=session,
+                          outputs=[q_row, q_col], api_name="attention_pick", **shown_in,
+                          **ctx.views())
+    queried = picked.success(
+        **out.event(common.reported(query, "attn", clear=False), *QUERY), inputs=query_inputs,
+        api_name="attention_query", **shown_in, **ctx.views())
+    updated = gr.on([query_head.change, layer.release],
+                    **out.event(common.reported(query_if_picked, "attn", clear=False), *QUERY),
+                    inputs=query_inputs, api_name="attention_query_update",
+                    trigger_mode="always_last", **shown_in, **ctx.views())
+    for event in (analysed, redrawn, picked, queried, updated):
+        common.on_failure(event, "attn", message)
     return TabLink(links.ATTENTION, image, model, width, height, run_id="attn-run",
                    extra={"layer": layer, "fusion": fusion, "head": query_head})
 

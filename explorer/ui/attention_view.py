@@ -8,11 +8,13 @@ the follow-up events (`Analysis`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from explorer import lecture
 from explorer.attention import (
     HEAD_FUSIONS,
     AttentionMaps,
@@ -25,7 +27,8 @@ from explorer.attention import (
     prefix_attention_share,
     query_maps_all_layers,
 )
-from explorer.attention.sinks import Sink
+from explorer.attention.rollout import mask_keys
+from explorer.attention.sinks import SINK_FACTOR, Sink
 from explorer.patches import ModelGeometry
 
 HEAD = "head "  # how the UI names one head: "head 3" is index 2 (heads are 0-based inside)
@@ -125,16 +128,22 @@ def attention_views(
     keep: float = 0.6,
     norm_factor: float = 2.0,
     prefix_share: torch.Tensor | None = None,
+    masked: Sequence[int] = (),
 ) -> AttentionViews:
-    """Compute every view of the tab for image 0 (pass ``prefix_share`` to reuse it)."""
+    """Compute every view of the tab for image 0 (pass ``prefix_share`` to reuse it).
+
+    Args:
+        masked: tokens (e.g. attention sinks, `sink_tokens`) taken out of the class-token
+            maps, the masks and the rollout, the other weights renormalised
+            (`masked_class_token_maps`, `explorer.attention.attention_rollout`'s ``masked``).
+    """
     if not 0 <= layer < maps.num_layers:
         raise ValueError(f"layer must be in [0, {maps.num_layers - 1}], not {layer}.")
-    heads = class_token_maps(maps, layer)[0]
-    per_layer = torch.stack([fuse_heads(class_token_maps(maps, i)[0], head_fusion)
+    heads = masked_class_token_maps(maps, layer, masked)[0]
+    per_layer = torch.stack([fuse_heads(masked_class_token_maps(maps, i, masked)[0], head_fusion)
                              for i in range(maps.num_layers)])
-    rollout_map = cls_rollout_map if maps.has_class_token else patch_rollout_map
-    rollout = rollout_map(maps, head_fusion=rollout_fusion, discard_ratio=discard_ratio,
-                          start_layer=start_layer)[0]
+    rollout = rollout_map(maps, masked, head_fusion=rollout_fusion, discard_ratio=discard_ratio,
+                          start_layer=start_layer)
     masks = mass_mask(heads.flatten(-2), keep).reshape(heads.shape)
     norms = maps.token_norms[layer, 0]
     patch_norms = norms[maps.num_prefix_tokens :]
@@ -199,9 +208,98 @@ def sink_note(sinks: list[list[Sink]], grid: tuple[int, int], num_prefix_tokens:
             "the brightest patch of the rollout map without being part of the object.")
 
 
+def masked_class_token_maps(maps: AttentionMaps, layer: int, tokens: Sequence[int] = ()
+                            ) -> torch.Tensor:
+    """`explorer.attention.class_token_maps` with ``tokens`` taken out of each head's
+    attention and the rest of each query's row renormalised (`mask_keys`): the class token's
+    row (models without one: every patch query's row, then averaged over them).
+
+    Returns:
+        (B, heads, rows, cols).
+    """
+    if not tokens:
+        return class_token_maps(maps, layer)
+    p = maps.num_prefix_tokens
+    if maps.has_class_token:
+        r = mask_keys(maps.rows(layer, [0]), tokens)[:, :, 0, p:]  # (B, heads, patches)
+    else:
+        r = mask_keys(maps.probs(layer)[:, :, p:], tokens)[..., p:].mean(dim=2)
+    return r.reshape(*r.shape[:-1], *maps.grid)
+
+
+def sink_tokens(sinks: list[list[Sink]]) -> list[int]:
+    """Every token that is a patch sink in some block (`layer_sinks`), in sequence order:
+    what the "masked" views take out."""
+    return sorted({s.token for block in sinks for s in block})
+
+
+SINK_VIEWS = ("as they are", "masked")  # the attention tab's choice for sink tokens
+
+
+def _place(token: int, grid: tuple[int, int], num_prefix_tokens: int) -> str:
+    row, col = divmod(token - num_prefix_tokens, grid[1])
+    return f"row {row + 1}, column {col + 1}"
+
+
+def sink_view_note(sinks: list[list[Sink]], grid: tuple[int, int], num_prefix_tokens: int,
+                   num_tokens: int, rollout, other_rollout, masked: bool,
+                   source: str = "class token") -> str:
+    """What the rollout map beside it shows with sinks as they are or masked, in words.
+
+    Computed from the maps themselves (`explorer.lecture.rollout_facts`): where the shown
+    rollout peaks and how far above the mean, whether that patch is an attention sink, and
+    where the other view (masked / as they are) peaks, so the choice's effect is stated.
+
+    Args:
+        sinks: each block's patch sinks (`layer_sinks`).
+        rollout: (rows, cols) the rollout shown; other_rollout: the same with the other choice.
+        masked: whether ``rollout`` has the sink tokens (`sink_tokens`) masked.
+        source: whose rollout it is ("class token", or the patch queries' mean).
+    """
+    tokens = sink_tokens(sinks)
+    shown = lecture.rollout_facts(np.asarray(rollout, dtype=np.float64), sinks,
+                                  num_prefix_tokens, num_tokens)
+    other = lecture.rollout_facts(np.asarray(other_rollout, dtype=np.float64), sinks,
+                                  num_prefix_tokens, num_tokens)
+    if not tokens:
+        return (f"No attention sink: no patch receives {SINK_FACTOR:g}× the uniform share of "
+                f"attention ({1 / num_tokens:.1%}) in any block, so masking changes nothing. "
+                f"The {source}'s rollout peaks at {_peak(shown, grid, num_prefix_tokens)}.")
+    places = "; ".join(_place(t, grid, num_prefix_tokens) for t in tokens[:4])
+    what = (f"the sink patch (at {places})" if len(tokens) == 1 else
+            f"the {len(tokens)} sink patches (at {places}{'; …' if len(tokens) > 4 else ''})")
+    intro = sink_note(sinks, grid, num_prefix_tokens, num_tokens)
+    if masked:
+        return (f"{intro}\n\n**Shown: sinks masked.** With {what} taken out of every block's "
+                f"attention (each query's other weights renormalised), the {source}'s rollout "
+                f"peaks at {_peak(shown, grid, num_prefix_tokens)} and the brightest tenth of the "
+                f"patches hold {shown.top_tenth:.0%} of it; as they are, it peaks at "
+                f"{_peak(other, grid, num_prefix_tokens)}, {other.top_tenth:.0%} in the brightest "
+                "tenth. What remains shows where the attention that is not parked on a sink goes.")
+    verdict = (" That patch is itself a sink: the peak shows where attention is parked, not "
+               "the object." if shown.sink is not None else
+               " That patch is not a sink itself.")
+    return (f"{intro}\n\n**Shown: sinks as they are.** The {source}'s rollout peaks at "
+            f"{_peak(shown, grid, num_prefix_tokens)}.{verdict} Choose *masked* to take {what} "
+            f"out: then it peaks at {_peak(other, grid, num_prefix_tokens)}.")
+
+
+def _peak(facts, grid: tuple[int, int], num_prefix_tokens: int) -> str:
+    """A map's brightest patch in words: where, its share and how many times the mean."""
+    row, col = facts.peak
+    return (f"row {row + 1}, column {col + 1} ({facts.peak_share:.1%} of the rollout, "
+            f"{facts.peak_share / facts.mean_share:.0f}× the mean patch)")
+
+
+def rollout_map(maps: AttentionMaps, masked: Sequence[int] = (), **settings) -> torch.Tensor:
+    """(rows, cols) rollout of image 0: the class token's for models with one, else the patch
+    queries' mean; ``settings``: `explorer.attention.attention_rollout`'s (head_fusion,
+    discard_ratio, start_layer), ``masked`` tokens taken out of every block."""
+    chosen = cls_rollout_map if maps.has_class_token else patch_rollout_map
+    return chosen(maps, masked=list(masked), **settings)[0]
+
+
 def masked_rollout(maps: AttentionMaps, tokens: list[int]) -> torch.Tensor:
     """(rows, cols) rollout map of image 0 with ``tokens`` (e.g. attention sinks) taken out of
-    every block's attention, the rest renormalised (`explorer.attention.attention_rollout`'s
-    ``masked``): the class token's map for models with one, else the patch queries' mean."""
-    rollout_map = cls_rollout_map if maps.has_class_token else patch_rollout_map
-    return rollout_map(maps, masked=tokens)[0]
+    every block's attention, the rest renormalised (`rollout_map`)."""
+    return rollout_map(maps, tokens)

@@ -4,13 +4,16 @@ safe image input, the model picker, error mapping, examples."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import gradio as gr
 from PIL import Image
 
 from explorer import datasets, distance, images, models, patches, sessions, settings
+from explorer.cache import KeyedCache
 from explorer.errors import ModelUnavailableError, without_paths
 from explorer.session_context import ModelSaveError, SessionContext, context
 from explorer.settings import Settings
@@ -118,11 +121,100 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (images.ImageError, ModelUnavailableError, datasets.DatasetError, ModelSaveError) as err:
-        raise gr.Error(without_paths(str(err))) from err  # no server path reaches a visitor
+        # no server path reaches a visitor, no traceback in the log for their mistake
+        raise gr.Error(without_paths(str(err)), print_exception=False) from err
     except Exception as err:  # out-of-memory is the user's size choice, not a bug
         if "out of memory" in str(err).lower() or isinstance(err, MemoryError):
-            raise gr.Error("Out of memory: try a lower resolution.") from err
+            raise gr.Error("Out of memory: try a lower resolution.", print_exception=False) from err
         raise
+
+
+# The message of each session's last failed event, by (session, tab): `reported` keeps it,
+# the event's ``.failure`` listener (`show_failure`) shows it beside the results.
+_FAILURES: KeyedCache[str] = KeyedCache(max_items=4096)
+BUG = ("Something went wrong on the server (a bug, not your input); the server log has the "
+       "details. The controls still work: try again or change a setting.")
+
+
+def _session_hash() -> str | None:
+    from gradio.context import LocalContext
+
+    return getattr(LocalContext.request.get(None), "session_hash", None)
+
+
+def reported(fn: Callable, key: str, clear: bool = True) -> Callable:
+    """``fn`` for an event whose failures are shown in place, not as toasts and red "Error"
+    badges over every output (controls included).
+
+    A `gr.Error` from ``fn`` is kept for the session under ``key`` and raised again without
+    a toast and without a traceback in the log (a visitor's mistake is not a bug): API
+    clients still get the error, and the event's ``.failure`` listener, `show_failure`,
+    writes the message into the tab's message box (`message_box`). Wire the event with
+    ``show_progress_on=[box]`` so its progress, and gradio's own error mark, appear there
+    only. With ``clear`` (a run, not a redraw), success adds ``{"message": ""}`` to what
+    ``fn`` returns (or first yields) by output name (`explorer.ui.outputs`): the box empties.
+    """
+    def fail(err: gr.Error):
+        _FAILURES.put((_session_hash(), key), str(err.message))
+        return gr.Error(str(err.message), visible=False, print_exception=False)
+
+    def cleared(value, first: bool):
+        return {**value, "message": ""} if clear and first and isinstance(value, dict) else value
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            first = True
+            try:
+                for value in fn(*args, **kwargs):
+                    yield cleared(value, first)
+                    first = False
+            except gr.Error as err:
+                raise fail(err) from err
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return cleared(fn(*args, **kwargs), True)
+        except gr.Error as err:
+            raise fail(err) from err
+
+    return call
+
+
+def show_failure(key: str) -> Callable[[], str]:
+    """The ``.failure`` listener of a `reported` event: the kept message (or `BUG` when the
+    failure was not a `gr.Error`), shown until the next run clears it."""
+    def show() -> str:
+        message = _FAILURES.get((_session_hash(), key))
+        _FAILURES.evict((_session_hash(), key))
+        return f"**Could not finish:** {message}" if message else f"**Could not finish.** {BUG}"
+
+    show.__name__ = f"show_{key}_failure"
+    return show
+
+
+def message_box(prefix: str) -> gr.Markdown:
+    """Where a tab says why its last run failed (persistent until the next run) and shows
+    its progress: id ``{prefix}-message``."""
+    return gr.Markdown("", elem_id=f"{prefix}-message", min_height=24)
+
+
+def on_failure(event, key: str, box: gr.Markdown) -> None:
+    """Show a `reported` event's failure in ``box`` (its ``.failure`` listener)."""
+    event.failure(show_failure(key), outputs=box, api_name=False, queue=False,
+                  show_progress="hidden")
+
+
+def enable_with_image(image: gr.Image, *buttons: gr.Button) -> None:
+    """``buttons`` clickable only while ``image`` holds a picture: toggled in the browser
+    (no server round trip), so a link that sets the image and clicks at once finds the
+    button ready. Create the buttons with ``interactive=False``."""
+    for button in buttons:
+        image.change(None, inputs=image, outputs=button, api_name=False, queue=False,
+                     js="(img) => ({__type__: 'update', interactive: !!img})")
 
 
 NO_IMAGE = "Please upload an image or pick an example first."
@@ -160,7 +252,7 @@ def validator(*names: str | None):
 def load_upload(path: str | None) -> Image.Image:
     """Open an uploaded image path as RGB, telling the person about any conversion."""
     if not path:
-        raise gr.Error(NO_IMAGE)
+        raise gr.Error(NO_IMAGE, print_exception=False)
     with user_errors():
         loaded = images.load_image(path)
     for note in loaded.notes:
@@ -191,22 +283,56 @@ def end_session(request: gr.Request) -> None:
     session(request).end()
 
 
-def model_dropdown(label: str = "Model", value: str | None = None) -> gr.Dropdown:
-    """A model picker: the catalogue plus operator and this session's fine-tuned checkpoints,
-    refreshed on focus.
+def model_choices(names: list[str]) -> list[tuple[str, str]]:
+    """A model picker's ``(label, name)`` choices: hub models say that they need internet
+    (or that their weights are here already), so nobody finds out only when a run fails."""
+    def label(name: str) -> str:
+        entry = models.CATALOGUE.get(name)
+        if entry is None or entry.source != "hub":
+            return name
+        here = models.hub_weights_cached(entry.architecture)
+        return f"{name} ({'hub, downloaded' if here else 'needs internet'})"
+
+    return [(label(n), n) for n in names]
+
+
+MODEL_INFO = "Offline default, timm hub ViTs (need internet), or a model fine-tuned here."
+
+
+def model_notice(model_name: str | None, request: gr.Request | None = None) -> gr.Dropdown:
+    """On a pick (`model_dropdown`'s change): what the model is (`explorer.models.describe`),
+    or, for a hub model that cannot be fetched now (offline, not cached), that it cannot
+    load here: said when picked, not when run."""
+    try:
+        problem = models.offline_problem(session(request).resolve(model_name))
+    except ModelUnavailableError as err:
+        problem = without_paths(str(err))
+    if problem:
+        return gr.Dropdown(info=f"⚠ Cannot load here now: {problem}")
+    return gr.Dropdown(info=models.describe(model_name))
+
+
+def model_dropdown(label: str = "Model", value: str | None = None,
+                   elem_id: str | None = None) -> gr.Dropdown:
+    """A model picker: the catalogue plus operator and this session's fine-tuned checkpoints
+    (`model_choices`: hub models marked), refreshed on focus; a pick says what the model is,
+    or why it cannot load here (`model_notice`).
 
     ``allow_custom_value`` lets people type any timm ViT name (used when online); typed
     names go through `load_name`.
     """
     dropdown = gr.Dropdown(
-        choices=models.model_names(),
+        choices=model_choices(models.model_names()),
         value=value or models.DEFAULT_MODEL,
         label=label,
         allow_custom_value=True,
-        info="Offline default, timm hub ViTs (need internet), or a model fine-tuned here.",
+        info=MODEL_INFO,
+        elem_id=elem_id,
     )
     dropdown.focus(refresh_model_choices, inputs=dropdown, outputs=dropdown,
                    api_name=False, queue=False, show_progress="hidden")
+    dropdown.input(model_notice, inputs=dropdown, outputs=dropdown, api_name=False,
+                   show_progress="hidden", concurrency_limit=None)
     return dropdown
 
 
@@ -217,7 +343,22 @@ def image_and_model(prefix: str, height: int = 260) -> tuple[gr.Image, gr.Dropdo
     """
     image = upload_image(label="Image", height=height, elem_id=f"{prefix}-image")
     gr.Examples(example_images(), inputs=image, label="Examples", elem_id=f"{prefix}-examples")
-    return image, model_dropdown()
+    return image, model_dropdown(elem_id=f"{prefix}-model")
+
+
+def figure(caption: str, elem_id: str, **kwargs) -> tuple[gr.Markdown, gr.Image]:
+    """An output image with its caption above it, never on it: gradio draws an image's label
+    over the picture's top-left corner (token indices, the first tiles of a strip), and on a
+    phone a long label covers much of it. The label stays the image's name for downloads.
+
+    Ids: ``elem_id`` for the image, ``{elem_id}-caption`` for the caption (an output too,
+    when the caption depends on the model).
+    """
+    with gr.Group():
+        caption_md = gr.Markdown(caption, elem_id=f"{elem_id}-caption", padding=True)
+        image = gr.Image(label=caption, show_label=False, interactive=False, elem_id=elem_id,
+                         **kwargs)
+    return caption_md, image
 
 
 def resolution_inputs(prefix: str) -> tuple[gr.Number, gr.Number, gr.Radio]:
@@ -240,7 +381,7 @@ def resolution_inputs(prefix: str) -> tuple[gr.Number, gr.Number, gr.Radio]:
 def refresh_model_choices(current: str | None, request: gr.Request) -> gr.Dropdown:
     """The dropdown update that lists every model this session may pick now, keeping the
     current choice."""
-    return gr.Dropdown(choices=session(request).model_names(),
+    return gr.Dropdown(choices=model_choices(session(request).model_names()),
                        value=current or models.DEFAULT_MODEL)
 
 

@@ -110,7 +110,8 @@ def refresh(image_path, *args) -> dict:
 
 def other_models(current, request: gr.Request):
     """The overlay picker's choices for this session, keeping the current ones."""
-    return gr.Dropdown(choices=common.session(request).model_names(), value=current)
+    return gr.Dropdown(choices=common.model_choices(common.session(request).model_names()),
+                       value=current)
 
 
 def build_distance_tab(ctx: common.TabContext) -> TabLink:
@@ -124,7 +125,8 @@ def build_distance_tab(ctx: common.TabContext) -> TabLink:
     with gr.Row():
         with gr.Column(scale=1):
             image, model = common.image_and_model("dist", height=240)
-            others = gr.Dropdown(models.model_names(), value=[], multiselect=True,
+            others = gr.Dropdown(common.model_choices(models.model_names()), value=[],
+                                 multiselect=True,
                                  label="Overlay other models", elem_id="dist-others",
                                  info="e.g. a model fine-tuned in the app")
             others.focus(other_models, inputs=others, outputs=others,
@@ -135,7 +137,8 @@ def build_distance_tab(ctx: common.TabContext) -> TabLink:
             width, height, fit = common.resolution_inputs("dist")
             prefix = gr.Radio(["drop", "keep"], value="drop", label="Attention to prefix tokens",
                               info="drop: renormalise over patches; keep: count it as distance 0")
-            run = gr.Button("Plot distances", variant="primary", elem_id="dist-run")
+            run = gr.Button("Plot distances", variant="primary", elem_id="dist-run",
+                            interactive=False)  # until an image is there
             with gr.Accordion("Dataset band", open=True):
                 source = gr.Radio(distance.dataset_choices(), value="Fashion-MNIST",
                                   label="Dataset")
@@ -145,17 +148,28 @@ def build_distance_tab(ctx: common.TabContext) -> TabLink:
                 band_run = gr.Button("Compute dataset band", elem_id="dist-band-run")
                 band_info = gr.Markdown(elem_id="dist-band-info")
         with gr.Column(scale=2):
+            message = common.message_box("dist")
             plot = gr.Plot(label="Mean attention distance", elem_id="dist-plot")
             info = gr.Markdown(elem_id="dist-info")
-            erf = gr.Image(label="MobileNetV2 effective receptive fields (central unit, |gradient|)",
-                           format="png", interactive=False, elem_id="dist-erf")
+            _, erf = common.figure("MobileNetV2 effective receptive fields (central unit, "
+                                   "|gradient|)", "dist-erf", format="png")
             gr.Markdown(MEANING)
 
-    out = Outputs(plot=plot, erf=erf, info=info)
+    out = Outputs(plot=plot, erf=erf, info=info, message=message)
     inputs = [image, model, others, random_init, cnn, width, height, fit, prefix, band]
-    run.click(**out.event(per_image), inputs=inputs, api_name="distance",
-              validator=common.validator("image", "model", *[None] * 8), **ctx.analysis())
-    band_run.click(dataset_band, inputs=[model, source, n, zip_file, width, height, prefix],
-                   outputs=[band, band_info], api_name="distance_dataset", **ctx.analysis()).then(
-        **out.event(refresh), inputs=inputs, api_name="distance_refresh")
+    shown_in = {"show_progress_on": [message]}  # failures said there, not over the controls
+    common.enable_with_image(image, run)
+    plotted = run.click(**out.event(common.reported(per_image, "dist")), inputs=inputs,
+                        api_name="distance",
+                        validator=common.validator("image", "model", *[None] * 8), **shown_in,
+                        **ctx.analysis())
+    banded = band_run.click(common.reported(dataset_band, "dist", clear=False),
+                            inputs=[model, source, n, zip_file, width, height, prefix],
+                            outputs=[band, band_info], api_name="distance_dataset",
+                            show_progress_on=[band_info], **ctx.analysis())
+    refreshed = banded.success(**out.event(common.reported(refresh, "dist", clear=False),
+                                           "plot", "erf", "info"),
+                               inputs=inputs, api_name="distance_refresh", **shown_in)
+    for event in (plotted, banded, refreshed):
+        common.on_failure(event, "dist", message)
     return TabLink(links.DISTANCE, image, model, width, height, run_id="dist-run")

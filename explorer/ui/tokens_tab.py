@@ -140,32 +140,41 @@ def build_tokens_tab(ctx: common.TabContext) -> TabLink:
         with gr.Column(scale=1):
             image, model = common.image_and_model("tokens", height=300)
             width, height, fit = common.resolution_inputs("tokens")
-            run = gr.Button("Tokenise", variant="primary", elem_id="tokens-run")
+            run = gr.Button("Tokenise", variant="primary", elem_id="tokens-run",
+                            interactive=False)  # until an image is there
         with gr.Column(scale=2):
+            message = common.message_box("tokens")
             summary = gr.Markdown(elem_id="tokens-summary")
-            grid = gr.Image(label="Patches and token indices", elem_id="tokens-grid",
-                            format="png", interactive=False)
-            pca = gr.Image(label="Last-layer patch features, PCA -> RGB (DINOv2-style)",
-                           elem_id="tokens-pca", format="png", interactive=False)
-    sequence = gr.Image(label="The token sequence, raster order (prefix tokens first)",
-                        elem_id="tokens-sequence", format="png", interactive=False)
+            _, grid = common.figure("Patches and their token indices", "tokens-grid",
+                                    format="png")
+            _, pca = common.figure("Last-layer patch features, PCA → RGB (DINOv2-style)",
+                                   "tokens-pca", format="png")
+    _, sequence = common.figure("The token sequence, raster order (prefix tokens first)",
+                                "tokens-sequence", format="png")
     with gr.Row():
-        filters = gr.Image(label="Patch-embedding filters: top principal components (ViT Fig. 7 left)",
-                           elem_id="tokens-filters", format="png", interactive=False)
+        with gr.Column():
+            _, filters = common.figure("Patch-embedding filters: top principal components "
+                                       "(ViT Fig. 7 left)", "tokens-filters", format="png")
         cost_plot = gr.Plot(label="Cost: patches vs one token per pixel", elem_id="tokens-cost")
     cost_md = gr.Markdown(elem_id="tokens-cost-table")
     with gr.Row():
-        pos_native = gr.Image(label="Position-embedding similarity, native grid (ViT Fig. 7 centre; "
-                                    "big grids: every k-th patch)",
-                              elem_id="tokens-pos-native", format="png", interactive=False)
-        pos_chosen = gr.Image(label="... interpolated to the chosen grid",
-                              elem_id="tokens-pos-chosen", format="png", interactive=False)
+        with gr.Column():
+            _, pos_native = common.figure("Position-embedding similarity, native grid (ViT Fig. 7 "
+                                          "centre; big grids: every k-th patch)",
+                                          "tokens-pos-native", format="png")
+        with gr.Column():
+            _, pos_chosen = common.figure("... interpolated to the chosen grid",
+                                          "tokens-pos-chosen", format="png")
     out = Outputs(image=image, summary=summary, grid=grid, sequence=sequence, filters=filters,
                   pos_native=pos_native, pos_chosen=pos_chosen, cost_plot=cost_plot,
-                  cost_table=cost_md, pca=pca)
-    run.click(**out.event(tokens, *VIEWS), inputs=[image, model, width, height, fit],
-              validator=common.validator("image", "model", None, None, None),
-              api_name="tokens", **ctx.analysis())
+                  cost_table=cost_md, pca=pca, message=message)
+    common.enable_with_image(image, run)
+    # the API returns `VIEWS` in order, then the message (empty after a run that worked)
+    tokenised = run.click(**out.event(common.reported(tokens, "tokens"), *VIEWS, "message"),
+                          inputs=[image, model, width, height, fit],
+                          validator=common.validator("image", "model", None, None, None),
+                          api_name="tokens", show_progress_on=[message], **ctx.analysis())
+    common.on_failure(tokenised, "tokens", message)
     # First impression: the page opens on a worked example. It is kept (the first visitor
     # computes it; the others wait on its key), so a room opening the page at once neither
     # fills the queue nor waits behind forward passes: no queue.
