@@ -79,24 +79,23 @@ def example_images() -> list[str]:
     return [str(p) for p in images.example_paths()]
 
 
-def upload_image(**kwargs) -> gr.Image:
-    """A ``gr.Image(type="filepath")`` whose upload problems reach the person as `gr.Error`.
+class UploadImage(gr.Image):
+    """A ``gr.Image`` whose upload problems reach the callback instead of failing gradio's
+    preprocessing with a generic "Error" (and a traceback in the log).
 
     Gradio opens uploads with PIL before any callback runs, so a non-image or a
-    decompression bomb would otherwise fail with a generic "Error". Here such an upload is
-    handed to the callback as it came, whose `load_upload` explains the failure with
-    `explorer.images.load_image`'s message. (A subclass of gr.Image would need
-    its own front-end component, so the instance's ``preprocess`` is wrapped instead.)
-    ``image_mode=None`` hands the file over as uploaded: gradio's own conversion to RGB would
-    clip a 16-bit image to white, while `explorer.images.load_image` stretches its range (and
-    says so).
+    decompression bomb would fail there. Here such an upload is handed to the callback as it
+    came, whose `load_upload` explains it with `explorer.images.load_image`'s message.
+    ``is_template``: the browser draws it with gradio's own Image component. A subclass, not
+    a wrapped instance method: gradio rebuilds a session's copy of a component from its
+    class whenever an event updates one of its properties, which dropped the wrapper.
     """
-    component = gr.Image(type="filepath", image_mode=None, **kwargs)
-    plain_preprocess = component.preprocess
 
-    def preprocess(payload):
+    is_template = True
+
+    def preprocess(self, payload):
         try:
-            return plain_preprocess(payload)
+            return super().preprocess(payload)
         except gr.Error:
             raise
         except Exception as err:
@@ -109,10 +108,18 @@ def upload_image(**kwargs) -> gr.Image:
                 # it. Raising here instead would fail an event's `validator` step (which
                 # preprocesses too) with a bare "400 Bad Request" for API clients.
                 return path
-            raise gr.Error(f"Could not read this upload as an image ({type(err).__name__}).") from err
+            raise gr.Error(f"Could not read this upload as an image ({type(err).__name__}).",
+                           print_exception=False) from err
 
-    component.preprocess = preprocess
-    return component
+
+def upload_image(**kwargs) -> UploadImage:
+    """The image input of a tab (`UploadImage`, ``type="filepath"``).
+
+    ``image_mode=None`` hands the file over as uploaded: gradio's own conversion to RGB would
+    clip a 16-bit image to white, while `explorer.images.load_image` stretches its range (and
+    says so).
+    """
+    return UploadImage(type="filepath", image_mode=None, **kwargs)
 
 
 @contextlib.contextmanager

@@ -247,7 +247,7 @@ def build_finetune_tab(ctx: common.TabContext) -> TabLink:
             zip_file = gr.File(label="Zip of class folders (cats/1.jpg, dogs/2.jpg, …)",
                                file_types=[".zip"], type="filepath", elem_id="ft-zip")
             show_data = gr.Button("Show class counts", elem_id="ft-show-data")
-            model = common.model_dropdown()
+            model = common.model_dropdown(elem_id="ft-model")
             mode = gr.Radio(list(MODE_LABELS), value=next(iter(MODE_LABELS)), label="Mode",
                             elem_id="ft-mode")
             # Block limits come from the model: the default's, then `depth_controls`.
@@ -280,29 +280,39 @@ def build_finetune_tab(ctx: common.TabContext) -> TabLink:
                                  interactive=False, elem_id="ft-checkpoint")
     with gr.Row():
         confusion = gr.Plot(label="Confusion matrix", elem_id="ft-confusion")
-        wrong = gr.Image(label="Misclassified validation images (true → predicted)",
-                         format="png", interactive=False, height=420,
-                         elem_id="ft-misclassified")
+        with gr.Column():
+            _, wrong = common.figure("Misclassified validation images (true → predicted)",
+                                     "ft-misclassified", format="png", height=420)
     with gr.Row():
-        pos_map = gr.Image(label="Position-embedding similarity at the training grid",
-                           format="png", interactive=False, height=420,
-                           elem_id="ft-pos-similarity")
+        with gr.Column():
+            _, pos_map = common.figure("Position-embedding similarity at the training grid",
+                                       "ft-pos-similarity", format="png", height=420)
         depth_plot = gr.Plot(label="Linear probe vs depth", elem_id="ft-depth")
 
     out = Outputs(status=status, curves=curves, result=result_md, confusion=confusion,
                   wrong=wrong, pos_map=pos_map, checkpoint=checkpoint)
     data_inputs = [source, zip_file, n_images]
-    data_event = dict(fn=describe_data, inputs=data_inputs, outputs=[data_md, counts],
-                      **ctx.analysis())
-    show_data.click(**data_event, api_name="finetune_data")
-    zip_file.upload(**data_event, api_name="finetune_data_upload")
-    start.click(**out.event(train), inputs=[*data_inputs, model, mode, last_k, resolution, epochs,
-                                            lr, batch_size, probe_block],
-                api_name="finetune", concurrency_limit=1, concurrency_id="finetune",
-                show_progress_on=[status])
-    probe_btn.click(layerwise, inputs=[*data_inputs, model, resolution],
-                    outputs=[status, depth_plot], api_name="finetune_layerwise",
-                    concurrency_limit=1, concurrency_id="finetune", show_progress_on=[status])
+    # failures are said in place (the data summary, the status line), never as red badges
+    # over the outputs, and the progress shows there too
+    data_event = dict(fn=common.reported(describe_data, "ft-data"), inputs=data_inputs,
+                      outputs=[data_md, counts], show_progress_on=[data_md], **ctx.analysis())
+    for event in (show_data.click(**data_event, api_name="finetune_data"),
+                  zip_file.upload(**data_event, api_name="finetune_data_upload")):
+        common.on_failure(event, "ft-data", data_md)
+    model_checked = common.validator(None, None, None, "model", *[None] * 7)
+    trained = start.click(**out.event(common.reported(train, "ft", clear=False)),
+                          inputs=[*data_inputs, model, mode, last_k, resolution, epochs, lr,
+                                  batch_size, probe_block],
+                          validator=model_checked, api_name="finetune", concurrency_limit=1,
+                          concurrency_id="finetune", show_progress_on=[status])
+    probed = probe_btn.click(common.reported(layerwise, "ft", clear=False),
+                             inputs=[*data_inputs, model, resolution],
+                             outputs=[status, depth_plot],
+                             validator=common.validator(None, None, None, "model", None),
+                             api_name="finetune_layerwise", concurrency_limit=1,
+                             concurrency_id="finetune", show_progress_on=[status])
+    for event in (trained, probed):
+        common.on_failure(event, "ft", status)
     stop.click(cancel_job, outputs=status, api_name="finetune_cancel", queue=False)
     model.change(depth_controls, inputs=model, outputs=[last_k, probe_block],
                  api_name="finetune_geometry", show_progress="hidden", **ctx.views())

@@ -14,7 +14,7 @@ from explorer import sessions
 from explorer.cache import KeyedCache
 from explorer.errors import without_paths
 from explorer.finetune.igpt_probe import load_probe_asset, middle_layer_peak, probe_summary
-from explorer.igpt import pipeline
+from explorer.igpt import domain, pipeline
 from explorer.igpt import plots as igpt_plots
 from explorer.igpt.checkpoint import CATALOGUE, OFFLINE_NAME, ModelUnavailableError, load_igpt
 from explorer.igpt.data import CLASS_NAMES, DatasetUnavailableError, load_fashion_mnist
@@ -112,13 +112,41 @@ def analyse(image_path, model_name) -> dict:
     costs = [attention_cost(h, w, dim) for h, w in ((m.height, m.width), *OTHER_SIZES)]
     summary = (f"**{m.name}**: {m.height}×{m.width} pixels → {m.height * m.width} tokens + the "
                f"start token, palette: {m.palette.name} ({m.palette.size} colours).")
-    return {"summary": summary, "small": igpt_plots.upscale(small),
+    return {"summary": summary, "photo9_caption": rgb9_caption(m), "small": igpt_plots.upscale(small),
             "quant": igpt_plots.tokens_to_image(tokens, m.palette, 10),
             "swatch": igpt_plots.palette_swatch(m.palette),
             "ribbon": igpt_plots.sequence_ribbon(tokens, m.palette), "photo": photo,
             "photo9": photo9, "heat": igpt_plots.bits_heatmap(s.bits, f"{s.bits_per_dim:.2f} bits/dim"),
             "bits": s.sentence(),
             "cost": igpt_plots.cost_table(costs, m.model.config.n_layer, m.model.config.n_head)}
+
+
+RGB9_CAPTION = "... in the lecture's 9-bit palette (512 colours)"
+
+
+def rgb9_caption(m) -> str:
+    """The 9-bit row's caption: for a grey model, that it does not see these colours."""
+    if not m.palette.is_grey:
+        return RGB9_CAPTION
+    return (f"... in the lecture's 9-bit palette (512 colours), for comparison only: this "
+            f"model reads {m.palette.size} greys, never colour (see 'As the model sees it')")
+
+
+def model_preview(image_path, model_name) -> dict:
+    """Beside the upload (`/igpt_preview`): what the picked model knows
+    (`explorer.igpt.domain`) and the upload as it receives it (its size, its palette); a
+    model that cannot load here says why, at once."""
+    try:
+        m = load_model(model_name)
+    except gr.Error as err:
+        return {"domain": f"**This model cannot load here:** {err.message}", "seen": None}
+    d = domain.model_domain(m)
+    seen = None
+    if image_path:
+        seen = domain.model_view(common.load_upload(image_path), m)
+    return {"domain": domain.domain_note(d), "seen": seen,
+            "seen_caption": f"As the model sees it: {d.height}×{d.width}, "
+                            + (f"{d.colours} greys" if d.grey else f"{d.colours} colours")}
 
 
 def complete(image_path, model_name, rows, n, temperature, top_k, top_p, seed,
@@ -229,7 +257,10 @@ def build_igpt_tab(ctx: common.TabContext) -> TabLink:
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
-            image = common.upload_image(label="Image", height=260, elem_id="igpt-image")
+            with gr.Row():
+                image = common.upload_image(label="Image", height=220, elem_id="igpt-image")
+                seen_caption, seen = common.figure("As the model sees it", "igpt-seen",
+                                                   format="png", height=220)
             try:
                 gr.Examples(fashion_mnist_examples(), inputs=image, elem_id="igpt-examples",
                             label="Held-out Fashion-MNIST test images")
@@ -239,23 +270,29 @@ def build_igpt_tab(ctx: common.TabContext) -> TabLink:
                                 allow_custom_value=True, elem_id="igpt-model",
                                 info="Offline default; OpenAI's need internet (type a hub "
                                      "repo such as openai/imagegpt-small).")
-            run = gr.Button("Tokenise and score", variant="primary", elem_id="igpt-analyse")
+            domain_md = gr.Markdown(elem_id="igpt-domain")
+            run = gr.Button("Tokenise and score", variant="primary", elem_id="igpt-analyse",
+                            interactive=False)  # until an image is there
         with gr.Column(scale=2):
+            message = common.message_box("igpt")
             summary = gr.Markdown(elem_id="igpt-summary")
             with gr.Row():
-                small = gr.Image(label="Downsampled to the model's size", format="png",
-                                 interactive=False, elem_id="igpt-small")
-                quant = gr.Image(label="Quantised to the model's palette", format="png",
-                                 interactive=False, elem_id="igpt-quant")
-            swatch = gr.Image(label="The palette: token id -> colour", format="png", height=140,
-                              interactive=False, elem_id="igpt-palette")
-    ribbon = gr.Image(label="The input sequence: start token (S), then pixels in raster order "
-                            "(two image rows per line)", format="png", interactive=False,
-                      elem_id="igpt-sequence")
+                with gr.Column():
+                    _, small = common.figure("1. Cropped and shrunk to the model's size (the "
+                                             "upload's colours)", "igpt-small", format="png")
+                with gr.Column():
+                    _, quant = common.figure("2. Mapped to its palette: what the model reads",
+                                             "igpt-quant", format="png")
+            _, swatch = common.figure("The palette: token id → colour", "igpt-palette",
+                                      format="png", height=140)
+    _, ribbon = common.figure("The input sequence: start token (S), then pixels in raster "
+                              "order (two image rows per line)", "igpt-sequence", format="png")
     with gr.Row():
-        photo = gr.Image(label="Your image", format="png", interactive=False)
-        photo9 = gr.Image(label="... in the lecture's 9-bit palette (512 colours)", format="png",
-                          interactive=False, elem_id="igpt-rgb9")
+        with gr.Column():
+            _, photo = common.figure("Your image, as uploaded (the model never sees this)",
+                                     "igpt-photo", format="png")
+        with gr.Column():
+            photo9_caption, photo9 = common.figure(RGB9_CAPTION, "igpt-rgb9", format="png")
     with gr.Row():
         heat = gr.Plot(label="Per-pixel surprise: -log2 p(pixel | pixels before it)",
                        elem_id="igpt-bits")
@@ -276,18 +313,37 @@ def build_igpt_tab(ctx: common.TabContext) -> TabLink:
                        elem_id="igpt-decoder",
                        info="fast: int8 weights and a bfloat16 cache, ~2x faster for big models "
                             "(iGPT-S and up) with nearly the same predictions; exact: fp32.")
-    go = gr.Button("Complete", variant="primary", elem_id="igpt-complete")
+    go = gr.Button("Complete", variant="primary", elem_id="igpt-complete",
+                   interactive=False)  # until an image is there
     grid = gr.Image(label="Original (left), then completions: rows below the red ticks are "
                           "generated", format="png", interactive=False, elem_id="igpt-grid")
     status = gr.Markdown(elem_id="igpt-status")
     build_probe_section()
 
     out = Outputs(summary=summary, small=small, quant=quant, swatch=swatch, ribbon=ribbon,
-                  photo=photo, photo9=photo9, heat=heat, bits=bits_md, cost=cost_md)
-    run.click(**out.event(analyse), inputs=[image, model], api_name="igpt_analyse",
-              **ctx.analysis())
-    go.click(complete, inputs=[image, model, rows, n, temperature, top_k, top_p, seed, decoder],
-             outputs=[grid, status], api_name="igpt_complete", **ctx.completions())
+                  photo=photo, photo9=photo9, heat=heat, bits=bits_md, cost=cost_md,
+                  photo9_caption=photo9_caption, message=message)
+    preview = Outputs(domain=domain_md, seen=seen, seen_caption=seen_caption)
+    common.enable_with_image(image, run, go)
+    shown_in = {"show_progress_on": [message]}  # failures said there, not over the controls
+    analysed = run.click(**out.event(common.reported(analyse, "igpt")), inputs=[image, model],
+                         validator=common.validator("image", None), api_name="igpt_analyse",
+                         **shown_in, **ctx.analysis())
+    completed = go.click(common.reported(complete, "igpt", clear=False),
+                         inputs=[image, model, rows, n, temperature, top_k, top_p, seed, decoder],
+                         outputs=[grid, status],
+                         validator=common.validator("image", *[None] * 8),
+                         api_name="igpt_complete", show_progress_on=[status, message],
+                         **ctx.completions())
+    for event in (analysed, completed):
+        common.on_failure(event, "igpt", message)
     model.change(rows_for_model, inputs=model, outputs=rows, api_name="igpt_model_rows",
                  queue=False, show_progress="hidden")
+    previewing = preview.event(common.reported(model_preview, "igpt", clear=False))
+    previewed = gr.on([image.change, model.change], **previewing, inputs=[image, model],
+                      api_name="igpt_preview", show_progress="hidden", **ctx.views())
+    common.on_failure(previewed, "igpt", message)
+    # on load too: the domain is said before anything is uploaded
+    gr.on(None, **previewing, inputs=[image, model], api_name=False, show_progress="hidden",
+          **ctx.views())
     return TabLink(links.IGPT, image, run_id="igpt-analyse")

@@ -26,6 +26,18 @@ def test_click_a_patch_changes_the_query_map(page):
     assert page.locator("#attn-layer input[type=range]").get_attribute("max") == "12"
     assert page.locator("#attn-layer input[type=range]").input_value() == "12"
     plot_in(page, "attn-prefix")
+    # the sink view: with the sinks masked, the rollout is redrawn and the sentence under it
+    # says where the masked map peaks, against where it peaked as it was
+    plain = page.locator("#attn-sink-note").inner_text()
+    assert "Shown: sinks as they are." in plain and "Choose masked" in plain
+    before = _src(page, "attn-rollout")
+    page.locator("#attn-sinks").get_by_text("masked", exact=True).click()
+    page.locator("#attn-sink-note").get_by_text("Shown: sinks masked.").wait_for()
+    page.wait_for_function(
+        "prev => { const i = document.querySelector('#attn-rollout img'); return i && i.src !== prev; }",
+        arg=before)
+    masked = page.locator("#attn-sink-note").inner_text()
+    assert "taken out of every block's attention" in masked and "as they are, it peaks at" in masked
 
     shown = page.locator("#attn-input img").first
     box = shown.bounding_box()
@@ -50,16 +62,42 @@ def test_click_a_patch_changes_the_query_map(page):
     screenshot(page, "attention")
 
 
-def test_no_image_says_so_beside_the_upload_and_leaves_the_controls(page):
+def test_errors_are_said_in_place_and_leave_the_controls(page, tmp_path):
     open_tab(page, "Attention maps")
+    # no image: nothing to run yet
+    assert not page.locator("#attn-run").is_enabled()
+    # a file that is not an image: its reason beside the results, naming no server path,
+    # and no red "Error" over the controls or the views
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"just some text, not pixels")
+    page.locator("#attn-image input[type=file]").set_input_files(str(bad))
+    page.wait_for_function("() => !document.querySelector('#attn-run').disabled")
     page.locator("#attn-run").click()
-    # gradio's validator: the message beside the image input, the analysis never starts
-    page.locator("#attn-image").get_by_text("Please upload an image").wait_for()
-    for control in ("attn-layer", "attn-start", "attn-query-head"):
+    message = page.locator("#attn-message")
+    message.get_by_text("not an image").wait_for()
+    assert "/tmp" not in message.inner_text() and "gradio" not in message.inner_text()
+    for control in ("attn-layer", "attn-start", "attn-query-head", "attn-heads", "attn-rollout"):
         assert "Error" not in page.locator(f"#{control}").inner_text(), control
     assert page.locator("#attn-layer input[type=range]").is_enabled()
-    # with an image the same button runs the analysis and the message goes
+    page.wait_for_timeout(1000)  # the message stays (until the next run), no toast
+    assert "not an image" in message.inner_text()
+    assert page.locator(".toast-body").count() == 0
+    # with a real image the same button runs the analysis and the message goes
     pick_example(page, "attn", 0)
     page.locator("#attn-run").click()
     page.locator("#attn-summary").get_by_text("heads").wait_for()
-    assert not page.locator("#attn-image").get_by_text("Please upload an image").is_visible()
+    page.wait_for_function("() => !document.querySelector('#attn-message').innerText.trim()")
+
+
+def test_a_hub_model_offline_says_so_when_picked(page):
+    open_tab(page, "Attention maps")
+    dropdown = page.locator("#attn-model")
+    dropdown.locator("input").click()
+    options = page.locator("#attn-model [role=option]")
+    options.filter(has_text="needs internet").first.wait_for()
+    labels = [options.nth(i).inner_text() for i in range(options.count())]
+    # the five hub models of the catalogue are marked (here: nothing downloaded, no internet)
+    assert sum("needs internet" in label for label in labels) == 5, labels
+    options.filter(has_text="deit_small_patch16_224.fb_in1k").first.click()
+    dropdown.get_by_text("Cannot load here now").wait_for()
+    assert "cannot be reached" in dropdown.inner_text()
