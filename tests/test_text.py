@@ -129,3 +129,16 @@ def test_a_drawn_caption_has_no_box_glyph():
     arrow = np.asarray(Image.frombytes("L", f.getmask("→").size, bytes(f.getmask("→"))))
     box = np.asarray(Image.frombytes("L", f.getmask("\ue000").size, bytes(f.getmask("\ue000"))))
     assert arrow.shape != box.shape or (arrow != box).any()
+
+
+def test_token_sequence_labels_are_never_cut():
+    # DINOv2 with registers at 518 px: 5 prefix tokens and 1,369 patches under 24 px tiles
+    prefix = ["CLS", "REG1", "REG2", "REG3", "REG4"]
+    image = np.zeros((518, 518, 3), np.uint8)
+    out = token_plots.token_sequence(image, (14, 14), prefix)
+    labels = [f"{i} {n}" for i, n in enumerate(prefix)] + [str(i) for i in range(5, 5 + 37 * 37)]
+    captions, label_h = colors.caption_layout(labels, 24, 24)
+    assert not any(text.ELLIPSIS in line for c in captions for line in c.lines)
+    assert [c.lines for c in captions[:2]] == [("0", "CLS"), ("1", "REG1")]
+    rows = -(-len(labels) // 37)
+    assert out.shape[0] == rows * (24 + 3 + label_h) + 3

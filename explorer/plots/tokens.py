@@ -84,7 +84,7 @@ def token_sequence(
     for i, name in enumerate(prefix_names):
         color = PREFIX_COLORS.get(name.rstrip("0123456789"), (150, 150, 150))
         tiles.append(np.full((tile, tile, 3), color, np.uint8))
-        labels.append(f"{i}:{name}")
+        labels.append(f"{i} {name}")  # two lines under a narrow tile: "0" over "CLS"
     for r in range(rows):
         for c in range(cols):
             crop = image[r * ph : (r + 1) * ph, c * pw : (c + 1) * pw]
