@@ -20,8 +20,8 @@ from explorer.ui.lab_tab import build_lab_tab
 from explorer.ui.lecture_tab import build_lecture_tab
 from explorer.ui.tokens_tab import build_tokens_tab
 
-HEADER = """
-# ViT Explorer
+TITLE = "# ViT Explorer"
+INTRO = """
 Upload an image and see how a Vision Transformer works: how it cuts the image into patch
 tokens, where every layer and head attends, how far attention reaches, how an image-GPT
 completes a half-hidden picture pixel by pixel, and what fine-tuning on your own images
@@ -44,23 +44,32 @@ def build_demo(settings: Settings | None = None) -> gr.Blocks:
     gradio_fixes.apply()
     common.apply_settings(settings)
     with gr.Blocks(title="ViT Explorer") as demo:
-        gr.Markdown(HEADER)
-        with gr.Row():
+        # One bar: the title and the settings (in presenter mode the intro folds away and the
+        # open tab's copy-link row joins this bar: `presenter.CSS`).
+        with gr.Row(elem_id="app-bar", equal_height=True):
+            gr.Markdown(TITLE, elem_id="app-title")
             is_presenter = gr.Checkbox(False, label="Presenter mode (large text for a projector)",
                                        elem_id="presenter", scale=0, min_width=320)
             plot_format = gr.Radio(["png", "svg"], value="png", label="Plot downloads as",
                                    elem_id="plot-format", scale=0, min_width=220)
+            copy = gr.Button("Copy link", size="sm", scale=0, elem_id="bar-copy-link")
+        copy.click(None, js=presenter.BAR_COPY_JS, api_name=False)
+        gr.Markdown(INTRO, elem_id="app-intro")
         note = gr.Markdown(visible=False, elem_id="link-note")
         ctx = common.TabContext(settings, is_presenter)
-        with gr.Tabs() as tabs:
-            with gr.Tab(links.LECTURE.title, id=links.LECTURE.key) as lecture_page:
+        pages = {}
+        # "wrap": every tab's name stays in view (gradio's default "menu" hides the last
+        # ones behind "…" on a projector's width)
+        with gr.Tabs(overflow_behavior="wrap", elem_id="app-tabs") as tabs:
+            with gr.Tab(links.LECTURE.title, id=links.LECTURE.key,
+                        elem_id=presenter.page_id(links.LECTURE)) as pages[links.LECTURE.key]:
                 lecture = presenter.with_link_row(links.LECTURE, build_lecture_tab, ctx)
             tab_links = []
             for tab, build in TABS:
-                with gr.Tab(tab.title, id=tab.key):
+                with gr.Tab(tab.title, id=tab.key, elem_id=presenter.page_id(tab)) as pages[tab.key]:
                     tab_links.append(presenter.with_link_row(tab, build, ctx))
         presenter.wire(demo, tabs, note, is_presenter, tab_links, lecture)
-        lecture.wire_open(lecture_page)
+        presenter.wire_address(pages, is_presenter, tab_links, lecture)
         plot_format.change(None, inputs=plot_format, js="(f) => window.vitExplorerPlotFormat(f)",
                            api_name=False)
         demo.unload(common.end_session)  # a closed tab's fine-tunes are deleted

@@ -11,6 +11,7 @@ there is measured by the app, and every figure built from them says so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -261,32 +262,63 @@ def rollout_note(facts: RolloutFacts, grid: tuple[int, int], masked: RolloutFact
                  masked_tokens: int = 0) -> str:
     """Step 5: what the rollout map shows; an attention sink named and explained when its
     brightest patch is one; with ``masked`` (the facts of the rollout with ``masked_tokens``
-    sink patches taken out, drawn on the right), what that map shows too."""
+    sink patches taken out, drawn on the right), what that map shows too.
+
+    The first paragraph says where each map peaks; how spread the maps are and why a sink is
+    one follow in a paragraph of their own, which presenter mode folds (`fold_details`)."""
     ratio = facts.peak_share / facts.mean_share
     place = _where(*facts.peak, grid)
-    side = "Left, the" if masked is not None else "Here the"
-    after = "" if masked is None else " " + _masked_note(masked, grid, masked_tokens)
+    sink = ": an **attention sink**, not a sign of where the object is" if facts.sink else ""
+    lead = (f"{'Here the' if masked is None else 'Left, the'} brightest patch (at {place}) holds "
+            f"{facts.peak_share:.1%} of the class token's rollout, {ratio:.0f}× the mean "
+            f"patch{sink}.")
+    spread = f"The brightest tenth of the patches hold {facts.top_tenth:.0%} of it."
+    if masked is not None:
+        lead += " " + _masked_note(masked, grid, masked_tokens)
+        spread = (f"The brightest tenth of the patches hold {facts.top_tenth:.0%} of the left "
+                  f"map and {masked.top_tenth:.0%} of the right one.")
     if facts.sink is None:
-        return (f"{side} brightest patch (at {place}) holds {facts.peak_share:.1%} of the class "
-                f"token's rollout, {ratio:.0f}× the mean patch; the brightest tenth of the patches "
-                f"hold {facts.top_tenth:.0%} of it.{after}")
+        return f"{lead}\n\n{spread}"
     s = facts.sink
-    return (f"{side} brightest patch (at {place}) holds {facts.peak_share:.1%} of the class "
-            f"token's rollout, {ratio:.0f}× the mean patch. It is an **attention sink**, not a "
-            f"sign of where the object is: in block {facts.sink_block + 1} the tokens put on "
-            f"average {s.share:.0%} of their attention on that one patch (uniform would be "
+    return (f"{lead}\n\nWhy a sink: in block {facts.sink_block + 1} the tokens put on average "
+            f"{s.share:.0%} of their attention on that one patch (uniform would be "
             f"{1 / facts.num_tokens:.1%}; {s.queries:.0%} of them give it over "
             f"{SINK_FACTOR:g}× that), a place where the block parks attention it does not need, and "
-            "rollout multiplies it through the blocks above. The brightest tenth of the patches "
-            f"hold {facts.top_tenth:.0%} of the rollout.{after}")
+            f"rollout multiplies it through the blocks above. {spread}")
 
 
 def _masked_note(m: RolloutFacts, grid: tuple[int, int], tokens: int) -> str:
     what = "the sink patch" if tokens == 1 else f"the {tokens} sink patches"
     return (f"Right, the same rollout with {what} taken out of every block's attention (the "
             f"other weights renormalised): its brightest patch is at {_where(*m.peak, grid)}, "
-            f"{m.peak_share / m.mean_share:.0f}× the mean, and the brightest tenth of the patches "
-            f"hold {m.top_tenth:.0%} of it.")
+            f"{m.peak_share / m.mean_share:.0f}× the mean.")
+
+
+# Characters of a step's words (its text and the shown part of its note) that fit beside its
+# figure in presenter mode at 1280x720 (tests/browser/test_presenter_screen.py checks it).
+PRESENTER_CHARS = 700
+# where a note may be cut: between paragraphs, sentences, or before a list item
+_UNIT = re.compile(r"(\n\n+|(?<=[.!?])[ ]+(?=[A-Z*(])|\n(?=- ))")
+
+
+def fold_details(note: str, budget: int | None = None,
+                 summary: str = "More about this figure") -> str:
+    """``note`` for a projector: its first paragraph shown (cut after the sentence that
+    reaches ``budget`` characters, if given, keeping at least one), the rest (the explanation
+    behind it) folded into a collapsed ``<details>`` a click opens. The words are the note's
+    own, only hidden: nothing is rewritten."""
+    units = _UNIT.split(note.strip())  # [unit, separator, unit, ...]
+    shown, used, i = units[0], len(units[0]), 1
+    while i < len(units) and not units[i].startswith("\n\n"):
+        if budget is not None and used + len(units[i]) + len(units[i + 1]) > budget:
+            break
+        shown += units[i] + units[i + 1]
+        used += len(units[i]) + len(units[i + 1])
+        i += 2
+    rest = "".join(units[i + 1:]).strip()
+    if not rest:
+        return shown
+    return f"{shown}\n\n<details><summary>{summary}</summary>\n\n{rest}\n\n</details>"
 
 
 @dataclass(frozen=True)

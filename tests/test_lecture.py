@@ -161,3 +161,47 @@ def test_mosaic_labels_fit_under_their_own_tile():
     first, second = inked[inked < 2 + 256], inked[inked >= 2 + 256 + 2]
     assert first.size and second.size and not ((inked >= 258) & (inked < 260)).any()
     assert first.min() > 0 and second.max() < out.shape[1] - 1  # inside the figure
+
+
+# --- presenter mode: the same words, the explanation folded ------------------------------
+
+def test_fold_details_keeps_the_first_paragraph_and_folds_the_rest():
+    note = "Here the peak is at row 2. It is 5× the mean.\n\nWhy: a sink. It parks attention."
+    folded = lecture.fold_details(note)
+    shown, hidden = folded.split("<details>")
+    assert shown.strip() == "Here the peak is at row 2. It is 5× the mean."
+    assert "Why: a sink. It parks attention." in hidden and hidden.rstrip().endswith("</details>")
+    assert lecture.fold_details("One paragraph only.") == "One paragraph only."
+
+
+def test_fold_details_cuts_a_long_paragraph_after_whole_sentences_within_the_budget():
+    note = "First sentence (3 px). Second one is here. Third (the last)."
+    folded = lecture.fold_details(note, budget=len("First sentence (3 px). Second one is here."))
+    shown, hidden = folded.split("<details>")
+    assert shown.strip() == "First sentence (3 px). Second one is here."
+    assert "Third (the last)." in hidden
+    # a budget smaller than the first sentence still shows that sentence
+    assert lecture.fold_details(note, budget=5).startswith("First sentence (3 px).\n\n<details>")
+    # list items are units too: a heading line stays, the items fold
+    lines = "**Trained here:** best width:\n- 500 images: 64\n- 60,000 images: 128"
+    shown, hidden = lecture.fold_details(lines, budget=40).split("<details>")
+    assert shown.strip() == "**Trained here:** best width:" and "- 60,000 images: 128" in hidden
+
+
+def test_rollout_note_leads_with_both_peaks_and_explains_the_sink_after():
+    import numpy as np
+
+    from explorer.attention import Sink
+
+    rollout = np.full((4, 4), 0.01)
+    rollout[3, 3] = 0.5
+    sinks = [[Sink(1 + 15, 0.13, 0.04, 0.9)]]
+    facts = lecture.rollout_facts(rollout, sinks, num_prefix_tokens=1, num_tokens=17)
+    masked_map = np.full((4, 4), 0.05)
+    masked_map[1, 0] = 0.2
+    masked = lecture.rollout_facts(masked_map, [], 1, 17)
+    lead, why = lecture.rollout_note(facts, (4, 4), masked, masked_tokens=2).split("\n\n")
+    assert "**attention sink**" in lead and "Right, " in lead  # both maps' peaks first
+    assert why.startswith("Why a sink: in block 1 the tokens put on average 13%")
+    # the top 2 of 16 patches: (0.5 + 0.01) / 0.65 and (0.2 + 0.05) / 0.95
+    assert "The brightest tenth of the patches hold 78% of the left map and 26% of the right" in why

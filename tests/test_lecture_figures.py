@@ -193,3 +193,18 @@ def test_step6_describes_the_plotted_profile(example):
                        note) == (int(means.argmax()) + 1, round(means.max()),
                                  int(means.argmin()) + 1, round(means.min()))
         assert "does not" in note
+
+
+@pytest.mark.parametrize("step", range(1, 7))
+def test_presenter_text_is_the_same_words_with_the_explanation_folded(step):
+    """Presenter mode shows what fits beside the figure and folds the rest: the same computed
+    sentences (nothing rewritten or dropped), the shown part within `PRESENTER_CHARS`."""
+    plain = lecture_tab.step_view(step, "astronaut", 0, False)["text"]
+    shown = lecture_tab.step_view(step, "astronaut", 0, True)["text"]
+    visible = shown.split("<details>")[0]
+    assert len(visible.strip()) <= lecture.PRESENTER_CHARS
+    unfolded = re.sub(r"<details><summary>[^<]*</summary>|</details>", " ", shown)
+    assert unfolded.split() == plain.split()
+    if step == 5:  # the sink's explanation is a click away, both maps' peaks in view
+        assert "Right, " in visible and "**attention sink**" in visible
+        assert "Why a sink" not in visible and "Why a sink" in shown

@@ -45,12 +45,22 @@ def paper_scaling_figure() -> go.Figure:
     return fig
 
 
-def for_projector(fig: go.Figure, presenter: bool) -> go.Figure:
-    """Large fonts (every label ≥ 18 px) when presenting; the figure is changed in place."""
+def for_projector(fig: go.Figure, presenter: bool, fill: bool = False) -> go.Figure:
+    """Large fonts (every label ≥ 18 px) when presenting; the figure is changed in place.
+
+    Args:
+        fill: when presenting, leave the height to the page (plotly then fills the box the
+            page gives the figure: the Lecture's, the rest of the screen) instead of 600 px.
+    """
     if presenter:
         fig.update_layout(font={"size": PRESENTER_FONT}, title_font={"size": PRESENTER_FONT + 2},
-                          legend_font={"size": PRESENTER_FONT - 2}, height=600)
+                          legend_font={"size": PRESENTER_FONT - 2}, height=None if fill else 600)
         fig.update_annotations(font_size=PRESENTER_FONT - 2)
         fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"mode": "markers+text"})
         fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"type": "bar"})
+        legend = fig.layout.legend
+        if fill and legend.orientation == "h" and legend.y is not None and legend.y < 0:
+            # a legend under the plot, placed relative to the plot area, runs into the axis
+            # title at these fonts: pin it to the figure's bottom edge, the plot makes room
+            fig.update_layout(legend={"yref": "container", "y": 0, "yanchor": "bottom"})
     return fig

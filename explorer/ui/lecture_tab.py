@@ -71,7 +71,9 @@ def figure_file(image, name: str) -> str:
 
 def step_view(step, example, size, presenter) -> dict:
     """Everything one lecture step shows (the `/lecture_step` endpoint), by `LectureTab`
-    output name: the image or the plot is hidden, whichever the step does not use."""
+    output name: the image or the plot is hidden, whichever the step does not use. In
+    presenter mode the note's explanation folds away (`lecture.fold_details`), so the words
+    and the figure share one screen."""
     count = len(lecture.STEPS)
     step = min(max(int(step or 1), 1), count)
     s = lecture.STEPS[step - 1]
@@ -86,18 +88,21 @@ def step_view(step, example, size, presenter) -> dict:
         plot = gr.Plot(value=None, visible=False)
     else:
         image = gr.Image(value=None, visible=False)
-        plot = gr.Plot(value=lecture_plots.for_projector(made, bool(presenter)), visible=True,
+        plot = gr.Plot(value=lecture_plots.for_projector(made, bool(presenter), fill=True), visible=True,
                        label=name)
+    if presenter:  # what fits beside the figure; the rest a click away
+        note = "\n\n" + lecture.fold_details(note, lecture.PRESENTER_CHARS - len(s.text))
     text = s.text + note
-    return {"step": step, "heading": f"## Step {step} of {count}: {s.title}", "text": text,
+    return {"heading": f"## Step {step} of {count}: {s.title}", "text": text,
             "image": image, "plot": plot,
             "link": f"[Open the full view in its tab →]({links.view_query(tab_view)})",
             "query": links.view_query(view)}
 
 
-def move(step, delta, example, size, presenter) -> dict:
-    """Step ``delta`` along the path (clamped to the first and last step)."""
-    return step_view(int(step or 1) + int(delta), example, size, presenter)
+# Previous / next move the step number in the page itself, at once, so every click counts
+# however fast they come (a click used to read the step before the last one was drawn);
+# the step's drawing follows the number (`trigger_mode="always_last"`).
+STEP_JS = "(s) => Math.min(Math.max((Math.round(+s) || 1) + ({delta}), 1), {count})"
 
 
 @dataclass
@@ -124,48 +129,50 @@ class LectureTab:
         button.click(None, inputs=self.outputs["query"], outputs=box,
                      js=COPY_JS, api_name=False)
 
-    def wire_open(self, page: gr.Tab) -> None:
-        """Opening the Lecture's tab draws the current step (`/lecture_open`)."""
-        page.select(**self.outputs.event(step_view), inputs=[self.step, *self.settings],
-                    api_name="lecture_open", concurrency_limit=1, concurrency_id="lecture")
+    def wire_open(self, page: gr.Tab):
+        """Opening the Lecture's tab draws the current step (`/lecture_open`); returns the
+        event (the address follows it: `explorer.ui.presenter.wire_address`)."""
+        return page.select(**self.outputs.event(step_view), inputs=[self.step, *self.settings],
+                           api_name="lecture_open", concurrency_limit=1,
+                           concurrency_id="lecture")
 
 
 def build_lecture_tab(ctx: common.TabContext) -> LectureTab:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     names = [p.stem for p in images.example_paths()]
-    with gr.Row():
+    count = len(lecture.STEPS)
+    with gr.Row(elem_id="lecture-controls"):
         prev = gr.Button("← Previous", elem_id="lecture-prev", scale=0)
-        step = gr.Number(value=1, precision=0, label="Step", minimum=1,
-                         maximum=len(lecture.STEPS), elem_id="lecture-step", scale=0,
-                         min_width=90)
+        step = gr.Number(value=1, precision=0, label="Step", minimum=1, maximum=count,
+                         elem_id="lecture-step", scale=0, min_width=90)
         nxt = gr.Button("Next →", variant="primary", elem_id="lecture-next", scale=0)
         example = gr.Dropdown(names, value=names[0], label="Example", elem_id="lecture-example",
                               scale=1)
         size = gr.Number(value=0, precision=0, minimum=0, label="Size (px, 0 = model default)",
                          elem_id="lecture-size", scale=1)
         full = gr.Button("Full-screen figure", elem_id="lecture-fullscreen", scale=0)
-    heading = gr.Markdown(elem_id="lecture-heading")
-    text = gr.Markdown(elem_id="lecture-text", elem_classes=["lecture-text"])
-    image = gr.Image(format="png", interactive=False, elem_id="lecture-image",
-                     buttons=["download", "fullscreen"])
-    plot = gr.Plot(visible=False, elem_id="lecture-plot")
-    link = gr.Markdown(elem_id="lecture-link")
+    # the words on the left, the figure beside them as large as the screen allows
+    with gr.Row(elem_id="lecture-body"):
+        with gr.Column(scale=2, elem_id="lecture-words"):
+            heading = gr.Markdown(elem_id="lecture-heading")
+            text = gr.Markdown(elem_id="lecture-text", elem_classes=["lecture-text"])
+            link = gr.Markdown(elem_id="lecture-link")
+        with gr.Column(scale=3, elem_id="lecture-figure"):
+            image = gr.Image(format="png", interactive=False, elem_id="lecture-image",
+                             buttons=["download", "fullscreen"])
+            plot = gr.Plot(visible=False, elem_id="lecture-plot")
     query = gr.Textbox(visible=False, elem_id="lecture-query")
-    out = Outputs(step=step, heading=heading, text=text, image=image, plot=plot, link=link,
-                  query=query)
-    # Every event that draws a step shares one queue of size one ("lecture"), so the step
-    # drawn last is the one asked for last (a link's page load fires several at once).
+    out = Outputs(heading=heading, text=text, image=image, plot=plot, link=link, query=query)
+    for button, delta in ((prev, -1), (nxt, 1)):
+        button.click(None, inputs=step, outputs=step, js=STEP_JS.format(delta=delta, count=count),
+                     api_name=False)
+    # Every event that draws a step shares one queue of size one ("lecture"): while one step
+    # draws, only the last step asked for waits, so the step drawn last is the one asked last.
     settings = [example, size, ctx.presenter]
-    # The URL follows the step, so a reload (or a copied address) comes back to it.
-    to_url = "(q) => { if (q) history.replaceState(null, '', q); }"
-    for button, delta, api in ((prev, -1, "lecture_previous"), (nxt, 1, "lecture_next")):
-        button.click(**out.event(move), inputs=[step, gr.Number(delta, visible=False), *settings],
-                     api_name=api, concurrency_limit=1, concurrency_id="lecture").then(
-            None, inputs=query, js=to_url, api_name=False)
-    gr.on([step.submit, example.change, size.submit, ctx.presenter.change], **out.event(step_view),
-          inputs=[step, *settings], api_name="lecture_step", concurrency_limit=1,
-          concurrency_id="lecture", trigger_mode="always_last").then(
-        None, inputs=query, js=to_url, api_name=False)
+    gr.on([step.change, example.change, size.submit, ctx.presenter.change],
+          **out.event(step_view), inputs=[step, *settings], api_name="lecture_step",
+          concurrency_limit=1, concurrency_id="lecture", trigger_mode="always_last",
+          show_progress="minimal")
     full.click(None, js="() => { const el = [...document.querySelectorAll("
                         "'#lecture-image, #lecture-plot')].find(e => e.offsetParent);"
                         " el && el.requestFullscreen && el.requestFullscreen(); }",

@@ -44,10 +44,8 @@ class TabLink:
                  "height": self.height}
         return {**{n: c for n, c in named.items() if c is not None}, **self.extra}
 
-    def wire_copy(self, row: tuple[gr.Button, gr.Textbox], presenter: gr.Checkbox) -> None:
-        """Clicking the row's button puts this tab's current view in the box and the
-        clipboard."""
-        button, box = row
+    def query(self) -> Callable[..., str]:
+        """``f(is_presenter, *values of inputs())``: the query string of this tab's view."""
         names = list(self.inputs())
 
         def link(is_presenter, *values):
@@ -55,7 +53,13 @@ class TabLink:
             return links.view_query(self.view(dict(zip(names, values, strict=True)),
                                               bool(is_presenter)))
 
-        button.click(link, inputs=[presenter, *self.inputs().values()], outputs=box,
+        return link
+
+    def wire_copy(self, row: tuple[gr.Button, gr.Textbox], presenter: gr.Checkbox) -> None:
+        """Clicking the row's button puts this tab's current view in the box and the
+        clipboard."""
+        button, box = row
+        button.click(self.query(), inputs=[presenter, *self.inputs().values()], outputs=box,
                      api_name=f"{self.tab.key}_link", queue=False).then(
             None, inputs=box, outputs=box, js=COPY_JS, api_name=False)
 
@@ -162,17 +166,58 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
     presenter.change(None, inputs=presenter, js=PRESENTER_JS, api_name=False)
 
 
+def page_id(tab: links.Tab) -> str:
+    """The elem_id of ``tab``'s page (``gr.Tab(elem_id=...)``): the address script asks
+    whether that page is the one on screen."""
+    return f"tab-{tab.key}"
+
+
+def address_js(tab: links.Tab) -> str:
+    """Page script: put a query string in the address bar (no reload, no new history entry),
+    only while ``tab``'s page is the one on screen, so a hidden tab never claims it."""
+    return ("(q) => { const page = document.getElementById(" + repr(page_id(tab)) + ");"
+            " if (q && q.startsWith('?') && page && page.offsetParent !== null)"
+            " history.replaceState(null, '', q); }")
+
+
+def wire_address(pages: dict[str, gr.Tab], presenter: gr.Checkbox, tab_links: list[TabLink],
+                 lecture_tab) -> None:
+    """Keep the address bar on what the screen shows: opening a tab, or changing one of its
+    linked settings (`TabLink.inputs`; the Lecture's step, example and size), writes that
+    view's query (`links.view_query`) with ``history.replaceState``, so a reload or a copied
+    address comes back to it.
+
+    Args:
+        pages: the app's tabs by key (`explorer.ui.links.TABS`).
+        lecture_tab: the Lecture's `explorer.ui.lecture_tab.LectureTab`.
+    """
+    query = lecture_tab.outputs["query"]  # the drawn step's query (`lecture_tab.step_view`)
+    to_lecture = address_js(links.LECTURE)
+    lecture_tab.wire_open(pages[links.LECTURE.key]).then(None, inputs=query, js=to_lecture,
+                                                         api_name=False)
+    query.change(None, inputs=query, js=to_lecture, api_name=False)
+    for tab in tab_links:
+        address = gr.Textbox(visible=False, elem_id=f"{tab.tab.key}-address")
+        triggers = [pages[tab.tab.key].select, presenter.change]
+        triggers += [c.change for c in tab.inputs().values()]
+        gr.on(triggers, tab.query(), inputs=[presenter, *tab.inputs().values()],
+              outputs=address, api_name=False, queue=False, trigger_mode="always_last",
+              show_progress="hidden").then(None, inputs=address, js=address_js(tab.tab),
+                                           api_name=False)
+
+
 def link_row(tab: links.Tab) -> tuple[gr.Button, gr.Textbox]:
     """The "copy a link to this view" button and the link it made, at the top of a tab.
 
     Made before the tab's own components (so it shows first); the tab wires it. Ids:
     ``{key}-copy-link``, ``{key}-link``.
     """
-    with gr.Row():
+    with gr.Row(elem_classes=["link-row"]):
         button = gr.Button("Copy a link to this view", size="sm", scale=0,
-                           elem_id=f"{tab.key}-copy-link")
+                           elem_id=f"{tab.key}-copy-link", elem_classes=["link-button"])
         box = gr.Textbox(show_label=False, placeholder="a link to this view appears here",
-                         buttons=["copy"], elem_id=f"{tab.key}-link", scale=1, interactive=False)
+                         buttons=["copy"], elem_id=f"{tab.key}-link", scale=1, interactive=False,
+                         elem_classes=["link-box"])
     return button, box
 
 
@@ -200,6 +245,19 @@ COPY_JS = """
   const url = location.origin + location.pathname + q;
   try { navigator.clipboard.writeText(url).catch(() => {}); } catch (e) {}
   return url;
+}
+"""
+
+# The bar's "copy link": the address always names the view on screen (`wire_address`).
+BAR_COPY_JS = """
+() => {
+  const url = location.href;
+  const done = () => {
+    document.body.dataset.copied = '1';
+    setTimeout(() => delete document.body.dataset.copied, 2000);
+  };
+  try { navigator.clipboard.writeText(url).then(done, () => window.prompt('Copy this link:', url)); }
+  catch (e) { window.prompt('Copy this link:', url); }
 }
 """
 
@@ -259,13 +317,35 @@ HEAD = r"""
                                  .filter(Boolean).join('_') + ext);
   }, true);
   window.vitExplorerPlotFormat = (f) => { document.body.dataset.plotFormat = f; nameFigures(); };
+  // Presenter mode: where the lecture's step starts, so its figure takes the rest of the
+  // screen (`CSS`, #lecture-body).
+  const placeLecture = () => {
+    const body = document.getElementById('lecture-body');
+    if (!body || body.offsetParent === null) return;
+    const root = document.documentElement.style;
+    const set = (name, value) => root.getPropertyValue(name) !== value &&
+                                 root.setProperty(name, value);
+    set('--lecture-top', Math.round(body.getBoundingClientRect().top + window.scrollY) + 'px');
+    const img = document.querySelector('#lecture-image img');
+    const shown = img && img.offsetParent !== null && img.naturalHeight;
+    set('--lecture-ar', shown ? (img.naturalWidth / img.naturalHeight).toFixed(3) : '1.45');
+  };
+  setInterval(placeLecture, 250);
+  window.addEventListener('resize', placeLecture);
 })();
 </script>
 """
 
 # Presenter mode: large text everywhere (gradio's size variables and the prose), plotly
-# labels at least 18 px, figures as large as the screen allows.
+# labels at least 18 px. The screen is a projector's (1280x720 and up): the intro folds away,
+# the title, settings and a copy-link button share one slim bar (the tabs' own copy-link
+# rows hide: the address always names the view, `wire_address`), every tab name stays on one
+# line, and a lecture step shows its words beside its figure, the figure as large as what is
+# left of the screen allows (``--lecture-top``: where the step starts, set by `HEAD`).
 CSS = """
+#app-bar { align-items: center; }
+#app-title h1 { margin: 0; }
+body:not(.presenter) #bar-copy-link { display: none; }  /* gradio scopes a bare rule above body.* */
 body.presenter .gradio-container {
   --text-xxs: 18px; --text-xs: 18px; --text-sm: 20px; --text-md: 22px; --text-lg: 24px;
   --text-xl: 28px; --text-xxl: 32px; --block-label-text-size: 20px; --block-info-text-size: 18px;
@@ -280,6 +360,76 @@ body.presenter .gradio-container .prose li { font-size: 24px !important; line-he
 body.presenter .gradio-container .prose h2 { font-size: 36px !important; }
 body.presenter .js-plotly-plot text { font-size: 20px !important; }
 body.presenter .js-plotly-plot .gtitle { font-size: 24px !important; }
-body.presenter #lecture-image img { max-height: 78vh; }
+
+/* one slim bar */
+body.presenter .gradio-container > .main { padding-top: 4px; }
+body.presenter #app-intro, body.presenter .link-row { display: none !important; }
+body.presenter #app-bar { flex-wrap: nowrap; gap: 20px; min-height: 0; }
+body.presenter #app-bar .form { flex-direction: row; flex-wrap: nowrap; align-items: center;
+  gap: 20px; }
+body.presenter #app-bar > *, body.presenter #app-bar .form, body.presenter #app-bar .block {
+  flex: 0 0 auto !important; min-width: 0 !important; width: auto !important; }
+body.presenter #app-bar .form, body.presenter #app-bar .block { background: none; border: 0;
+  box-shadow: none; padding: 0; overflow: visible !important; }
+body.presenter #app-title h1 { font-size: 24px !important; line-height: 1.2; }
+body.presenter #presenter .label-text { font-size: 18px; }
+body.presenter #plot-format { display: flex; flex-wrap: nowrap; align-items: center; gap: 8px; }
+body.presenter #plot-format [data-testid="block-info"] { margin: 0; font-size: 18px;
+  white-space: nowrap; }
+body.presenter #plot-format label { padding: 2px 10px; font-size: 18px; }
+body.presenter #bar-copy-link { display: inline-flex; margin-left: auto; flex: 0 0 auto;
+  font-size: 18px; }
+body[data-copied] #bar-copy-link::after { content: " ✓"; }
+
+/* every tab name on one line */
+body.presenter #app-tabs [role="tab"] { font-size: 18px; padding: 4px 12px; }
+
+/* a lecture step on one screen: compact controls, words beside the figure */
+body.presenter #lecture-controls { flex-wrap: nowrap; align-items: center; gap: 8px; }
+body.presenter #lecture-controls > *, body.presenter #lecture-controls .form,
+body.presenter #lecture-controls .block { flex: 0 0 auto !important; min-width: 0 !important;
+  width: auto !important; }
+body.presenter #lecture-controls button { font-size: 18px; padding: 6px 12px; min-height: 0;
+  white-space: nowrap; }
+body.presenter #lecture-controls .form { border: 0; background: none; box-shadow: none;
+  flex-wrap: nowrap; gap: 8px; }
+body.presenter #lecture-controls .block { padding: 2px 6px; display: flex; align-items: center;
+  overflow: visible !important; }
+body.presenter #lecture-controls label.container,
+body.presenter #lecture-controls .container { display: flex; flex-direction: row;
+  align-items: center; gap: 8px; }
+body.presenter #lecture-controls [data-testid="block-info"] { margin: 0; font-size: 16px;
+  white-space: nowrap; }
+body.presenter #lecture-controls input { font-size: 18px; padding: 4px 8px; }
+body.presenter #lecture-step input { width: 3.2em; }
+body.presenter #lecture-size input { width: 4.2em; }
+body.presenter #lecture-example .container > .wrap { width: 8em; }
+body.presenter #lecture-body { height: max(320px, calc(100vh - var(--lecture-top, 200px) - 8px));
+  flex-wrap: nowrap; align-items: stretch; gap: 16px; }
+body.presenter #lecture-words { flex: 1 1 0 !important; min-width: 0 !important;
+  flex-wrap: nowrap; overflow-y: auto; gap: 4px; }
+body.presenter #lecture-words .prose h2 { font-size: 26px !important; margin: 0 0 6px 0; }
+body.presenter #lecture-text .prose,
+body.presenter #lecture-text .prose p,
+body.presenter #lecture-text .prose li { font-size: 20px !important; line-height: 1.38; }
+body.presenter #lecture-text .prose p { margin: 0 0 10px 0; }
+body.presenter #lecture-text details { margin-top: 4px; }
+body.presenter #lecture-text summary { cursor: pointer; color: var(--link-text-color);
+  font-size: 18px; }
+body.presenter #lecture-link .prose p { font-size: 18px !important; margin: 0; }
+/* the figure: as wide as its aspect ratio (--lecture-ar, from the image) allows at the full
+   height, at most 58% of the width; the words take the rest */
+body.presenter #lecture-figure { flex: 0 0 auto !important; height: 100%; gap: 0;
+  min-width: 0 !important; width: min(58%, calc((100vh - var(--lecture-top, 200px) - 8px)
+  * var(--lecture-ar, 1.45))); }
+body.presenter #lecture-image, body.presenter #lecture-plot { height: 100%; }
+body.presenter #lecture-image [data-testid="block-label"],
+body.presenter #lecture-plot [data-testid="block-label"] { display: none; }
+body.presenter #lecture-image .image-container,
+body.presenter #lecture-image .image-container > button,
+body.presenter #lecture-image .image-frame { width: 100%; height: 100%; }
+body.presenter #lecture-image img { width: 100%; height: 100%; max-height: none;
+  object-fit: contain; }
+body.presenter #lecture-plot .js-plotly-plot { height: calc(100% - 8px); }
 #link-note { border-left: 4px solid #d97706; padding-left: 8px; }
 """
