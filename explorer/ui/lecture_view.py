@@ -101,7 +101,10 @@ def overlay(presenter: bool) -> tuple[float, str]:
 def sequence(example: str, size: int | None, presenter: bool) -> Shown:
     """Step 1: the token sequence the model reads."""
     t = prepared(example, size).tokens
-    figure = token_plots.token_sequence(prepared(example, size).shown, t.patch, t.prefix_names)
+    # two image rows per line: a labelled tile is about twice as tall as wide, so lines of
+    # one image row make a tall strip, drawn small beside the words on a wide screen
+    figure = token_plots.token_sequence(prepared(example, size).shown, t.patch, t.prefix_names,
+                                        per_row=2 * t.grid[1])
     return Shown(figure, lecture.sequence_note(t.grid, t.prefix_names),
                  {"grid": t.grid, "prefix": list(t.prefix_names)})
 
