@@ -361,10 +361,10 @@ def figure(caption: str, elem_id: str, **kwargs) -> tuple[gr.Markdown, gr.Image]
     Ids: ``elem_id`` for the image, ``{elem_id}-caption`` for the caption (an output too,
     when the caption depends on the model).
     """
-    with gr.Group():
-        caption_md = gr.Markdown(caption, elem_id=f"{elem_id}-caption", padding=True)
-        image = gr.Image(label=caption, show_label=False, interactive=False, elem_id=elem_id,
-                         **kwargs)
+    # (not in a gr.Group: grouped images opened in a tab by a link drew 0 px tall)
+    caption_md = gr.Markdown(caption, elem_id=f"{elem_id}-caption")
+    image = gr.Image(label=caption, show_label=False, interactive=False, elem_id=elem_id,
+                     **kwargs)
     return caption_md, image
 
 

@@ -258,9 +258,11 @@ def build_igpt_tab(ctx: common.TabContext) -> TabLink:
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Row():
-                image = common.upload_image(label="Image", height=220, elem_id="igpt-image")
-                seen_caption, seen = common.figure("As the model sees it", "igpt-seen",
-                                                   format="png", height=220)
+                image = common.upload_image(label="Image", height=220, elem_id="igpt-image",
+                                            min_width=160)
+                with gr.Column(min_width=160):  # beside the upload, not under it
+                    seen_caption, seen = common.figure("As the model sees it", "igpt-seen",
+                                                       format="png", height=220)
             try:
                 gr.Examples(fashion_mnist_examples(), inputs=image, elem_id="igpt-examples",
                             label="Held-out Fashion-MNIST test images")
