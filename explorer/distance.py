@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from explorer import datasets
+from explorer import datasets, gpu
 from explorer.attention import AttentionMaps, EachLayer, capture
 from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.images import ImageError, example_paths, open_image, prepare_pixels
@@ -278,7 +278,9 @@ def dataset_mean_attention_distance(
     for i in range(0, len(images), batch_size):
         batch = torch.cat([prepare_pixels(im, data_config, size) for im in images[i : i + batch_size]])
         batch = batch.to(model_device(model))
-        per_image.append(model_mean_attention_distance(model, batch, prefix, per_image=True))
+        # one GPU call per batch on a ZeroGPU Space (the progress stays here), else plain
+        per_image.append(gpu.analyse_on_device(model_mean_attention_distance, model, batch,
+                                               prefix, per_image=True))
         if progress is not None:
             progress(min(i + batch_size, len(images)), len(images))
     d = torch.cat(per_image)  # (n, L, H)
@@ -378,7 +380,8 @@ def random_init_distance(name: str, model: nn.Module, data_config: dict, size: t
     def build() -> torch.Tensor:
         fresh = random_init_cached(name, model)
         pixels = prepare_pixels(example_images()[0], data_config, size, fit)
-        return model_mean_attention_distance(fresh, pixels.to(model_device(fresh)), prefix)
+        return gpu.analyse_on_device(model_mean_attention_distance, fresh,
+                                     pixels.to(model_device(fresh)), prefix)
 
     return RANDOM_INIT_CURVES.get_or_build(key, build)
 
@@ -401,7 +404,9 @@ def compare_models(
     for i, (label, model, config, size) in enumerate(entries):
         pixels = prepare_pixels(image, config, size, fit).to(model_device(model))
         start = time.perf_counter()
-        out.append((label, model_mean_attention_distance(model, pixels, prefix)))
+        # a GPU call on a ZeroGPU Space (`explorer.gpu`), a plain call elsewhere
+        out.append((label, gpu.analyse_on_device(model_mean_attention_distance, model, pixels,
+                                                 prefix)))
         if i == 0:
             rate = 1.0 / max(time.perf_counter() - start, 1e-9)
     return out, rate

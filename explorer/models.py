@@ -38,7 +38,7 @@ from huggingface_hub.utils import (
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from explorer import hub, settings
+from explorer import gpu, hub, settings
 from explorer.cache import KeyedCache
 from explorer.errors import ModelUnavailableError
 from explorer.patches import ModelGeometry, architecture_geometry, model_geometry
@@ -176,7 +176,12 @@ def describe(name: str | None) -> str:
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU (fp32 always: CPUs without bf16 units run it far slower)."""
+    """CUDA when present, else CPU (fp32 always: CPUs without bf16 units run it far slower).
+
+    On a ZeroGPU Space the CPU: CUDA must not start in the app's process there; each
+    analysis borrows a GPU in a worker (`explorer.gpu.analyse_on_device`)."""
+    if gpu.on_zero_gpu():
+        return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -38,13 +38,23 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from explorer import gpu
+
+
+def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1) -> Accelerator:
+    """accelerate's placement for a training run: CUDA when present, else the CPU; on a
+    ZeroGPU Space the CPU (training runs in the app's process, where CUDA must not start:
+    only the analyses borrow a GPU, `explorer.gpu`)."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
+                       gradient_accumulation_steps=grad_accum, cpu=gpu.on_zero_gpu())
+
 
 def resolve_mixed_precision(choice: str) -> str:
     """accelerate's mixed_precision for ``choice``; "auto" never picks half precision on CPU
     (bf16/fp16 matmuls there are far slower than fp32), bf16 on GPUs that support it."""
     if choice != "auto":
         return choice
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or gpu.on_zero_gpu():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
@@ -163,9 +173,7 @@ class TrainLoop:
                  extra_state: Callable[[], dict] | None = None,
                  accelerator: Accelerator | None = None, compile: bool = False):
         self.recipe = recipe
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=resolve_mixed_precision(mixed_precision),
-            gradient_accumulation_steps=grad_accum)
+        self.accelerator = accelerator or make_accelerator(mixed_precision, grad_accum)
         self.cancel = cancel or threading.Event()
         self.checkpointing = checkpoint
         self.extra_state = extra_state

@@ -114,3 +114,39 @@ def test_in_a_zero_gpu_worker_the_analysis_runs_on_cuda_and_leaves_the_model_on_
     assert got["where"].startswith("cuda") and got["out"].device.type == "cpu"
     assert next(model.parameters()).device.type == "cpu"
     torch.testing.assert_close(got["out"], model(x))
+
+
+def test_on_zero_gpu_the_app_process_never_places_anything_on_cuda(monkeypatch):
+    """CUDA must not start in a ZeroGPU Space's own process (its `torch.cuda.is_available`
+    says True there): models load on the CPU, training runs on the CPU in fp32."""
+    from explorer import models, training
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as spaces patches it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert training.resolve_mixed_precision("auto") == "bf16"  # a dedicated GPU
+    assert models.default_device().type == "cuda"
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert models.default_device().type == "cpu"
+    assert training.resolve_mixed_precision("auto") == "no"
+
+
+def test_every_vit_analysis_of_the_tabs_goes_through_the_gpu_seam(monkeypatch):
+    """The tokens, attention and distance tabs' forward passes each go through
+    `analyse_on_device` (a spaces.GPU call on ZeroGPU), on the real offline model."""
+    from explorer import distance, images
+    from explorer.ui import attention_tab, common, distance_tab, tokens_tab
+    called = []
+
+    def seam(fn, model, *args, **kwargs):
+        called.append(fn.__name__)
+        return gpu._analyse_on_device(fn, model, *args, **kwargs)
+
+    monkeypatch.setattr(gpu, "analyse_on_device", seam)
+    distance.RANDOM_INIT_CURVES.clear()
+    photo = str(images.example_paths()[0])
+    tokens_tab._tokens(photo, None, 224, 224, "crop")
+    assert called == ["analyse_tokenization"]
+    attention_tab._analyse(common.ImageRequest(photo, None, 224, 224, "crop"))
+    assert called[1:] == ["capture"]  # the offline DINOv2 has no classifier: no relevance
+    called.clear()
+    distance_tab.per_image(photo, None, [], True, False, 224, 224, "crop", "drop", None)
+    assert called == ["model_mean_attention_distance"] * 2  # the image, then random init

@@ -51,7 +51,8 @@ from explorer.finetune.probe import (
 )
 from explorer.finetune.resolution import set_resolution, snap_resolution
 from explorer.patches import has_class_token
-from explorer.training import Recipe, TrainLoop, resolve_mixed_precision, warmup_steps
+from explorer.training import Recipe, TrainLoop, warmup_steps
+from explorer.training import make_accelerator as training_accelerator
 
 MODES = ("linear", "last_k", "full")
 PROBE_POOLS = ("token", "avg")  # timm global_pool values a linear probe may read
@@ -191,8 +192,7 @@ class TrainEvent:
 
 def make_accelerator(config: FinetuneConfig) -> Accelerator:
     """The Accelerator for a run (its state is process-wide; one run at a time)."""
-    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
-                       gradient_accumulation_steps=config.grad_accum)
+    return training_accelerator(config.mixed_precision, config.grad_accum)
 
 
 def prepare_model(model: nn.Module, num_classes: int, config: FinetuneConfig) -> tuple[int, int]:

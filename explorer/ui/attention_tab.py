@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 import gradio as gr
 import torch
 
-from explorer import attention, images, models, patches
+from explorer import attention, gpu, images, models, patches
 from explorer.plots import attention as plots
 from explorer.plots.colors import COLORMAPS
 from explorer.store import Ref
@@ -122,10 +122,11 @@ def _analyse(request: common.ImageRequest) -> Analysis:
         request.image, request.model, request.width, request.height, request.fit)
     with common.user_errors():
         # kept in the store: float16 q, k and head means (half the bytes), cast per block
-        maps = attention.capture(model, pixels, keep_dtype=torch.float16)
+        # on a ZeroGPU Space each runs in a GPU call (`explorer.gpu`); elsewhere a plain call
+        maps = gpu.analyse_on_device(attention.capture, model, pixels, keep_dtype=torch.float16)
         relevance, note = None, "Class-specific map: only for models with a classifier head."
         if getattr(model, "num_classes", 0):
-            rel, target = attention.class_relevance(model, pixels)
+            rel, target = gpu.analyse_on_device(attention.class_relevance, model, pixels)
             names = getattr(model, "class_names", None)
             label = names[int(target[0])] if names else f"class {int(target[0])}"
             relevance, note = rel[0], f"Relevance for the predicted **{label}** (Chefer et al.)."

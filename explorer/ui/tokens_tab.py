@@ -13,7 +13,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from explorer import images, models, patches
+from explorer import gpu, images, models, patches
 from explorer.cache import KeyedCache
 from explorer.plots import tokens as token_plots
 from explorer.ui import common, links
@@ -103,7 +103,7 @@ def _as_files(views: dict) -> dict:
 def _tokens(image_path, model_name, width, height, fit) -> dict:
     model, data_config, pixels = common.model_and_pixels(image_path, model_name, width, height, fit)
     with common.user_errors():
-        result = patches.analyse_tokenization(model, pixels)
+        result = gpu.analyse_on_device(patches.analyse_tokenization, model, pixels)
     shown = images.pixels_to_image(result.pixels, data_config)
     prefix = len(result.prefix_names)
     summary = (
