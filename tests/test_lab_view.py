@@ -74,6 +74,20 @@ def test_progress_text_says_what_is_still_training():
         "All 1 grid runs have finished."
 
 
+def test_progress_text_says_which_runs_train_again_and_why():
+    status = {"done": [], "training": [("cnn-w24-d2-n60000-s0-a1", 100, 27188)], "todo": []}
+    # its first attempt: 13,594 steps, validation 93.05% at the 80% mark, 94.30% at the end
+    first = dict(_row("cnn", 60000, 0.942, train=0.965, steps=13594,
+                      curve=[(10875, 0.9305, 0.95), (13594, 0.9430, 0.965)]), attempt=0)
+    text = lab_view.progress_text(status, [first])
+    assert ("CNN on 60,000 images, seed 0: 13,594 steps reached 94.2% test accuracy, but "
+            "validation accuracy still rose 1.2 points in its last 20% of steps, so it trains "
+            "again from scratch with 27,188 steps") in text
+    done = {**status, "done": ["cnn-w24-d2-n60000-s0"]}  # its last attempt is in the grid
+    assert "Training longer" not in lab_view.progress_text(done, [first])
+    assert "Training longer" not in lab_view.progress_text(status, [])
+
+
 def test_live_message_says_the_budget_is_shorter_and_what_it_cost():
     result = SimpleNamespace(seconds=90.0, test_acc=0.65, train_acc=0.7, steps=600)
     text = lab_view.live_message(result, ROWS, LabRun("vit", 500, 0), LIVE_BUDGET)
@@ -102,3 +116,13 @@ def test_lecture_lab_steps_say_what_is_still_training_instead_of_failing(monkeyp
                        (9, "The relative-attention model is still training")):
         plot = lecture_tab.step_view(step, "astronaut", 0, False)["plot"]
         assert what in str(plot.value), step
+
+
+def test_the_summary_lists_the_attempts_that_trained_again():
+    from explorer.lab.summary import summary_markdown
+    first = dict(_row("vit", 60000, 0.9048, train=0.967, steps=13594,
+                      curve=[(10875, 0.908, 0.95), (13594, 0.9135, 0.967)]), attempt=0, epochs=30.0)
+    text = summary_markdown([], None, [first])
+    assert "| vit w64 n60,000 s0 original | 1 | 13,594 | 30 | 90.48 | +0.55 | +6.2 | **no** |" \
+        in text.splitlines()
+    assert "Attempts that had not converged" not in summary_markdown([], None, [])

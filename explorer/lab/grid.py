@@ -310,7 +310,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.summary:
         from explorer.lab.summary import summary_markdown
-        print(summary_markdown(read_grid(GRID_CSV), read_grid(SWEEP_CSV)))
+        print(summary_markdown(read_grid(GRID_CSV), read_grid(SWEEP_CSV),
+                               read_grid(ATTEMPTS_CSV)))
         return 0
     if args.status:
         s = status()

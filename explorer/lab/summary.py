@@ -43,18 +43,21 @@ def _sweep_table(sweep_rows: list[dict]) -> list[str]:
 
 
 def _convergence_table(rows: list[dict]) -> list[str]:
-    out = ["| run | steps | epochs | val gain, last 20% (pts) | train − test (pts) | converged |",
-           "|---|---|---|---|---|---|"]
+    out = ["| run | attempt | steps | epochs | test acc | val gain, last 20% (pts) | "
+           "train − test (pts) | converged |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = convergence(r)
         name = f"{r['arch']} w{r['width']} n{r['train_images']:,} s{r['seed']} {r['variant']}"
         name += f" b{r['budget']:g}" if r["budget"] != 1.0 else ""
-        out.append(f"| {name} | {r['steps']:,} | {r['epochs']:g} | {100 * c.late_gain:+.2f} | "
+        out.append(f"| {name} | {r.get('attempt', 0) + 1} | {r['steps']:,} | {r['epochs']:g} | "
+                   f"{100 * r['test_acc']:.2f} | {100 * c.late_gain:+.2f} | "
                    f"{100 * c.train_minus_test:+.1f} | {'yes' if c.converged else '**no**'} |")
     return out
 
 
-def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None) -> str:
+def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None,
+                     attempts: list[dict] | None = None) -> str:
+    """The tables; ``attempts``: runs that had not converged and were retrained longer."""
     out: list[str] = []
     if sweep_rows:
         out += ["Hyperparameter sweep (validation split):", ""] + _sweep_table(sweep_rows) + [""]
@@ -76,4 +79,7 @@ def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None) -> 
         examples = sum(r["steps"] * r["batch"] for r in rows)
         out += ["", f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over "
                     f"runs, {examples / seconds:,.0f} training examples/s per worker on average."]
+    if attempts:
+        out += ["", "Attempts that had not converged (each retrained from scratch with twice "
+                    "the steps; not in the tables above):", ""] + _convergence_table(attempts)
     return "\n".join(out)

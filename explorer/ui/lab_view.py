@@ -12,6 +12,7 @@ from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import load_shipped, shipped_path
 from explorer.lab.engine import Budget, LabRun
 from explorer.lab.models import ARCH_LABELS
+from explorer.lab.paths import ATTEMPTS_CSV
 
 INTRO = """
 ### Inductive bias & scale, trained here
@@ -41,6 +42,11 @@ NO_GRID = "*No grid runs finished yet: run `python -m explorer.lab.grid`.*"
 def grid_rows() -> list[dict]:
     """The shipped grid, one row per run (`explorer.lab.grid.read_grid`)."""
     return grid.read_grid()
+
+
+def attempt_rows() -> list[dict]:
+    """Attempts that did not converge and were retrained longer (`ATTEMPTS_CSV`)."""
+    return grid.read_grid(ATTEMPTS_CSV)
 
 
 def shipped_sizes() -> list[int]:
@@ -104,18 +110,51 @@ def convergence_text(rows: list[dict]) -> str:
     return text + "; not: " + "; ".join(names) + more + "."
 
 
-def progress_text(status: dict[str, list] | None = None) -> str:
-    """How far the grid is: finished, training now (with their step), queued."""
+def retrain_text(attempts: list[dict], done: list[str]) -> str:
+    """The runs training again because an attempt had not converged (its numbers and why);
+    "" for none. ``done``: the grid's finished run keys (their last attempt is in the grid)."""
+    latest: dict[str, dict] = {}
+    for r in attempts:
+        key = grid.work_key(grid.row_run(r))
+        if key not in done and r["attempt"] >= latest.get(key, {"attempt": -1})["attempt"]:
+            latest[key] = r
+    if not latest:
+        return ""
+    lines = []
+    for r in latest.values():
+        c = analysis.convergence(r)
+        why = [f"validation accuracy still rose {100 * c.late_gain:.1f} points in its last "
+               f"{100 * analysis.LAST_SHARE:.0f}% of steps"] if c.late_gain >= \
+            analysis.MAX_LATE_GAIN else []
+        why += [f"train accuracy stayed {-100 * c.train_minus_test:.1f} points below test"] \
+            if c.train_minus_test < 0 else []
+        lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images, seed "
+                     f"{r['seed']}{', scrambled' if r['variant'] == 'scrambled' else ''}: "
+                     f"{r['steps']:,} steps reached {100 * r['test_acc']:.1f}% test accuracy, "
+                     f"but {' and '.join(why)}, so it trains again from scratch with "
+                     f"{Budget().steps(r['train_images'], r['budget'] * 2 ** (r['attempt'] + 1)):,}"
+                     " steps")
+    return ("**Training longer** (attempts that had not converged, kept aside and not "
+            "plotted): " + "; ".join(lines) + ".")
+
+
+def progress_text(status: dict[str, list] | None = None,
+                  attempts: list[dict] | None = None) -> str:
+    """How far the grid is: finished, training now (with their step), queued, and which runs
+    train again because an attempt had not converged."""
     status = status if status is not None else grid.status()
+    attempts = attempts if attempts is not None else attempt_rows()
     done, training, todo = status["done"], status["training"], status["todo"]
     total = len(done) + len(training) + len(todo)
     if not training and not todo:
         return f"All {total} grid runs have finished."
     now = ", ".join(f"{key} (step {step:,} of {steps:,})" for key, step, steps in training)
-    return (f"**The grid is still training:** {len(done)} of {total} runs finished; "
+    text = (f"**The grid is still training:** {len(done)} of {total} runs finished; "
             + (f"in progress: {now}; " if now else "") + f"{len(todo)} queued. The plots "
             "show the finished runs; a missing point is still to come (`python -m "
             "explorer.lab.grid` resumes it).")
+    retrain = retrain_text(attempts, done)
+    return text + ("\n\n" + retrain if retrain else "")
 
 
 SCALING_HEADING = "Best ViT width within each compute budget"
