@@ -205,3 +205,20 @@ def test_rollout_note_leads_with_both_peaks_and_explains_the_sink_after():
     assert why.startswith("Why a sink: in block 1 the tokens put on average 13%")
     # the top 2 of 16 patches: (0.5 + 0.01) / 0.65 and (0.2 + 0.05) / 0.95
     assert "The brightest tenth of the patches hold 78% of the left map and 26% of the right" in why
+
+
+def test_a_presenter_figure_fills_its_box_with_a_title_and_legend_that_fit():
+    import plotly.graph_objects as go
+
+    long = "Fashion-MNIST from scratch, trained here: test error vs training images"
+    fig = go.Figure(go.Scatter(x=[1], y=[1], name="a"))
+    fig.update_layout(title=long, height=460, legend={"orientation": "h", "y": -0.2})
+    lecture_plots.for_projector(fig, presenter=True, fill=True)
+    assert fig.layout.height is None  # the page's box decides
+    first, second = fig.layout.title.text.split("<br>")
+    assert first + second == long and first.endswith(" ") and abs(len(first) - len(second)) <= 12
+    assert (fig.layout.legend.yref, fig.layout.legend.y) == ("container", 0)
+    short = go.Figure(layout={"title": "Mean attention distance per head"})
+    assert "<br>" not in lecture_plots.for_projector(short, True, fill=True).layout.title.text
+    kept = lecture_plots.for_projector(go.Figure(layout={"title": long, "height": 460}), True)
+    assert kept.layout.height == 600 and "<br>" not in kept.layout.title.text  # not filling

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 from explorer.lecture import PAPER_IMAGENET, PAPER_SOURCE
 
 PRESENTER_FONT = 22  # px: legible from the back of a room on a 1280x720 projector
+TITLE_LINE = 44  # characters of a title that fit one line of a presenter figure at that font
 PAPER_COLOURS = {"ViT": "#d62728", "CNN": "#1f77b4"}
 
 
@@ -58,6 +59,15 @@ def for_projector(fig: go.Figure, presenter: bool, fill: bool = False) -> go.Fig
         fig.update_annotations(font_size=PRESENTER_FONT - 2)
         fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"mode": "markers+text"})
         fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"type": "bar"})
+        title = fig.layout.title.text
+        if fill and title and "<br>" not in title and len(title) > TITLE_LINE:
+            # plotly never wraps a title: at these fonts a long one runs off a figure beside
+            # the lecture's words, so it is broken in two at the space nearest its middle
+            spaces = [i for i, ch in enumerate(title) if ch == " "]
+            cut = min(spaces, key=lambda i: abs(i - len(title) / 2), default=None)
+            if cut is not None:
+                # the space stays at the line's end, so the drawn text still reads as words
+                fig.update_layout(title_text=f"{title[:cut + 1]}<br>{title[cut + 1:]}")
         legend = fig.layout.legend
         if fill and legend.orientation == "h" and legend.y is not None and legend.y < 0:
             # a legend under the plot, placed relative to the plot area, runs into the axis

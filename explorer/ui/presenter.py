@@ -146,22 +146,25 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs, note: gr.Markdown, presenter: gr.Checkb
         for tab in tab_links:
             values.update(tab.values(view))
         # A plain address selects nothing: a tab clicked while the page loads stays open.
-        if "tab" in request.query_params:
+        # Nor does a link to the Lecture, the first tab: selecting it would fire its select
+        # event, which reads the step before this sets it and draws step 1 after all.
+        if "tab" in request.query_params and view.tab != links.LECTURE.key:
             values[tabs] = gr.Tabs(selected=view.tab)
         if view.presenter:
             values[presenter] = True
         return values
 
-    def lecture_if_open(request: gr.Request):
-        """Draw the linked lecture step (`/lecture_on_load`), read from the link itself."""
-        view = read_view(request.query_params if request else {})
-        if view.tab != links.LECTURE.key:
+    def lecture_if_open(target, step, example, size, is_presenter):
+        """Draw the linked lecture step (`/lecture_on_load`) with the step, example and size
+        `open_view` set (not the address: by now it names what is on screen)."""
+        if target != "lecture-open":
             return {}
-        return lecture_tab.draw(view.step, view.example, view.size, view.presenter)
+        return lecture_tab.draw(step, example, size, is_presenter)
 
     demo.load(open_view, outputs=outputs, api_name="open_view", show_progress="hidden").then(
         None, inputs=[run_target, presenter], js=RUN_JS, api_name=False).then(
         **lecture_tab.outputs.event(lecture_if_open), api_name="lecture_on_load",
+        inputs=[run_target, lecture_tab.step, lecture_tab.example, lecture_tab.size, presenter],
         concurrency_limit=1, concurrency_id="lecture")
     presenter.change(None, inputs=presenter, js=PRESENTER_JS, api_name=False)
 

@@ -35,7 +35,7 @@ LAYOUT_JS = """() => {
   const box = (el) => { const b = el.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
   const words = document.getElementById('lecture-words');
   const img = document.querySelector('#lecture-image img');
-  let figure, drawn;
+  let figure, drawn, cut = [];
   if (img && img.offsetParent !== null) {
     figure = box(img);
     const scale = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);
@@ -44,9 +44,15 @@ LAYOUT_JS = """() => {
     const svg = document.querySelector('#lecture-plot .js-plotly-plot .main-svg');
     figure = box(svg);
     drawn = [svg.clientWidth, svg.clientHeight, svg.clientWidth, svg.clientHeight];
+    const edge = svg.getBoundingClientRect();
+    cut = [...document.querySelectorAll('#lecture-plot .js-plotly-plot text')]
+      .filter((t) => t.textContent.trim()).map((t) => [t.textContent, t.getBoundingClientRect()])
+      .filter(([, b]) => b.left < edge.left - 1 || b.right > edge.right + 1 ||
+                         b.top < edge.top - 1 || b.bottom > edge.bottom + 1)
+      .map(([text]) => text);
   }
   return {heading: box(document.querySelector('#lecture-heading h2')),
-          text: box(document.getElementById('lecture-text')), figure, drawn,
+          text: box(document.getElementById('lecture-text')), figure, drawn, cut,
           words: [words.scrollHeight, words.clientHeight]};
 }"""
 
@@ -100,6 +106,7 @@ def test_every_lecture_step_fits_a_projector_screen(projector):
         assert width >= box_w - 2 or tall >= box_h - 2, (n, got)
         assert width >= 0.5 * PROJECTOR["width"] or tall >= 0.5 * PROJECTOR["height"], (n, got)
         assert got["text"][0] < got["figure"][0]  # the words beside the figure, not under it
+        assert not got["cut"], (n, "plot text runs off the figure", got["cut"])
         page.screenshot(path=str(SCREENSHOTS / f"lecture-step{n}.png"))
 
 
