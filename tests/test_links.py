@@ -7,8 +7,9 @@ from urllib.parse import parse_qsl
 import gradio as gr
 import pytest
 
-from explorer.ui.attention_view import head_choices, head_label, parse_head
+from explorer.ui.attention_view import SINK_VIEWS, head_choices, head_label, parse_head
 from explorer.ui.links import (
+    SINKS,
     TAB_KEYS,
     TABS,
     View,
@@ -16,6 +17,8 @@ from explorer.ui.links import (
     fit_geometry,
     head_choice,
     parse_view,
+    sink_choice,
+    sink_param,
     view_query,
 )
 
@@ -42,7 +45,7 @@ def test_attention_link_is_read_exactly():
     ("tab=nope", "tab"), ("example=dog", "example"), ("size=abc", "size"), ("size=0", "size"),
     ("size=5000", "size"), ("layer=0", "layer"), ("layer=x", "layer"), ("head=-1", "head"),
     ("head=avg", "head"), ("step=0", "step"), ("step=10", "step"), ("presenter=maybe", "presenter"),
-    ("model=resnet50", "model"),
+    ("model=resnet50", "model"), ("sinks=hidden", "sinks"),
 ])
 def test_bad_values_fall_back_with_one_note(query, field):
     view = parse(query)
@@ -103,6 +106,18 @@ def test_query_round_trips_and_leaves_defaults_out():
     assert parse(query) == view
     assert view_query(parse("tab=tokens&example=coffee&layer=3")) == "?tab=tokens&example=coffee"
     assert view_query(parse("step=4")) == "?tab=lecture&example=astronaut&step=4"
+
+
+def test_the_sink_view_travels_in_attention_links_only():
+    view = parse("tab=attention&example=chelsea&sinks=Masked")
+    assert view.sinks == "masked" and not view.notes
+    assert view_query(view) == "?tab=attention&example=chelsea&sinks=masked"
+    assert parse(view_query(view)) == view
+    assert view_query(parse("tab=attention&sinks=shown")) == "?tab=attention&example=astronaut"
+    assert "sinks" not in view_query(parse("tab=tokens&sinks=masked"))
+    # the radio's spelling and the link's, both ways
+    assert [sink_choice(s) for s in SINKS] == list(SINK_VIEWS)
+    assert [sink_param(c) for c in SINK_VIEWS] == list(SINKS) and sink_param(None) == "shown"
 
 
 def test_model_names_are_encoded():

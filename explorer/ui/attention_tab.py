@@ -385,7 +385,7 @@ def build_attention_tab(ctx: common.TabContext) -> TabLink:
     for event in (analysed, redrawn, picked, queried, updated):
         common.on_failure(event, "attn", message)
     return TabLink(links.ATTENTION, image, model, width, height, run_id="attn-run",
-                   extra={"layer": layer, "fusion": fusion, "head": query_head})
+                   extra={"layer": layer, "fusion": fusion, "head": query_head, "sinks": sinks})
 
 
 NORM_NOTE = """

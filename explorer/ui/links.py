@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlencode
 
-from explorer.ui.attention_view import HEAD_FUSIONS, head_label
+from explorer.ui.attention_view import HEAD_FUSIONS, SINK_VIEWS, head_label
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ TABS = (LECTURE, TOKENS, ATTENTION, DISTANCE, IGPT, FINETUNE, LAB)  # in the app
 TAB_KEYS = tuple(t.key for t in TABS)
 MAX_SIZE = 1024  # px; larger sizes are refused here (the tabs' own size checks still apply)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# attention tab: sink tokens as they are or masked, as a link spells them (`SINK_VIEWS` order)
+SINKS = ("shown", "masked")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class View:
         size: square side in px, or None for the model's default.
         layer: attention block, 1-based, or None for the last.
         head: "mean" / "max" / "min" or a 1-based head as a string ("3").
+        sinks: attention tab: attention sinks "shown" as they are or "masked" (`SINKS`).
         step: lecture step, 1-based.
         presenter: large text and figures for a projector.
         notes: what was ignored and why, for the page to show.
@@ -60,6 +63,7 @@ class View:
     size: int | None = None
     layer: int | None = None
     head: str = "mean"
+    sinks: str = SINKS[0]
     step: int = 1
     presenter: bool = False
     notes: tuple[str, ...] = field(default=())
@@ -131,6 +135,13 @@ def parse_view(
         else:
             notes.append(f"Head '{params['head']}' is not mean, max, min or a head number "
                          "(1 = first); using the mean over heads.")
+    if "sinks" in params:
+        sinks = params["sinks"].strip().lower()
+        if sinks in SINKS:
+            view = replace(view, sinks=sinks)
+        else:
+            notes.append(f"sinks='{params['sinks']}' is not {' or '.join(SINKS)}; attention "
+                         "sinks are shown as they are.")
     if "step" in params:
         step = _int(params["step"])
         if step is not None and 1 <= step <= num_steps:
@@ -169,6 +180,16 @@ def head_choice(head: str) -> str:
     return head if head in HEAD_FUSIONS else head_label(int(head) - 1)
 
 
+def sink_choice(sinks: str) -> str:
+    """A `View.sinks` as the attention tab's radio spells it (`SINK_VIEWS`)."""
+    return SINK_VIEWS[SINKS.index(sinks)]
+
+
+def sink_param(choice: str | None) -> str:
+    """The attention tab's radio value as a link spells it (the default for none)."""
+    return SINKS[SINK_VIEWS.index(choice)] if choice in SINK_VIEWS else SINKS[0]
+
+
 def view_query(view: View) -> str:
     """The query string (with its ``?``) that `parse_view` turns back into ``view``.
 
@@ -186,6 +207,8 @@ def view_query(view: View) -> str:
             params["layer"] = str(view.layer)
         if view.head != "mean":
             params["head"] = view.head
+        if view.sinks != SINKS[0]:
+            params["sinks"] = view.sinks
     if view.tab == LECTURE.key:
         params["step"] = str(view.step)
     if view.presenter:

@@ -75,6 +75,7 @@ class TabLink:
             model=model if model in models.CATALOGUE and model != models.DEFAULT_MODEL else None,
             size=int(got.get("width") or got.get("height") or 0) or None,
             layer=int(got["layer"]) if got.get("layer") else None, head=head,
+            sinks=links.sink_param(got.get("sinks")),
             presenter=is_presenter)
 
     def values(self, view: links.View) -> dict:
@@ -96,6 +97,8 @@ class TabLink:
             values["fusion"] = view.head
         if "head" in inputs:
             values["head"] = links.head_choice(view.head)
+        if "sinks" in inputs:
+            values["sinks"] = links.sink_choice(view.sinks)
         return {inputs[name]: value for name, value in values.items()}
 
 

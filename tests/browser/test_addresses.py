@@ -58,6 +58,14 @@ def test_a_deep_link_keeps_its_address_and_survives_a_reload(fresh):
     assert "layer" not in address(page)
     page.get_by_role("tab", name="Attention maps").click()
     wait_address(page, tab="attention", layer="5", head="3")
+    # the sink view travels too, and a reload brings it back
+    page.locator("#attn-sinks").get_by_label("masked").check()
+    wait_address(page, tab="attention", layer="5", sinks="masked")
+    page.reload()
+    page.locator("#attn-summary").get_by_text("heads").wait_for()
+    assert page.locator("#attn-sinks").get_by_label("masked").is_checked()
+    assert page.locator("#attn-layer input[type=range]").input_value() == "5"
+    page.evaluate("() => { window.__notReloaded = true; }")
     page.get_by_role("tab", name="Lecture").click()
     wait_address(page, tab="lecture", step="1")
     assert page.evaluate("() => window.__notReloaded === true")
