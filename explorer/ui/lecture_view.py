@@ -145,7 +145,7 @@ def rollout(example: str, size: int | None, presenter: bool) -> Shown:
     facts = lecture.rollout_facts(views.rollout.cpu(), sinks, maps.num_prefix_tokens,
                                   maps.num_tokens)
     shown = attention_plots.heat_overlay(p.shown, views.rollout, *overlay(presenter))
-    tokens = sorted({s.token for block in sinks for s in block})
+    tokens = attention_view.sink_tokens(sinks)
     if not tokens:
         return Shown(shown, lecture.rollout_note(facts, maps.grid),
                      {"rollout": views.rollout, "sinks": sinks, "facts": facts, "masked": None})
