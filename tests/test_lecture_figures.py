@@ -208,3 +208,34 @@ def test_presenter_text_is_the_same_words_with_the_explanation_folded(step):
     if step == 5:  # the sink's explanation is a click away, both maps' peaks in view
         assert "Right, " in visible and "**attention sink**" in visible
         assert "Why a sink" not in visible and "Why a sink" in shown
+
+
+def test_the_notes_follow_a_model_of_unusual_geometry():
+    """Steps 1, 3, 4 and 6's words from the odd-shaped ViT (3 blocks of 5 heads, one register
+    and no class token, trained at 64 px) on a 96×80 px input: every count is the model's."""
+    from explorer import distance
+    from tests.odd_vit import DEPTH, HEADS, PATCH, SIZE, odd_vit
+
+    m = odd_vit()
+    pixels = torch.randn(1, 3, 96, 80, generator=torch.Generator().manual_seed(0))
+    t = patches.analyse_tokenization(m, pixels)
+    assert t.prefix_names and "CLS" not in t.prefix_names and len(t.prefix_names) == 1
+    assert lecture.sequence_note(t.grid, t.prefix_names) == (
+        "Here the image is read as 6×5 = **30 patch tokens** in raster order after 1 prefix "
+        f"token ({t.prefix_names[0]}): **31 tokens** in all.")
+    assert lecture.patch_note(t.size, t.patch).startswith(
+        f"Here a 80×96 px image becomes **30 tokens of {PATCH}×{PATCH} px** (6×5 patches)")
+    native = SIZE // PATCH
+    text = lecture.position_note(t.native_grid, t.grid, lecture.position_facts(
+        t.pos_similarity.cpu().numpy()))
+    assert text.startswith(f"Here the embeddings were trained on a {native}×{native} grid and "
+                           "are interpolated up to this image's 6×5 grid.")
+    d = distance.model_mean_attention_distance(m, pixels, "drop").numpy()
+    assert d.shape == (DEPTH, HEADS)
+    uniform = distance.uniform_distance(t.grid, t.patch)
+    note = lecture.distance_note(lecture.distance_profile(d, uniform))
+    block, head = divmod(int(d.argmax()), HEADS)
+    assert note.startswith(f"Here the most global head is head {head + 1} of block {block + 1} "
+                           f"at {d.max():.0f} px (uniform attention over the whole image: "
+                           f"{uniform:.0f} px).")
+    assert f"block {DEPTH + 1}" not in note and "block 12" not in note
