@@ -101,3 +101,24 @@ def test_a_hub_model_offline_says_so_when_picked(page):
     options.filter(has_text="deit_small_patch16_224.fb_in1k").first.click()
     dropdown.get_by_text("Cannot load here now").wait_for()
     assert "cannot be reached" in dropdown.inner_text()
+
+
+def test_on_a_phone_the_image_to_click_is_not_covered_by_its_label(browser, app_url):
+    """At a phone's width (390 px) the "click a patch" caption sits above the input image,
+    which fills most of the width, so a tap lands on the picture."""
+    from tests.browser.helpers import SCREENSHOTS
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    page.goto(app_url + "?tab=attention&example=chelsea")
+    page.locator("#attn-summary").get_by_text("heads").wait_for()
+    caption = page.locator("#attn-input-caption")
+    caption.scroll_into_view_if_needed()  # images below the fold load lazily
+    image = page.locator("#attn-input img").first
+    page.wait_for_function("() => document.querySelector('#attn-input img').naturalWidth > 0")
+    cap, img = caption.bounding_box(), image.bounding_box()
+    assert "click a patch" in caption.inner_text()
+    assert cap["y"] + cap["height"] <= img["y"] + 1  # above the picture, not on it
+    assert img["width"] >= 200 and img["height"] >= 200
+    page.screenshot(path=str(SCREENSHOTS / "attention-phone.png"))
+    context.close()
