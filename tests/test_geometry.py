@@ -107,11 +107,11 @@ def test_attention_controls_follow_the_model(odd):
     assert (start.maximum, _value(start)) == (DEPTH, 1)
     choices = [c[0] if isinstance(c, tuple) else c for c in head.choices]
     assert choices == ["mean", "max", "min"] + [f"head {h}" for h in range(1, HEADS + 1)]
-    for view in (heads, strip, rollout):
-        assert "class token" not in view.label.lower()
+    for caption in (heads, strip, rollout):  # the captions above the views
+        assert "class token" not in caption.lower() and "mean over patch queries" in caption.lower()
     # the default model, which has a class token, says so
     dino = patches.ModelGeometry(12, 6, (14, 14), (518, 518), (224, 224), ("CLS",), True)
-    assert "class token" in attention_tab.view_labels(dino)["rollout"]
+    assert "class token" in attention_tab.view_labels(dino)["rollout_caption"]
 
 
 def test_attention_analysis_and_query(odd):
@@ -126,9 +126,9 @@ def test_attention_analysis_and_query(odd):
     layer, head = out["layer"], out["query_head"]
     assert (layer.maximum, _value(layer)) == (DEPTH, DEPTH)  # 99 clamped to the last layer
     assert _value(head) == "mean"  # "head 9" does not exist here
-    for name in ("heads", "strip", "rollout"):  # the new model's labels, with its pictures
-        assert "class token" not in out[name].label.lower()
-        assert out[name].value is not None
+    for name in ("heads", "strip", "rollout"):  # the new model's captions, with its pictures
+        assert "class token" not in out[f"{name}_caption"].lower()
+        assert out[name] is not None and out[name].ndim == 3
 
     info = attention_tab.query(session, 1, 2, DEPTH, f"head {HEADS}", 0.6, "inferno")["query_info"]
     assert f"layer {DEPTH}, head: head {HEADS}" in info
@@ -230,7 +230,7 @@ def test_api_geometry_endpoints(odd):
             DEPTH, DEPTH, DEPTH, 1)
         assert [c[0] for c in head["choices"]][-1] == f"head {HEADS}"
         assert len(head["choices"]) == 3 + HEADS
-        assert "class token" not in rollout["label"].lower()
+        assert "class token" not in rollout.lower() and "patch queries" in rollout.lower()
         last_k, probe_block = client.predict(odd, api_name="/finetune_geometry")
         assert (last_k["maximum"], probe_block["maximum"]) == (DEPTH, DEPTH)
         summary = client.predict(handle_file(IMAGE), odd, 0, 0, "crop", api_name="/tokens")[0]

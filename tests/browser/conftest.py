@@ -93,3 +93,14 @@ def page(browser, app_url):
     page.wait_for_selector(".gradio-container")
     yield page
     context.close()
+
+
+@pytest.fixture
+def fresh(browser, app_url):
+    """A fresh browser context (no state carried over) at a projector's 1280x720, and the
+    app's address (the page is not loaded yet: tests open their own links)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    yield page, app_url
+    context.close()

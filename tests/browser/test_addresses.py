@@ -5,17 +5,6 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
-import pytest
-
-
-@pytest.fixture
-def fresh(browser, app_url):
-    context = browser.new_context(viewport={"width": 1280, "height": 720})
-    page = context.new_page()
-    page.set_default_timeout(120_000)
-    yield page, app_url
-    context.close()
-
 
 def address(page) -> dict:
     return dict(parse_qsl(page.evaluate("location.search").lstrip("?")))

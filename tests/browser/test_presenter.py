@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.browser.helpers import plot_in
-
-
-@pytest.fixture
-def fresh(browser, app_url):
-    """A fresh browser context (no state carried over) at a projector's 1280x720."""
-    context = browser.new_context(viewport={"width": 1280, "height": 720})
-    page = context.new_page()
-    page.set_default_timeout(120_000)
-    yield page, app_url
-    context.close()
 
 
 def _open(page, url):
