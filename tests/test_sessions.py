@@ -402,9 +402,10 @@ def test_fine_tunes_are_private_and_deleted_when_the_session_ends(demo):
     msg = _refused(lambda: bob.predict(handle_file(IMAGE), name, 0, 0, "crop", api_name="/tokens"))
     assert "private" in msg
     # the distance tab's overlay picker offers it to alice (its choices follow her session)
-    _plot, _erf, info = alice.predict(handle_file(IMAGE), OPERATOR_MODEL, [name], False, False,
-                                      0, 0, "crop", "drop", None, api_name="/distance")
-    assert "images/s" in info
+    _plot, _erf, info, message = alice.predict(handle_file(IMAGE), OPERATOR_MODEL, [name], False,
+                                               False, 0, 0, "crop", "drop", None,
+                                               api_name="/distance")
+    assert "images/s" in info and message == ""  # a run that worked empties the message box
     _refused(lambda: bob.predict(handle_file(IMAGE), OPERATOR_MODEL, [name], False, False, 0, 0,
                                  "crop", "drop", None, api_name="/distance"), typed=name)
     # bob cannot reach alice's download either: its folder has a random name
