@@ -146,7 +146,7 @@ def test_every_vit_analysis_of_the_tabs_goes_through_the_gpu_seam(monkeypatch):
     tokens_tab._tokens(photo, None, 224, 224, "crop")
     assert called == ["analyse_tokenization"]
     attention_tab._analyse(common.ImageRequest(photo, None, 224, 224, "crop"))
-    assert called[1:] == ["capture"]  # the offline DINOv2 has no classifier: no relevance
+    assert called[1:] == ["shared_capture"]  # the offline DINOv2 has no classifier: no relevance
     called.clear()
     distance_tab.per_image(photo, None, [], True, False, 224, 224, "crop", "drop", None)
     assert called == ["model_mean_attention_distance"] * 2  # the image, then random init

@@ -31,6 +31,7 @@ from explorer.attention.capture import (
     QueryKeys,
     Reduction,
     capture,
+    shared_capture,
 )
 from explorer.attention.maps import AttentionMaps
 from explorer.attention.relevance import class_relevance
@@ -48,4 +49,5 @@ __all__ = [
     "QueryKeys", "Reduction", "Sink", "attention_rollout", "attention_sinks", "capture", "class_relevance",
     "class_token_maps", "cls_rollout_map", "fuse_heads", "high_norm_tokens", "mass_mask",
     "patch_rollout_map", "patch_sinks", "prefix_attention_share", "query_maps", "query_maps_all_layers",
+    "shared_capture",
 ]

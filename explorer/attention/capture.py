@@ -34,6 +34,7 @@ from torch import nn
 from explorer.attention import native
 from explorer.attention.attend import attend
 from explorer.attention.maps import AttentionMaps
+from explorer.batching import MicroBatcher
 from explorer.patches import grid_for, has_class_token, patch_size, prefix_token_names
 
 ProbsConsumer = Callable[[int, torch.Tensor], None]  # (layer, (B, H, N, N) probs) -> None
@@ -359,3 +360,15 @@ def _routed(attns: Sequence[nn.Module], routes: Sequence[Callable]) -> Iterator[
                 del router.by_thread[me]
                 if not router.by_thread:
                     del attn.forward  # back to the class's own (fused) forward
+
+
+# Concurrent captures of one model at one input shape share a forward on a GPU
+# (`explorer.batching`); on the CPU each runs alone.
+_SHARED = MicroBatcher(capture, AttentionMaps.split)
+
+
+def shared_capture(model: nn.Module, pixels: torch.Tensor, **kwargs) -> AttentionMaps:
+    """`capture`, batched with the captures other requests make at the same moment on the
+    same model and input shape when the model is on CUDA; each caller gets its own maps
+    (equal to its capture alone). A function, so it pickles by name (a ZeroGPU call)."""
+    return _SHARED(model, pixels, **kwargs)

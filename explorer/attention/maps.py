@@ -110,6 +110,27 @@ class AttentionMaps:
         return dataclasses.replace(self, q=cast(self.q), k=cast(self.k),
                                    head_mean=cast(self.head_mean))
 
+    def split(self, sizes: Sequence[int]) -> list[AttentionMaps]:
+        """These maps cut along the batch into parts of ``sizes`` images (in order): what
+        each caller of a shared forward gets back (`explorer.batching.MicroBatcher`)."""
+        if sum(sizes) != self.batch_size:
+            raise ValueError(f"sizes {list(sizes)} do not add up to the batch of {self.batch_size}")
+        if len(sizes) == 1:
+            return [self]
+        parts, start = [], 0
+        for n in sizes:
+            # copies, not views: a caller's kept maps must not hold the whole batch's memory
+            def take(t: torch.Tensor, dim: int = 0, a=start, b=start + n) -> torch.Tensor:
+                return t.narrow(dim, a, b - a).clone()
+
+            parts.append(dataclasses.replace(
+                self, q=[take(t) for t in self.q], k=[take(t) for t in self.k],
+                features=take(self.features), token_norms=take(self.token_norms, 1),
+                logits=None if self.logits is None else take(self.logits),
+                head_mean=None if self.head_mean is None else [take(t) for t in self.head_mean]))
+            start += n
+        return parts
+
     def token_index(self, row: int, col: int) -> int:
         """Token index of the patch at grid position (row, col)."""
         rows, cols = self.grid

@@ -123,7 +123,9 @@ def _analyse(request: common.ImageRequest) -> Analysis:
     with common.user_errors():
         # kept in the store: float16 q, k and head means (half the bytes), cast per block
         # on a ZeroGPU Space each runs in a GPU call (`explorer.gpu`); elsewhere a plain call
-        maps = gpu.analyse_on_device(attention.capture, model, pixels, keep_dtype=torch.float16)
+        # (on CUDA, concurrent requests for one model and size share one forward)
+        maps = gpu.analyse_on_device(attention.shared_capture, model, pixels,
+                                     keep_dtype=torch.float16)
         relevance, note = None, "Class-specific map: only for models with a classifier head."
         if getattr(model, "num_classes", 0):
             rel, target = gpu.analyse_on_device(attention.class_relevance, model, pixels)
