@@ -36,6 +36,18 @@ def test_paper_steps_say_the_numbers_are_the_papers():
             assert "paper" in step.text.lower() and "not measured here" in step.text
     for fig in (lecture_plots.paper_data_figure(), lecture_plots.paper_scaling_figure()):
         assert "Paper numbers, not measured here" in fig.layout.title.text
+        # the source on a line of its own, short enough for a half-width figure
+        assert all(len(line) <= 90 for line in fig.layout.title.text.split("<br>"))
+
+
+def test_the_paper_scaling_points_carry_the_papers_numbers_with_labels_that_stay_inside():
+    fig = lecture_plots.paper_scaling_figure()
+    points = [(x, y, pos) for t in fig.data for x, y, pos in zip(t.x, t.y, t.textposition,
+                                                                  strict=True)]
+    assert sorted((x, y) for x, y, _ in points) == sorted(
+        (days, acc) for _, _, acc, days in lecture.PAPER_IMAGENET)
+    left, right = min(points), max(points)
+    assert left[2].endswith("right") and right[2].endswith("left")  # labels grow inwards
 
 
 def test_projector_fonts_are_at_least_18px():

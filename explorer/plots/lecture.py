@@ -3,6 +3,8 @@ and the projector style shared by every lecture figure."""
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 
 from explorer.lecture import PAPER_IMAGENET, PAPER_SOURCE
@@ -10,6 +12,8 @@ from explorer.lecture import PAPER_IMAGENET, PAPER_SOURCE
 PRESENTER_FONT = 22  # px: legible from the back of a room on a 1280x720 projector
 TITLE_LINE = 44  # characters of a title that fit one line of a presenter figure at that font
 PAPER_COLOURS = {"ViT": "#d62728", "CNN": "#1f77b4"}
+# two lines: plotly never wraps a title, and on one line the source ran off a half-width figure
+PAPER_TITLE = f"Paper numbers, not measured here<br><sup>{PAPER_SOURCE}</sup>"
 
 
 def _family(model: str) -> str:
@@ -24,7 +28,7 @@ def paper_data_figure() -> go.Figure:
     fig = go.Figure(go.Bar(
         x=labels, y=[acc for _, _, acc, _ in rows], text=[f"{acc:.2f}%" for *_, acc, _ in rows],
         textposition="outside", marker_color=[PAPER_COLOURS[_family(m)] for m, *_ in rows]))
-    fig.update_layout(title=f"Paper numbers, not measured here: {PAPER_SOURCE}",
+    fig.update_layout(title=PAPER_TITLE,
                       yaxis={"title": "ImageNet top-1 (%)", "range": [80, 90]}, height=460,
                       margin={"t": 60})
     return fig
@@ -33,14 +37,30 @@ def paper_data_figure() -> go.Figure:
 def paper_scaling_figure() -> go.Figure:
     """ImageNet top-1 against pre-training compute (TPUv3-core-days, log axis)."""
     fig = go.Figure()
+    logs = [math.log10(days) for *_, days in PAPER_IMAGENET]
+    low, high = min(logs), max(logs)
+
+    def side(days: float, family: str) -> str:
+        """Labels of points near an edge grow inwards (plotly clips what leaves the plot);
+        the ViTs' above their points, the CNNs' below (the two top rows sit close)."""
+        at = (math.log10(days) - low) / (high - low)
+        vertical = "top" if family == "ViT" else "bottom"
+        return f"{vertical} " + ("right" if at < 1 / 3 else "left" if at > 2 / 3 else "center")
+
     for family in PAPER_COLOURS:
         rows = [r for r in PAPER_IMAGENET if _family(r[0]) == family]
         fig.add_trace(go.Scatter(
             x=[days for *_, days in rows], y=[acc for _, _, acc, _ in rows],
-            mode="markers+text", name=family, text=[f"{m} ({d})" for m, d, _, _ in rows],
-            textposition="top center", marker={"size": 14, "color": PAPER_COLOURS[family]}))
-    fig.update_layout(title=f"Paper numbers, not measured here: {PAPER_SOURCE}",
-                      xaxis={"title": "pre-training compute (TPUv3-core-days)", "type": "log"},
+            # short labels on the plot (the full model name on hover): long ones collide
+            mode="markers+text", name=family, text=[f"{m.split(' (')[0]}, {d}" for m, d, _, _ in rows],
+            hovertext=[f"{m}, pre-trained on {d}: {acc}% top-1, {days:,} TPUv3-core-days"
+                       for m, d, acc, days in rows], hoverinfo="text",
+            textposition=[side(days, family) for *_, days in rows],
+            marker={"size": 14, "color": PAPER_COLOURS[family]}))
+    pad = 0.1 * (high - low)
+    fig.update_layout(title=PAPER_TITLE,
+                      xaxis={"title": "pre-training compute (TPUv3-core-days)", "type": "log",
+                             "range": [low - pad, high + pad]},
                       yaxis={"title": "ImageNet top-1 (%)", "range": [84.5, 89.5]}, height=460,
                       margin={"t": 60})
     return fig
