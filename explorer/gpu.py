@@ -33,23 +33,28 @@ def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
-def to_cpu(value: Any) -> Any:
-    """`value` with every tensor inside it (tuples, lists, dicts, dataclasses) on the CPU;
-    CPU tensors and everything else are returned as they are."""
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """`value` with every tensor inside it (tuples, lists, dicts, dataclasses) on ``device``;
+    tensors already there and everything else are returned as they are."""
     if isinstance(value, torch.Tensor):
-        return value.cpu()
+        return value.to(device)
     if isinstance(value, (list, tuple)):
-        items = [to_cpu(v) for v in value]
+        items = [to_device(v, device) for v in value]
         if all(a is b for a, b in zip(items, value, strict=True)):
             return value
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        return {k: to_cpu(v) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: to_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)
-                   if f.init}
+        changes = {f.name: to_device(getattr(value, f.name), device)
+                   for f in dataclasses.fields(value) if f.init}
         return dataclasses.replace(value, **changes)
     return value
+
+
+def to_cpu(value: Any) -> Any:
+    """`to_device` the CPU: what may cross ZeroGPU's process boundary."""
+    return to_device(value, "cpu")
 
 
 def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
@@ -91,23 +96,13 @@ def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
 ANALYSIS_SECONDS = 20
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def _analyse_on_device(fn: Callable[..., Any], model: torch.nn.Module, *args, **kwargs) -> Any:
     """``fn(model, *args, **kwargs)``; in a ZeroGPU worker, with the model and the tensors
     among the arguments moved to its GPU first (the worker's copy: the app's stays put)."""
     if on_zero_gpu() and torch.cuda.is_available():
         device = torch.device("cuda")
         model = copy.deepcopy(model).to(device)  # a copy: the caller's stays on the CPU
-        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
     return fn(model, *args, **kwargs)
 
 

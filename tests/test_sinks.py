@@ -116,13 +116,13 @@ def test_attention_views_mask_the_maps_and_the_rollout_they_show():
     from explorer.ui.attention_view import (
         attention_views,
         masked_class_token_maps,
-        masked_rollout,
+        rollout_map,
     )
 
     maps = _tiny_maps()
     tokens = [maps.num_prefix_tokens + 7]
     v = attention_views(maps, 1, masked=tokens)
-    torch.testing.assert_close(v.rollout, masked_rollout(maps, tokens))
+    torch.testing.assert_close(v.rollout, rollout_map(maps, tokens))
     torch.testing.assert_close(v.heads, masked_class_token_maps(maps, 1, tokens)[0])
     assert v.rollout.flatten()[7] < attention_views(maps, 1).rollout.flatten()[7]
     assert (v.per_layer.flatten(-2)[:, 7] == 0).all()  # every layer of the strip

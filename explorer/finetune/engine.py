@@ -51,8 +51,7 @@ from explorer.finetune.probe import (
 )
 from explorer.finetune.resolution import set_resolution, snap_resolution
 from explorer.patches import has_class_token
-from explorer.training import Recipe, TrainLoop, warmup_steps
-from explorer.training import make_accelerator as training_accelerator
+from explorer.training import Recipe, TrainLoop, make_accelerator, warmup_steps
 
 MODES = ("linear", "last_k", "full")
 PROBE_POOLS = ("token", "avg")  # timm global_pool values a linear probe may read
@@ -190,11 +189,6 @@ class TrainEvent:
         return self.done / self.total if self.total else 1.0
 
 
-def make_accelerator(config: FinetuneConfig) -> Accelerator:
-    """The Accelerator for a run (its state is process-wide; one run at a time)."""
-    return training_accelerator(config.mixed_precision, config.grad_accum)
-
-
 def prepare_model(model: nn.Module, num_classes: int, config: FinetuneConfig) -> tuple[int, int]:
     """Set resolution, depth, new head and trainable parameters in place; returns the size."""
     if config.probe_block is not None:
@@ -268,7 +262,8 @@ def run_finetune(
         raise ValueError("train_set and val_set must have the same classes")
     cancel = cancel or threading.Event()
     set_seed(config.seed)
-    accelerator = make_accelerator(config)
+    # (accelerate's state is process-wide: one run at a time)
+    accelerator = make_accelerator(config.mixed_precision, config.grad_accum)
     size = prepare_model(model, len(train_set.classes), config)
     data_config = timm.data.resolve_model_data_config(model)
     result = FinetuneResult(model, list(train_set.classes), size)

@@ -160,7 +160,8 @@ def render(analysis: Analysis, s: ViewSettings, only: set[str] | None = None) ->
     maps, shown = analysis.maps, analysis.shown
     sinks = analysis.sinks or []
     masked = s.sinks == "masked"
-    tokens = attention_view.sink_tokens(sinks) if masked else []
+    found = attention_view.sink_tokens(sinks)
+    tokens, other = (found, []) if masked else ([], found)
     with common.user_errors(), _index_errors():
         v = attention_view.attention_views(maps, min(s.layer - 1, maps.num_layers - 1), s.fusion,
                                            s.roll_fusion, s.discard, s.start - 1, s.keep,
@@ -186,7 +187,7 @@ def render(analysis: Analysis, s: ViewSettings, only: set[str] | None = None) ->
         "sink_note": lambda: attention_view.sink_view_note(
             sinks, maps.grid, maps.num_prefix_tokens, maps.num_tokens, v.rollout.cpu(),
             attention_view.rollout_map(  # the other choice, for comparison
-                maps, [] if masked else attention_view.sink_tokens(sinks),
+                maps, other,
                 head_fusion=s.roll_fusion, discard_ratio=s.discard,
                 start_layer=s.start - 1).cpu(),
             masked, "class token" if maps.has_class_token else "patch queries' mean"),

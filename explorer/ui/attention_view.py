@@ -298,8 +298,3 @@ def rollout_map(maps: AttentionMaps, masked: Sequence[int] = (), **settings) -> 
     chosen = cls_rollout_map if maps.has_class_token else patch_rollout_map
     return chosen(maps, masked=list(masked), **settings)[0]
 
-
-def masked_rollout(maps: AttentionMaps, tokens: list[int]) -> torch.Tensor:
-    """(rows, cols) rollout map of image 0 with ``tokens`` (e.g. attention sinks) taken out of
-    every block's attention, the rest renormalised (`rollout_map`)."""
-    return rollout_map(maps, tokens)

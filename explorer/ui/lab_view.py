@@ -5,6 +5,8 @@ built in `explorer.plots.lab`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -123,17 +125,18 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
     lines = []
     for r in latest.values():
         c = analysis.convergence(r)
-        why = [f"validation accuracy still rose {100 * c.late_gain:.1f} points in its last "
-               f"{100 * analysis.LAST_SHARE:.0f}% of steps"] if c.late_gain >= \
-            analysis.MAX_LATE_GAIN else []
-        why += [f"train accuracy stayed {-100 * c.train_minus_test:.1f} points below test"] \
-            if c.train_minus_test < 0 else []
+        why = []
+        if c.late_gain >= analysis.MAX_LATE_GAIN:
+            why.append(f"validation accuracy still rose {100 * c.late_gain:.1f} points in its "
+                       f"last {100 * analysis.LAST_SHARE:.0f}% of steps")
+        if c.train_minus_test < 0:
+            why.append(f"train accuracy stayed {-100 * c.train_minus_test:.1f} points below test")
+        again = replace(grid.row_run(r), attempt=r["attempt"] + 1)  # its next attempt
         lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images, seed "
                      f"{r['seed']}{', scrambled' if r['variant'] == 'scrambled' else ''}: "
                      f"{r['steps']:,} steps reached {100 * r['test_acc']:.1f}% test accuracy, "
                      f"but {' and '.join(why)}, so it trains again from scratch with "
-                     f"{Budget().steps(r['train_images'], r['budget'] * 2 ** (r['attempt'] + 1)):,}"
-                     " steps")
+                     f"{Budget().steps(again.train_images, again.scale):,} steps")
     return ("**Training longer** (attempts that had not converged, kept aside and not "
             "plotted): " + "; ".join(lines) + ".")
 

@@ -150,7 +150,7 @@ def rollout(example: str, size: int | None, presenter: bool) -> Shown:
         return Shown(shown, lecture.rollout_note(facts, maps.grid),
                      {"rollout": views.rollout, "sinks": sinks, "facts": facts, "masked": None})
     # beside it, the same rollout with the sink patches taken out of every block's attention
-    masked = attention_view.masked_rollout(maps, tokens)
+    masked = attention_view.rollout_map(maps, tokens)
     masked_facts = lecture.rollout_facts(masked.cpu(), [], maps.num_prefix_tokens, maps.num_tokens)
     figure = colors.mosaic(
         [shown, attention_plots.heat_overlay(p.shown, masked, *overlay(presenter))], cols=2,
