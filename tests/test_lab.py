@@ -342,6 +342,21 @@ def test_convergence_reads_the_last_fifth_of_the_validation_curve():
     assert not analysis.convergence(overfit_test).converged  # train below test
 
 
+def test_convergence_fits_a_line_through_the_last_fifth_not_two_single_evaluations():
+    # the evaluation at 80% sat 0.3 points low and the four after it are flat: two single
+    # points say "+0.3, not converged"; the fitted line (x centred: -100, -50, 0, 50, 100;
+    # y − mean: -0.0024, +0.0006 × 4; Σxy = 0.30, Σxx = 25,000) rises 1.2e-5 × 200 = 0.0024
+    curve = [(400, 0.80, 0.8), (600, 0.85, 0.9), (800, 0.897, 0.95), (850, 0.900, 0.95),
+             (900, 0.900, 0.95), (950, 0.900, 0.95), (1000, 0.900, 0.95)]
+    row = dict(steps=1000, curve=curve, train_acc=0.95, test_acc=0.89)
+    check = analysis.convergence(row)
+    assert check.late_gain == pytest.approx(0.0024) and check.converged
+    # a steady climb through the last fifth is not converged: 0.4 points
+    climb = curve[:2] + [(800 + 50 * i, 0.896 + 0.001 * i, 0.95) for i in range(5)]
+    assert analysis.convergence(dict(row, curve=climb)).late_gain == pytest.approx(0.004)
+    assert not analysis.convergence(dict(row, curve=climb)).converged
+
+
 def test_compute_curves_put_each_finished_budget_of_a_width_on_one_curve():
     rows = [_row("vit", 20000, acc, width=w, budget=b, flops=f, steps=s, batch=128, params=p)
             for w, f, p, runs in ((32, 10, 1, ((0.5, 100, 0.7), (1.0, 200, 0.8))),

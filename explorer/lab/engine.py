@@ -11,7 +11,7 @@ The budget rule (`Budget`), one sentence: every run trains on 90% of its images 
 10%, at most 2,000, are its validation split) for 30 epochs but at least 3,000 AdamW steps of
 128 images, with 5% linear warm-up and cosine decay to zero, and a run that has not converged
 (`analysis.convergence`: validation accuracy still gaining 0.3 points in its last 20% of
-steps, or train below test accuracy) is trained again from scratch with twice the steps, up
+steps, read from a line fitted through that fifth's evaluations, or train below test accuracy) is trained again from scratch with twice the steps, up
 to four times the base (`LabRun.attempt`); nothing is chosen on the test set.
 
 The training loop is the one every trainer shares (`explorer.training`); this module keeps
@@ -68,7 +68,7 @@ class Budget:
     warmup_frac: float = 0.05
     val_frac: float = 0.1
     max_val: int = 2000
-    evals: int = 20
+    evals: int = 40  # every 2.5% of the steps: nine evaluations in the last fifth's fit
     test_images: int | None = None  # the final test set: None = all 10,000 (tests use fewer)
     checkpoint_every_s: float = 120.0  # training seconds between checkpoints (with a path)
     max_attempts: int = 3  # a run that has not converged retrains at 2×, then 4× the steps

@@ -100,7 +100,8 @@ def convergence_text(rows: list[dict]) -> str:
     failed = [(r, c) for r, c in checks if not c.converged]
     text = (f"**Convergence check** (validation accuracy gains < "
             f"{100 * analysis.MAX_LATE_GAIN:.1f} points in the last "
-            f"{100 * analysis.LAST_SHARE:.0f}% of training, and train ≥ test accuracy): "
+            f"{100 * analysis.LAST_SHARE:.0f}% of training, read from a line fitted through "
+            f"its evaluations, and train ≥ test accuracy): "
             f"{len(rows) - len(failed)} of {len(rows)} finished runs pass")
     if not failed:
         return text + "."
