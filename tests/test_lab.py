@@ -286,7 +286,7 @@ def test_error_vs_data_aggregates_seeds_and_finds_winners():
     # the w32 and half-budget sweep runs and the scrambled run are not the grid's
     assert [p.train_images for p in curves["vit"]] == [500, 5000]
     assert curves["vit"][0].mean == pytest.approx(0.3)
-    assert analysis.winners(curves) == {500: "cnn", 5000: "vit"}
+    assert analysis.winners(curves) == {500: "cnn"}  # the ViT alone at 5,000 wins nothing
     (scrambled,) = analysis.error_vs_data(rows, "scrambled")["vit"]
     assert scrambled.mean == pytest.approx(0.9)
 
@@ -298,7 +298,11 @@ def test_the_grid_in_words_is_computed_from_its_rows():
     curves = analysis.error_vs_data(rows)
     assert analysis.winners_sentence(curves) == (
         "Lowest test error: **CNN** at 500–3,000 images, **ViT (absolute positions)** at "
-        "60,000 images.")
+        "60,000 images (not finished yet: CoAtNet (mini) at 3,000, 60,000 images).")
+    # a size where one architecture alone has finished has no winner
+    alone = analysis.error_vs_data(rows + [_row("vit", 20000, 0.9)])
+    assert 20000 not in analysis.winners(alone)
+    assert analysis.winners_sentence(alone) == analysis.winners_sentence(curves)
     assert analysis.gap_sentence(curves) == (
         "The ViT (absolute positions) is 15.0 points behind the CNN at 500 images and 0.5 "
         "points ahead of it at 60,000: the gap narrows with data, and the ViT (absolute "

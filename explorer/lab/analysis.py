@@ -77,13 +77,13 @@ def error_vs_data(rows: list[dict], variant: str = "original") -> dict[str, list
 
 
 def winners(curves: dict[str, list[ErrorPoint]]) -> dict[int, str]:
-    """The architecture with the lowest mean error at each data size."""
-    best: dict[int, tuple[float, str]] = {}
+    """The architecture with the lowest mean test error at each data size where at least two
+    architectures have finished (one alone wins nothing)."""
+    at: dict[int, list[tuple[float, str]]] = defaultdict(list)
     for arch, points in curves.items():
         for p in points:
-            if p.train_images not in best or p.mean < best[p.train_images][0]:
-                best[p.train_images] = (p.mean, arch)
-    return {n: arch for n, (_, arch) in sorted(best.items())}
+            at[p.train_images].append((p.mean, arch))
+    return {n: min(runs)[1] for n, runs in sorted(at.items()) if len(runs) > 1}
 
 
 def _sizes(ns: list[int]) -> str:
@@ -91,8 +91,9 @@ def _sizes(ns: list[int]) -> str:
 
 
 def winners_sentence(curves: dict[str, list[ErrorPoint]]) -> str:
-    """Which architecture has the lowest mean test error, over runs of consecutive sizes:
-    "Lowest test error: CNN at 500–7,500 images, CoAtNet (mini) at 20,000–60,000."."""
+    """Which architecture has the lowest mean test error, over runs of consecutive sizes,
+    naming the architectures not yet finished at those sizes: "Lowest test error: CNN at
+    500–7,500 images, CoAtNet (mini) at 20,000–60,000 (CoAtNet (mini) not yet at 500)."."""
     best = winners(curves)
     if not best:
         return ""
@@ -102,8 +103,16 @@ def winners_sentence(curves: dict[str, list[ErrorPoint]]) -> str:
             groups[-1][1].append(n)
         else:
             groups.append((arch, [n]))
-    return "Lowest test error: " + ", ".join(
-        f"**{ARCH_LABELS[a]}** at {_sizes(ns)} images" for a, ns in groups) + "."
+    text = "Lowest test error: " + ", ".join(
+        f"**{ARCH_LABELS[a]}** at {_sizes(ns)} images" for a, ns in groups)
+    missing = []
+    for arch, points in curves.items():
+        absent = sorted(set(best) - {p.train_images for p in points})
+        if absent:
+            missing.append(f"{ARCH_LABELS[arch]} at {', '.join(f'{n:,}' for n in absent)}")
+    if missing:
+        text += f" (not finished yet: {'; '.join(missing)} images)"
+    return text + "."
 
 
 # A change of less than this (in error, i.e. accuracy points / 100) is "about the same".
