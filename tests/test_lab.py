@@ -324,7 +324,8 @@ def test_the_learning_rate_sweep_extends_upwards_while_the_best_is_at_its_edge()
     def rows(arch, accs):
         return [dict(arch=arch, width=DEFAULT_SIZES[arch][0], depth=DEFAULT_SIZES[arch][1],
                      train_images=sweep.SWEEP_IMAGES, lr=lr, shift=2, flip=True, val_acc=a,
-                     weight_decay=0.05) for lr, a in zip(sweep.LRS, accs, strict=True)]
+                     weight_decay=0.05, budget=sweep.SWEEP_BUDGET)
+                for lr, a in zip(sweep.LRS, accs, strict=True)]
 
     base = len(sweep.lr_stage())
     rising = rows("cnn", (0.80, 0.82, 0.84, 0.86))  # best at the largest rate: try twice it
@@ -414,11 +415,70 @@ def test_every_shipped_row_says_what_it_is_and_follows_the_rule():
         assert r["fit_images"] + r["val_images"] == r["train_images"]
         assert r["steps"] == budget.steps(r["train_images"], r["budget"] * 2 ** r["attempt"])
         assert r["epochs"] == pytest.approx(r["steps"] * r["batch"] / r["fit_images"], abs=0.01)
-        h = chosen[r["arch"]]
-        assert (r["lr"], r["weight_decay"], r["shift"], r["flip"]) == (
-            h.lr, h.weight_decay, h.shift, h.flip)
-        assert len(r["curve"]) == budget.evals and r["curve"][-1][0] == r["steps"]
+        if chosen:  # (none while the sweep runs again; `grid.supersede` then moves stale rows)
+            h = chosen[r["arch"]]
+            assert (r["lr"], r["weight_decay"], r["shift"], r["flip"]) == (
+                h.lr, h.weight_decay, h.shift, h.flip)
+        # evaluated on the schedule of 20 evaluations (rows begun before 2026-12-01 22:00)
+        # or of `budget.evals`, ending at the last step
+        steps = [p[0] for p in r["curve"]]
+        schedules = {round(r["steps"] * (i + 1) / n) for n in (20, budget.evals)
+                     for i in range(n)}
+        assert steps == sorted(set(steps)) and set(steps) <= schedules
+        assert len(steps) >= 20 and steps[-1] == r["steps"]
         assert 0.1 < r["test_acc"] <= 1 and r["seconds"] > 0
+
+
+def _sweep_row(arch, lr, aug, val, budget):
+    from explorer.lab import sweep
+    return dict(arch=arch, width=DEFAULT_SIZES[arch][0], depth=DEFAULT_SIZES[arch][1],
+                train_images=sweep.SWEEP_IMAGES, lr=lr, shift=2 if aug else 0, flip=aug,
+                val_acc=val, weight_decay=0.05, budget=budget)
+
+
+def test_augmentation_is_chosen_at_the_full_budget_at_the_first_stages_rate():
+    from explorer.lab import sweep
+    q, full = sweep.SWEEP_BUDGET, sweep.AUG_BUDGET
+    rows = [_sweep_row("vit", lr, True, v, q) for lr, v in zip(sweep.LRS, (.6, .7, .71, .69),
+                                                               strict=True)]
+    rows.append(_sweep_row("vit", 4e-3, False, 0.75, q))  # quarter budget: chooses nothing
+    stage = [(run.arch, run.budget, h.lr, h.shift, h.flip) for run, h in sweep.aug_stage(rows)]
+    assert stage == [("vit", full, 4e-3, 2, True), ("vit", full, 4e-3, 0, False)]
+    assert sweep.choose(rows) == {}  # the augmentation stage has not run
+    rows += [_sweep_row("vit", 4e-3, True, 0.80, full), _sweep_row("vit", 4e-3, False, 0.78, full)]
+    assert sweep.choose(rows) == {"vit": Hyper(lr=4e-3, weight_decay=0.05, shift=2, flip=True)}
+
+
+def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
+        tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from explorer.lab.engine import LabResult
+    for name in ("GRID_CSV", "ATTEMPTS_CSV", "SUPERSEDED_CSV"):
+        monkeypatch.setattr(grid, name, tmp_path / f"{name}.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path)
+    old, new = Hyper(lr=4e-3, shift=0, flip=False), Hyper(lr=4e-3)
+    def result(arch, n, hyper):
+        run = LabRun(arch, n)
+        return LabResult(**{**{f: 0 for f in grid.COLUMNS}, "arch": arch, "train_images": n,
+                            "width": run.width, "depth": run.depth, "variant": run.variant,
+                            "budget": 1.0, **asdict(hyper), "curve": [(1, 0.5, 0.5)]})
+    grid.append_row(result("vit", 500, old), grid.GRID_CSV)  # the patched paths, explicitly
+    grid.append_row(result("cnn", 500, Hyper(lr=8e-3)), grid.GRID_CSV)
+    grid.append_row(result("vit", 60000, old), grid.ATTEMPTS_CSV)
+    for arch, hyper in (("vit", old), ("cnn", Hyper(lr=8e-3))):
+        torch.save({"extra": {"run": asdict(LabRun(arch, 1200)), "hyper": asdict(hyper)}},
+                   tmp_path / f"{arch}.pt")
+    choice = {"vit": new, "cnn": Hyper(lr=8e-3)}
+    assert grid.supersede(choice) == 2
+    assert [(r["arch"], r["train_images"]) for r in grid.read_grid(grid.GRID_CSV)] == [
+        ("cnn", 500)]
+    assert grid.read_grid(grid.ATTEMPTS_CSV) == []
+    assert sorted((r["arch"], r["train_images"], r["shift"])
+                  for r in grid.read_grid(grid.SUPERSEDED_CSV)) == [("vit", 500, 0),
+                                                                     ("vit", 60000, 0)]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["cnn.pt"]
+    assert grid.supersede(choice) == 0  # nothing left to move
 
 
 @pytest.mark.skipif(not paths.HYPER_JSON.is_file(), reason="the sweep has not finished")
@@ -427,12 +487,14 @@ def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
     rows = grid.read_grid(grid.SWEEP_CSV)
     assert sweep.read_choice() == sweep.choose(rows)
     for arch, hyper in sweep.read_choice().items():
-        mine = [r for r in rows if r["arch"] == arch]
-        assert {r["lr"] for r in mine} >= set(sweep.LRS)  # every rate was tried
-        assert any(r["shift"] == 0 and not r["flip"] for r in mine)  # and no augmentation
-        assert max(r["val_acc"] for r in mine) == next(
-            r["val_acc"] for r in mine if (r["lr"], r["shift"], r["flip"]) == (
-                hyper.lr, hyper.shift, hyper.flip))
+        quarter = [r for r in rows if r["arch"] == arch and r["budget"] == sweep.SWEEP_BUDGET]
+        assert {r["lr"] for r in quarter} >= set(sweep.LRS)  # every rate was tried
+        lr_best = max((r for r in quarter if r["shift"] or r["flip"]), key=lambda r: r["val_acc"])
+        assert hyper.lr == lr_best["lr"]
+        full = [r for r in rows if r["arch"] == arch and r["budget"] == sweep.AUG_BUDGET]
+        assert {(r["shift"], r["flip"]) for r in full} == {(0, False), (2, True)}
+        assert max(r["val_acc"] for r in full) == next(
+            r["val_acc"] for r in full if (r["shift"], r["flip"]) == (hyper.shift, hyper.flip))
 
 
 def test_the_scaling_figure_says_the_size_sweep_is_still_training_before_its_first_run():

@@ -18,7 +18,7 @@ def _row(arch, n, acc, seed=0, variant="original", train=None, curve=None, steps
     return dict(arch=arch, width=width, depth=depth, train_images=n, seed=seed, test_acc=acc,
                 train_acc=train if train is not None else acc + 0.02, variant=variant,
                 budget=1.0, steps=steps, curve=curve or [(2400, acc, acc), (3000, acc, acc)],
-                params=200_000, seconds=60.0)
+                params=200_000, seconds=60.0, attempt=0)
 
 
 ROWS = [_row("cnn", 500, 0.82), _row("cnn", 60000, 0.92), _row("vit", 500, 0.70),
@@ -102,6 +102,11 @@ def test_lecture_lab_steps_carry_the_grids_findings():
     assert "loses 12.0 points" in lab_view.lecture_note("lab-data", ROWS)
     assert lab_view.lecture_note("rollout", ROWS) == ""
     assert "No grid runs finished yet" in lab_view.lecture_note("lab-data", [])
+    # a partial grid says so under every lab figure: ROWS are 6 of the grid's 83 runs (CNN
+    # and ViT at 500 and 60,000 images, and both scrambled at 500; seed 0)
+    for figure in ("lab-data", "lab-compute", "lab-bias"):
+        assert ("The grid is still training: 6 of 83 runs have finished"
+                in lab_view.lecture_note(figure, ROWS))
 
 
 def test_lecture_lab_steps_say_what_is_still_training_instead_of_failing(monkeypatch):

@@ -11,8 +11,9 @@ The budget rule (`Budget`), one sentence: every run trains on 90% of its images 
 10%, at most 2,000, are its validation split) for 30 epochs but at least 3,000 AdamW steps of
 128 images, with 5% linear warm-up and cosine decay to zero, and a run that has not converged
 (`analysis.convergence`: validation accuracy still gaining 0.3 points in its last 20% of
-steps, read from a line fitted through that fifth's evaluations, or train below test accuracy) is trained again from scratch with twice the steps, up
-to four times the base (`LabRun.attempt`); nothing is chosen on the test set.
+steps, read from a line fitted through that fifth's evaluations, or train below test
+accuracy) is trained again from scratch with twice the steps, up to four times the base
+(`LabRun.attempt`); nothing is chosen on the test set.
 
 The training loop is the one every trainer shares (`explorer.training`); this module keeps
 the lab's own data path: in-memory 28-px tensors, seeded stratified subsets, random 2-px

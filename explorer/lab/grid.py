@@ -33,7 +33,7 @@ from explorer.lab import sweep
 from explorer.lab.analysis import convergence
 from explorer.lab.engine import Budget, Hyper, LabResult, LabRun
 from explorer.lab.models import LAB_ARCHS
-from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SWEEP_CSV
+from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
 
 DATA_SIZES = (500, 1200, 3000, 7500, 20000, 60000)
 SEEDS = (0, 1)
@@ -88,8 +88,10 @@ def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
 
 
 def row_key(row: dict, with_hyper: bool = False) -> str:
-    hyper = Hyper(row["lr"], row["weight_decay"], row["shift"], row["flip"])
-    return work_key(row_run(row), hyper if with_hyper else None)
+    if not with_hyper:
+        return work_key(row_run(row))
+    return work_key(row_run(row), Hyper(row["lr"], row["weight_decay"], row["shift"],
+                                        row["flip"]))
 
 
 def escalates(run: LabRun) -> bool:
@@ -277,6 +279,45 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
     return 0
 
 
+def supersede(choice: dict[str, Hyper]) -> int:
+    """Move the grid's rows and attempts trained with hyperparameters other than ``choice``
+    (a sweep re-run changed its mind) to `SUPERSEDED_CSV`, and delete their runs'
+    checkpoints, so those runs train again with the choice. Returns the rows moved."""
+    import torch
+
+    def stale(arch: str, hyper: dict) -> bool:
+        return arch in choice and Hyper(**hyper) != choice[arch]
+
+    moved = 0
+    for path in (GRID_CSV, ATTEMPTS_CSV):
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns, raw = reader.fieldnames, list(reader)
+        typed = read_grid(path)
+        old = [r for r, t in zip(raw, typed, strict=True) if stale(
+            t["arch"], {k: t[k] for k in ("lr", "weight_decay", "shift", "flip")})]
+        if not old:
+            continue
+        new = not SUPERSEDED_CSV.is_file()
+        with open(SUPERSEDED_CSV, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows(old)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(r for r in raw if r not in old)
+        moved += len(old)
+    for ckpt in CHECKPOINTS_DIR.glob("*.pt"):
+        extra = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["extra"]
+        if stale(extra["run"]["arch"], extra["hyper"]):
+            ckpt.unlink()
+    return moved
+
+
 def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = None) -> int:
     """Run the phases in order, each with ``workers`` processes; write the sweep's choice
     after its stages."""
@@ -290,6 +331,9 @@ def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = No
             sweep.write_choice(choice)
             print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
                   flush=True)
+            if moved := supersede(choice):
+                print(f"{moved} rows trained with other hyperparameters moved to "
+                      f"{SUPERSEDED_CSV.name}; their runs train again", flush=True)
         cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase]
         cmd += ["--limit", str(limit)] if limit else []
         procs = [subprocess.Popen(cmd) for _ in range(workers)]

@@ -184,9 +184,20 @@ def scaling_text(rows: list[dict]) -> str:
     return f"**{SCALING_HEADING}**\n" + "\n".join(lines) if lines else ""
 
 
+def still_training(rows: list[dict]) -> str:
+    """How much of the grid the rows are, while it is not all there ("" when it is)."""
+    names = [r.name for r in grid.grid_runs()]
+    finished = len({grid.row_key(r) for r in rows} & set(names))
+    if finished == len(names):
+        return ""
+    return (f"*The grid is still training: {finished} of {len(names)} runs have finished; the "
+            "figure shows those.*")
+
+
 def lecture_note(figure: str, rows: list[dict]) -> str:
     """What the Lecture's lab steps add under their text: the grid's findings for the figure
-    shown (`explorer.lecture.Step.figure`), computed from its rows; "" for other figures."""
+    shown (`explorer.lecture.Step.figure`), computed from its rows, and how much of the grid
+    they are; "" for other figures."""
     if figure == "lab-data":
         found = [summary_text(rows), analysis.scramble_sentence(rows)]
     elif figure == "lab-compute":
@@ -196,7 +207,7 @@ def lecture_note(figure: str, rows: list[dict]) -> str:
         found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit")]
     else:
         return ""
-    found = [f for f in found if f]
+    found = [f for f in found + [still_training(rows) if rows else ""] if f]
     return ("\n\n**Trained here:** " + " ".join(found)) if found else ""
 
 
