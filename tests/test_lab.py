@@ -453,6 +453,7 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
         tmp_path, monkeypatch):
     from dataclasses import asdict
 
+    from explorer.lab import checkpoint as grid_checkpoint
     from explorer.lab.engine import LabResult
     for name in ("GRID_CSV", "ATTEMPTS_CSV", "SUPERSEDED_CSV"):
         monkeypatch.setattr(grid, name, tmp_path / f"{name}.csv")
@@ -469,8 +470,16 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
     for arch, hyper in (("vit", old), ("cnn", Hyper(lr=8e-3))):
         torch.save({"extra": {"run": asdict(LabRun(arch, 1200)), "hyper": asdict(hyper)}},
                    tmp_path / f"{arch}.pt")
+    models = tmp_path / "models"
+    monkeypatch.setattr(grid_checkpoint, "MODELS_DIR", models)
+    monkeypatch.setattr(grid_checkpoint.shipped_path, "__defaults__", (models,))
+    for arch in ("vit", "cnn"):
+        path = grid_checkpoint.shipped_path(LabRun(arch, 500))
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"weights")
     choice = {"vit": new, "cnn": Hyper(lr=8e-3)}
     assert grid.supersede(choice) == 2
+    assert sorted(p.name for p in models.iterdir()) == ["cnn-w24-d2-n500-s0.safetensors"]
     assert [(r["arch"], r["train_images"]) for r in grid.read_grid(grid.GRID_CSV)] == [
         ("cnn", 500)]
     assert grid.read_grid(grid.ATTEMPTS_CSV) == []

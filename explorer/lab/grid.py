@@ -282,8 +282,11 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
 def supersede(choice: dict[str, Hyper]) -> int:
     """Move the grid's rows and attempts trained with hyperparameters other than ``choice``
     (a sweep re-run changed its mind) to `SUPERSEDED_CSV`, and delete their runs'
-    checkpoints, so those runs train again with the choice. Returns the rows moved."""
+    checkpoints and shipped models, so those runs train again with the choice. Returns the
+    rows moved."""
     import torch
+
+    from explorer.lab.checkpoint import shipped_path
 
     def stale(arch: str, hyper: dict) -> bool:
         return arch in choice and Hyper(**hyper) != choice[arch]
@@ -296,10 +299,13 @@ def supersede(choice: dict[str, Hyper]) -> int:
             reader = csv.DictReader(f)
             columns, raw = reader.fieldnames, list(reader)
         typed = read_grid(path)
-        old = [r for r, t in zip(raw, typed, strict=True) if stale(
+        pairs = [(r, t) for r, t in zip(raw, typed, strict=True) if stale(
             t["arch"], {k: t[k] for k in ("lr", "weight_decay", "shift", "flip")})]
-        if not old:
+        if not pairs:
             continue
+        old = [r for r, _ in pairs]
+        for _, t in pairs:  # the model the tab's views load, trained with the old choice
+            shipped_path(replace(row_run(t), attempt=0)).unlink(missing_ok=True)
         new = not SUPERSEDED_CSV.is_file()
         with open(SUPERSEDED_CSV, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
