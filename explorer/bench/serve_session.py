@@ -38,22 +38,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(env: dict) -> tuple[subprocess.Popen, str, float]:
-    """Start app.py; return the process, its URL and seconds until the page was served."""
+def start_app(env: dict, output=subprocess.DEVNULL,
+              timeout: float | None = None) -> tuple[subprocess.Popen, str, float]:
+    """Start app.py on a free port; return the process, its URL and seconds until the page
+    was served (the benchmarks and the browser tests' app).
+
+    Args:
+        output: where the app's stdout and stderr go (a file for a log).
+        timeout: give up (and kill the app) after this many seconds; None waits.
+    """
     port = _free_port()
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    while True:
+    while timeout is None or time.perf_counter() - start < timeout:
         if proc.poll() is not None:
-            raise RuntimeError("app.py exited during start-up")
+            raise RuntimeError(f"app.py exited during start-up (code {proc.returncode})")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return proc, url, time.perf_counter() - start
         except OSError:
             time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"app.py did not serve within {timeout:.0f} s")
 
 
 def percentile(values: list[float], q: float) -> float:

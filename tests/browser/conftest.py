@@ -8,11 +8,7 @@ Chromium is missing (the README's test command installs it).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,36 +27,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.browser)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def app_url():
     """Start `python app.py` on a free port; yield its URL; stop it afterwards."""
-    port = _free_port()
-    log = open(ROOT / "tests" / "browser" / f".app-{port}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        # a live lab run of 20 steps (the grid's budget is 1000): a tiny point in seconds
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "VIT_EXPLORER_LAB_STEPS": "20"},
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}; see {log.name}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("app.py did not serve within 120 s")
+    from explorer.bench.serve_session import start_app
+
+    log_path = ROOT / "tests" / "browser" / f".app-{os.getpid()}.log"
+    log = open(log_path, "w")  # noqa: SIM115
+    # a live lab run of 20 steps (the grid's are 3,000 or more): a tiny point in seconds
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VIT_EXPLORER_LAB_STEPS": "20"}
+    try:
+        proc, url, _ = start_app(env, output=log, timeout=120)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}; see {log_path}") from None
     yield url
     proc.terminate()
     try:
@@ -68,7 +47,7 @@ def app_url():
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
-    Path(log.name).unlink(missing_ok=True)
+    log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
