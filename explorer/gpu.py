@@ -11,16 +11,23 @@ tensor (`to_cpu`), and whatever the call caches stays in the worker. `gpu_task` 
 
 Whether this is a ZeroGPU Space is read when a function is decorated (at import), as the
 ``spaces`` package itself does: its decorator must run before the app starts serving.
+
+Training borrows a GPU the same way, streamed: `stream_on_device` runs a training generator
+(the fine-tune engine, the lab's live run) in the worker and relays its events, and
+`training_seconds` sizes the call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import inspect
+import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -33,11 +40,40 @@ def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
+# GPU calls running in this process: above zero only inside a ZeroGPU worker (`gpu_task`
+# wraps the call), the one place on a ZeroGPU Space where CUDA may start.
+_gpu_calls = 0
+
+
+@contextlib.contextmanager
+def _inside_gpu_call() -> Iterator[None]:
+    global _gpu_calls
+    _gpu_calls += 1
+    try:
+        yield
+    finally:
+        _gpu_calls -= 1
+
+
+def in_gpu_call() -> bool:
+    """Whether this code runs inside a ZeroGPU call (in its worker process)."""
+    return _gpu_calls > 0
+
+
+def cuda_off_limits() -> bool:
+    """Whether CUDA must not start here: in a ZeroGPU Space's own process, outside its GPU
+    calls (``spaces`` makes ``torch.cuda.is_available()`` say True there all the same)."""
+    return on_zero_gpu() and not in_gpu_call()
+
+
 def to_device(value: Any, device: torch.device | str) -> Any:
-    """`value` with every tensor inside it (tuples, lists, dicts, dataclasses) on ``device``;
-    tensors already there and everything else are returned as they are."""
+    """`value` with every tensor inside it (tuples, lists, dicts, dataclasses) on ``device``,
+    and every module moved there in place (see `_plain_module`); tensors already there and
+    everything else are returned as they are."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, torch.nn.Module):
+        return _plain_module(value).to(device)
     if isinstance(value, (list, tuple)):
         items = [to_device(v, device) for v in value]
         if all(a is b for a, b in zip(items, value, strict=True)):
@@ -52,8 +88,20 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+def _plain_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` without accelerate's mixed-precision wrapper: a model trained under bf16
+    keeps the autocast ``forward`` `Accelerator.prepare` gave it, which would run the app's
+    CPU copy under CUDA's autocast settings instead of as the plain fp32 module it is."""
+    if "_original_forward" not in vars(module):
+        return module
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module, keep_fp32_wrapper=False)
+
+
 def to_cpu(value: Any) -> Any:
-    """`to_device` the CPU: what may cross ZeroGPU's process boundary."""
+    """`to_device` the CPU: what may cross ZeroGPU's process boundary (a trained model as a
+    plain CPU module)."""
     return to_device(value, "cpu")
 
 
@@ -75,12 +123,14 @@ def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def on_cpu(*args, **kwargs):
-                for item in fn(*args, **kwargs):
-                    yield to_cpu(item)
+                with _inside_gpu_call():
+                    for item in fn(*args, **kwargs):
+                        yield to_cpu(item)
         else:
             @functools.wraps(fn)
             def on_cpu(*args, **kwargs):
-                return to_cpu(fn(*args, **kwargs))
+                with _inside_gpu_call():
+                    return to_cpu(fn(*args, **kwargs))
         return spaces.GPU(duration=duration)(on_cpu)
 
     return decorate
@@ -99,7 +149,7 @@ ANALYSIS_SECONDS = 20
 def _analyse_on_device(fn: Callable[..., Any], model: torch.nn.Module, *args, **kwargs) -> Any:
     """``fn(model, *args, **kwargs)``; in a ZeroGPU worker, with the model and the tensors
     among the arguments moved to its GPU first (the worker's copy: the app's stays put)."""
-    if on_zero_gpu() and torch.cuda.is_available():
+    if in_gpu_call() and torch.cuda.is_available():
         device = torch.device("cuda")
         model = copy.deepcopy(model).to(device)  # a copy: the caller's stays on the CPU
         args, kwargs = to_device(args, device), to_device(kwargs, device)
@@ -110,3 +160,99 @@ def _analyse_on_device(fn: Callable[..., Any], model: torch.nn.Module, *args, **
 #: ZeroGPU Space (results on the CPU), and a plain call everywhere else (the model already
 #: sits on CUDA or the CPU, `explorer.models.default_device`).
 analyse_on_device = gpu_task(duration=ANALYSIS_SECONDS)(_analyse_on_device)
+
+
+# -- training on the GPU: a streamed call ----------------------------------------------------
+
+# Sizing a training call. Nothing here was timed on ZeroGPU (this project had no GPU lent for
+# it), so the rule adds up upper estimates of each cost and doubles them:
+WORKER_START_S = 15  # the worker's fork, CUDA's start, the model's copy (`ANALYSIS_SECONDS`
+#                      gives 20 s to that plus one forward pass)
+STEP_S = 0.02  # an eager optimiser step of a small model is bound by its ~10^3 kernel launches
+#                and the per-step `.item()` syncs, not by FLOPs
+PIXEL_S = 25e-9  # the fine-tune's CPU data path (single-process loader: decode, resize,
+#                  normalise), per pixel of the training resolution: 0.27 / 1.1 / 7.3 ms per
+#                  image at 112 / 224 / 518 px, measured on this project's 2-vCPU machine
+#                  (Fashion-MNIST, one thread)
+GPU_FLOPS = 50e12  # sustained FLOP/s: a tenth of a ZeroGPU slice's peak (a 70 GB slice of an
+#                    H200, about half its ~990 TFLOP/s dense bf16), as small ViTs at batch 32
+#                    use little of it
+MARGIN = 2.0
+# The longest one call may ask for: 5 minutes (Hugging Face's answer in the zero-gpu-explorers
+# discussions); ZeroGPU refuses a longer duration ("ZeroGPU illegal duration"), and a visitor
+# whose quota left is shorter than the duration asked for is refused too.
+MAX_CALL_S = 300
+
+
+def training_seconds(steps: int, images: int = 0, pixels: int = 0, flops: float = 0.0) -> int:
+    """The ZeroGPU duration to ask for a training call (`MAX_CALL_S` at most).
+
+    Args:
+        steps: optimiser steps (and other GPU steps that are launch-bound).
+        images: images through the CPU data path, each of ``pixels`` pixels.
+        flops: the call's GPU work in all, in FLOPs.
+
+    Returns:
+        ``WORKER_START_S + MARGIN × (steps·STEP_S + images·pixels·PIXEL_S + flops/GPU_FLOPS)``,
+        rounded up to a second.
+    """
+    work = steps * STEP_S + images * pixels * PIXEL_S + flops / GPU_FLOPS
+    return min(MAX_CALL_S, math.ceil(WORKER_START_S + MARGIN * work))
+
+
+def _run_in_worker(seconds: float, gen_fn: Callable[..., Iterator], args: tuple,
+                   kwargs: dict) -> Iterator:
+    """The worker's side of `stream_on_device` (``seconds`` is for ZeroGPU's duration): the
+    run with its own cancel, never set; closing the stream is what stops it there."""
+    yield from gen_fn(*args, **kwargs)
+
+
+def _asked_seconds(seconds: float, *_) -> float:
+    return seconds
+
+
+_worker_stream = gpu_task(duration=_asked_seconds)(_run_in_worker)
+
+
+def stream_on_device(gen_fn: Callable[..., Iterator], *args, cancel: threading.Event,
+                     seconds: float, on_cancel: Callable[[list], Any] | None = None,
+                     **kwargs) -> Iterator:
+    """``gen_fn(*args, cancel=cancel, **kwargs)``, a training generator, where the GPU is.
+
+    Off ZeroGPU it is exactly that call. On ZeroGPU the generator runs in a worker that
+    borrows a GPU for at most ``seconds``; its events come back on the CPU (`to_cpu`). The
+    caller's ``cancel`` cannot reach the worker: it is checked here as each event arrives,
+    and once set the stream is closed, which ``spaces`` turns into the worker's generator
+    being closed at its next yield (a ``GeneratorExit`` there: the run stops at a step).
+
+    Args:
+        gen_fn: a module-level generator function (its name crosses to the worker) taking
+            a ``cancel`` event.
+        cancel: set it to stop the run.
+        seconds: the ZeroGPU duration to ask for (`training_seconds`).
+        on_cancel: ``(events streamed so far) -> last event``: on ZeroGPU the last event a
+            cancelled run would have yielded (the worker, closed, cannot send it); None: the
+            stream just ends.
+
+    Returns:
+        The run's events.
+    """
+    if not on_zero_gpu():
+        return gen_fn(*args, cancel=cancel, **kwargs)
+    return _stream_from_worker(gen_fn, args, kwargs, cancel, seconds, on_cancel)
+
+
+def _stream_from_worker(gen_fn, args, kwargs, cancel, seconds, on_cancel) -> Iterator:
+    stream = _worker_stream(seconds, gen_fn, args, kwargs)
+    events, stopped = [], False
+    try:
+        for event in stream:
+            if cancel.is_set():
+                stopped = True
+                break
+            events.append(event)
+            yield event
+    finally:
+        stream.close()  # returns once the worker's generator has ended
+    if stopped and on_cancel is not None:
+        yield on_cancel(events)

@@ -43,10 +43,10 @@ from explorer import gpu
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1) -> Accelerator:
     """accelerate's placement for a training run: CUDA when present, else the CPU; on a
-    ZeroGPU Space the CPU (training runs in the app's process, where CUDA must not start:
-    only the analyses borrow a GPU, `explorer.gpu`)."""
+    ZeroGPU Space CUDA inside a GPU call's worker (`explorer.gpu.stream_on_device`) and the
+    CPU in the app's own process, where CUDA must not start (`gpu.cuda_off_limits`)."""
     return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
-                       gradient_accumulation_steps=grad_accum, cpu=gpu.on_zero_gpu())
+                       gradient_accumulation_steps=grad_accum, cpu=gpu.cuda_off_limits())
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -54,7 +54,7 @@ def resolve_mixed_precision(choice: str) -> str:
     (bf16/fp16 matmuls there are far slower than fp32), bf16 on GPUs that support it."""
     if choice != "auto":
         return choice
-    if not torch.cuda.is_available() or gpu.on_zero_gpu():
+    if not torch.cuda.is_available() or gpu.cuda_off_limits():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 

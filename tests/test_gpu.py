@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
+import io
+import multiprocessing
+import pickle
 import sys
+import threading
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
+import timm
 import torch
 
-from explorer import gpu
+from explorer import datasets, gpu
 
 
 def square(x):
@@ -37,37 +45,192 @@ def test_the_spaces_package_imports_and_is_inert_on_cpu(monkeypatch):
     assert spaces.GPU(duration=10)(count) is count
 
 
-@pytest.fixture
-def zero_gpu(monkeypatch):
-    """A ZeroGPU environment with a stand-in `spaces` that records the durations asked for."""
-    asked = []
+# -- a stand-in for `spaces` on a ZeroGPU Space --------------------------------------------
 
-    def GPU(task=None, *, duration=None):  # noqa: N802 (spaces' own name)
+
+class _Boundary(pickle.Pickler):
+    """Pickles what crosses ZeroGPU's process boundary; a tensor off the CPU is refused (the
+    app's process would have to start CUDA to take it)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+            raise pickle.PicklingError(f"a {obj.device.type} tensor crossed to the app")
+        return NotImplemented
+
+
+def _dumps(obj) -> bytes:
+    buffer = io.BytesIO()
+    _Boundary(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def _worker(fn, conn, stop, real_cuda):
+    """The forked worker, as spaces' ``thread_wrapper``: torch.cuda as it really is (spaces'
+    ``torch.unpatch``), the arguments unpickled, the call run, the result or each item
+    pickled back; a streamed call stops at the next yield once the app has closed its stream
+    (``stop_event``: ``gen.close()``)."""
+    torch.cuda.is_available, torch.cuda._lazy_init = real_cuda
+    torch.set_num_threads(1)  # as DataLoader's workers: the parent's OpenMP pool is not ours
+    args, kwargs = pickle.loads(conn.recv_bytes())
+    if not inspect.isgeneratorfunction(fn):
+        try:
+            conn.send_bytes(_dumps(("ok", fn(*args, **kwargs))))
+        except Exception as err:
+            conn.send_bytes(_dumps(("error", repr(err))))
+        return
+    gen, sent, end = fn(*args, **kwargs), 0, "exhausted"
+    while True:
+        try:
+            item = next(gen)
+        except StopIteration:
+            break
+        except Exception as err:
+            conn.send_bytes(_dumps(("error", repr(err))))
+            end = "error"
+            break
+        if stop.is_set():
+            try:
+                gen.close()
+                end = "closed"
+            except BaseException as err:  # e.g. a generator that yields on GeneratorExit
+                end = f"close failed: {err!r}"
+            break
+        try:
+            payload = _dumps(("item", item))
+        except Exception as err:
+            conn.send_bytes(_dumps(("error", repr(err))))
+            end = "error"
+            break
+        conn.send_bytes(payload)
+        sent += 1
+    conn.send_bytes(_dumps(("end", {"end": end, "sent": sent})))
+
+
+@dataclass
+class StandIn:
+    """What the stand-in saw: each decorated function's declared duration, and per call the
+    seconds asked for, the items its worker sent and how its generator ended."""
+
+    real_cuda: tuple
+    declared: list = field(default_factory=list)
+    calls: list = field(default_factory=list)
+
+    def GPU(self, task=None, *, duration=None):  # noqa: N802 (spaces' own name)
         def wrap(fn):
-            asked.append(duration)
-            fn.zerogpu = True
-            return fn
+            self.declared.append(duration)
+            handler = self._stream(fn, duration) if inspect.isgeneratorfunction(fn) else (
+                self._call(fn, duration))
+            handler = functools.wraps(fn)(handler)
+            handler.zerogpu = True
+            return handler
         return wrap(task) if callable(task) else wrap
 
+    def _start(self, fn, duration, args, kwargs):
+        assert not torch.cuda.is_initialized(), "CUDA started in the app: the fork would fail"
+        seconds = duration(*args, **kwargs) if callable(duration) else duration
+        record = {"seconds": seconds, "sent": 0, "end": None}
+        self.calls.append(record)
+        payload = _dumps((args, kwargs))  # a lock, an Event or a CUDA tensor fails here
+        ctx = multiprocessing.get_context("fork")
+        here, there = ctx.Pipe()
+        stop = ctx.Event()
+        process = ctx.Process(target=_worker, args=(fn, there, stop, self.real_cuda),
+                              daemon=True)
+        process.start()
+        there.close()
+        here.send_bytes(payload)
+        return here, process, stop, record
+
+    def _call(self, fn, duration):
+        def call(*args, **kwargs):
+            here, process, _, _ = self._start(fn, duration, args, kwargs)
+            kind, value = pickle.loads(here.recv_bytes())
+            process.join()
+            if kind == "error":
+                raise RuntimeError(f"ZeroGPU worker error: {value}")
+            return value
+        return call
+
+    def _stream(self, fn, duration):
+        def stream(*args, **kwargs):
+            here, process, stop, record = self._start(fn, duration, args, kwargs)
+            try:
+                while True:
+                    kind, value = pickle.loads(here.recv_bytes())
+                    if kind == "item":
+                        try:
+                            yield value
+                        except GeneratorExit:
+                            stop.set()
+                            raise
+                    elif kind == "error":
+                        raise RuntimeError(f"ZeroGPU worker error: {value}")
+                    else:
+                        record.update(value)
+                        return
+            finally:  # as spaces' handler: back only once the worker's generator has ended
+                while record["end"] is None and here.poll(120):
+                    kind, value = pickle.loads(here.recv_bytes())
+                    if kind == "end":
+                        record.update(value)
+                process.join(30)
+        return stream
+
+
+@pytest.fixture
+def zero_gpu(monkeypatch):
+    """A ZeroGPU Space, with a stand-in `spaces` as faithful as these tests need: every call
+    runs in a forked worker; its arguments, result and streamed items are pickled across (a
+    CUDA tensor, a lock or an Event fails as there); a stream closed by the app is closed in
+    the worker at its next yield; the app's `torch.cuda.is_available()` says True (as spaces
+    patches it) but starting CUDA in the app fails the test. The module's GPU calls are
+    decorated again, as an import on a ZeroGPU Space would."""
+    stand_in = StandIn(real_cuda=(torch.cuda.is_available, torch.cuda._lazy_init))
+
+    def cuda_in_the_app(*args, **kwargs):
+        raise AssertionError("CUDA started in the app's process")
+
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
-    return asked
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=stand_in.GPU))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", cuda_in_the_app)
+    monkeypatch.setattr(gpu, "analyse_on_device",
+                        gpu.gpu_task(duration=gpu.ANALYSIS_SECONDS)(gpu._analyse_on_device))
+    monkeypatch.setattr(gpu, "_worker_stream",
+                        gpu.gpu_task(duration=gpu._asked_seconds)(gpu._run_in_worker))
+    return stand_in
 
 
 def test_on_zero_gpu_calls_go_through_spaces_with_their_duration(zero_gpu):
     wrapped = gpu.gpu_task(duration=15)(square)
-    assert wrapped is not square and wrapped.zerogpu and zero_gpu == [15]
+    assert wrapped is not square and wrapped.zerogpu and zero_gpu.declared[-1] == 15
     assert wrapped(3) == 9 and wrapped.__name__ == "square"
     streamed = gpu.gpu_task(duration=lambda n: n)(count)
-    assert list(streamed(3)) == [0, 1, 2] and zero_gpu[-1](7) == 7
+    assert list(streamed(3)) == [0, 1, 2] and zero_gpu.declared[-1](7) == 7
+    assert [c["seconds"] for c in zero_gpu.calls] == [15, 3]  # asked per call
+    assert zero_gpu.calls[-1]["end"] == "exhausted" and zero_gpu.calls[-1]["sent"] == 3
 
 
 def test_on_zero_gpu_results_leave_on_the_cpu(zero_gpu, monkeypatch):
-    moved = []
-    monkeypatch.setattr(gpu, "to_cpu", lambda v: moved.append(v) or v)
-    assert gpu.gpu_task()(square)(2) == 4
-    assert list(gpu.gpu_task()(count)(2)) == [0, 1]
-    assert moved == [4, 0, 1]  # the result, then each streamed item
+    # the worker (forked after this patch) marks what it moved; the marks cross back
+    monkeypatch.setattr(gpu, "to_cpu", lambda v: ("moved", v))
+    assert gpu.gpu_task()(square)(2) == ("moved", 4)
+    assert list(gpu.gpu_task()(count)(2)) == [("moved", 0), ("moved", 1)]
+
+
+def yields_a_lock():
+    yield threading.Lock()
+
+
+def test_the_stand_in_refuses_what_cannot_cross_the_process_boundary(zero_gpu):
+    with pytest.raises(TypeError, match="pickle"):
+        list(gpu.gpu_task()(count)(threading.Event()))  # an Event as an argument
+    with pytest.raises(RuntimeError, match="pickle"):
+        list(gpu.gpu_task()(yields_a_lock)())  # a lock as an item
+    with pytest.raises(pickle.PicklingError, match="meta tensor"):
+        _dumps({"maps": torch.empty(2, device="meta")})  # as a CUDA tensor would be
+    with pytest.raises(AssertionError, match="CUDA started"):
+        torch.zeros(1, device="cuda")  # the app may not start CUDA (its is_available says yes)
 
 
 @dataclass(frozen=True)
@@ -99,9 +262,9 @@ def test_an_analysis_off_zero_gpu_is_the_plain_call_on_the_models_device(monkeyp
 
 def test_an_analysis_on_zero_gpu_goes_through_spaces_with_the_analysis_duration(zero_gpu):
     model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
-    wrapped = gpu.gpu_task(duration=gpu.ANALYSIS_SECONDS)(gpu._analyse_on_device)
-    got = wrapped(first_block_sum, model, x)
-    assert zero_gpu == [gpu.ANALYSIS_SECONDS] and gpu.ANALYSIS_SECONDS < 60
+    got = gpu.analyse_on_device(first_block_sum, model, x)
+    assert zero_gpu.calls == [{"seconds": gpu.ANALYSIS_SECONDS, "sent": 0, "end": None}]
+    assert gpu.ANALYSIS_SECONDS < 60
     assert torch.equal(got["out"], model(x)) and got["out"].device.type == "cpu"
 
 
@@ -109,8 +272,7 @@ def test_an_analysis_on_zero_gpu_goes_through_spaces_with_the_analysis_duration(
 def test_in_a_zero_gpu_worker_the_analysis_runs_on_cuda_and_leaves_the_model_on_the_cpu(
         zero_gpu):
     model, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
-    wrapped = gpu.gpu_task(duration=gpu.ANALYSIS_SECONDS)(gpu._analyse_on_device)
-    got = wrapped(first_block_sum, model, x)
+    got = gpu.analyse_on_device(first_block_sum, model, x)
     assert got["where"].startswith("cuda") and got["out"].device.type == "cpu"
     assert next(model.parameters()).device.type == "cpu"
     torch.testing.assert_close(got["out"], model(x))
@@ -150,3 +312,250 @@ def test_every_vit_analysis_of_the_tabs_goes_through_the_gpu_seam(monkeypatch):
     called.clear()
     distance_tab.per_image(photo, None, [], True, False, 224, 224, "crop", "drop", None)
     assert called == ["model_mean_attention_distance"] * 2  # the image, then random init
+
+
+# -- training on the GPU: the streamed call --------------------------------------------------
+
+needs_fashion_mnist = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
+                                         reason="needs Debian's dataset-fashion-mnist")
+
+
+@pytest.fixture
+def one_thread():
+    """The same thread count here and in the forked worker (which takes one): same numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit() -> torch.nn.Module:
+    """timm's registered test ViT (dim 64, 6 blocks, patch 16) at 32 px: 2x2 patches."""
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False, dynamic_img_size=True, img_size=32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    full = datasets.fashion_mnist("train", 120, seed=0)
+    return datasets.train_val_split(full, 0.25, seed=0)  # 90 to train, 30 to validate
+
+
+def echo(n, cancel=None, scale=1):
+    yield n * scale, cancel
+
+
+def test_off_zero_gpu_a_stream_is_the_plain_generator_call(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setitem(sys.modules, "spaces", None)
+    cancel = threading.Event()
+    stream = gpu.stream_on_device(echo, 2, cancel=cancel, seconds=10, scale=3,
+                                  on_cancel=lambda events: pytest.fail("not off ZeroGPU"))
+    assert stream.gi_code is echo.__code__  # the generator itself, no wrapper
+    assert next(stream) == (6, cancel)  # the caller's own cancel event, passed through
+
+
+def test_on_zero_gpu_a_stream_runs_in_the_worker_without_the_callers_event(zero_gpu):
+    cancel = threading.Event()  # an Event cannot cross: the worker's run gets none
+    assert list(gpu.stream_on_device(echo, 2, cancel=cancel, seconds=10, scale=3)) == [(6, None)]
+    assert zero_gpu.calls == [{"seconds": 10, "sent": 1, "end": "exhausted"}]
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_a_fine_tune_streams_from_the_worker_and_ends_with_a_cpu_model(
+        zero_gpu, data, one_thread, monkeypatch):
+    from explorer.finetune import FinetuneConfig, run_finetune
+
+    train, val = data
+    config = FinetuneConfig(mode="full", epochs=2, batch_size=16, augment=False)
+    model = tiny_vit()
+    handed = copy.deepcopy(model.state_dict())
+    events = list(gpu.stream_on_device(run_finetune, model, train, val, config,
+                                       cancel=threading.Event(), seconds=42))
+    # 90 images / 16 per step: 6 steps an epoch, 2 epochs, an evaluation after each
+    assert [e.done for e in events if e.stage == "train"] == list(range(1, 13))
+    assert [e.done for e in events if e.stage == "eval"] == [6, 12]
+    assert events[-1].stage == "done" and zero_gpu.calls[-1]["seconds"] == 42
+    assert zero_gpu.calls[-1]["end"] == "exhausted" and zero_gpu.calls[-1]["sent"] == 15
+    result = events[-1].result
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+    assert "_original_forward" not in vars(result.model)
+    # trained in the worker: the app's model is as it was handed over
+    assert all(torch.equal(v, handed[k]) for k, v in model.state_dict().items())
+    # ... and the worker's run is the plain run, step for step
+    with monkeypatch.context() as off:  # here, as off ZeroGPU
+        off.delenv("SPACES_ZERO_GPU")
+        off.setattr(torch.cuda, "is_available", zero_gpu.real_cuda[0])
+        off.setattr(torch.cuda, "_lazy_init", zero_gpu.real_cuda[1])
+        plain = list(run_finetune(tiny_vit(), train, val, config))[-1].result
+    losses = [[h.get("loss", h.get("val_loss")) for h in r.history] for r in (result, plain)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, got), want in zip(result.model.state_dict().items(),
+                                 plain.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)
+    assert (result.val_preds == plain.val_preds).all() and result.val_acc == plain.val_acc
+    assert not torch.cuda.is_initialized()
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_a_cancelled_fine_tune_closes_the_worker_and_says_cancelled(
+        zero_gpu, data):
+    from explorer.finetune import FinetuneConfig, run_finetune
+    from explorer.finetune.engine import cancelled_event
+
+    train, val = data
+    config = FinetuneConfig(mode="full", epochs=200, batch_size=8)  # 12 steps an epoch: 2,400
+    model, cancel, events = tiny_vit(), threading.Event(), []
+    for event in gpu.stream_on_device(run_finetune, model, train, val, config, cancel=cancel,
+                                      seconds=60,
+                                      on_cancel=functools.partial(cancelled_event, model,
+                                                                  train, config)):
+        events.append(event)
+        if event.stage == "train" and event.done == 2:
+            cancel.set()
+    # as off ZeroGPU (tests/test_finetune.py): two steps, no evaluation, "cancelled" last
+    assert [e.done for e in events if e.stage == "train"] == [1, 2]
+    assert not any(e.stage == "eval" for e in events)
+    last = events[-1]
+    assert last.stage == "cancelled" and last.result.cancelled and len(events) == 3
+    assert last.result.history == [events[0].metrics, events[1].metrics]
+    assert last.result.classes == train.classes and last.result.resolution == (32, 32)
+    # the worker's generator was closed at a yield, cleanly, long before its 2,400 steps
+    record = zero_gpu.calls[-1]
+    assert record["end"] == "closed" and 2 <= record["sent"] < 2400
+    assert not torch.cuda.is_initialized()
+
+
+def test_a_training_calls_duration_follows_the_sizing_rule():
+    # 15 s to start + 2 x (100 steps x 0.02 s + 1,000 images x 224² px x 25 ns + 1 PFLOP at
+    # 50 TFLOP/s) = 15 + 2 x (2 + 1.2544 + 20) = 61.5088: 62 s
+    assert gpu.training_seconds(100, 1000, 224 * 224, 1e15) == 62
+    assert gpu.training_seconds(0) == 15
+    assert gpu.training_seconds(10**6) == gpu.MAX_CALL_S == 300  # ZeroGPU's most per call
+    # the lab's live run: 600 steps, launch-bound: 15 + 2 x 12 = 39 s
+    from explorer.lab.engine import LIVE_BUDGET
+    assert gpu.training_seconds(LIVE_BUDGET.steps(500)) == 39
+
+
+def test_a_fine_tunes_duration_counts_its_planned_work(monkeypatch):
+    from explorer.finetune import FinetuneConfig
+    from explorer.finetune.engine import finetune_seconds
+
+    asked = []
+    monkeypatch.setattr(gpu, "training_seconds", lambda *work: asked.append(work) or 0)
+    model = tiny_vit()
+    params = sum(p.numel() for p in model.parameters())
+    forward = 2 * params * (2 * 2 + 1)  # 2x2 patches + the class token at 32 px
+    full = FinetuneConfig(mode="full", epochs=2, batch_size=16, resolution=32)
+    finetune_seconds(model, 90, 30, full)
+    # 6 steps an epoch; 2 x 90 images trained (3 passes) and 2 x 30 evaluated (1 pass)
+    assert asked[-1] == (12, 240, 32 * 32, (3 * 180 + 60) * forward)
+    finetune_seconds(model, 90, 30, FinetuneConfig(mode="full", epochs=2, batch_size=16,
+                                                   resolution=32, max_steps=4))
+    assert asked[-1] == (4, 64 + 30, 1024, (3 * 64 + 30) * forward)  # one epoch begun
+    finetune_seconds(model, 90, 30, FinetuneConfig(mode="last_k", epochs=1, batch_size=8,
+                                                   grad_accum=2, resolution=64))
+    forward_64 = 2 * params * (4 * 4 + 1)
+    assert asked[-1] == (6, 120, 64 * 64, (3 * 90 + 30) * forward_64)  # 16 images a step
+    finetune_seconds(model, 90, 30, FinetuneConfig(mode="linear", epochs=3, batch_size=32,
+                                                   resolution=32))
+    # the features of all 120 images once (1 pass), then 3 x 3 steps of the linear head
+    assert asked[-1] == (9, 120, 1024, 120 * forward)
+
+
+def test_training_uses_cuda_only_where_the_process_may_start_it(monkeypatch):
+    """accelerate is forced to the CPU in a ZeroGPU Space's own process only; inside a GPU
+    call (the worker) and everywhere else it places the run itself, as before."""
+    from explorer import training
+
+    asked = []
+    monkeypatch.setattr(training, "Accelerator", lambda **kw: asked.append(kw["cpu"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as spaces patches it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    training.make_accelerator()
+    assert asked == [False] and training.resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    training.make_accelerator()
+    assert asked[-1] is True and training.resolve_mixed_precision("auto") == "no"
+    with gpu._inside_gpu_call():  # what `gpu_task` does in the worker
+        training.make_accelerator()
+        assert asked[-1] is False and training.resolve_mixed_precision("auto") == "bf16"
+    assert not gpu.in_gpu_call()
+
+
+def test_a_model_trained_under_mixed_precision_crosses_as_a_plain_cpu_module():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # accelerate's state is process-wide
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(torch.nn.Linear(64, 8))
+    finally:
+        AcceleratorState._reset_state(True)
+    x = torch.randn(4, 64)
+    exact = torch.nn.functional.linear(x, model.weight, model.bias)
+    assert not torch.equal(model(x), exact)  # its forward runs under bf16 autocast
+    plain = gpu.to_cpu({"model": model})["model"]
+    assert torch.equal(plain(x), exact) and "_original_forward" not in vars(plain)
+    pickle.loads(_dumps(plain))
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_the_fine_tune_tab_trains_in_the_worker_and_cancels(zero_gpu, tmp_path,
+                                                                        monkeypatch):
+    """The tab's Train on the real offline model: the run goes to the worker with the
+    duration the sizing rule gives, and Cancel ends it with the tab's "Cancelled" outcome."""
+    from explorer import session_context
+    from explorer.finetune.engine import finetune_seconds
+    from explorer.models import DEFAULT_MODEL
+    from explorer.ui import finetune_tab as tab
+
+    monkeypatch.setattr(session_context, "finetuned_dir", lambda: tmp_path)
+    settings = ("Full fine-tune", 1, 28, 50, 0, 8)  # 40 images: 5 steps an epoch, 250 steps
+
+    def cancel_at_first_progress(*args, **kwargs):
+        tab.cancel_job(None)
+
+    outputs = list(tab.train(tab.BUILTIN, None, 50, DEFAULT_MODEL, *settings,
+                             progress=cancel_at_first_progress))
+    assert outputs[-1]["status"].startswith("**Cancelled.**") and outputs[-1]["checkpoint"] is None
+    record = zero_gpu.calls[-1]
+    assert record["end"] == "closed" and record["sent"] < 250
+    model = tab.fresh_model(DEFAULT_MODEL, 28)
+    assert record["seconds"] == finetune_seconds(model, 40, 10, tab.training_config(*settings))
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing saved
+    assert not torch.cuda.is_initialized()
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_the_labs_live_run_trains_in_the_worker_and_stops(zero_gpu):
+    from explorer.lab.engine import Budget
+    from explorer.session_context import context
+    from explorer.ui import lab_tab
+
+    budget = Budget(min_steps=12, epochs=0, evals=2)  # events at steps 6 and 12, then the end
+    session = context("zero-gpu-lab")
+    outputs = list(lab_tab.live_run("cnn", 500, 0, session, budget))
+    assert "test accuracy" in outputs[-1]["status"] and "data_plot" in outputs[-1]
+    # 12 launch-bound steps: 15 + 2 x 0.24 = 15.48, rounded up
+    assert zero_gpu.calls[-1] == {"seconds": 16, "sent": 3, "end": "exhausted"}
+    outputs = []
+    for out in lab_tab.live_run("cnn", 500, 0, session, budget):
+        outputs.append(out)
+        session.stop(lab_tab.JOB)
+    assert outputs[-1]["status"] == "Stopped." and "data_plot" not in outputs[-1]
+    assert zero_gpu.calls[-1]["end"] in ("closed", "exhausted")  # 12 steps may end first
+    assert not torch.cuda.is_initialized()
+
+
+def device_of_training(cancel=None):
+    from explorer.training import make_accelerator
+
+    yield str(make_accelerator().device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_in_a_zero_gpu_worker_training_runs_on_cuda(zero_gpu):
+    where = list(gpu.stream_on_device(device_of_training, cancel=threading.Event(), seconds=20))
+    assert where[0].startswith("cuda")

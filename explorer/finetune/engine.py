@@ -40,6 +40,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
+from explorer import gpu
 from explorer.datasets import ImageSet
 from explorer.finetune.data import PixelDataset, make_loader
 from explorer.finetune.probe import (
@@ -50,7 +51,7 @@ from explorer.finetune.probe import (
     train_linear_probe,
 )
 from explorer.finetune.resolution import set_resolution, snap_resolution
-from explorer.patches import has_class_token
+from explorer.patches import grid_for, has_class_token, patch_size
 from explorer.training import Recipe, TrainLoop, make_accelerator, warmup_steps
 
 MODES = ("linear", "last_k", "full")
@@ -281,6 +282,46 @@ def run_finetune(
     stage = "cancelled" if result.cancelled else "done"
     last = result.history[-1] if result.history else {}
     yield TrainEvent(stage, 1, 1, last, result)
+
+
+def cancelled_event(model: nn.Module, train_set: ImageSet, config: FinetuneConfig,
+                    events: list[TrainEvent]) -> TrainEvent:
+    """The last event of a run stopped from outside the engine: on ZeroGPU the worker's
+    generator is closed at a yield and cannot send its own (`explorer.gpu.stream_on_device`).
+
+    Its result holds what the app has: the history streamed so far and ``model`` as it was
+    handed to the run (the weights trained in the worker are not sent back: a cancelled run
+    saves nothing); no evaluation.
+    """
+    history = [e.metrics for e in events if e.stage in ("train", "eval")]
+    result = FinetuneResult(model, list(train_set.classes),
+                            snap_resolution(model, config.resolution), history, cancelled=True)
+    return TrainEvent("cancelled", 1, 1, history[-1] if history else {}, result)
+
+
+def finetune_seconds(model: nn.Module, n_train: int, n_val: int, config: FinetuneConfig) -> int:
+    """The ZeroGPU duration to ask for this run (`explorer.gpu.training_seconds`), from the
+    work it plans: its optimiser steps; the images through the data path at its resolution;
+    2 × parameters × tokens FLOPs per image and forward pass, three passes' worth to train
+    (forward and backward; an upper bound for ``last_k`` and a truncated probe).
+    """
+    size = snap_resolution(model, config.resolution)
+    rows, cols = grid_for(size, patch_size(model))
+    forward = 2 * sum(p.numel() for p in model.parameters()) * (rows * cols
+                                                                  + model.num_prefix_tokens)
+    network = config.mode != "linear"
+    batch = config.batch_size * config.grad_accum if network else min(config.batch_size, n_train)
+    per_epoch = math.ceil(n_train / batch)
+    steps = per_epoch * config.epochs
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+    if network:  # an evaluation after each epoch begun
+        epochs = math.ceil(steps / per_epoch)
+        trained, evaluated = min(n_train * epochs, steps * batch), n_val * epochs
+    else:  # the features once, then a linear head on them
+        trained, evaluated = 0, n_train + n_val
+    return gpu.training_seconds(steps, trained + evaluated, size[0] * size[1],
+                                (3 * trained + evaluated) * forward)
 
 
 def finetune(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: FinetuneConfig,

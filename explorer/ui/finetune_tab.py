@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
-from explorer import datasets, images, models, patches
+from explorer import datasets, gpu, images, models, patches
 from explorer.finetune import FinetuneConfig, position_similarity_map, run_finetune, save_checkpoint
 from explorer.finetune.checkpoint import run_name
+from explorer.finetune.engine import cancelled_event, finetune_seconds
 from explorer.finetune.igpt_probe import igpt_layerwise, load_offline_igpt
 from explorer.finetune.probe import vit_layerwise_probe
 from explorer.finetune.resolution import snap_resolution
@@ -112,8 +114,12 @@ def train(source, zip_path, n_images, model_name, mode_label, last_k, resolution
             model = fresh_model(model_name, config.resolution, request)
             if (config.probe_block or 0) > len(model.blocks):
                 raise gr.Error(f"This model has {len(model.blocks)} blocks; probe one of those.")
-            events = run_finetune(model, train_set, val_set, config, cancel,
-                                  model_key=model_name)
+            # on ZeroGPU the run borrows a GPU in a worker; elsewhere the plain call
+            events = gpu.stream_on_device(
+                run_finetune, model, train_set, val_set, config, cancel=cancel,
+                model_key=model_name,
+                seconds=finetune_seconds(model, len(train_set), len(val_set), config),
+                on_cancel=partial(cancelled_event, model, train_set, config))
             history, last_update = [], 0.0
             for event in common_errors(events):
                 if event.result is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
+from explorer import gpu
 from explorer.cache import KeyedCache
 from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
@@ -75,8 +76,13 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     title = f"{ARCH_LABELS[arch]} on {train_images:,} images (seed {seed})"
     history: list[tuple[int, float, float | None]] = []
     result = None
+    # on ZeroGPU the run borrows a GPU in a worker, sized by its steps alone (the lab's 28-px
+    # models are launch-bound; its ~50 evaluation batches are within the rule's margin)
+    seconds = gpu.training_seconds(budget.steps(run.train_images, run.scale))
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
-        for event in run_lab(run, budget, hyper_for(arch), cancel=cancel, log_every=25):
+        events = gpu.stream_on_device(run_lab, run, budget, hyper_for(arch), cancel=cancel,
+                                      seconds=seconds, log_every=25)
+        for event in events:
             history.append((event.step, event.loss, event.val_acc))
             result = event.result or result
             if result is None:
