@@ -131,3 +131,38 @@ def test_the_summary_lists_the_attempts_that_trained_again():
     assert "| vit w64 n60,000 s0 original | 1 | 13,594 | 30 | 90.48 | +0.55 | +6.2 | **no** |" \
         in text.splitlines()
     assert "Attempts that had not converged" not in summary_markdown([], None, [])
+
+
+def test_every_run_has_a_line_with_its_numbers_and_its_verdict():
+    converged = _row("vit", 500, 0.70, train=0.99, curve=[(2400, 0.70, 0.99), (3000, 0.701, 0.99)])
+    retried = dict(_row("cnn", 500, 0.80, curve=[(2400, 0.70, 0.8), (3000, 0.80, 0.8)]),
+                   attempt=0)
+    final = dict(_row("cnn", 500, 0.82, steps=6000, curve=[(4800, 0.82, 0.9), (6000, 0.82, 0.9)]),
+                 attempt=1)
+    for r in (converged, retried, final):
+        r.update(epochs=r["steps"] * 128 / 450, val_acc=r["curve"][-1][1])
+    lines = lab_view.runs_table([converged, final], [retried])
+    assert [line[0] for line in lines] == ["cnn-w24-d2-n500-s0", "cnn-w24-d2-n500-s0-a1",
+                                           "vit-w64-d4-n500-s0"]  # CNN first, attempts in order
+    header = dict(zip(lab_view.RUN_HEADERS, lines[0], strict=True))
+    assert header["late gain (points)"] == 10.0 and header["converged"] == "no: trained again"
+    assert header["test %"] == 80.0 and header["minutes"] == 1.0 and header["steps"] == 3000
+    assert lines[1][-2:] == [0.0, "yes"]
+    assert lines[2][-2:] == [0.1, "yes"]
+
+
+def test_a_runs_curve_shows_the_line_the_rule_fitted_and_its_verdict():
+    # evaluations at 2,400 (the 80% mark of 3,000 steps), 2,700 and 3,000: 0.80, 0.82, 0.81;
+    # the fitted line through them rises (0.81 − 0.80) = +1.0 point, so not converged
+    row = _row("vit", 500, 0.80, curve=[(1200, 0.6, 0.7), (2400, 0.80, 0.9), (2700, 0.82, 0.95),
+                                         (3000, 0.81, 0.97)])
+    fig = plots.run_curve_figure(row, lab_view.run_title(row))
+    fitted = next(t for t in fig.data if t.name.startswith("fitted"))
+    assert list(fitted.x) == [2400, 3000]
+    assert list(fitted.y) == pytest.approx([80.5, 81.5])  # mean 81 at 2,700, slope 1/600 pts
+    validation = next(t for t in fig.data if t.name == "validation")
+    assert list(validation.y) == pytest.approx([60, 80, 82, 81])
+    assert fig.layout.shapes[0].x0 == pytest.approx(2400) and fig.layout.shapes[0].x1 == 3000
+    title = fig.layout.title.text
+    assert "500 images, seed 0, 3,000 steps" in title
+    assert "late gain +1.00 points" in title and "not converged" in title

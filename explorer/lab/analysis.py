@@ -190,20 +190,26 @@ class Convergence:
     converged: bool
 
 
-def late_gain(curve: list[tuple], steps: int) -> float:
-    """The validation accuracy's rise over the last ``LAST_SHARE`` of ``steps``: the slope of a
-    least-squares line through the evaluations from the last one at or before the cut to the
-    end, times the steps they span (with two evaluations: their difference)."""
+def late_line(curve: list[tuple], steps: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The least-squares line through the evaluations from the last one at or before
+    ``1 − LAST_SHARE`` of ``steps`` to the end, as its two ends ((step, accuracy) at the
+    first and the last of those evaluations); with one evaluation, a flat line on it."""
     cut = (1 - LAST_SHARE) * steps
     start = max((i for i, (step, *_) in enumerate(curve) if step <= cut), default=0)
     points = [(step, v) for step, v, *_ in curve[start:]]
-    if len(points) < 2:
-        return 0.0
     mx = sum(x for x, _ in points) / len(points)
     my = sum(y for _, y in points) / len(points)
     sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return slope * (points[-1][0] - points[0][0])
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    x0, x1 = points[0][0], points[-1][0]
+    return (x0, my + slope * (x0 - mx)), (x1, my + slope * (x1 - mx))
+
+
+def late_gain(curve: list[tuple], steps: int) -> float:
+    """The validation accuracy's rise over the last ``LAST_SHARE`` of ``steps``: `late_line`'s
+    rise (with two evaluations: their difference)."""
+    (_, y0), (_, y1) = late_line(curve, steps)
+    return y1 - y0
 
 
 def convergence(row: dict) -> Convergence:

@@ -9,11 +9,13 @@ import torch
 from plotly.subplots import make_subplots
 
 from explorer.lab.analysis import (
+    LAST_SHARE,
     ComputeCurve,
     ErrorPoint,
     best_per_budget,
     compute_curves,
     error_vs_data,
+    late_line,
 )
 from explorer.lab.models import ARCH_LABELS
 
@@ -217,4 +219,25 @@ def live_figure(history: list[tuple[int, float, float | None]], title: str) -> g
     fig.update_yaxes(title_text="validation accuracy (%)", secondary_y=True, range=[0, 100])
     fig.update_layout(title=title, xaxis_title="optimisation step", height=380,
                       margin={"t": 60}, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def run_curve_figure(row: dict, title: str) -> go.Figure:
+    """One run's validation and training accuracy against the step, its last fifth shaded
+    and the line the convergence rule fits there (`analysis.late_line`) drawn over it."""
+    steps = [p[0] for p in row["curve"]]
+    fig = go.Figure()
+    fig.add_vrect(x0=(1 - LAST_SHARE) * row["steps"], x1=row["steps"], line_width=0,
+                  fillcolor="rgba(120,120,120,0.12)",
+                  annotation_text=f"last {100 * LAST_SHARE:.0f}%", annotation_position="top left")
+    fig.add_trace(go.Scatter(x=steps, y=[100 * p[2] for p in row["curve"]], name="train",
+                             mode="lines+markers", line={"color": "#1f77b4"}))
+    fig.add_trace(go.Scatter(x=steps, y=[100 * p[1] for p in row["curve"]], name="validation",
+                             mode="lines+markers", line={"color": "#d62728"}))
+    (x0, y0), (x1, y1) = late_line(row["curve"], row["steps"])
+    fig.add_trace(go.Scatter(x=[x0, x1], y=[100 * y0, 100 * y1], mode="lines",
+                             name="fitted: validation's late gain",
+                             line={"color": "#000", "dash": "dash", "width": 3}))
+    fig.update_layout(title=title, xaxis_title="optimisation step", yaxis_title="accuracy (%)",
+                      height=420, margin={"t": 80}, legend={"orientation": "h", "y": -0.2})
     return fig

@@ -229,3 +229,48 @@ def live_message(result, rows: list[dict], run: LabRun, budget: Budget) -> str:
         message += (f" and reaches {100 * shipped[0]['test_acc']:.2f}% "
                     f"({diff:+.1f} points against the live run)")
     return message + "."
+
+
+RUN_HEADERS = ("run", "architecture", "width", "depth", "parameters", "data", "images",
+               "steps", "epochs", "minutes", "seed", "train %", "val %", "test %",
+               "late gain (points)", "converged")
+
+
+def run_name(row: dict) -> str:
+    """A row's run, attempt included (`LabRun.name`: "vit-w64-d4-n60000-s0-a1")."""
+    return grid.row_run(row).name
+
+
+def runs_table(rows: list[dict], attempts: list[dict]) -> list[list]:
+    """Every finished run and every attempt the rule retrained, one line each (`RUN_HEADERS`),
+    in the grid's order of architectures, then data, size, seed and attempt."""
+    order = {a: i for i, a in enumerate(ARCH_LABELS)}
+
+    def key(entry: tuple[dict, bool]) -> tuple:
+        r = entry[0]
+        return (order[r["arch"]], r["variant"], r["budget"], r["width"], r["train_images"],
+                r["seed"], r["attempt"])
+
+    lines = []
+    for row, retrained in sorted([(r, False) for r in rows] + [(r, True) for r in attempts],
+                                 key=key):
+        c = analysis.convergence(row)
+        verdict = "yes" if c.converged else "no: trained again" if retrained else "no"
+        lines.append([run_name(row), ARCH_LABELS[row["arch"]], row["width"], row["depth"],
+                      row["params"], row["variant"], row["train_images"], row["steps"],
+                      round(row["epochs"], 1), round(row["seconds"] / 60, 1), row["seed"],
+                      round(100 * row["train_acc"], 2), round(100 * row["val_acc"], 2),
+                      round(100 * row["test_acc"], 2), round(100 * c.late_gain, 2), verdict])
+    return lines
+
+
+def run_title(row: dict) -> str:
+    """A run's curve's title: what it is and what the convergence rule read from the curve."""
+    c = analysis.convergence(row)
+    variant = ", scrambled" if row["variant"] == "scrambled" else ""
+    return (f"{ARCH_LABELS[row['arch']]} (w{row['width']}, d{row['depth']}), "
+            f"{row['train_images']:,} images{variant}, seed {row['seed']}, "
+            f"{row['steps']:,} steps<br><sup>late gain {100 * c.late_gain:+.2f} points "
+            f"(< {100 * analysis.MAX_LATE_GAIN:.1f} to converge), train − test "
+            f"{100 * c.train_minus_test:+.1f}: {'converged' if c.converged else 'not converged'}"
+            "</sup>")
