@@ -145,8 +145,8 @@ def test_every_run_has_a_line_with_its_numbers_and_its_verdict():
     assert [line[0] for line in lines] == ["cnn-w24-d2-n500-s0", "cnn-w24-d2-n500-s0-a1",
                                            "vit-w64-d4-n500-s0"]  # CNN first, attempts in order
     header = dict(zip(lab_view.RUN_HEADERS, lines[0], strict=True))
-    assert header["late gain (points)"] == 10.0 and header["converged"] == "no: trained again"
-    assert header["test %"] == 80.0 and header["minutes"] == 1.0 and header["steps"] == 3000
+    assert header["late gain"] == 10.0 and header["converged"] == "no: trained again"
+    assert header["test %"] == 80.0 and header["min"] == 1.0 and header["steps"] == 3000
     assert lines[1][-2:] == [0.0, "yes"]
     assert lines[2][-2:] == [0.1, "yes"]
 

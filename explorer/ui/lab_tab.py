@@ -111,6 +111,28 @@ def stop(request: gr.Request) -> str:
     return "Stopping after this step…"
 
 
+def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
+    """Every finished run and retrained attempt in a table, and the validation curve of the
+    one picked, with the line the convergence rule fitted."""
+    runs = {lab_view.run_name(r): r for r in attempts + rows}
+    with gr.Accordion(f"Every run: its numbers and validation curve ({len(runs)} so far)",
+                      open=False, elem_id="lab-runs"):
+        gr.Dataframe(lab_view.runs_table(rows, attempts), headers=list(lab_view.RUN_HEADERS),
+                     interactive=False, wrap=True, elem_id="lab-runs-table",
+                     column_widths=[f"{w}%" for w in (18, 14, 6, 6, 6, 6, 5, 5, 4, 5, 5, 5, 6, 9)])
+        names = sorted(runs)
+        pick = gr.Dropdown(names, value=names[0] if names else None, label="Run",
+                           elem_id="lab-run-pick")
+
+        def curve(name: str | None):
+            row = runs.get(name)
+            return plots.run_curve_figure(row, lab_view.run_title(row)) if row else None
+
+        plot = gr.Plot(curve(pick.value), label="Validation curve", elem_id="lab-run-curve")
+        pick.change(curve, inputs=pick, outputs=plot, api_name="lab_run_curve",
+                    concurrency_limit=None)
+
+
 def build_lab_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     rows = lab_view.grid_rows()
@@ -133,6 +155,7 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
         gr.Plot(paper_scaling_figure(), label="The paper's numbers (not measured here)",
                 elem_id="lab-paper-scaling-plot")
     gr.Markdown(lab_view.scaling_text(rows), elem_id="lab-scaling")
+    build_runs_view(rows, lab_view.attempt_rows())
 
     gr.Markdown("### Relative attention, made visible\nThe relative model's attention logits "
                 "get a learned bias w(i−j) per head that depends only on where a key sits "

@@ -231,13 +231,14 @@ def live_message(result, rows: list[dict], run: LabRun, budget: Budget) -> str:
     return message + "."
 
 
-RUN_HEADERS = ("run", "architecture", "width", "depth", "parameters", "data", "images",
-               "steps", "epochs", "minutes", "seed", "train %", "val %", "test %",
-               "late gain (points)", "converged")
+# (width and depth are in the run's name: w64-d4)
+RUN_HEADERS = ("run", "architecture", "params", "data", "images", "steps", "epochs", "min",
+               "seed", "train %", "val %", "test %", "late gain", "converged")
 
 
 def run_name(row: dict) -> str:
-    """A row's run, attempt included (`LabRun.name`: "vit-w64-d4-n60000-s0-a1")."""
+    """A row's run, attempt included (`LabRun.name`: "vit-w64-d4-n60000-s0-a1": width 64,
+    depth 4, 60,000 images, seed 0, second attempt)."""
     return grid.row_run(row).name
 
 
@@ -256,8 +257,8 @@ def runs_table(rows: list[dict], attempts: list[dict]) -> list[list]:
                                  key=key):
         c = analysis.convergence(row)
         verdict = "yes" if c.converged else "no: trained again" if retrained else "no"
-        lines.append([run_name(row), ARCH_LABELS[row["arch"]], row["width"], row["depth"],
-                      row["params"], row["variant"], row["train_images"], row["steps"],
+        lines.append([run_name(row), ARCH_LABELS[row["arch"]], row["params"],
+                      row["variant"], row["train_images"], row["steps"],
                       round(row["epochs"], 1), round(row["seconds"] / 60, 1), row["seed"],
                       round(100 * row["train_acc"], 2), round(100 * row["val_acc"], 2),
                       round(100 * row["test_acc"], 2), round(100 * c.late_gain, 2), verdict])

@@ -33,6 +33,33 @@ def test_the_lab_says_how_far_the_grid_is_and_shows_the_scrambled_experiment(pag
     screenshot(page, "lab")  # the tab as shipped now (the next test retakes it with models)
 
 
+def test_every_run_is_listed_and_its_curve_shows_the_rules_verdict(page, app_url):
+    rows, attempts = lab_view.grid_rows(), lab_view.attempt_rows()
+    if not rows and not attempts:
+        pytest.skip("no grid run has finished")
+    runs = {lab_view.run_name(r): r for r in attempts + rows}
+    page.goto(app_url + "?tab=lab")
+    page.get_by_text("Every run: its numbers and validation curve").click()
+    table = page.locator("#lab-runs-table")
+    table.get_by_text(sorted(runs)[0], exact=True).first.wait_for()
+    text = table.inner_text()
+    assert all(name in text for name in runs)  # every run and retrained attempt has a line
+    verdicts = [line[-1] for line in lab_view.runs_table(rows, attempts)]
+    assert text.count("no: trained again") == verdicts.count("no: trained again")
+    curve = plot_in(page, "lab-run-curve")
+    first = runs[sorted(runs)[0]]
+    title = curve.locator(".gtitle").text_content()
+    gain = 100 * lab_view.analysis.convergence(first).late_gain
+    assert f"{first['train_images']:,} images" in title and f"late gain {gain:+.2f}" in title
+    if len(runs) > 1:  # picking another run redraws its curve
+        other = sorted(runs)[-1]
+        page.locator("#lab-run-pick input").fill(other)
+        page.keyboard.press("Enter")
+        steps = f"{runs[other]['steps']:,} steps"
+        curve.locator(".gtitle", has_text=steps).wait_for()
+    screenshot(page, "lab-runs")
+
+
 def test_link_opens_the_lab_with_the_grid_and_the_relative_views(page, app_url):
     if not lab_view.shipped_sizes():
         pytest.skip("no shipped lab models")
