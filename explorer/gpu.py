@@ -13,8 +13,11 @@ Whether this is a ZeroGPU Space is read when a function is decorated (at import)
 ``spaces`` package itself does: its decorator must run before the app starts serving.
 
 Training borrows a GPU the same way, streamed: `stream_on_device` runs a training generator
-(the fine-tune engine, the lab's live run) in the worker and relays its events, and
-`training_seconds` sizes the call.
+(the fine-tune engine, the layer-wise probes, the lab's live run) in the worker and relays
+its events, and `training_seconds` sizes the call.
+
+An exception raised in the worker reaches the app as itself, with its message: spaces would
+replace it with a generic "ZeroGPU worker error" (`_crossing_errors`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import functools
 import inspect
 import math
 import os
+import pickle
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -64,6 +69,12 @@ def cuda_off_limits() -> bool:
     """Whether CUDA must not start here: in a ZeroGPU Space's own process, outside its GPU
     calls (``spaces`` makes ``torch.cuda.is_available()`` say True there all the same)."""
     return on_zero_gpu() and not in_gpu_call()
+
+
+def work_device() -> torch.device:
+    """Where GPU-bound work started here runs: CUDA when present and allowed in this process
+    (a dedicated GPU, or a ZeroGPU call's worker), else the CPU (`cuda_off_limits`)."""
+    return torch.device("cuda" if torch.cuda.is_available() and not cuda_off_limits() else "cpu")
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -106,8 +117,8 @@ def to_cpu(value: Any) -> Any:
 
 
 def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
-    """Decorator: ``spaces.GPU(duration=duration)`` on a ZeroGPU Space, results on the CPU;
-    elsewhere the function itself.
+    """Decorator: ``spaces.GPU(duration=duration)`` on a ZeroGPU Space, results on the CPU and
+    exceptions as the worker raised them (`_carrier`); elsewhere the function itself.
 
     Args:
         duration: the longest the call may hold the GPU, in seconds, or a function of the
@@ -122,18 +133,85 @@ def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
 
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
-            def on_cpu(*args, **kwargs):
-                with _inside_gpu_call():
+            def in_worker(*args, **kwargs):
+                with _inside_gpu_call(), _crossing_errors():
                     for item in fn(*args, **kwargs):
                         yield to_cpu(item)
+
+            on_gpu = spaces.GPU(duration=duration)(in_worker)
+
+            @functools.wraps(on_gpu)
+            def in_app(*args, **kwargs):
+                with _errors_as_raised():
+                    yield from on_gpu(*args, **kwargs)
         else:
             @functools.wraps(fn)
-            def on_cpu(*args, **kwargs):
-                with _inside_gpu_call():
+            def in_worker(*args, **kwargs):
+                with _inside_gpu_call(), _crossing_errors():
                     return to_cpu(fn(*args, **kwargs))
-        return spaces.GPU(duration=duration)(on_cpu)
+
+            on_gpu = spaces.GPU(duration=duration)(in_worker)
+
+            @functools.wraps(on_gpu)
+            def in_app(*args, **kwargs):
+                with _errors_as_raised():
+                    return on_gpu(*args, **kwargs)
+        return in_app
 
     return decorate
+
+
+# -- errors from the worker ------------------------------------------------------------------
+# spaces sends a `gr.Error` raised in the worker back as it is, but replaces every other
+# exception with ``gr.Error(<its class name>, title="ZeroGPU worker error")`` (``exception_result``
+# in spaces/zero/wrappers.py): the message a tab shows for a visitor's mistake (an unreadable
+# image, unusable data, CUDA out of memory: `explorer.ui.common.user_errors`) would be lost. So
+# the worker wraps each exception in such a `gr.Error`, which carries the original across, and
+# the app raises the original again: the tabs see the same error as off ZeroGPU.
+
+_CARRIED = "explorer_original"  # the carrier's attribute that holds the original exception
+
+
+@contextlib.contextmanager
+def _crossing_errors() -> Iterator[None]:
+    """In the worker: an exception leaves inside a `gr.Error` (`_carrier`)."""
+    try:
+        yield
+    except Exception as err:
+        raise _carrier(err) from None
+
+
+def _carrier(err: Exception) -> Exception:
+    """``err`` as spaces lets it cross: a `gr.Error` as it is, anything else inside one that
+    reads as spaces' own replacement (should it ever reach a visitor unopened) and carries
+    ``err`` with the worker's traceback as a note (for the app's log, where a bug is logged).
+    An exception that would not survive pickling crosses as a RuntimeError with its class
+    and message."""
+    import gradio as gr  # already imported by spaces, which runs this worker
+
+    if isinstance(err, gr.Error):
+        return err
+    note = "Raised in the ZeroGPU worker:\n" + "".join(traceback.format_exception(err))
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:  # e.g. an __init__ that takes other arguments than ``args``
+        err = RuntimeError(f"{type(err).__name__}: {err}")
+    err.add_note(note)
+    carrier = gr.Error(type(err).__name__, title="ZeroGPU worker error", print_exception=False)
+    setattr(carrier, _CARRIED, err)
+    return carrier
+
+
+@contextlib.contextmanager
+def _errors_as_raised() -> Iterator[None]:
+    """In the app: an exception the worker carried across (`_carrier`) is raised again."""
+    try:
+        yield
+    except Exception as err:
+        original = getattr(err, _CARRIED, None)
+        if original is None:
+            raise
+        raise original from None
 
 
 # A ViT analysis on ZeroGPU: the app keeps its models on the CPU (CUDA must not start in the
@@ -184,20 +262,30 @@ MARGIN = 2.0
 MAX_CALL_S = 300
 
 
-def training_seconds(steps: int, images: int = 0, pixels: int = 0, flops: float = 0.0) -> int:
-    """The ZeroGPU duration to ask for a training call (`MAX_CALL_S` at most).
+def work_seconds(steps: int, images: int = 0, pixels: int = 0, flops: float = 0.0,
+                 seconds: float = 0.0) -> int:
+    """How long a training call would hold the GPU, by the sizing rule (without the cap).
 
     Args:
         steps: optimiser steps (and other GPU steps that are launch-bound).
         images: images through the CPU data path, each of ``pixels`` pixels.
         flops: the call's GPU work in all, in FLOPs.
+        seconds: other work, estimated by the caller in seconds (e.g. linear probes' steps,
+            far lighter than a network's: `explorer.finetune.probe.PROBE_STEP_S`).
 
     Returns:
-        ``WORKER_START_S + MARGIN × (steps·STEP_S + images·pixels·PIXEL_S + flops/GPU_FLOPS)``,
-        rounded up to a second.
+        ``WORKER_START_S + MARGIN × (steps·STEP_S + images·pixels·PIXEL_S + flops/GPU_FLOPS
+        + seconds)``, rounded up to a second.
     """
-    work = steps * STEP_S + images * pixels * PIXEL_S + flops / GPU_FLOPS
-    return min(MAX_CALL_S, math.ceil(WORKER_START_S + MARGIN * work))
+    work = steps * STEP_S + images * pixels * PIXEL_S + flops / GPU_FLOPS + seconds
+    return math.ceil(WORKER_START_S + MARGIN * work)
+
+
+def training_seconds(steps: int, images: int = 0, pixels: int = 0, flops: float = 0.0,
+                     seconds: float = 0.0) -> int:
+    """The ZeroGPU duration to ask for a training call: `work_seconds`, `MAX_CALL_S` at most
+    (a longer run is cut off there: the fine-tune tab refuses one up front)."""
+    return min(MAX_CALL_S, work_seconds(steps, images, pixels, flops, seconds))
 
 
 def _run_in_worker(seconds: float, gen_fn: Callable[..., Iterator], args: tuple,

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.machinery
 import inspect
 import io
 import multiprocessing
+import pathlib
 import pickle
 import sys
 import threading
+import traceback
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import gradio as gr
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from explorer import datasets, gpu
 
@@ -64,19 +69,44 @@ def _dumps(obj) -> bytes:
     return buffer.getvalue()
 
 
+def _failure(err: Exception) -> bytes:
+    """What spaces' worker sends for an exception (``exception_result`` in
+    spaces/zero/wrappers.py): a `gr.Error` as it is, any other by its class name only, and
+    its traceback, which the app prints."""
+    return _dumps(("error", (err if isinstance(err, gr.Error) else None, type(err).__name__,
+                             "".join(traceback.format_exception(err)))))
+
+
+def _raise_failure(gradio_error, error_cls: str, worker_traceback: str):
+    """The app's side of a failed call, as spaces' handler: a `gr.Error` raised as it is (its
+    traceback printed when it asks for it); any other exception replaced by a generic
+    ``gr.Error(<class name>, title="ZeroGPU worker error")``, its traceback printed."""
+    if gradio_error is None or gradio_error.print_exception:
+        print(worker_traceback)
+    if gradio_error is not None:
+        gradio_error.print_exception = False
+        raise gradio_error
+    raise gr.Error(error_cls, title="ZeroGPU worker error", print_exception=False)
+
+
 def _worker(fn, conn, stop, real_cuda):
     """The forked worker, as spaces' ``thread_wrapper``: torch.cuda as it really is (spaces'
     ``torch.unpatch``), the arguments unpickled, the call run, the result or each item
-    pickled back; a streamed call stops at the next yield once the app has closed its stream
-    (``stop_event``: ``gen.close()``)."""
+    pickled back (an exception as spaces sends it: `_failure`; one that cannot be pickled is
+    a PicklingError, as spaces' queue makes it); a streamed call stops at the next yield once
+    the app has closed its stream (``stop_event``: ``gen.close()``)."""
     torch.cuda.is_available, torch.cuda._lazy_init = real_cuda
     torch.set_num_threads(1)  # as DataLoader's workers: the parent's OpenMP pool is not ours
     args, kwargs = pickle.loads(conn.recv_bytes())
     if not inspect.isgeneratorfunction(fn):
         try:
-            conn.send_bytes(_dumps(("ok", fn(*args, **kwargs))))
+            payload = _dumps(("ok", fn(*args, **kwargs)))
         except Exception as err:
-            conn.send_bytes(_dumps(("error", repr(err))))
+            payload = _failure(err)
+        try:
+            conn.send_bytes(payload)
+        except Exception as err:
+            conn.send_bytes(_failure(pickle.PicklingError(str(err))))
         return
     gen, sent, end = fn(*args, **kwargs), 0, "exhausted"
     while True:
@@ -85,7 +115,10 @@ def _worker(fn, conn, stop, real_cuda):
         except StopIteration:
             break
         except Exception as err:
-            conn.send_bytes(_dumps(("error", repr(err))))
+            try:
+                conn.send_bytes(_failure(err))
+            except Exception as unpicklable:
+                conn.send_bytes(_failure(pickle.PicklingError(str(unpicklable))))
             end = "error"
             break
         if stop.is_set():
@@ -98,7 +131,7 @@ def _worker(fn, conn, stop, real_cuda):
         try:
             payload = _dumps(("item", item))
         except Exception as err:
-            conn.send_bytes(_dumps(("error", repr(err))))
+            conn.send_bytes(_failure(pickle.PicklingError(str(err))))
             end = "error"
             break
         conn.send_bytes(payload)
@@ -147,7 +180,7 @@ class StandIn:
             kind, value = pickle.loads(here.recv_bytes())
             process.join()
             if kind == "error":
-                raise RuntimeError(f"ZeroGPU worker error: {value}")
+                _raise_failure(*value)
             return value
         return call
 
@@ -164,7 +197,7 @@ class StandIn:
                             stop.set()
                             raise
                     elif kind == "error":
-                        raise RuntimeError(f"ZeroGPU worker error: {value}")
+                        _raise_failure(*value)
                     else:
                         record.update(value)
                         return
@@ -181,9 +214,11 @@ class StandIn:
 def zero_gpu(monkeypatch):
     """A ZeroGPU Space, with a stand-in `spaces` as faithful as these tests need: every call
     runs in a forked worker; its arguments, result and streamed items are pickled across (a
-    CUDA tensor, a lock or an Event fails as there); a stream closed by the app is closed in
-    the worker at its next yield; the app's `torch.cuda.is_available()` says True (as spaces
-    patches it) but starting CUDA in the app fails the test. The module's GPU calls are
+    CUDA tensor, a lock or an Event fails as there); an exception raised there comes back
+    as spaces sends it (a `gr.Error` as it is, any other as a generic "ZeroGPU worker
+    error"); a stream closed by the app is closed in the worker at its next yield; the app's
+    `torch.cuda.is_available()` says True (as spaces patches it) but starting CUDA in the app
+    fails the test. The module's GPU calls are
     decorated again, as an import on a ZeroGPU Space would."""
     stand_in = StandIn(real_cuda=(torch.cuda.is_available, torch.cuda._lazy_init))
 
@@ -225,8 +260,8 @@ def yields_a_lock():
 def test_the_stand_in_refuses_what_cannot_cross_the_process_boundary(zero_gpu):
     with pytest.raises(TypeError, match="pickle"):
         list(gpu.gpu_task()(count)(threading.Event()))  # an Event as an argument
-    with pytest.raises(RuntimeError, match="pickle"):
-        list(gpu.gpu_task()(yields_a_lock)())  # a lock as an item
+    with pytest.raises(gr.Error, match="PicklingError"):
+        list(gpu.gpu_task()(yields_a_lock)())  # a lock as an item: spaces' generic error
     with pytest.raises(pickle.PicklingError, match="meta tensor"):
         _dumps({"maps": torch.empty(2, device="meta")})  # as a CUDA tensor would be
     with pytest.raises(AssertionError, match="CUDA started"):
@@ -559,3 +594,379 @@ def device_of_training(cancel=None):
 def test_in_a_zero_gpu_worker_training_runs_on_cuda(zero_gpu):
     where = list(gpu.stream_on_device(device_of_training, cancel=threading.Event(), seconds=20))
     assert where[0].startswith("cuda")
+
+
+# -- errors from the worker ------------------------------------------------------------------
+
+
+def fails(err):
+    raise err
+
+
+def fails_streaming(err, cancel=None):
+    yield "started"
+    raise err
+
+
+class TwoPartError(Exception):
+    """An exception pickle cannot rebuild (its __init__ takes other arguments than ``args``)."""
+
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+def fails_oddly():
+    raise TwoPartError("layer 3", "no weights")
+
+
+def test_the_stand_in_replaces_worker_errors_as_spaces_does(zero_gpu):
+    """Straight through the stand-in (no `gpu_task`): a `gr.Error` comes back as it is, any
+    other exception as spaces' generic error naming its class only."""
+    handler, streamed = zero_gpu.GPU(duration=5)(fails), zero_gpu.GPU(duration=5)(fails_streaming)
+    for call in (lambda err: handler(err), lambda err: list(streamed(err))):
+        with pytest.raises(gr.Error) as caught:
+            call(ValueError("a message for people"))
+        assert caught.value.message == "ValueError"
+        assert caught.value.title == "ZeroGPU worker error"
+        with pytest.raises(gr.Error) as caught:
+            call(gr.Error("said as it is"))
+        assert caught.value.message == "said as it is"
+    # ... as the installed spaces does (spaces/zero/wrappers.py)
+    installed = importlib.machinery.PathFinder.find_spec("spaces")  # not the stand-in
+    source = (pathlib.Path(installed.origin).parent / "zero" / "wrappers.py").read_text()
+    assert "if isinstance(exc, gr.Error):\n        gradio_error = exc" in source
+    assert source.count('raise error("ZeroGPU worker error", res.error_cls)') == 2
+
+
+def user_errors() -> list[Exception]:
+    """One of each error the tabs show as a message (`explorer.ui.common.user_errors`)."""
+    from explorer import images
+    from explorer.errors import ModelUnavailableError
+    from explorer.session_context import ModelSaveError
+
+    return [images.ImageError("Could not read /srv/uploads/cat.png: truncated file."),
+            datasets.DatasetError("The zip has only one class folder (cats/)."),
+            ModelUnavailableError("'hf-hub:someone/vit' is not cached and the hub cannot be "
+                                  "reached."),
+            ModelSaveError("The disk quota for saved models is full."),
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")]
+
+
+@pytest.mark.parametrize("index", range(5), ids=lambda i: type(user_errors()[i]).__name__)
+def test_on_zero_gpu_an_error_for_people_reaches_the_app_as_itself(zero_gpu, index):
+    from explorer.ui import common
+
+    def shown(run) -> str:  # what a tab says for it (`common.user_errors`)
+        with pytest.raises(gr.Error) as caught, common.user_errors():
+            run()
+        return caught.value.message
+
+    err = user_errors()[index]
+    off_zero_gpu = shown(lambda: fails(err))
+    call, stream = gpu.gpu_task()(fails), gpu.gpu_task()(fails_streaming)
+    for run in (lambda: call(err),
+                lambda: list(stream(err)),
+                lambda: list(gpu.stream_on_device(fails_streaming, err,
+                                                  cancel=threading.Event(), seconds=5))):
+        with pytest.raises(type(err)) as caught:
+            run()
+        assert str(caught.value) == str(err) and type(caught.value) is type(err)
+        assert shown(run) == off_zero_gpu
+    assert not torch.cuda.is_initialized()
+
+
+def test_on_zero_gpu_a_bug_in_the_worker_stays_that_bug_with_the_workers_traceback(zero_gpu):
+    with pytest.raises(KeyError) as caught:
+        gpu.gpu_task()(fails)(KeyError("blocks.12"))
+    note = "".join(caught.value.__notes__)
+    assert note.startswith("Raised in the ZeroGPU worker") and "in fails" in note
+    # one that pickle cannot rebuild keeps its class name and message
+    with pytest.raises(RuntimeError) as caught:
+        gpu.gpu_task()(fails_oddly)()
+    assert str(caught.value) == "TwoPartError: layer 3: no weights"
+    assert "in fails_oddly" in "".join(caught.value.__notes__)
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_the_fine_tune_tab_says_what_the_worker_raised(zero_gpu, tmp_path,
+                                                                    monkeypatch):
+    """The tab's message for an error raised in the worker is the one it gives off ZeroGPU."""
+    from explorer import session_context
+    from explorer.models import DEFAULT_MODEL
+    from explorer.ui import finetune_tab as tab
+
+    monkeypatch.setattr(session_context, "finetuned_dir", lambda: tmp_path)
+    monkeypatch.setattr(tab, "run_finetune", cannot_read_an_image)
+
+    def message() -> str:
+        with pytest.raises(gr.Error) as caught:
+            list(tab.train(tab.BUILTIN, None, 50, DEFAULT_MODEL, "Full fine-tune", 1, 28, 1, 0,
+                           8, progress=lambda *a, **k: None))
+        return caught.value.message
+
+    on_zero_gpu = message()
+    assert zero_gpu.calls[-1]["end"] == "error"
+    with monkeypatch.context() as off:
+        off.delenv("SPACES_ZERO_GPU")
+        assert message() == on_zero_gpu == "Could not read 3.png: truncated file."
+    assert not torch.cuda.is_initialized()
+
+
+def cannot_read_an_image(model, train_set, val_set, config, cancel=None, model_key=None):
+    from explorer import images
+
+    yield from ()
+    raise images.ImageError("Could not read /srv/data/shirts/3.png: truncated file.")
+
+
+# -- a run too long for one ZeroGPU call -----------------------------------------------------
+
+
+def test_a_run_longer_than_one_call_is_refused_with_the_most_epochs_that_fit():
+    from explorer.finetune import FinetuneConfig
+    from explorer.finetune.engine import too_long_for_one_call
+
+    model = tiny_vit()  # 365,096 parameters: a forward pass at 32 px (2x2 patches + class
+    assert sum(p.numel() for p in model.parameters()) == 365_096  # token) is 3,650,960 FLOPs
+    # Full, batch 1, 1,000 images to train (no validation, for round numbers): an epoch is
+    # 1,000 steps x 0.02 s + 1,000 x 1,024 px x 25 ns + 3 x 1,000 x 3,650,960 / 50e12 s
+    # = 20 + 0.0256 + 0.000219 = 20.025819 s, doubled: 40.051638 s; plus 15 s to start,
+    # 7 epochs: 295.36 -> 296 s (fit); 8 epochs: 335.41 -> 336 s (do not). A linear probe
+    # at batch 1 takes as many steps (8,000: 335.05 -> 336 s): it is not suggested.
+    full = FinetuneConfig(mode="full", epochs=8, batch_size=1, resolution=32)
+    assert too_long_for_one_call(model, 1000, 0, full) == (
+        "This run needs about 336 s of GPU, and one ZeroGPU call allows 300 s. Lower the "
+        "epochs (at most 7 fit), the number of images or the resolution.")
+    assert too_long_for_one_call(model, 1000, 0, replace(full, epochs=7)) is None
+    assert too_long_for_one_call(model, 1000, 0, full, limit=400) is None  # 336 s: fits 400
+    # Full at 512 px (32x32 patches + the class token: 748,446,800 FLOPs a forward pass),
+    # batch 32: an epoch is 32 steps (0.64 s) + 1,000 x 262,144 px x 25 ns (6.5536 s) +
+    # 3,000 forward passes (0.0449068 s) = 7.2385068 s, doubled 14.4770136 s: 19 epochs
+    # 290.06 -> 291 s, 20 epochs 304.54 -> 305 s. A linear probe of 20 epochs: 640 steps
+    # (12.8 s) + 1,000 images once (6.5536 s) + 1,000 forward passes (0.015 s), doubled,
+    # plus 15: 53.7 -> 54 s, which fits: it is suggested.
+    high = FinetuneConfig(mode="full", epochs=20, batch_size=32, resolution=512)
+    assert too_long_for_one_call(model, 1000, 0, high) == (
+        "This run needs about 305 s of GPU, and one ZeroGPU call allows 300 s. Lower the "
+        "epochs (at most 19 fit), the number of images or the resolution, or train a linear "
+        "probe (its features are computed once).")
+    # A linear probe of 1,000,000 images: 31,250 steps an epoch (625 s) alone is too long;
+    # 3 epochs: 93,750 x 0.02 + 10^6 x 1,024 x 25 ns + 10^6 x 3,650,960 / 50e12
+    # = 1,875 + 25.6 + 0.073 s, doubled, plus 15: 3,816.35 -> 3,817 s
+    linear = FinetuneConfig(mode="linear", epochs=3, batch_size=32, resolution=32)
+    assert too_long_for_one_call(model, 10**6, 0, linear) == (
+        "This run needs about 3817 s of GPU, and one ZeroGPU call allows 300 s: even one "
+        "epoch is too long. Lower the number of images or the resolution.")
+
+
+LONG_RUN = ("Full fine-tune", 1, 112, 100, 0, 1)  # 80 images at batch 1: 8,000 steps
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_the_fine_tune_tab_refuses_a_run_too_long_for_one_call(zero_gpu,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    from explorer import session_context
+    from explorer.finetune.engine import too_long_for_one_call
+    from explorer.models import DEFAULT_MODEL
+    from explorer.ui import finetune_tab as tab
+
+    monkeypatch.setattr(session_context, "finetuned_dir", lambda: tmp_path)
+    with pytest.raises(gr.Error) as caught:
+        list(tab.train(tab.BUILTIN, None, 100, DEFAULT_MODEL, *LONG_RUN,
+                       progress=lambda *a, **k: None))
+    model, config = tab.fresh_model(DEFAULT_MODEL, 112), tab.training_config(*LONG_RUN)
+    assert caught.value.message == too_long_for_one_call(model, 80, 20, config)
+    assert "one ZeroGPU call allows 300 s" in caught.value.message
+    assert "Lower the epochs (at most " in caught.value.message
+    assert "/" not in caught.value.message and not caught.value.print_exception
+    assert zero_gpu.calls == []  # refused before any GPU call
+    assert not list(tmp_path.rglob("*.safetensors")) and not torch.cuda.is_initialized()
+
+
+@needs_fashion_mnist
+def test_off_zero_gpu_the_fine_tune_tab_starts_a_long_run(monkeypatch):
+    from explorer.models import DEFAULT_MODEL
+    from explorer.ui import finetune_tab as tab
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setattr(gpu, "stream_on_device", started)
+    with pytest.raises(Started):
+        list(tab.train(tab.BUILTIN, None, 100, DEFAULT_MODEL, *LONG_RUN,
+                       progress=lambda *a, **k: None))
+
+
+# -- the layer-wise probe on the GPU ---------------------------------------------------------
+
+
+def test_work_runs_on_cuda_wherever_this_process_may_start_it(monkeypatch):
+    from explorer import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as spaces patches it
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert gpu.work_device().type == "cuda" == models.default_device().type  # dedicated GPU
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert gpu.work_device().type == "cpu" == models.default_device().type  # the app's process
+    with gpu._inside_gpu_call():  # a ZeroGPU worker
+        assert gpu.work_device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert gpu.work_device().type == "cpu"
+
+
+def test_a_layerwise_probes_duration_counts_its_forward_passes_and_its_probes():
+    from explorer.finetune.probe import PROBE_STEP_S, fit_seconds, layerwise_seconds
+
+    assert PROBE_STEP_S == 0.002 and fit_seconds(6, 300) == pytest.approx(3.6)
+    # 2 + 1 batches of 64 (0.06 s); 120 images of 1,024 px (0.003072 s), a forward pass
+    # each: 120 x 2 x 365,096 parameters x (4 patches + the class token) / 50e12 (0.0000088
+    # s); 6 probes of 300 steps (3.6 s): 15 + 2 x 3.6630808 = 22.33 -> 23 s
+    assert layerwise_seconds(tiny_vit(), 90, 30, (32, 32), 64) == 23
+    assert layerwise_seconds(tiny_vit(), 90, 30, (32, 32), 64, steps=50) == 17  # 15 + 2 x 0.66
+
+
+def test_on_zero_gpu_an_optimiser_step_in_the_app_would_start_cuda(zero_gpu):
+    """Why the probes are fitted in the worker: AdamW's step asks for the current CUDA stream
+    where `torch.cuda.is_available()` says True, as spaces makes it say in the app."""
+    from explorer.finetune.probe import ProbeRecipe, fit_linear_classifier
+
+    x, y = torch.randn(8, 3), torch.arange(8) % 2
+    with pytest.raises(AssertionError, match="CUDA started"):
+        fit_linear_classifier(x, y, 2, ProbeRecipe(steps=1))
+
+
+def test_on_zero_gpu_the_probes_of_any_model_are_fitted_in_the_worker(zero_gpu):
+    """`layerwise_probe` (the iGPT's): features here, the probes in one GPU call."""
+    from explorer.finetune.probe import fit_seconds, layerwise_probe
+
+    def features_fn(labels):  # layer 1 constant, layer 2 the one-hot label
+        return torch.stack([torch.zeros(len(labels), 3), F.one_hot(labels, 3).float()], 1)
+
+    y = torch.tensor([0, 1, 2] * 4)
+
+    def run():
+        return list(layerwise_probe(features_fn, [(y, y)], [(y[:6], y[:6])], 3, "hand-made",
+                                    threading.Event(), steps=50))
+
+    events = run()
+    assert [e[:2] for e in events] == [("features", 1), ("features", 2), ("probe", 1),
+                                       ("probe", 2), ("done", 2)]
+    # 2 probes of 50 steps: 15 + 2 x 0.2 = 15.4 -> 16 s
+    assert gpu.training_seconds(0, seconds=fit_seconds(2, 50)) == 16
+    assert zero_gpu.calls == [{"seconds": 16, "sent": 3, "end": "exhausted"}]
+    with pytest.MonkeyPatch.context() as off:
+        off.delenv("SPACES_ZERO_GPU")
+        off.setattr(torch.cuda, "is_available", zero_gpu.real_cuda[0])
+        off.setattr(torch.cuda, "_lazy_init", zero_gpu.real_cuda[1])
+        assert run() == events
+    assert events[-1][2].val_acc == [pytest.approx(1 / 3), 1.0]
+    assert not torch.cuda.is_initialized()
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_the_layerwise_probe_runs_in_one_worker_call(zero_gpu, data, one_thread,
+                                                                 monkeypatch):
+    from explorer.finetune.probe import layerwise_seconds, vit_layerwise_probe
+
+    train, val = data
+    model = tiny_vit()
+    events = list(vit_layerwise_probe(model, train, val, (32, 32), 64, "tiny",
+                                      threading.Event(), steps=50))
+    # 2 + 1 feature batches, then a probe for each of the 6 blocks
+    assert [e[:2] for e in events] == [*(("features", i) for i in (1, 2, 3)),
+                                       *(("probe", i) for i in range(1, 7)), ("done", 6)]
+    seconds = layerwise_seconds(model, 90, 30, (32, 32), 64, steps=50)
+    assert zero_gpu.calls == [{"seconds": seconds, "sent": 10, "end": "exhausted"}]
+    with monkeypatch.context() as off:  # here, as off ZeroGPU
+        off.delenv("SPACES_ZERO_GPU")
+        off.setattr(torch.cuda, "is_available", zero_gpu.real_cuda[0])
+        off.setattr(torch.cuda, "_lazy_init", zero_gpu.real_cuda[1])
+        plain = list(vit_layerwise_probe(tiny_vit(), train, val, (32, 32), 64, "tiny",
+                                         steps=50))
+    assert [e[:2] for e in plain] == [e[:2] for e in events]
+    assert events[-1][2] == plain[-1][2]  # the same accuracies, block for block
+    assert not torch.cuda.is_initialized()
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_a_cancelled_layerwise_probe_closes_the_worker(zero_gpu, data):
+    from explorer.finetune.probe import vit_layerwise_probe
+
+    train, val = data
+    cancel, events = threading.Event(), []
+    for event in vit_layerwise_probe(tiny_vit(), train, val, (32, 32), 1, "tiny", cancel):
+        events.append(event)
+        cancel.set()
+    assert events == [("features", 1, None)]  # no probe fitted, no result
+    assert zero_gpu.calls[-1]["end"] in ("closed", "exhausted")  # 120 batches may end first
+    assert zero_gpu.calls[-1]["sent"] >= 2
+    assert not torch.cuda.is_initialized()
+
+
+@needs_fashion_mnist
+def test_on_zero_gpu_the_fine_tune_tabs_layerwise_probe_borrows_the_gpu(zero_gpu):
+    """The tab's "Probe every layer" on the real offline model: its features in a GPU call
+    sized by `layerwise_seconds`, and Cancel ends it with the tab's "Cancelled"."""
+    from explorer.finetune.probe import layerwise_seconds
+    from explorer.finetune.resolution import snap_resolution
+    from explorer.models import DEFAULT_MODEL
+    from explorer.ui import finetune_tab as tab
+
+    def cancel_at_first_progress(*args, **kwargs):
+        tab.cancel_job(None)
+
+    status, figure = tab.layerwise(tab.BUILTIN, None, 50, DEFAULT_MODEL, 56, None,
+                                   progress=cancel_at_first_progress)
+    assert status == "**Cancelled.**" and figure is None
+    model = tab.fresh_model(DEFAULT_MODEL, 56)
+    size = snap_resolution(model, 56)
+    assert zero_gpu.calls[0]["seconds"] == layerwise_seconds(model, 40, 10, size, 64)
+    assert zero_gpu.calls[0]["end"] in ("closed", "exhausted")  # 2 batches may end first
+    assert not torch.cuda.is_initialized()
+
+
+def probe_devices(monkeypatch) -> list:
+    """Record where `layer_features` sees the model and the pixels."""
+    from explorer.finetune import probe
+
+    seen, real = [], probe.layer_features
+
+    def recorded(model, pixels):
+        seen.append((next(model.parameters()).device.type, pixels.device.type))
+        return real(model, pixels)
+
+    monkeypatch.setattr(probe, "layer_features", recorded)
+    return seen
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_dedicated_gpu_the_layerwise_probe_runs_on_cuda(data, monkeypatch):
+    from explorer.finetune.probe import vit_layerwise_probe
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    seen = probe_devices(monkeypatch)
+    train, val = data
+    model = tiny_vit()
+    *_, (_, _, probe) = vit_layerwise_probe(model, train, val, (32, 32), 64, "tiny", steps=5)
+    assert seen == [("cuda", "cuda")] * 3 and probe.depths == [1, 2, 3, 4, 5, 6]
+    assert next(model.parameters()).device.type == "cpu"  # left where it came from
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_in_a_zero_gpu_worker_the_layerwise_probe_runs_on_cuda(zero_gpu, data):
+    from explorer.finetune.probe import vit_layer_features
+
+    train, val = data
+    events = list(gpu.stream_on_device(vit_layer_features, tiny_vit(), train, val, (32, 32),
+                                       cancel=threading.Event(), seconds=20))
+    features = events[-1][2]
+    assert events[-1][0] == "extracted" and features.train_x.device.type == "cpu"
+    assert features.train_x.shape == (90, 6, 128)

@@ -48,10 +48,11 @@ from explorer.finetune.probe import (
     PROBE_RECIPE,
     extract_features,
     feature_key,
+    forward_flops,
     train_linear_probe,
 )
 from explorer.finetune.resolution import set_resolution, snap_resolution
-from explorer.patches import grid_for, has_class_token, patch_size
+from explorer.patches import has_class_token
 from explorer.training import Recipe, TrainLoop, make_accelerator, warmup_steps
 
 MODES = ("linear", "last_k", "full")
@@ -299,16 +300,19 @@ def cancelled_event(model: nn.Module, train_set: ImageSet, config: FinetuneConfi
     return TrainEvent("cancelled", 1, 1, history[-1] if history else {}, result)
 
 
-def finetune_seconds(model: nn.Module, n_train: int, n_val: int, config: FinetuneConfig) -> int:
-    """The ZeroGPU duration to ask for this run (`explorer.gpu.training_seconds`), from the
-    work it plans: its optimiser steps; the images through the data path at its resolution;
-    2 × parameters × tokens FLOPs per image and forward pass, three passes' worth to train
-    (forward and backward; an upper bound for ``last_k`` and a truncated probe).
+def finetune_work(model: nn.Module, n_train: int, n_val: int, config: FinetuneConfig
+                  ) -> tuple[int, int, int, float]:
+    """The work a run plans, as `explorer.gpu.training_seconds` counts it: its optimiser
+    steps; the images through the data path and their pixels at its resolution; 2 ×
+    parameters × tokens FLOPs per image and forward pass (`probe.forward_flops`), three
+    passes' worth to train (forward and backward; an upper bound for ``last_k`` and a
+    truncated probe).
+
+    Returns:
+        ``(steps, images, pixels per image, FLOPs)``.
     """
     size = snap_resolution(model, config.resolution)
-    rows, cols = grid_for(size, patch_size(model))
-    forward = 2 * sum(p.numel() for p in model.parameters()) * (rows * cols
-                                                                  + model.num_prefix_tokens)
+    forward = forward_flops(model, size)
     network = config.mode != "linear"
     batch = config.batch_size * config.grad_accum if network else min(config.batch_size, n_train)
     per_epoch = math.ceil(n_train / batch)
@@ -320,8 +324,40 @@ def finetune_seconds(model: nn.Module, n_train: int, n_val: int, config: Finetun
         trained, evaluated = min(n_train * epochs, steps * batch), n_val * epochs
     else:  # the features once, then a linear head on them
         trained, evaluated = 0, n_train + n_val
-    return gpu.training_seconds(steps, trained + evaluated, size[0] * size[1],
-                                (3 * trained + evaluated) * forward)
+    return steps, trained + evaluated, size[0] * size[1], (3 * trained + evaluated) * forward
+
+
+def finetune_seconds(model: nn.Module, n_train: int, n_val: int, config: FinetuneConfig) -> int:
+    """The ZeroGPU duration to ask for this run (`explorer.gpu.training_seconds` of its
+    `finetune_work`)."""
+    return gpu.training_seconds(*finetune_work(model, n_train, n_val, config))
+
+
+def too_long_for_one_call(model: nn.Module, n_train: int, n_val: int, config: FinetuneConfig,
+                          limit: int = gpu.MAX_CALL_S) -> str | None:
+    """Why this run cannot finish within one GPU call of ``limit`` seconds (ZeroGPU's
+    `explorer.gpu.MAX_CALL_S`), as a message for the person who asked, or None when it fits.
+
+    The run's seconds are `explorer.gpu.work_seconds` of its `finetune_work`; the message
+    gives them, the most epochs that fit (the other settings as they are), and what else
+    shortens a run: fewer images, a lower resolution, a linear probe where one would fit.
+    """
+    def seconds(**change) -> int:
+        return gpu.work_seconds(*finetune_work(model, n_train, n_val, replace(config, **change)))
+
+    needed = seconds()
+    if needed <= limit:
+        return None
+    # seconds() grows with the epochs: the first count from the top that fits is the most
+    fit = next((e for e in range(config.epochs - 1, 0, -1) if seconds(epochs=e) <= limit), 0)
+    said = f"This run needs about {needed} s of GPU, and one ZeroGPU call allows {limit} s"
+    lighter = ", or train a linear probe (its features are computed once)" if (
+        config.mode != "linear" and seconds(mode="linear") <= limit) else ""
+    if fit:
+        return (f"{said}. Lower the epochs (at most {fit} fit), the number of images or the "
+                f"resolution{lighter}.")
+    return (f"{said}: even one epoch is too long. Lower the number of images or the "
+            f"resolution{lighter}.")
 
 
 def finetune(model: nn.Module, train_set: ImageSet, val_set: ImageSet, config: FinetuneConfig,

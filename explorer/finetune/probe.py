@@ -4,6 +4,10 @@ A linear probe measures how linearly separable a frozen representation is (iGPT'
 DINOv2's headline numbers are linear probes). `layerwise_probe` fits one probe per block and
 reproduces iGPT's observation that for generative models the best features sit in the middle
 of the network, while for discriminative / self-distilled ViTs they keep improving with depth.
+
+The probes are fitted where the GPU is (`explorer.gpu.stream_on_device`: in a ZeroGPU worker
+on a ZeroGPU Space), and so are a ViT's features (`vit_layerwise_probe`: features and probes
+in one GPU call).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from explorer import gpu
 from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.datasets import ImageSet
-from explorer.patches import has_class_token
+from explorer.patches import grid_for, has_class_token, patch_size
 
 # Frozen features (CPU tensors), six sets at most: a train/val pair for three models or sizes.
 FEATURE_CACHE: KeyedCache[torch.Tensor] = KeyedCache(max_items=6)
@@ -37,6 +42,14 @@ def feature_key(model: nn.Module, model_key: str | None, images: ImageSet,
     who = f"{model_key or ''}#{weights_fingerprint(model, ('head.',))}"
     depth, pool = len(model.blocks), getattr(model, "global_pool", "")
     return f"{who}|{depth}blocks|{pool}|{size[0]}x{size[1]}|{images.fingerprint()}"
+
+
+def forward_flops(model: nn.Module, size: tuple[int, int]) -> float:
+    """FLOPs of one forward pass of one image at ``size`` (height, width): 2 × parameters ×
+    tokens (patches + prefix tokens), the usual estimate for a transformer."""
+    rows, cols = grid_for(size, patch_size(model))
+    tokens = rows * cols + model.num_prefix_tokens
+    return 2 * sum(p.numel() for p in model.parameters()) * tokens
 
 
 def pre_logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -271,29 +284,32 @@ class LayerwiseProbe:
         return self.depths[max(range(len(self.val_acc)), key=self.val_acc.__getitem__)]
 
 
-def layerwise_probe(
+@dataclass
+class LayerFeatures:
+    """Frozen per-layer features of a training and a validation split, on the CPU.
+
+    Attributes:
+        train_x, val_x: (N, L, F) features of L layers.
+        train_y, val_y: (N,) int labels.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+
+def extract_layer_features(
     features_fn: Callable[[torch.Tensor], torch.Tensor],
     train_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     val_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    num_classes: int,
-    model_name: str = "",
     cancel: threading.Event | None = None,
-    steps: int = 300,
-) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
-    """Fit one linear probe per block of a frozen model.
-
-    Works for any model through ``features_fn`` (the ViT: `layer_features`; iGPT: its own
-    per-layer pooled activations), so both curves come from the same procedure.
-
-    Args:
-        features_fn: (B, ...) inputs -> (B, L, F) per-layer features (called under no_grad).
-        train_batches, val_batches: iterables of (inputs, labels).
-        num_classes: number of classes.
-        steps: optimiser steps of each layer's probe (the rest is `PROBE_RECIPE`).
+) -> Iterator[tuple[str, int, LayerFeatures | None]]:
+    """The first half of `layerwise_probe`: every batch through ``features_fn``.
 
     Yields:
-        ("features", batches done, None) while extracting, ("probe", layers done, None) while
-        fitting, and finally ("done", L, `LayerwiseProbe`); stops early if ``cancel`` is set.
+        ("features", batches done, None) after each batch, then ("extracted", batches done,
+        `LayerFeatures`); stops early, without the last, if ``cancel`` is set.
     """
     feats = {}
     done = 0
@@ -308,39 +324,161 @@ def layerwise_probe(
             done += 1
             yield "features", done, None
         feats[split] = (torch.cat(xs), torch.cat(ys))
-    (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
+    yield "extracted", done, LayerFeatures(*feats["train"], *feats["val"])
+
+
+# A linear probe's optimiser step where the GPU is: ~40 kernel launches (the linear layer,
+# the loss, their backward, AdamW's update of two tensors) and two `.item()` syncs, against
+# the ~10^3 launches of a network's step (`explorer.gpu.STEP_S`, 0.02 s): an upper estimate,
+# not timed on a GPU, like the sizing rule's own. Its FLOPs (6 x rows x features x classes)
+# are microseconds at `explorer.gpu.GPU_FLOPS`.
+PROBE_STEP_S = 2e-3
+
+
+def fit_layer_probes(features: LayerFeatures, num_classes: int, model_name: str = "",
+                     steps: int = 300, cancel: threading.Event | None = None
+                     ) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
+    """The second half of `layerwise_probe`: one linear probe per layer of ``features``, on
+    `explorer.gpu.work_device` (optimiser steps must not run in a ZeroGPU Space's own
+    process: AdamW's step asks torch for the current CUDA stream, which starts CUDA).
+
+    Yields:
+        ("probe", layers done, None) after each layer, then ("done", L, `LayerwiseProbe`);
+        stops early if ``cancel`` is set.
+    """
+    device = gpu.work_device()
     recipe = replace(PROBE_RECIPE, steps=steps)
+    train_y, val_y = features.train_y.to(device), features.val_y.to(device)
     train_acc, val_acc = [], []
-    for layer in range(train_x.shape[1]):
+    for layer in range(features.train_x.shape[1]):
         if cancel is not None and cancel.is_set():
             return
-        linear = fit_linear_classifier(train_x[:, layer], train_y, num_classes, recipe)
-        train_acc.append(probe_accuracy(linear, train_x[:, layer], train_y))
-        val_acc.append(probe_accuracy(linear, val_x[:, layer], val_y))
+        train_x = features.train_x[:, layer].to(device)
+        val_x = features.val_x[:, layer].to(device)
+        linear = fit_linear_classifier(train_x, train_y, num_classes, recipe)
+        train_acc.append(probe_accuracy(linear, train_x, train_y))
+        val_acc.append(probe_accuracy(linear, val_x, val_y))
         yield "probe", layer + 1, None
-    depths = list(range(1, train_x.shape[1] + 1))
+    depths = list(range(1, features.train_x.shape[1] + 1))
     yield "done", len(depths), LayerwiseProbe(depths, train_acc, val_acc, model_name)
+
+
+def fit_seconds(layers: int, steps: int) -> float:
+    """GPU seconds of `fit_layer_probes`: ``layers`` probes of ``steps`` steps each."""
+    return layers * steps * PROBE_STEP_S
+
+
+def _probe_extracted(extraction: Iterator[tuple[str, int, LayerFeatures | None]],
+                     fit: Callable[[LayerFeatures], Iterator]
+                     ) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
+    """``extraction``'s progress, then ``fit(features)``'s (no features: it was cancelled)."""
+    features = None
+    for stage, done, value in extraction:
+        if stage == "extracted":
+            features = value
+        else:
+            yield stage, done, None
+    if features is not None:
+        yield from fit(features)
+
+
+def layerwise_probe(
+    features_fn: Callable[[torch.Tensor], torch.Tensor],
+    train_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    val_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    model_name: str = "",
+    cancel: threading.Event | None = None,
+    steps: int = 300,
+) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
+    """Fit one linear probe per block of a frozen model: `extract_layer_features` here, then
+    `fit_layer_probes` where the GPU is (a ZeroGPU call on a ZeroGPU Space, sized by
+    `fit_seconds`; ``cancel`` closes it).
+
+    Works for any model through ``features_fn`` (the ViT: `layer_features`; iGPT: its own
+    per-layer pooled activations), so both curves come from the same procedure.
+
+    Args:
+        features_fn: (B, ...) inputs -> (B, L, F) per-layer features (called under no_grad).
+        train_batches, val_batches: iterables of (inputs, labels).
+        num_classes: number of classes.
+        steps: optimiser steps of each layer's probe (the rest is `PROBE_RECIPE`).
+
+    Yields:
+        ("features", batches done, None) while extracting, ("probe", layers done, None) while
+        fitting, and finally ("done", L, `LayerwiseProbe`); stops early if ``cancel`` is set.
+    """
+    cancel = cancel or threading.Event()
+
+    def fit(features: LayerFeatures) -> Iterator:
+        if cancel.is_set():
+            return iter(())
+        seconds = gpu.training_seconds(0, seconds=fit_seconds(features.train_x.shape[1], steps))
+        return gpu.stream_on_device(fit_layer_probes, features, num_classes, model_name, steps,
+                                    cancel=cancel, seconds=seconds)
+
+    extraction = extract_layer_features(features_fn, train_batches, val_batches, cancel)
+    yield from _probe_extracted(extraction, fit)
+
+
+def vit_layer_features(model: nn.Module, train_set: ImageSet, val_set: ImageSet,
+                       size: tuple[int, int], batch_size: int = 64,
+                       cancel: threading.Event | None = None
+                       ) -> Iterator[tuple[str, int, LayerFeatures | None]]:
+    """`extract_layer_features` of a timm ViT at resolution ``size`` (frozen, eval mode), on
+    `explorer.gpu.work_device` (CUDA on a dedicated GPU and in a ZeroGPU worker); the model
+    is left on the device it came on."""
+    from timm.data import resolve_model_data_config
+
+    from explorer.finetune.data import PixelDataset, make_loader
+
+    device, home = gpu.work_device(), next(model.parameters()).device
+    model.eval().to(device)
+    data_config = resolve_model_data_config(model)
+
+    def batches(images: ImageSet):
+        loader = make_loader(PixelDataset(images, data_config, size), batch_size, shuffle=False)
+        return ((pixels.to(device), labels) for pixels, labels, _ in loader)
+
+    try:
+        yield from extract_layer_features(lambda x: layer_features(model, x), batches(train_set),
+                                          batches(val_set), cancel)
+    finally:
+        model.to(home)
+
+
+def _vit_layerwise(model: nn.Module, train_set: ImageSet, val_set: ImageSet,
+                   size: tuple[int, int], batch_size: int, model_name: str, steps: int,
+                   cancel: threading.Event | None = None
+                   ) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
+    """`vit_layer_features`, then `fit_layer_probes`: the whole probe in one GPU call."""
+    extraction = vit_layer_features(model, train_set, val_set, size, batch_size, cancel)
+    yield from _probe_extracted(extraction, lambda features: fit_layer_probes(
+        features, len(train_set.classes), model_name, steps, cancel))
+
+
+def layerwise_seconds(model: nn.Module, n_train: int, n_val: int, size: tuple[int, int],
+                      batch_size: int = 64, steps: int = 300) -> int:
+    """The ZeroGPU duration to ask for a ViT's layer-wise probe (`explorer.gpu.training_seconds`):
+    each feature batch a launch-bound step, every image through the data path at ``size`` and
+    one forward pass of the whole model (`forward_flops`), then a probe of ``steps`` steps
+    per block (`fit_seconds`)."""
+    batches = math.ceil(n_train / batch_size) + math.ceil(n_val / batch_size)
+    images = n_train + n_val
+    return gpu.training_seconds(batches, images, size[0] * size[1],
+                                images * forward_flops(model, size),
+                                seconds=fit_seconds(len(model.blocks), steps))
 
 
 def vit_layerwise_probe(model: nn.Module, train_set: ImageSet, val_set: ImageSet,
                         size: tuple[int, int], batch_size: int = 64, model_name: str = "",
                         cancel: threading.Event | None = None, steps: int = 300
                         ) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
-    """`layerwise_probe` for a timm ViT at resolution ``size`` (frozen, eval mode).
-
-    Yields the same progress tuples; features come from `layer_features`.
-    """
-    from timm.data import resolve_model_data_config
-
-    from explorer.finetune.data import PixelDataset, make_loader
-
-    model.eval()
-    data_config = resolve_model_data_config(model)
-
-    def batches(images: ImageSet):
-        loader = make_loader(PixelDataset(images, data_config, size), batch_size, shuffle=False)
-        return ((pixels, labels) for pixels, labels, _ in loader)
-
-    yield from layerwise_probe(lambda x: layer_features(model, x), batches(train_set),
-                               batches(val_set), len(train_set.classes), model_name, cancel,
-                               steps)
+    """`layerwise_probe` for a timm ViT at resolution ``size`` (frozen, eval mode), features
+    and probes where the GPU is: on a ZeroGPU Space one GPU call, sized by
+    `layerwise_seconds` (``cancel`` closes it). Yields the same progress tuples."""
+    cancel = cancel or threading.Event()
+    return gpu.stream_on_device(
+        _vit_layerwise, model, train_set, val_set, size, batch_size, model_name, steps,
+        cancel=cancel,
+        seconds=layerwise_seconds(model, len(train_set), len(val_set), size, batch_size, steps))

@@ -21,7 +21,7 @@ import gradio as gr
 from explorer import datasets, gpu, images, models, patches
 from explorer.finetune import FinetuneConfig, position_similarity_map, run_finetune, save_checkpoint
 from explorer.finetune.checkpoint import run_name
-from explorer.finetune.engine import cancelled_event, finetune_seconds
+from explorer.finetune.engine import cancelled_event, finetune_seconds, too_long_for_one_call
 from explorer.finetune.igpt_probe import igpt_layerwise, load_offline_igpt
 from explorer.finetune.probe import vit_layerwise_probe
 from explorer.finetune.resolution import snap_resolution
@@ -114,6 +114,10 @@ def train(source, zip_path, n_images, model_name, mode_label, last_k, resolution
             model = fresh_model(model_name, config.resolution, request)
             if (config.probe_block or 0) > len(model.blocks):
                 raise gr.Error(f"This model has {len(model.blocks)} blocks; probe one of those.")
+            if gpu.on_zero_gpu():  # one GPU call holds the whole run: refuse what ZeroGPU cuts off
+                too_long = too_long_for_one_call(model, len(train_set), len(val_set), config)
+                if too_long:
+                    raise gr.Error(too_long, print_exception=False)
             # on ZeroGPU the run borrows a GPU in a worker; elsewhere the plain call
             events = gpu.stream_on_device(
                 run_finetune, model, train_set, val_set, config, cancel=cancel,
@@ -209,6 +213,7 @@ def layerwise(source, zip_path, n_images, model_name, resolution, request: gr.Re
             train_set, val_set = datasets.train_val_split(data, 0.2, seed=0)
             model = fresh_model(model_name, int(resolution) if resolution else None, request)
             size = snap_resolution(model, int(resolution) if resolution else None)
+            # features and probes where the GPU is (on ZeroGPU: GPU calls, which cancel closes)
             runs = [(model_name, vit_layerwise_probe(model, train_set, val_set, size, 64,
                                                      model_name, cancel))]
             igpt = load_offline_igpt() if source == BUILTIN else None
@@ -216,7 +221,7 @@ def layerwise(source, zip_path, n_images, model_name, resolution, request: gr.Re
                 runs.append((igpt.name, igpt_layerwise(igpt, train_set, val_set, 64, cancel)))
             probes = []
             for name, run in runs:
-                for stage, done, probe in run:
+                for stage, done, probe in common_errors(run):  # e.g. out of memory: a message
                     progress((done, None), desc=f"{name}: {stage}")
                     if probe is not None:
                         probes.append(probe)
