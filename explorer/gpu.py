@@ -17,7 +17,7 @@ Training borrows a GPU the same way, streamed: `stream_on_device` runs a trainin
 its events, and `training_seconds` sizes the call.
 
 An exception raised in the worker reaches the app as itself, with its message: spaces would
-replace it with a generic "ZeroGPU worker error" (`_crossing_errors`).
+replace it with a generic "ZeroGPU worker error" (`_Raised`).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def to_cpu(value: Any) -> Any:
 
 def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
     """Decorator: ``spaces.GPU(duration=duration)`` on a ZeroGPU Space, results on the CPU and
-    exceptions as the worker raised them (`_carrier`); elsewhere the function itself.
+    exceptions as the worker raised them (`_Raised`); elsewhere the function itself.
 
     Args:
         duration: the longest the call may hold the GPU, in seconds, or a function of the
@@ -134,28 +134,38 @@ def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def in_worker(*args, **kwargs):
-                with _inside_gpu_call(), _crossing_errors():
-                    for item in fn(*args, **kwargs):
-                        yield to_cpu(item)
+                with _inside_gpu_call():
+                    try:
+                        for item in fn(*args, **kwargs):
+                            yield to_cpu(item)
+                    except Exception as err:
+                        yield _raised(err)
 
             on_gpu = spaces.GPU(duration=duration)(in_worker)
 
             @functools.wraps(on_gpu)
             def in_app(*args, **kwargs):
-                with _errors_as_raised():
-                    yield from on_gpu(*args, **kwargs)
+                for item in on_gpu(*args, **kwargs):
+                    if isinstance(item, _Raised):
+                        raise item.error
+                    yield item
         else:
             @functools.wraps(fn)
             def in_worker(*args, **kwargs):
-                with _inside_gpu_call(), _crossing_errors():
-                    return to_cpu(fn(*args, **kwargs))
+                with _inside_gpu_call():
+                    try:
+                        return to_cpu(fn(*args, **kwargs))
+                    except Exception as err:
+                        return _raised(err)
 
             on_gpu = spaces.GPU(duration=duration)(in_worker)
 
             @functools.wraps(on_gpu)
             def in_app(*args, **kwargs):
-                with _errors_as_raised():
-                    return on_gpu(*args, **kwargs)
+                result = on_gpu(*args, **kwargs)
+                if isinstance(result, _Raised):
+                    raise result.error
+                return result
         return in_app
 
     return decorate
@@ -166,52 +176,28 @@ def gpu_task(duration: float | Callable[..., float] = 60) -> Callable[[F], F]:
 # exception with ``gr.Error(<its class name>, title="ZeroGPU worker error")`` (``exception_result``
 # in spaces/zero/wrappers.py): the message a tab shows for a visitor's mistake (an unreadable
 # image, unusable data, CUDA out of memory: `explorer.ui.common.user_errors`) would be lost. So
-# the worker wraps each exception in such a `gr.Error`, which carries the original across, and
-# the app raises the original again: the tabs see the same error as off ZeroGPU.
-
-_CARRIED = "explorer_original"  # the carrier's attribute that holds the original exception
+# the worker catches it and sends it back as a value (`_Raised`), and the app raises it again:
+# the tabs see the same error as off ZeroGPU (and no gradio is needed here to say so).
 
 
-@contextlib.contextmanager
-def _crossing_errors() -> Iterator[None]:
-    """In the worker: an exception leaves inside a `gr.Error` (`_carrier`)."""
-    try:
-        yield
-    except Exception as err:
-        raise _carrier(err) from None
+@dataclasses.dataclass
+class _Raised:
+    """An exception raised in the worker, crossing back as a call's result (or last item)."""
+
+    error: Exception
 
 
-def _carrier(err: Exception) -> Exception:
-    """``err`` as spaces lets it cross: a `gr.Error` as it is, anything else inside one that
-    reads as spaces' own replacement (should it ever reach a visitor unopened) and carries
-    ``err`` with the worker's traceback as a note (for the app's log, where a bug is logged).
-    An exception that would not survive pickling crosses as a RuntimeError with its class
+def _raised(err: Exception) -> _Raised:
+    """``err`` ready to cross: with the worker's traceback as a note (for the app's log, where
+    a bug is logged); one that would not survive pickling as a RuntimeError with its class
     and message."""
-    import gradio as gr  # already imported by spaces, which runs this worker
-
-    if isinstance(err, gr.Error):
-        return err
     note = "Raised in the ZeroGPU worker:\n" + "".join(traceback.format_exception(err))
     try:
         pickle.loads(pickle.dumps(err))
     except Exception:  # e.g. an __init__ that takes other arguments than ``args``
         err = RuntimeError(f"{type(err).__name__}: {err}")
     err.add_note(note)
-    carrier = gr.Error(type(err).__name__, title="ZeroGPU worker error", print_exception=False)
-    setattr(carrier, _CARRIED, err)
-    return carrier
-
-
-@contextlib.contextmanager
-def _errors_as_raised() -> Iterator[None]:
-    """In the app: an exception the worker carried across (`_carrier`) is raised again."""
-    try:
-        yield
-    except Exception as err:
-        original = getattr(err, _CARRIED, None)
-        if original is None:
-            raise
-        raise original from None
+    return _Raised(err)
 
 
 # A ViT analysis on ZeroGPU: the app keeps its models on the CPU (CUDA must not start in the

@@ -705,7 +705,8 @@ def test_on_zero_gpu_the_fine_tune_tab_says_what_the_worker_raised(zero_gpu, tmp
         return caught.value.message
 
     on_zero_gpu = message()
-    assert zero_gpu.calls[-1]["end"] == "error"
+    # raised in the worker, which sent it back as its stream's last item (`gpu._Raised`)
+    assert zero_gpu.calls[-1]["end"] == "exhausted"
     with monkeypatch.context() as off:
         off.delenv("SPACES_ZERO_GPU")
         assert message() == on_zero_gpu == "Could not read 3.png: truncated file."
