@@ -327,8 +327,8 @@ def test_on_zero_gpu_the_app_process_never_places_anything_on_cuda(monkeypatch):
 
 
 def test_every_vit_analysis_of_the_tabs_goes_through_the_gpu_seam(monkeypatch):
-    """The tokens, attention and distance tabs' forward passes each go through
-    `analyse_on_device` (a spaces.GPU call on ZeroGPU), on the real offline model."""
+    """The tokens, attention and distance tabs' forward passes, and the Lecture's, each go
+    through `analyse_on_device` (a spaces.GPU call on ZeroGPU), on the real offline model."""
     from explorer import distance, images
     from explorer.ui import attention_tab, common, distance_tab, tokens_tab
     called = []
@@ -347,6 +347,14 @@ def test_every_vit_analysis_of_the_tabs_goes_through_the_gpu_seam(monkeypatch):
     called.clear()
     distance_tab.per_image(photo, None, [], True, False, 224, 224, "crop", "drop", None)
     assert called == ["model_mean_attention_distance"] * 2  # the image, then random init
+    # the Lecture's steps: tokens (steps 1, 3, 4), attention (5), distance (6)
+    from explorer.ui import lecture_view
+    called.clear()
+    lecture_view._PREPARED.clear()
+    example = images.example_paths()[0].stem
+    for figure in ("sequence", "rollout", "distance"):
+        lecture_view.FIGURES[figure](example, 224, False)
+    assert called == ["analyse_tokenization", "capture", "model_mean_attention_distance"]
 
 
 # -- training on the GPU: the streamed call --------------------------------------------------

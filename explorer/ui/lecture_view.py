@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from explorer import attention, distance, images, lecture, models, patches
+from explorer import attention, distance, gpu, images, lecture, models, patches
 from explorer.cache import KeyedCache
 from explorer.igpt import pipeline
 from explorer.plots import attention as attention_plots
@@ -85,7 +85,7 @@ def prepared(example: str, size: int | None) -> Prepared:
         images.check_size(side, geometry.patch)
         image = images.open_image(example_path(example))
         pixels = images.prepare_pixels(image, config, side, "crop").to(patches.model_device(model))
-        result = patches.analyse_tokenization(model, pixels)
+        result = gpu.analyse_on_device(patches.analyse_tokenization, model, pixels)
         return Prepared(model, config, image, images.pixels_to_image(pixels, config), result, asked)
 
     return _PREPARED.get_or_build((models.DEFAULT_MODEL, example, size or None), build)
@@ -139,7 +139,7 @@ def positions(example: str, size: int | None, presenter: bool) -> Shown:
 def rollout(example: str, size: int | None, presenter: bool) -> Shown:
     """Step 5: the class token's rollout over the image, with its attention sinks."""
     p = prepared(example, size)
-    maps = attention.capture(p.model, p.tokens.pixels)
+    maps = gpu.analyse_on_device(attention.capture, p.model, p.tokens.pixels)
     views = attention_view.attention_views(maps, maps.num_layers - 1)
     sinks = attention_view.layer_sinks(maps)
     facts = lecture.rollout_facts(views.rollout.cpu(), sinks, maps.num_prefix_tokens,
