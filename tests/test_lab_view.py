@@ -68,7 +68,9 @@ def test_progress_text_says_what_is_still_training():
     status = {"done": ["a", "b"], "training": [("cnn-w24-d2-n60000-s0", 4000, 13594)],
               "todo": ["c", "d", "e"]}
     text = lab_view.progress_text(status)
-    assert "2 of 6 runs finished" in text and "step 4,000 of 13,594" in text
+    assert "2 of 6 runs finished" in text
+    assert ("part-trained (a checkpoint, resumed in its turn): cnn-w24-d2-n60000-s0 (step "
+            "4,000 of 13,594)") in text
     assert "3 queued" in text
     assert lab_view.progress_text({"done": ["a"], "training": [], "todo": []}) == \
         "All 1 grid runs have finished."

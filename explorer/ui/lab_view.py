@@ -154,7 +154,8 @@ def progress_text(status: dict[str, list] | None = None,
         return f"All {total} grid runs have finished."
     now = ", ".join(f"{key} (step {step:,} of {steps:,})" for key, step, steps in training)
     text = (f"**The grid is still training:** {len(done)} of {total} runs finished; "
-            + (f"in progress: {now}; " if now else "") + f"{len(todo)} queued. The plots "
+            + (f"part-trained (a checkpoint, resumed in its turn): {now}; " if now else "")
+            + f"{len(todo)} queued. The plots "
             "show the finished runs; a missing point is still to come (`python -m "
             "explorer.lab.grid` resumes it).")
     retrain = retrain_text(attempts, done)
