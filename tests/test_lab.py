@@ -470,8 +470,13 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
     grid.append_row(result("cnn", 500, Hyper(lr=8e-3)), grid.GRID_CSV)
     grid.append_row(result("vit", 60000, old), grid.ATTEMPTS_CSV)
     for arch, hyper in (("vit", old), ("cnn", Hyper(lr=8e-3))):
-        torch.save({"extra": {"run": asdict(LabRun(arch, 1200)), "hyper": asdict(hyper)}},
-                   tmp_path / f"{arch}.pt")
+        run = LabRun(arch, 1200)
+        torch.save({"extra": {"run": asdict(run), "hyper": asdict(hyper)}},
+                   grid.checkpoint_path(run))
+    # a sweep run's checkpoint (named with its own hyperparameters) is the sweep's business
+    sweep_run = LabRun("vit", 3000)
+    torch.save({"extra": {"run": asdict(sweep_run), "hyper": asdict(old)}},
+               grid.checkpoint_path(sweep_run, old))
     models = tmp_path / "models"
     monkeypatch.setattr(grid_checkpoint, "MODELS_DIR", models)
     monkeypatch.setattr(grid_checkpoint.shipped_path, "__defaults__", (models,))
@@ -488,7 +493,8 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
     assert sorted((r["arch"], r["train_images"], r["shift"])
                   for r in grid.read_grid(grid.SUPERSEDED_CSV)) == [("vit", 500, 0),
                                                                      ("vit", 60000, 0)]
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["cnn.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "cnn-w24-d2-n1200-s0.pt", "vit-w64-d4-n3000-s0-lr0.004-wd0.05-shift0.pt"]
     assert grid.supersede(choice) == 0  # nothing left to move
 
 

@@ -317,9 +317,10 @@ def supersede(choice: dict[str, Hyper]) -> int:
             writer.writeheader()
             writer.writerows(r for r in raw if r not in old)
         moved += len(old)
-    for ckpt in CHECKPOINTS_DIR.glob("*.pt"):
+    for ckpt in CHECKPOINTS_DIR.glob("*.pt"):  # the grid's (a sweep run's has its own hyper)
         extra = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["extra"]
-        if stale(extra["run"]["arch"], extra["hyper"]):
+        if ckpt.stem == LabRun(**extra["run"]).name and stale(extra["run"]["arch"],
+                                                              extra["hyper"]):
             ckpt.unlink()
     return moved
 
