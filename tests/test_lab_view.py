@@ -42,6 +42,11 @@ def test_the_summary_agrees_with_the_plotted_points():
     gap_small, gap_large = vit[500] - cnn[500], vit[60000] - cnn[60000]
     assert f"{gap_small:.1f} points behind" in lab_view.summary_text(ROWS)
     assert f"{gap_large:.1f} points behind" in lab_view.summary_text(ROWS)
+    # the axis is labelled at exactly the sizes trained (a log axis alone labels 500 as "5")
+    assert list(fig.layout.xaxis.tickvals) == [500, 60000]
+    assert list(fig.layout.xaxis.ticktext) == ["500", "60k"]
+    live = plots.data_figure(ROWS, {"arch": "vit", "train_images": 1200, "error": 0.3})
+    assert list(live.layout.xaxis.ticktext) == ["500", "1.2k", "60k"]
 
 
 def test_scrambled_text_and_figure_show_the_same_runs():
@@ -107,8 +112,9 @@ def test_lecture_lab_steps_carry_the_grids_findings():
     # a partial grid says so under every lab figure: ROWS are 6 of the grid's 83 runs (CNN
     # and ViT at 500 and 60,000 images, and both scrambled at 500; seed 0)
     for figure in ("lab-data", "lab-compute", "lab-bias"):
-        assert ("The grid is still training: 6 of 83 runs have finished"
-                in lab_view.lecture_note(figure, ROWS))
+        assert lab_view.lecture_note(figure, ROWS).startswith(
+            "\n\n**Trained here:** *(still training: 6 of 83 runs finished, the figure shows "
+            "those)*")
 
 
 def test_lecture_lab_steps_say_what_is_still_training_instead_of_failing(monkeypatch):

@@ -232,5 +232,12 @@ def test_a_presenter_figure_fills_its_box_with_a_title_and_legend_that_fit():
     assert (fig.layout.legend.yref, fig.layout.legend.y) == ("container", 0)
     short = go.Figure(layout={"title": "Mean attention distance per head"})
     assert "<br>" not in lecture_plots.for_projector(short, True, fill=True).layout.title.text
-    kept = lecture_plots.for_projector(go.Figure(layout={"title": long, "height": 460}), True)
-    assert kept.layout.height == 600 and "<br>" not in kept.layout.title.text  # not filling
+    # half a tab's width (not filling): 600 px high, the title on two lines too, and room
+    # above it for the block's label
+    half = lecture_plots.for_projector(go.Figure(layout={"title": long, "height": 460}), True)
+    assert half.layout.height == 600 and half.layout.title.text.replace("<br>", "") == long
+    assert half.layout.margin.t == 120
+    # a title with a subtitle: its first line is broken, the subtitle kept under it
+    sub = go.Figure(layout={"title": long + "<br><sup>dotted: the original images</sup>"})
+    first, second, subtitle = lecture_plots.for_projector(sub, True).layout.title.text.split("<br>")
+    assert first + second == long and subtitle == "<sup>dotted: the original images</sup>"

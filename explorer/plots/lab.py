@@ -34,6 +34,19 @@ def _say(fig: go.Figure, text: str) -> None:
                        font={"size": 16, "color": "#666"})
 
 
+def _images(n: int) -> str:
+    """A data size as a tick label: 500, 1.2k, 60k."""
+    return f"{n:,}" if n < 1000 else f"{n / 1000:g}k"
+
+
+def _size_ticks(fig: go.Figure) -> go.Figure:
+    """Ticks at exactly the data sizes drawn (a log axis would label 500 as "5")."""
+    sizes = sorted({int(x) for t in fig.data for x in (t.x if t.x is not None else ())})
+    if sizes:
+        fig.update_xaxes(tickvals=sizes, ticktext=[_images(n) for n in sizes])
+    return fig
+
+
 def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
     """The grid's test error against training images (`error_vs_data_figure`)."""
     return error_vs_data_figure(error_vs_data(rows), live)
@@ -61,7 +74,7 @@ def scrambled_figure(rows: list[dict]) -> go.Figure:
             line={"color": ARCH_COLOURS.get(arch, "#7f7f7f"), "width": 1.5, "dash": "dot"}))
     fig.update_layout(title="Scrambled Fashion-MNIST: test error vs training images<br>"
                             "<sup>dotted: the same model on the original images</sup>")
-    return fig
+    return _size_ticks(fig)
 
 
 def scaling_figure(rows: list[dict]) -> go.Figure:
@@ -109,7 +122,7 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
         yaxis={"title": "test error (%)", "rangemode": "tozero"}, height=460,
         showlegend=True,  # also for a lone live run (plotly hides a one-trace legend)
         legend={"orientation": "h", "y": -0.2}, margin={"t": 60})
-    return fig
+    return _size_ticks(fig)
 
 
 def compute_figure(curves: list[ComputeCurve],

@@ -71,25 +71,30 @@ def for_projector(fig: go.Figure, presenter: bool, fill: bool = False) -> go.Fig
 
     Args:
         fill: when presenting, leave the height to the page (plotly then fills the box the
-            page gives the figure: the Lecture's, the rest of the screen) instead of 600 px.
+            page gives the figure: the Lecture's, the rest of the screen) instead of 600 px
+            with room above the title for the figure's label (a half-width figure of a tab).
     """
     if presenter:
         fig.update_layout(font={"size": PRESENTER_FONT}, title_font={"size": PRESENTER_FONT + 2},
                           legend_font={"size": PRESENTER_FONT - 2}, height=None if fill else 600)
+        if not fill:  # the block's label sits over the figure's top-left corner
+            fig.update_layout(margin={"t": max(fig.layout.margin.t or 0, 120)})
         fig.update_annotations(font_size=PRESENTER_FONT - 2)
         fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"mode": "markers+text"})
         fig.update_traces(textfont_size=PRESENTER_FONT - 2, selector={"type": "bar"})
         title = fig.layout.title.text
-        if fill and title and "<br>" not in title and len(title) > TITLE_LINE:
+        head, sep, rest = (title or "").partition("<br>")  # a subtitle (<sup>) stays as it is
+        if len(head) > TITLE_LINE:
             # plotly never wraps a title: at these fonts a long one runs off a figure beside
-            # the lecture's words, so it is broken in two at the space nearest its middle
-            spaces = [i for i, ch in enumerate(title) if ch == " "]
-            cut = min(spaces, key=lambda i: abs(i - len(title) / 2), default=None)
+            # the lecture's words or half a tab's width, so it is broken in two at the space
+            # nearest its middle
+            spaces = [i for i, ch in enumerate(head) if ch == " "]
+            cut = min(spaces, key=lambda i: abs(i - len(head) / 2), default=None)
             if cut is not None:
                 # the space stays at the line's end, so the drawn text still reads as words
-                fig.update_layout(title_text=f"{title[:cut + 1]}<br>{title[cut + 1:]}")
+                fig.update_layout(title_text=f"{head[:cut + 1]}<br>{head[cut + 1:]}{sep}{rest}")
         legend = fig.layout.legend
-        if fill and legend.orientation == "h" and legend.y is not None and legend.y < 0:
+        if legend.orientation == "h" and legend.y is not None and legend.y < 0:
             # a legend under the plot, placed relative to the plot area, runs into the axis
             # title at these fonts: pin it to the figure's bottom edge, the plot makes room
             fig.update_layout(legend={"yref": "container", "y": 0, "yanchor": "bottom"})

@@ -105,6 +105,17 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
            "data_plot": plots.data_figure(rows, live)}
 
 
+def grid_figures(is_presenter: bool = False) -> dict:
+    """The tab's figures of the shipped grid and the paper's numbers, by output name, with
+    large labels when presenting (the `/lab_figures` endpoint; redrawn when the presenter
+    switch changes)."""
+    rows = lab_view.grid_rows()
+    made = {"data_plot": plots.data_figure(rows), "scrambled_plot": plots.scrambled_figure(rows),
+            "paper_plot": paper_data_figure(), "compute_plot": plots.scaling_figure(rows),
+            "paper_scaling_plot": paper_scaling_figure()}
+    return {name: for_projector(fig, bool(is_presenter)) for name, fig in made.items()}
+
+
 def stop(request: gr.Request) -> str:
     """Stop this session's live run after its current step (the `/lab_stop` endpoint)."""
     common.session(request).stop(JOB)
@@ -135,26 +146,32 @@ def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
 
 def build_lab_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
-    rows = lab_view.grid_rows()
+    rows, figures = lab_view.grid_rows(), grid_figures()
     gr.Markdown(lab_view.intro_text())
     gr.Markdown(lab_view.progress_text(), elem_id="lab-progress")
     with gr.Row():
-        data_plot = gr.Plot(plots.data_figure(rows), label="Trained here",
-                            elem_id="lab-data-plot")
-        gr.Plot(plots.scrambled_figure(rows), label="Trained here, on scrambled images",
-                elem_id="lab-scrambled-plot")
+        data_plot = gr.Plot(figures["data_plot"], label="Trained here", elem_id="lab-data-plot")
+        scrambled_plot = gr.Plot(figures["scrambled_plot"], elem_id="lab-scrambled-plot",
+                                 label="Trained here, on scrambled images")
     gr.Markdown(lab_view.summary_text(rows), elem_id="lab-summary")
     gr.Markdown(lab_view.scrambled_text(rows), elem_id="lab-scrambled")
     with gr.Row():
-        gr.Plot(paper_data_figure(), label="The paper's numbers (not measured here)",
-                elem_id="lab-paper-plot")
+        paper_plot = gr.Plot(figures["paper_plot"], elem_id="lab-paper-plot",
+                             label="The paper's numbers (not measured here)")
         gr.Markdown(lab_view.convergence_text(rows), elem_id="lab-convergence")
     with gr.Row():
-        gr.Plot(plots.scaling_figure(rows), label="Scaling, trained here",
-                elem_id="lab-compute-plot")
-        gr.Plot(paper_scaling_figure(), label="The paper's numbers (not measured here)",
-                elem_id="lab-paper-scaling-plot")
+        compute_plot = gr.Plot(figures["compute_plot"], label="Scaling, trained here",
+                               elem_id="lab-compute-plot")
+        paper_scaling_plot = gr.Plot(figures["paper_scaling_plot"],
+                                     label="The paper's numbers (not measured here)",
+                                     elem_id="lab-paper-scaling-plot")
     gr.Markdown(lab_view.scaling_text(rows), elem_id="lab-scaling")
+    if ctx.presenter is not None:  # large labels on a projector, as the Lecture's figures
+        fig_out = Outputs(data_plot=data_plot, scrambled_plot=scrambled_plot,
+                          paper_plot=paper_plot, compute_plot=compute_plot,
+                          paper_scaling_plot=paper_scaling_plot)
+        ctx.presenter.change(**fig_out.event(grid_figures), inputs=ctx.presenter,
+                             api_name="lab_figures", concurrency_limit=None)
     build_runs_view(rows, lab_view.attempt_rows())
 
     gr.Markdown("### Relative attention, made visible\nThe relative model's attention logits "

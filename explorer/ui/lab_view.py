@@ -191,8 +191,7 @@ def still_training(rows: list[dict]) -> str:
     finished = len({grid.row_key(r) for r in rows} & set(names))
     if finished == len(names):
         return ""
-    return (f"*The grid is still training: {finished} of {len(names)} runs have finished; the "
-            "figure shows those.*")
+    return f"*(still training: {finished} of {len(names)} runs finished, the figure shows those)*"
 
 
 def lecture_note(figure: str, rows: list[dict]) -> str:
@@ -208,7 +207,8 @@ def lecture_note(figure: str, rows: list[dict]) -> str:
         found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit")]
     else:
         return ""
-    found = [f for f in found + [still_training(rows) if rows else ""] if f]
+    # how much of the grid this is comes first: a projector shows the note's first lines only
+    found = [f for f in [still_training(rows) if rows else ""] + found if f]
     return ("\n\n**Trained here:** " + " ".join(found)) if found else ""
 
 

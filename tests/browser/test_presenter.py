@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import plot_in
+from tests.browser.helpers import plot_in, screenshot
 
 
 def _open(page, url):
@@ -80,6 +80,26 @@ def test_presenter_text_and_figure_labels_are_large(fresh):
         ".map(t => parseFloat(getComputedStyle(t).fontSize))")
     assert sizes and min(sizes) >= 18, sizes
     assert "trained here" in plot.inner_text().lower()  # the lab's grid, labelled as measured
+
+
+def test_presenting_lays_the_lab_tabs_figures_out_for_the_projector(fresh):
+    """Not only the CSS's larger text (which plotly would place for its own small fonts, so
+    labels overlap): the figures are redrawn with the projector's fonts, as the Lecture's."""
+    from explorer.plots.lecture import PRESENTER_FONT
+    page, url = fresh
+    _open(page, url + "?tab=lab&presenter=1")
+    page.wait_for_function("() => document.body.classList.contains('presenter')")
+    ids = ("lab-data-plot", "lab-scrambled-plot", "lab-paper-plot", "lab-compute-plot",
+           "lab-paper-scaling-plot")
+    font = "id => document.querySelector(`#${id} .js-plotly-plot`)._fullLayout.font.size"
+    for elem_id in ids:
+        plot_in(page, elem_id)
+        page.wait_for_function(f"id => ({font})(id) === {PRESENTER_FONT}", arg=elem_id)
+    screenshot(page, "lab-presenter")
+    # and drawn at the page's own sizes again when the switch is turned off
+    page.locator("#presenter input").uncheck()
+    for elem_id in ids:
+        page.wait_for_function(f"id => ({font})(id) < {PRESENTER_FONT}", arg=elem_id)
 
 
 def test_figures_download_with_names_that_say_what_they_show(fresh):
