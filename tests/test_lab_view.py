@@ -161,13 +161,14 @@ def test_every_run_has_a_line_with_its_numbers_and_its_verdict():
 
 def test_a_runs_curve_shows_the_line_the_rule_fitted_and_its_verdict():
     # evaluations at 2,400 (the 80% mark of 3,000 steps), 2,700 and 3,000: 0.80, 0.82, 0.81;
-    # the fitted line through them rises (0.81 − 0.80) = +1.0 point, so not converged
+    # pairwise slopes 0.02/300, 0.01/600, −0.01/300: median 1/60,000 a step, so the line rises
+    # +1.0 point over the 600 steps (not converged); intercept median(y − slope·x) = 0.76
     row = _row("vit", 500, 0.80, curve=[(1200, 0.6, 0.7), (2400, 0.80, 0.9), (2700, 0.82, 0.95),
                                          (3000, 0.81, 0.97)])
     fig = plots.run_curve_figure(row, lab_view.run_title(row))
     fitted = next(t for t in fig.data if t.name.startswith("fitted"))
     assert list(fitted.x) == [2400, 3000]
-    assert list(fitted.y) == pytest.approx([80.5, 81.5])  # mean 81 at 2,700, slope 1/600 pts
+    assert list(fitted.y) == pytest.approx([80.0, 81.0])
     validation = next(t for t in fig.data if t.name == "validation")
     assert list(validation.y) == pytest.approx([60, 80, 82, 81])
     assert fig.layout.shapes[0].x0 == pytest.approx(2400) and fig.layout.shapes[0].x1 == 3000
