@@ -71,12 +71,6 @@ def cuda_off_limits() -> bool:
     return on_zero_gpu() and not in_gpu_call()
 
 
-def work_device() -> torch.device:
-    """Where GPU-bound work started here runs: CUDA when present and allowed in this process
-    (a dedicated GPU, or a ZeroGPU call's worker), else the CPU (`cuda_off_limits`)."""
-    return torch.device("cuda" if torch.cuda.is_available() and not cuda_off_limits() else "cpu")
-
-
 def to_device(value: Any, device: torch.device | str) -> Any:
     """`value` with every tensor inside it (tuples, lists, dicts, dataclasses) on ``device``,
     and every module moved there in place (see `_plain_module`); tensors already there and

@@ -176,13 +176,15 @@ def describe(name: str | None) -> str:
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU (fp32 always: CPUs without bf16 units run it far slower).
+    """Where models and work started here go: CUDA when present and allowed in this process
+    (a dedicated GPU, or a ZeroGPU call's worker), else the CPU (fp32 always: CPUs without
+    bf16 units run it far slower).
 
-    On a ZeroGPU Space the CPU: CUDA must not start in the app's process there; each
-    analysis borrows a GPU in a worker (`explorer.gpu.analyse_on_device`)."""
-    if gpu.on_zero_gpu():
-        return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    In a ZeroGPU Space's own process the CPU: CUDA must not start there
+    (`explorer.gpu.cuda_off_limits`); each analysis borrows a GPU in a worker
+    (`explorer.gpu.analyse_on_device`)."""
+    return torch.device("cuda" if torch.cuda.is_available() and not gpu.cuda_off_limits()
+                        else "cpu")
 
 
 def cache_dir() -> Path:

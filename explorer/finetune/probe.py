@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from explorer import gpu
+from explorer import gpu, models
 from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.datasets import ImageSet
 from explorer.patches import grid_for, has_class_token, patch_size
@@ -339,14 +339,14 @@ def fit_layer_probes(features: LayerFeatures, num_classes: int, model_name: str 
                      steps: int = 300, cancel: threading.Event | None = None
                      ) -> Iterator[tuple[str, int, LayerwiseProbe | None]]:
     """The second half of `layerwise_probe`: one linear probe per layer of ``features``, on
-    `explorer.gpu.work_device` (optimiser steps must not run in a ZeroGPU Space's own
+    `explorer.models.default_device` (optimiser steps must not run in a ZeroGPU Space's own
     process: AdamW's step asks torch for the current CUDA stream, which starts CUDA).
 
     Yields:
         ("probe", layers done, None) after each layer, then ("done", L, `LayerwiseProbe`);
         stops early if ``cancel`` is set.
     """
-    device = gpu.work_device()
+    device = models.default_device()
     recipe = replace(PROBE_RECIPE, steps=steps)
     train_y, val_y = features.train_y.to(device), features.val_y.to(device)
     train_acc, val_acc = [], []
@@ -426,13 +426,13 @@ def vit_layer_features(model: nn.Module, train_set: ImageSet, val_set: ImageSet,
                        cancel: threading.Event | None = None
                        ) -> Iterator[tuple[str, int, LayerFeatures | None]]:
     """`extract_layer_features` of a timm ViT at resolution ``size`` (frozen, eval mode), on
-    `explorer.gpu.work_device` (CUDA on a dedicated GPU and in a ZeroGPU worker); the model
+    `explorer.models.default_device` (CUDA on a dedicated GPU and in a ZeroGPU worker); the model
     is left on the device it came on."""
     from timm.data import resolve_model_data_config
 
     from explorer.finetune.data import PixelDataset, make_loader
 
-    device, home = gpu.work_device(), next(model.parameters()).device
+    device, home = models.default_device(), next(model.parameters()).device
     model.eval().to(device)
     data_config = resolve_model_data_config(model)
 
