@@ -105,11 +105,11 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
            "data_plot": plots.data_figure(rows, live)}
 
 
-def grid_figures(is_presenter: bool = False) -> dict:
-    """The tab's figures of the shipped grid and the paper's numbers, by output name, with
-    large labels when presenting (the `/lab_figures` endpoint; redrawn when the presenter
-    switch changes)."""
-    rows = lab_view.grid_rows()
+def grid_figures(is_presenter: bool = False, rows: list[dict] | None = None) -> dict:
+    """The tab's figures of the shipped grid (``rows``, default: read now) and the paper's
+    numbers, by output name, with large labels when presenting (the `/lab_figures`
+    endpoint; redrawn when the presenter switch changes)."""
+    rows = lab_view.grid_rows() if rows is None else rows
     made = {"data_plot": plots.data_figure(rows), "scrambled_plot": plots.scrambled_figure(rows),
             "paper_plot": paper_data_figure(), "compute_plot": plots.scaling_figure(rows),
             "paper_scaling_plot": paper_scaling_figure()}
@@ -146,7 +146,8 @@ def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
 
 def build_lab_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
-    rows, figures = lab_view.grid_rows(), grid_figures()
+    rows = lab_view.grid_rows()
+    figures = grid_figures(rows=rows)
     gr.Markdown(lab_view.intro_text())
     gr.Markdown(lab_view.progress_text(), elem_id="lab-progress")
     with gr.Row():
