@@ -548,7 +548,7 @@ def test_every_lab_figure_renders_from_the_shipped_grid():
     curves = analysis.compute_curves(rows)
     if curves:
         compute = plots.compute_figure(curves)
-        assert {f"ViT width {c.width}" for c in curves} <= {
+        assert {f"w{c.width}" for c in curves} <= {
             t.name.split(" (")[0] for t in compute.data}
     kept = [a for a in ("cnn", "vit", "vit_rel") if shipped_path(LabRun(a, 60000)).is_file()]
     if "vit_rel" in kept:

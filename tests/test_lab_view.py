@@ -186,3 +186,48 @@ def test_the_summary_lists_the_sweeps_two_stages_apart():
     lines = [line for line in text.splitlines() if line.startswith("| CNN")]
     assert lines == ["| CNN | 750 | 0.008 | 2-px shifts, flips | 88.7 | 96.0 |",
                      "| CNN | 3,000 | 0.008 | none | 86.3 | 100.0 |"]
+
+
+def _sweep_row(width, budget, acc, flops):
+    # a size-sweep run: 1,000 steps of 100 images at ``budget``, ``flops`` per image forward
+    return dict(_row("vit", 20000, acc), width=width, budget=budget, flops=flops,
+                steps=int(1000 * budget), batch=100)
+
+
+def test_scaling_lines_name_the_best_width_per_budget_in_readable_flops():
+    # training FLOPs = 3 × forward × images seen: w32 (1e6/image) at 500 and 1,000 steps is
+    # 1.5e11 and 3e11; w64 (4e6/image) is 6e11 and 1.2e12. Four budgets, log-spaced from
+    # 1.5e11 to 1.2e12: 1.5e11, 3e11, 6e11, 1.2e12
+    rows = [_sweep_row(32, 0.5, 0.80, 1e6), _sweep_row(32, 1.0, 0.84, 1e6),
+            _sweep_row(64, 0.5, 0.82, 4e6), _sweep_row(64, 1.0, 0.88, 4e6)]
+    (line,) = lab_view.scaling_lines(rows)
+    # up to 6e11 the w32's 84% beats everything the w64 has reached within the budget (82%
+    # at 6e11); at 1.2e12 the w64's 88% wins
+    assert line == ("- 20,000 images, the best width within a budget of training FLOPs: "
+                    "within 150G, 32; within 300G, 32; within 600G, 32; within 1.2T, 64")
+    fig = plots.scaling_figure(rows)
+    assert list(fig.layout.xaxis.ticktext) == ["200G", "500G", "1T"]  # 1-2-5, whole labels
+
+
+def test_the_seed_band_marks_no_points_of_its_own():
+    # two seeds per size: the band spans them; only the mean line has markers (plotly's
+    # default mode, for a trace of few points, would mark the band's four corners too)
+    rows = [_row("cnn", 500, 0.8), _row("cnn", 500, 0.9, seed=1),
+            _row("cnn", 3000, 0.9), _row("cnn", 3000, 0.92, seed=1)]
+    fig = plots.data_figure(rows)
+    marked = [t for t in fig.data if "markers" in (t.mode or "lines+markers")]
+    assert [t.name for t in marked] == ["CNN"]
+    assert list(marked[0].y) == pytest.approx([15.0, 9.0])
+    (band,) = [t for t in fig.data if t.fill == "toself"]
+    assert sorted(band.y) == pytest.approx([8.0, 10.0, 10.0, 20.0])
+
+
+def test_the_runs_count_says_runs_and_attempts_and_so_far_only_while_training():
+    from explorer.lab import grid
+    attempt = dict(ROWS[1], attempt=0)
+    assert lab_view.runs_count(ROWS, [attempt]) == \
+        "6 finished runs and 1 retrained attempt so far"
+    everything = [dict(arch=r.arch, train_images=r.train_images, seed=r.seed, width=r.width,
+                       depth=r.depth, variant=r.variant, budget=r.budget, attempt=0)
+                  for r in grid.grid_runs()]
+    assert lab_view.runs_count(everything, []) == f"{len(everything)} finished runs"

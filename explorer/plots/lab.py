@@ -18,6 +18,7 @@ from explorer.lab.analysis import (
     late_line,
 )
 from explorer.lab.models import ARCH_LABELS
+from explorer.plots.axes import label_log_axis, label_sizes
 
 ARCH_COLOURS = {"cnn": "#1f77b4", "vit": "#d62728", "vit_rel": "#ff7f0e", "coatnet": "#2ca02c"}
 WIDTH_COLOURS = ("#c6dbef", "#6baed6", "#2171b5", "#08306b", "#000000")
@@ -32,19 +33,6 @@ def _say(fig: go.Figure, text: str) -> None:
     """Write ``text`` across the middle of ``fig`` (what is missing, and why)."""
     fig.add_annotation(text=text, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font={"size": 16, "color": "#666"})
-
-
-def _images(n: int) -> str:
-    """A data size as a tick label: 500, 1.2k, 60k."""
-    return f"{n:,}" if n < 1000 else f"{n / 1000:g}k"
-
-
-def _size_ticks(fig: go.Figure) -> go.Figure:
-    """Ticks at exactly the data sizes drawn (a log axis would label 500 as "5")."""
-    sizes = sorted({int(x) for t in fig.data for x in (t.x if t.x is not None else ())})
-    if sizes:
-        fig.update_xaxes(tickvals=sizes, ticktext=[_images(n) for n in sizes])
-    return fig
 
 
 def data_figure(rows: list[dict], live: dict | None = None) -> go.Figure:
@@ -74,7 +62,8 @@ def scrambled_figure(rows: list[dict]) -> go.Figure:
             line={"color": ARCH_COLOURS.get(arch, "#7f7f7f"), "width": 1.5, "dash": "dot"}))
     fig.update_layout(title="Scrambled Fashion-MNIST: test error vs training images<br>"
                             "<sup>dotted: the same model on the original images</sup>")
-    return _size_ticks(fig)
+    label_sizes(fig)
+    return fig
 
 
 def scaling_figure(rows: list[dict]) -> go.Figure:
@@ -93,12 +82,15 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
     """Test error against training images (log axis), one line per architecture, the shaded
     band spanning the seeds; ``live`` (arch, train_images, error) adds the visitor's run."""
     fig = go.Figure()
-    for arch, points in curves.items():
+    order = list(ARCH_LABELS)  # one legend order on every lab figure, whatever the rows'
+    for arch, points in sorted(curves.items(), key=lambda kv: order.index(kv[0])):
         colour = ARCH_COLOURS.get(arch, "#7f7f7f")
         xs = [p.train_images for p in points]
         fig.add_trace(go.Scatter(
             x=xs + xs[::-1], y=[100 * p.high for p in points] + [100 * p.low for p in points][::-1],
-            fill="toself", fillcolor=_band(colour), line={"width": 0}, hoverinfo="skip",
+            # lines only: plotly's default mode would mark every corner of the band
+            mode="lines", fill="toself", fillcolor=_band(colour), line={"width": 0},
+            hoverinfo="skip",
             showlegend=False, legendgroup=arch))
         fig.add_trace(go.Scatter(
             x=xs, y=[100 * p.mean for p in points], mode="lines+markers",
@@ -122,7 +114,8 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
         yaxis={"title": "test error (%)", "rangemode": "tozero"}, height=460,
         showlegend=True,  # also for a lone live run (plotly hides a one-trace legend)
         legend={"orientation": "h", "y": -0.2}, margin={"t": 60})
-    return _size_ticks(fig)
+    label_sizes(fig)
+    return fig
 
 
 def compute_figure(curves: list[ComputeCurve],
@@ -140,7 +133,8 @@ def compute_figure(curves: list[ComputeCurve],
             colour = WIDTH_COLOURS[min(widths.index(c.width), len(WIDTH_COLOURS) - 1)]
             fig.add_trace(go.Scatter(
                 x=c.compute, y=[100 * e for e in c.error], mode="lines+markers",
-                name=f"ViT width {c.width} ({c.params / 1e3:.0f}k params)",
+                # short names (the legend's title says what they are): two fit a line
+                name=f"w{c.width} ({c.params / 1e3:.0f}k)",
                 legendgroup=str(c.width), showlegend=col == 1,
                 line={"color": colour, "width": 2.5}), row=1, col=col)
         lo = min(min(c.compute) for c in group)
@@ -150,20 +144,26 @@ def compute_figure(curves: list[ComputeCurve],
         frontier = [min((e for c in group for x, e in zip(c.compute, c.error, strict=False) if x <= b),
                         default=np.nan) for b in budgets]
         fig.add_trace(go.Scatter(
-            x=budgets, y=[100 * f for f in frontier], mode="lines", name="best at each budget",
+            x=budgets, y=[100 * f for f in frontier], mode="lines", name="best per budget",
             legendgroup="frontier", showlegend=col == 1, customdata=best,
             hovertemplate="budget %{x:.2e} FLOPs: best width %{customdata}<extra></extra>",
             line={"color": "#444", "dash": "dash", "width": 1.5}), row=1, col=col)
         for c in (r for r in reference if r.train_images == n):
             fig.add_trace(go.Scatter(
                 x=c.compute, y=[100 * e for e in c.error], mode="lines+markers",
-                name=f"CNN, for reference ({c.params / 1e3:.0f}k params)", legendgroup="cnn",
+                name=f"CNN ({c.params / 1e3:.0f}k)", legendgroup="cnn",
                 showlegend=col == 1, line={"color": "#999", "width": 2, "dash": "dot"}),
                 row=1, col=col)
         fig.update_xaxes(type="log", title_text="training FLOPs", row=1, col=col)
+        drawn = [x for t in fig.select_traces(row=1, col=col) for x in t.x]
+        label_log_axis(fig, min(drawn), max(drawn), row=1, col=col)
     fig.update_yaxes(title_text="test error (%)", row=1, col=1)
     fig.update_layout(title="Scaling: ViT sizes against training compute (trained here)",
-                      height=460, legend={"orientation": "h", "y": -0.25}, margin={"t": 70})
+                      height=460, margin={"t": 70},
+                      # in plotly's default "grouped" order a horizontal legend gives each
+                      # group a line: six lines squeezed the plot to a strip on a projector
+                      legend={"orientation": "h", "y": -0.25, "traceorder": "normal",
+                              "title": {"text": "ViT width (parameters)", "side": "top"}})
     return fig
 
 

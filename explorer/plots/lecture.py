@@ -8,6 +8,7 @@ import math
 import plotly.graph_objects as go
 
 from explorer.lecture import PAPER_IMAGENET, PAPER_SOURCE
+from explorer.plots.axes import label_log_axis
 
 PRESENTER_FONT = 22  # px: legible from the back of a room on a 1280x720 projector
 TITLE_LINE = 44  # characters of a title that fit one line of a presenter figure at that font
@@ -34,35 +35,46 @@ def paper_data_figure() -> go.Figure:
     return fig
 
 
+# Where each point's label sits. The five points crowd the top right, so the labels are two
+# short lines placed by hand, checked in Chromium at the tab's width and at a projector's
+# fonts (tests/browser/test_lab_tab.py measures that no two labels or markers overlap): the
+# ends' labels grow inwards (plotly clips text leaving the plot)
+PAPER_LABEL_SIDES = {
+    ("ViT-H/14", "JFT-300M"): "top left",
+    ("ViT-L/16", "JFT-300M"): "middle right",
+    ("ViT-L/16", "ImageNet-21k"): "middle right",
+    ("BiT-L (ResNet152x4)", "JFT-300M"): "bottom left",
+    ("Noisy Student (EfficientNet-L2)", "JFT-300M"): "top left",
+}
+
+
 def paper_scaling_figure() -> go.Figure:
     """ImageNet top-1 against pre-training compute (TPUv3-core-days, log axis)."""
     fig = go.Figure()
     logs = [math.log10(days) for *_, days in PAPER_IMAGENET]
-    low, high = min(logs), max(logs)
-
-    def side(days: float, family: str) -> str:
-        """Labels of points near an edge grow inwards (plotly clips what leaves the plot);
-        the ViTs' above their points, the CNNs' below (the two top rows sit close)."""
-        at = (math.log10(days) - low) / (high - low)
-        vertical = "top" if family == "ViT" else "bottom"
-        return f"{vertical} " + ("right" if at < 1 / 3 else "left" if at > 2 / 3 else "center")
-
+    pad = 0.1 * (max(logs) - min(logs))
+    low, high = min(logs) - pad, max(logs) + pad
     for family in PAPER_COLOURS:
         rows = [r for r in PAPER_IMAGENET if _family(r[0]) == family]
         fig.add_trace(go.Scatter(
             x=[days for *_, days in rows], y=[acc for _, _, acc, _ in rows],
             # short labels on the plot (the full model name on hover): long ones collide
-            mode="markers+text", name=family, text=[f"{m.split(' (')[0]}, {d}" for m, d, _, _ in rows],
+            mode="markers+text", name=family,
+            text=[f"{m.split(' (')[0]}<br>{d}" for m, d, _, _ in rows],
             hovertext=[f"{m}, pre-trained on {d}: {acc}% top-1, {days:,} TPUv3-core-days"
                        for m, d, acc, days in rows], hoverinfo="text",
-            textposition=[side(days, family) for *_, days in rows],
+            textposition=[PAPER_LABEL_SIDES[m, d] for m, d, *_ in rows],
             marker={"size": 14, "color": PAPER_COLOURS[family]}))
-    pad = 0.1 * (high - low)
     fig.update_layout(title=PAPER_TITLE,
                       xaxis={"title": "pre-training compute (TPUv3-core-days)", "type": "log",
-                             "range": [low - pad, high + pad]},
+                             "range": [low, high]},
                       yaxis={"title": "ImageNet top-1 (%)", "range": [84.5, 89.5]}, height=460,
+                      # inside, in the empty top-left corner: beside the plot it took a
+                      # fifth of a half-width figure's width
+                      legend={"x": 0.02, "y": 0.98, "xanchor": "left", "yanchor": "top",
+                              "bgcolor": "rgba(255,255,255,0.7)"},
                       margin={"t": 60})
+    label_log_axis(fig, 10 ** low, 10 ** high)
     return fig
 
 

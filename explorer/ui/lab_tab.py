@@ -126,12 +126,14 @@ def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
     """Every finished run and retrained attempt in a table, and the validation curve of the
     one picked, with the line the convergence rule fitted."""
     runs = {lab_view.run_name(r): r for r in attempts + rows}
-    with gr.Accordion(f"Every run: its numbers and validation curve ({len(runs)} so far)",
-                      open=False, elem_id="lab-runs"):
-        gr.Dataframe(lab_view.runs_table(rows, attempts), headers=list(lab_view.RUN_HEADERS),
-                     interactive=False, wrap=True, elem_id="lab-runs-table",
-                     column_widths=[f"{w}%" for w in (18, 14, 6, 6, 6, 6, 5, 5, 4, 5, 5, 5, 6, 9)])
-        names = sorted(runs)
+    table = lab_view.runs_table(rows, attempts)
+    with gr.Accordion(f"Every run: its numbers and validation curve "
+                      f"({lab_view.runs_count(rows, attempts)})", open=False, elem_id="lab-runs"):
+        # widths that keep every value on one line at 1440 px ("original", a run's name)
+        gr.Dataframe(table, headers=list(lab_view.RUN_HEADERS), interactive=False, wrap=True,
+                     elem_id="lab-runs-table",
+                     column_widths=[f"{w}%" for w in (17, 12, 7, 8, 6, 6, 6, 5, 4, 5, 5, 5, 5, 9)])
+        names = [line[0] for line in table]  # the table's order (sorted names put 500 last)
         pick = gr.Dropdown(names, value=names[0] if names else None, label="Run",
                            elem_id="lab-run-pick")
 

@@ -15,6 +15,7 @@ from explorer.lab.checkpoint import load_shipped, shipped_path
 from explorer.lab.engine import Budget, LabRun
 from explorer.lab.models import ARCH_LABELS
 from explorer.lab.paths import ATTEMPTS_CSV
+from explorer.plots.axes import si
 
 INTRO = """
 ### Inductive bias & scale, trained here
@@ -174,8 +175,9 @@ def scaling_lines(rows: list[dict]) -> list[str]:
         budgets = np.geomspace(min(min(c.compute) for c in group),
                                max(max(c.compute) for c in group), 4)
         best = analysis.best_per_budget(group, budgets)
-        steps = ", ".join(f"{b:.0e} → {w}" for b, w in zip(budgets, best, strict=True))
-        lines.append(f"- {n:,} images: best width at training FLOPs {steps}")
+        steps = "; ".join(f"within {si(b)}, {w}" for b, w in zip(budgets, best, strict=True))
+        lines.append(f"- {n:,} images, the best width within a budget of training FLOPs: "
+                     f"{steps}")
     return lines
 
 
@@ -264,6 +266,18 @@ def runs_table(rows: list[dict], attempts: list[dict]) -> list[list]:
                       round(100 * row["train_acc"], 2), round(100 * row["val_acc"], 2),
                       round(100 * row["test_acc"], 2), round(100 * c.late_gain, 2), verdict])
     return lines
+
+
+def runs_count(rows: list[dict], attempts: list[dict]) -> str:
+    """How many lines `runs_table` has, in words: "9 finished runs and 2 retrained attempts
+    so far" ("so far" while the grid is still training)."""
+    def count(n: int, what: str) -> str:
+        return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+    text = count(len(rows), "finished run")
+    if attempts:
+        text += f" and {count(len(attempts), 'retrained attempt')}"
+    return text + (" so far" if still_training(rows) else "")
 
 
 def run_title(row: dict) -> str:

@@ -365,6 +365,9 @@ body.presenter .gradio-container .prose p,
 body.presenter .gradio-container .prose li { font-size: 24px !important; line-height: 1.45; }
 body.presenter .gradio-container .prose h2 { font-size: 36px !important; }
 body.presenter .js-plotly-plot text { font-size: 20px !important; }
+/* the lab's table of every run: 14 columns, a reference rather than a slide; at 22 px every
+   cell broke over two or three lines on a 1280-px screen */
+body.presenter #lab-runs-table * { font-size: 18px !important; }
 body.presenter .js-plotly-plot .gtitle { font-size: 24px !important; }
 
 /* one slim bar */

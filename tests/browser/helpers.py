@@ -40,3 +40,53 @@ def plot_in(page, elem_id: str):
     plot.first.wait_for(state="visible")
     assert plot.count() == 1
     return plot.first
+
+
+# Every drawn point label, marker and the legend of a plotly figure, as boxes on the page; the pairs that
+# overlap and the labels that leave the plot area (plotly clips those)
+_LABEL_BOXES = """p => {
+  const box = e => { const r = e.getBoundingClientRect();
+                     return {l: r.left, r: r.right, t: r.top, b: r.bottom}; };
+  const labels = [...p.querySelectorAll('.scatterlayer .textpoint text')]
+    .filter(t => t.textContent.trim()).map(t => [t.textContent, box(t)]);
+  const markers = [...p.querySelectorAll('.scatterlayer path.point')]
+    .map((m, i) => ['marker ' + i, box(m)]);
+  const area = box(p.querySelector('.nsewdrag'));
+  const hit = (a, b) => Math.min(a.r, b.r) > Math.max(a.l, b.l) + 0.5
+                        && Math.min(a.b, b.b) > Math.max(a.t, b.t) + 0.5;
+  const legend = p.querySelector('.legend');
+  const all = labels.concat(markers, legend ? [['legend', box(legend)]] : []), clashes = [];
+  for (let i = 0; i < labels.length; i++)
+    for (let j = i + 1; j < all.length; j++)
+      if (hit(all[i][1], all[j][1])) clashes.push([all[i][0], all[j][0]]);
+  const outside = labels.filter(([, b]) => b.l < area.l || b.r > area.r || b.t < area.t
+                                            || b.b > area.b).map(([t]) => t);
+  return {labels: labels.length, clashes, outside};
+}"""
+
+
+def label_collisions(plot) -> dict:
+    """The point labels of ``plot`` (a `plot_in` locator): how many, which pairs of labels, or
+    of a label and a marker or the legend, overlap, which labels leave the plot area."""
+    return plot.evaluate(_LABEL_BOXES)
+
+
+def scrolled_rows(locator, scroller: str) -> list[list[str]]:
+    """The rows (cells' text) of the table in ``locator`` as a reader scrolling its
+    ``scroller`` element from top to bottom sees them, each once: a long table (Gradio's
+    Dataframe) draws only the rows in view."""
+    return locator.evaluate("""async (e, sel) => {
+      const box = e.querySelector(sel), seen = new Map();
+      for (let top = 0; ; top += box.clientHeight / 2) {
+        box.scrollTop = top;
+        await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+        for (const row of box.querySelectorAll('[role=row][data-index]')) {
+          const cells = [...row.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim());
+          if (cells.length && cells[0]) seen.set(cells.join('\\t'), cells);
+        }
+        if (box.scrollTop + box.clientHeight >= box.scrollHeight - 1 || top > box.scrollHeight)
+          break;
+      }
+      box.scrollTop = 0;
+      return [...seen.values()];
+    }""", scroller)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import plot_in, screenshot
+from tests.browser.helpers import label_collisions, plot_in, screenshot
 
 
 def _open(page, url):
@@ -96,10 +96,14 @@ def test_presenting_lays_the_lab_tabs_figures_out_for_the_projector(fresh):
         plot_in(page, elem_id)
         page.wait_for_function(f"id => ({font})(id) === {PRESENTER_FONT}", arg=elem_id)
     screenshot(page, "lab-presenter")
+    # the paper's scatter keeps its five labels apart at the projector's fonts (they collided)
+    paper = plot_in(page, "lab-paper-scaling-plot")
+    assert label_collisions(paper) == {"labels": 5, "clashes": [], "outside": []}
     # and drawn at the page's own sizes again when the switch is turned off
     page.locator("#presenter input").uncheck()
     for elem_id in ids:
         page.wait_for_function(f"id => ({font})(id) < {PRESENTER_FONT}", arg=elem_id)
+    assert label_collisions(paper) == {"labels": 5, "clashes": [], "outside": []}
 
 
 def test_figures_download_with_names_that_say_what_they_show(fresh):
