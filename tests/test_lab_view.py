@@ -231,3 +231,17 @@ def test_the_runs_count_says_runs_and_attempts_and_so_far_only_while_training():
                        depth=r.depth, variant=r.variant, budget=r.budget, attempt=0)
                   for r in grid.grid_runs()]
     assert lab_view.runs_count(everything, []) == f"{len(everything)} finished runs"
+
+
+def test_a_wrapped_title_leaves_room_for_the_size_sweeps_panel_title():
+    # on a projector the title wraps to two lines; the panel's "20,000 images" sits just
+    # above the plot, so the top margin grows past the default (70 px): it ran into it
+    from explorer.plots.lecture import PRESENTER_FONT, for_projector
+    rows = [_sweep_row(32, 0.5, 0.80, 1e6), _sweep_row(64, 1.0, 0.88, 4e6)]
+    fig = for_projector(plots.scaling_figure(rows), presenter=True, fill=True)
+    assert fig.layout.title.text.count("<br>") == 1
+    title_lines = 2 * 1.3 * (PRESENTER_FONT + 2)
+    panel_title = 1.3 * PRESENTER_FONT
+    assert fig.layout.margin.t >= title_lines + panel_title + 40  # + plotly's title padding
+    plain = for_projector(plots.scaling_figure(rows), presenter=False)
+    assert plain.layout.margin.t == 70

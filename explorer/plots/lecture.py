@@ -105,6 +105,10 @@ def for_projector(fig: go.Figure, presenter: bool, fill: bool = False) -> go.Fig
             if cut is not None:
                 # the space stays at the line's end, so the drawn text still reads as words
                 fig.update_layout(title_text=f"{head[:cut + 1]}<br>{head[cut + 1:]}{sep}{rest}")
+                if any(a.yref == "paper" and (a.y or 0) >= 1 for a in fig.layout.annotations):
+                    # subplot titles sit just above the plot: give the second line its room
+                    # (the size sweep's "20,000 images" ran into it)
+                    fig.update_layout(margin={"t": max(fig.layout.margin.t or 0, 150)})
         legend = fig.layout.legend
         if legend.orientation == "h" and legend.y is not None and legend.y < 0:
             # a legend under the plot, placed relative to the plot area, runs into the axis
