@@ -4,6 +4,7 @@ hand-derived cases, relative-bias attention through the capture, the shipped gri
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -623,3 +624,19 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     assert paths == [tmp_path / "checkpoints" / f"{run.name}.pt"]
     torch.save({"step": 7}, paths[0])
     assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]
+
+
+def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_grid():
+    cnn, vit = LabRun("cnn", 500), LabRun("vit", 500)
+    # the CNN's grid runs: 300 s for 1,000 steps at 10 FLOPs, 0.03 s per step and FLOP; its
+    # sweep ran at 0.06, so the grid is 0.5× the sweep; the ViT, swept at 0.1, gets 0.05
+    rows = [dict(arch="cnn", seconds=300.0, steps=1000, flops=10)]
+    sweep_rows = [dict(arch="cnn", seconds=600.0, steps=1000, flops=10),
+                  dict(arch="vit", seconds=100.0, steps=100, flops=10)]
+    progress = {"todo": [vit.name],  # 3,000 steps (the rule's floor on 500 images)
+                "training": [(replace(cnn, attempt=1).name, 1000, 6000)]}  # 5,000 left
+    left = grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10)
+    assert left == pytest.approx(5000 * 10 * 0.03 + 3000 * 10 * 0.05)
+    # an architecture nothing has timed yet: no estimate rather than a wrong one
+    progress["todo"].append(LabRun("coatnet", 500).name)
+    assert grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10) is None

@@ -208,6 +208,57 @@ def status(budget: Budget | None = None) -> dict[str, list]:
     return {"done": sorted(done), "training": training, "todo": todo}
 
 
+def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: list[dict] = (),
+                      budget: Budget | None = None, flops=None) -> float | None:
+    """One core's seconds of training left in ``progress`` (`status`) at the speeds of the
+    finished ``rows`` (grid rows and attempts): each architecture's median seconds per step
+    and forward FLOP, times each unfinished run's steps left and its FLOPs. An architecture
+    with no finished grid run is timed by its sweep runs (``sweep_rows``), scaled by the
+    median grid/sweep ratio of those with both (the sweep's short runs ran slower per step).
+    First attempts only: a run that does not converge trains again with twice the steps.
+    None when an architecture left has no run at all to time it by.
+
+    Args:
+        flops: the forward FLOPs of a run (`engine.forward_flops` of its model by default).
+    """
+    from statistics import median
+
+    budget = budget or Budget()
+    flops = flops or _run_flops
+
+    def rates(rs) -> dict[str, float]:
+        per: dict[str, list[float]] = {}
+        for r in rs:
+            per.setdefault(r["arch"], []).append(r["seconds"] / (r["steps"] * r["flops"]))
+        return {a: median(v) for a, v in per.items()}
+
+    rate, swept = rates(rows), rates(sweep_rows)
+    both = [rate[a] / swept[a] for a in rate if a in swept]
+    for a in swept.keys() - rate.keys():
+        if both:
+            rate[a] = swept[a] * median(both)
+    runs = {replace(r, attempt=a).name: replace(r, attempt=a) for r in grid_runs()
+            for a in range(budget.max_attempts)}  # `status` names a run with its attempt
+    left = [(runs[name], 0) for name in progress["todo"]]
+    left += [(runs[name], step) for name, step, _ in progress["training"]]
+    if any(run.arch not in rate for run, _ in left):
+        return None
+    return sum((budget.steps(run.train_images, run.scale) - step) * flops(run) * rate[run.arch]
+               for run, step in left)
+
+
+_FLOPS: dict[str, int] = {}
+
+
+def _run_flops(run: LabRun) -> int:
+    from explorer.lab.engine import forward_flops
+    from explorer.lab.models import build
+
+    if run.spec.name not in _FLOPS:
+        _FLOPS[run.spec.name] = forward_flops(build(run.spec, seed=0))
+    return _FLOPS[run.spec.name]
+
+
 def _keep_model(run: LabRun) -> bool:
     default = LabRun(run.arch, run.train_images)
     return ((run.arch, run.train_images) in KEEP_MODELS and run.seed == 0
@@ -369,6 +420,12 @@ def main(argv=None) -> int:
         print(f"{len(s['done'])} done, {len(s['training'])} training, {len(s['todo'])} to do")
         for key, step, steps in s["training"]:
             print(f"  training {key}: step {step}/{steps}")
+        left = remaining_seconds(s, read_grid(GRID_CSV) + read_grid(ATTEMPTS_CSV),
+                                 read_grid(SWEEP_CSV))
+        if left is not None and (s["training"] or s["todo"]):
+            print(f"about {left / 3600:.1f} core-hours left at the speeds measured so far "
+                  "(workers × hours = core-hours; more where a run does not converge and "
+                  "trains again with twice the steps)")
         return 0
     if args.phase:
         return work(args.phase, args.limit)
