@@ -640,3 +640,38 @@ def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_gri
     # an architecture nothing has timed yet: no estimate rather than a wrong one
     progress["todo"].append(LabRun("coatnet", 500).name)
     assert grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10) is None
+
+
+@needs_fmnist
+def test_the_channels_last_layout_changes_the_speed_not_the_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from explorer.lab import engine
+    run, budget = LabRun("cnn", 50, 0), Budget(min_steps=6, epochs=0.5, batch=8, evals=2,
+                                               test_images=100)
+
+    def losses_and_result():
+        events = list(run_lab(run, budget, log_every=1))
+        return [e.loss for e in events[:-1]], events[-1].result
+
+    fast_losses, fast = losses_and_result()
+    monkeypatch.setattr(engine, "LAYOUT", torch.contiguous_format)
+    plain_losses, plain = losses_and_result()
+    # the same run up to float rounding (oneDNN sums in another order in the other layout):
+    # the first step's loss, before any update, to 1e-6; later ones drift a little, since
+    # AdamW's normalised step turns a rounding difference in a near-zero gradient into a
+    # step of up to the learning rate (1e-3 here); a layout mix-up, channels read as
+    # pixels, would differ by the loss and the weights' own size
+    assert fast_losses[0] == pytest.approx(plain_losses[0], rel=1e-6)
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-2)
+    for p, q in zip(fast.model.state_dict().values(), plain.model.state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-2)
+    # the model handed back is in the ordinary layout: safetensors stores it as it is
+    convs = [p for p in fast.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous() for p in convs)
+    state = fast.model.state_dict()
+    save_file(state, tmp_path / "cnn.safetensors")
+    loaded = load_file(tmp_path / "cnn.safetensors")
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

@@ -25,7 +25,9 @@ import time
 from explorer.bench.machine import describe
 
 
-def _lab(arch: str, batch: int, steps: int, compiled: bool) -> tuple[float, float]:
+def _lab(arch: str, batch: int, steps: int, compiled: bool,
+         channels_last: bool = False) -> tuple[float, float]:
+    import torch
     import torch.nn.functional as F
 
     from explorer.lab.engine import Budget, Hyper, LabRun, run_data, train_batch
@@ -34,14 +36,16 @@ def _lab(arch: str, batch: int, steps: int, compiled: bool) -> tuple[float, floa
 
     run, budget, hyper = LabRun(arch, 60000, 0), Budget(batch=batch), Hyper()
     fit_x, fit_y, _, _ = run_data(run, budget)
-    model = build(run.spec, seed=0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build(run.spec, seed=0).to(memory_format=layout)
     loop = TrainLoop(model, Recipe(lr=1e-3, total_steps=10**6, warmup_steps=100),
                      compile=compiled)
 
     def batches():
         step = 0
         while True:
-            yield train_batch(step, fit_x, fit_y, run, budget, hyper)
+            x, y = train_batch(step, fit_x, fit_y, run, budget, hyper)
+            yield x.contiguous(memory_format=layout), y
             step += 1
 
     def loss_fn(m, b):
@@ -87,28 +91,38 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="add the lab's step (and compiled step) in channels-last layout")
     args = parser.parse_args(argv)
 
     import torch
     torch.set_num_threads(1)
     print(f"machine: {describe()}; 1 torch thread; {args.steps} timed steps per variant, "
           f"median of {args.rounds} interleaved rounds")
-    print("| arch | batch | plain img/s | lab img/s | lab / plain |"
-          + (" compiled img/s | compiled / lab | compile s |" if args.compile else ""))
-    print("|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""))
+    cols = ["plain", "lab"] + (["compiled"] if args.compile else [])
+    if args.channels_last:
+        cols += ["lab CL"] + (["compiled CL"] if args.compile else [])
+    print("| arch | batch | " + " | ".join(f"{c} img/s" for c in cols)
+          + " | best / lab | best | compile s |")
+    print("|---|---|" + "---|" * (len(cols) + 3))
+    variants = {"plain": lambda a, b: _plain(a, b, args.steps),
+                "lab": lambda a, b: _lab(a, b, args.steps, False)[0],
+                "compiled": lambda a, b: _lab(a, b, args.steps, True),
+                "lab CL": lambda a, b: _lab(a, b, args.steps, False, True)[0],
+                "compiled CL": lambda a, b: _lab(a, b, args.steps, True, True)}
     for arch in args.archs.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            plain, lab, comp, comp_s = [], [], [], []
-            for _ in range(args.rounds):
-                plain.append(_plain(arch, batch, args.steps))
-                lab.append(_lab(arch, batch, args.steps, False)[0])
-                if args.compile:
-                    speed, warm = _lab(arch, batch, args.steps, True)
-                    comp.append(speed)
-                    comp_s.append(warm)
-            p, m = statistics.median(plain), statistics.median(lab)
-            line = f"| {arch} | {batch} | {p:.0f} | {m:.0f} | {m / p:.2f} |"
-            if args.compile:
-                c = statistics.median(comp)
-                line += f" {c:.0f} | {c / m:.2f} | {statistics.median(comp_s):.0f} |"
-            print(line, flush=True)
+            speeds: dict[str, list[float]] = {c: [] for c in cols}
+            warm: list[float] = []
+            for _ in range(args.rounds):  # interleaved: a load change hits every variant
+                for c in cols:
+                    out = variants[c](arch, batch)
+                    if isinstance(out, tuple):  # a compiled variant: its warm-up seconds too
+                        out, w = out
+                        warm.append(w)
+                    speeds[c].append(out)
+            med = {c: statistics.median(v) for c, v in speeds.items()}
+            best = max((c for c in cols if c != "plain"), key=med.get)
+            print(f"| {arch} | {batch} | " + " | ".join(f"{med[c]:.0f}" for c in cols)
+                  + f" | {med[best] / med['lab']:.2f} | {best} | "
+                  + (f"{statistics.median(warm):.0f}" if warm else "–") + " |", flush=True)

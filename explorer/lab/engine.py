@@ -196,6 +196,13 @@ def scramble() -> Scramble:
     return make_scramble(IMAGE_SIZE, PATCH, seed=0)
 
 
+# The memory layout the lab trains in: channels-last lets oneDNN's convolutions skip their
+# reorders (per eager step on this CPU: the CNN 1.31×, CoAtNet 1.24× faster; the ViTs, whose
+# one convolution is the patch embedding, within noise: BENCHMARKS.md). Saved models go
+# back to the ordinary layout (safetensors stores contiguous tensors only).
+LAYOUT = torch.channels_last
+
+
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """(B, 28, 28) uint8 → (B, 3, 28, 28) float, the lab models' input."""
     x = images.float().div_(255.0).unsqueeze(1)
@@ -271,7 +278,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     model.eval()
     correct = 0
     for i in range(0, len(images), batch):
-        logits = model(model_input(images[i:i + batch], variant).to(device))
+        logits = model(model_input(images[i:i + batch], variant).to(device,
+                                                                   memory_format=LAYOUT))
         correct += int((logits.argmax(-1).cpu() == labels[i:i + batch]).sum())
     model.train(was_training)
     return correct / max(1, len(images))
@@ -311,14 +319,14 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     the result. With ``checkpoint`` the run saves itself there every
     ``budget.checkpoint_every_s`` training seconds (and when cancelled) and continues from
     it when it exists; the file is removed when the run finishes. ``compile`` trains through
-    ``torch.compile`` (the grid's workers: 1.06–1.29× on this CPU, BENCHMARKS.md).
+    ``torch.compile`` (the grid's workers for the ViTs, `grid.COMPILED_ARCHS`).
 
     Raises:
         ValueError: more training images than Fashion-MNIST has, or too few.
     """
     fit_x, fit_y, val_x, val_y = run_data(run, budget)
     total = budget.steps(run.train_images, run.scale)
-    model = build(run.spec, seed=run.seed)
+    model = build(run.spec, seed=run.seed).to(memory_format=LAYOUT)
     params, flops = param_count(model), forward_flops(model)
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
                     warmup_steps=warmup_steps(total, budget.warmup_frac))
@@ -344,7 +352,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         step = loop.step
         while True:
             x, y = train_batch(step, fit_x, fit_y, run, budget, hyper)
-            yield x.to(device), y.to(device)
+            yield x.to(device, memory_format=LAYOUT), y.to(device)
             step += 1
 
     def loss_fn(m, batch):
@@ -364,6 +372,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         return
     model = loop.unwrapped.eval()
     test_acc = accuracy(model, *test_subset(budget.test_images), run.variant)
+    model = model.to(memory_format=torch.contiguous_format)
     result = LabResult(
         arch=run.arch, width=run.width, depth=run.depth, params=params, flops=flops,
         variant=run.variant, train_images=run.train_images, fit_images=len(fit_y),
