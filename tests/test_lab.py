@@ -314,8 +314,9 @@ def test_the_grid_in_words_is_computed_from_its_rows():
     rows += [_row("cnn", 500, 0.70, variant="scrambled"), _row("vit", 500, 0.703,
                                                                  variant="scrambled")]
     assert analysis.scramble_sentence(rows) == (
-        "On scrambled images (mean over 500 images) the ViT (absolute positions) is unchanged "
-        "(-0.3 points); the CNN loses 15.0 points.")
+        "On scrambled images, test accuracy against the original images (mean over the sizes "
+        "trained both ways: 500 images): the ViT (absolute positions) is unchanged (+0.3 "
+        "points); the CNN loses 15.0 points.")
     assert analysis.scramble_sentence(rows[:-2]) == ""
 
 

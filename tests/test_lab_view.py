@@ -51,7 +51,7 @@ def test_the_summary_agrees_with_the_plotted_points():
 
 def test_scrambled_text_and_figure_show_the_same_runs():
     text = lab_view.scrambled_text(ROWS)
-    assert "the ViT (absolute positions) is unchanged (-0.5 points); the CNN loses 12.0" in text
+    assert "the ViT (absolute positions) is unchanged (+0.5 points); the CNN loses 12.0" in text
     fig = plots.scrambled_figure(ROWS)
     solid = {t.name: list(t.y) for t in fig.data if t.name and t.mode == "lines+markers"}
     assert solid == {"CNN": pytest.approx([30.0]), "ViT (absolute positions)": pytest.approx([29.5])}

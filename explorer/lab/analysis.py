@@ -163,14 +163,15 @@ def scramble_sentence(rows: list[dict]) -> str:
         return ""
     parts = []
     for arch, (d, _) in sorted(changes.items(), key=lambda kv: kv[1][0]):
-        if abs(d) < SAME:
-            parts.append(f"the {ARCH_LABELS[arch]} is unchanged ({100 * d:+.1f} points)")
+        if abs(d) < SAME:  # the change in accuracy, as "loses" and "gains" read
+            parts.append(f"the {ARCH_LABELS[arch]} is unchanged ({-100 * d:+.1f} points)")
         else:
             parts.append(f"the {ARCH_LABELS[arch]} {'loses' if d > 0 else 'gains'} "
                          f"{100 * abs(d):.1f} points")
     sizes = sorted({n for _, ns in changes.values() for n in ns})
-    return (f"On scrambled images (mean over {', '.join(f'{n:,}' for n in sizes)} images) "
-            + "; ".join(parts) + ".")
+    both = ", ".join(f"{n:,}" for n in sizes)
+    return (f"On scrambled images, test accuracy against the original images (mean over the "
+            f"sizes trained both ways: {both} images): " + "; ".join(parts) + ".")
 
 
 # The convergence rule (issue 20): in the last 20% of training the validation accuracy
