@@ -163,7 +163,8 @@ def compute_figure(curves: list[ComputeCurve],
                       # in plotly's default "grouped" order a horizontal legend gives each
                       # group a line: six lines squeezed the plot to a strip on a projector
                       legend={"orientation": "h", "y": -0.25, "traceorder": "normal",
-                              "title": {"text": "ViT width (parameters)", "side": "top"}})
+                              "title": {"text": "ViT width (parameters); grey: the CNN",
+                                        "side": "top"}})
     return fig
 
 
