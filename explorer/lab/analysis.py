@@ -170,8 +170,16 @@ def scramble_sentence(rows: list[dict]) -> str:
                          f"{100 * abs(d):.1f} points")
     sizes = sorted({n for _, ns in changes.values() for n in ns})
     both = ", ".join(f"{n:,}" for n in sizes)
-    return (f"On scrambled images, test accuracy against the original images (mean over the "
-            f"sizes trained both ways: {both} images): " + "; ".join(parts) + ".")
+    sentence = (f"On scrambled images, test accuracy against the original images (mean over "
+                f"the sizes trained both ways: {both} images): " + "; ".join(parts) + ".")
+    if "vit" in changes:
+        # its scrambled run is its original run from another, equally likely initialisation
+        # (the permuted patch projection and position embeddings; the same batches), so its
+        # change measures what chance alone does to a run
+        sentence += (f" The {ARCH_LABELS['vit']} cannot tell the two apart, so its "
+                     f"{100 * abs(changes['vit'][0]):.1f}-point change is what another "
+                     "initialisation gives: a change that small is chance, not bias.")
+    return sentence
 
 
 # The convergence rule (issue 20): in the last 20% of training the validation accuracy
