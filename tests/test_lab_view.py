@@ -113,8 +113,8 @@ def test_lecture_lab_steps_carry_the_grids_findings():
     # and ViT at 500 and 60,000 images, and both scrambled at 500; seed 0)
     for figure in ("lab-data", "lab-compute", "lab-bias"):
         assert lab_view.lecture_note(figure, ROWS).startswith(
-            "\n\n**Trained here:** *(still training: 6 of 83 runs finished, the figure shows "
-            "those)*")
+            "\n\n**Trained here:** *(still training: 6 of the grid's 83 runs have finished; "
+            "what is shown here comes from those alone)*")
 
 
 def test_lecture_lab_steps_say_what_is_still_training_instead_of_failing(monkeypatch):

@@ -193,7 +193,9 @@ def still_training(rows: list[dict]) -> str:
     finished = len({grid.row_key(r) for r in rows} & set(names))
     if finished == len(names):
         return ""
-    return f"*(still training: {finished} of {len(names)} runs finished, the figure shows those)*"
+    # not "the figure shows those": a figure may show none of them yet (the size sweep's)
+    return (f"*(still training: {finished} of the grid's {len(names)} runs have finished; "
+            "what is shown here comes from those alone)*")
 
 
 def lecture_note(figure: str, rows: list[dict]) -> str:
