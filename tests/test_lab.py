@@ -417,6 +417,10 @@ def test_grid_plan_covers_the_issue():
     # the lecture's comparison first, smallest size first
     assert [(r.arch, r.train_images) for r in runs[:2 * len(grid.DATA_SIZES)]] == [
         (a, n) for n in grid.DATA_SIZES for a in ("cnn", "vit")]
+    # every Lecture figure's seed-0 runs (steps 7, 8, 9) before any second seed
+    first_seed1 = next(i for i, r in enumerate(runs) if r.seed == 1)
+    lecture = [i for i, r in enumerate(runs) if r.seed == 0 and r.variant == "original"]
+    assert max(lecture) < first_seed1
 
 
 @shipped

@@ -10,7 +10,8 @@ Three phases, in order: the hyperparameter sweep's two stages (`explorer.lab.swe
 every architecture at every data size with two seeds, the scrambled variant at three sizes
 with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
 that a partial grid is already a picture (the CNN and the ViT at every size, smallest first,
-original and scrambled, then the other architectures; seed 0 before seed 1).
+original and scrambled, then the other architectures, the size sweep, the other
+architectures scrambled; seed 0 before seed 1).
 ``--workers N`` starts N processes, one torch thread each (two use both cores of the 2-vCPU
 machine); each takes the next run nobody has claimed, trains it with a checkpoint in
 `assets/lab/checkpoints/` every two minutes of training, appends its row when done and
@@ -59,12 +60,15 @@ def grid_runs() -> list[LabRun]:
     runs = [LabRun(a, n, 0) for n in DATA_SIZES for a in ("cnn", "vit")]
     runs += [LabRun(a, n, 0, variant="scrambled") for n in SCRAMBLED_SIZES for a in ("cnn", "vit")]
     runs += [LabRun(a, n, 0) for n in DATA_SIZES for a in LAB_ARCHS]
+    # then the size sweep (under 2 core-hours), so that each Lecture step's figure (7: the
+    # architectures, 8: the sweep, 9: the relative model) has its first seed before the
+    # rest of the scrambled runs and the second seed add to the tab's
+    runs += [LabRun("vit", SWEEP_SIZE, 0, width=w, budget=b) for b in SWEEP_BUDGETS
+             for w in SWEEP_WIDTHS]
     runs += [LabRun(a, n, 0, variant="scrambled") for n in SCRAMBLED_SIZES for a in LAB_ARCHS]
     runs += [LabRun(a, n, s) for s in SEEDS[1:] for n in DATA_SIZES for a in LAB_ARCHS]
     runs += [LabRun(a, n, s, variant="scrambled") for s in SEEDS[1:] for n in SCRAMBLED_SIZES
              for a in LAB_ARCHS]
-    runs += [LabRun("vit", SWEEP_SIZE, 0, width=w, budget=b) for b in SWEEP_BUDGETS
-             for w in SWEEP_WIDTHS]
     unique, seen = [], set()
     for r in runs:
         if r.name not in seen:
