@@ -682,3 +682,24 @@ def test_the_channels_last_layout_changes_the_speed_not_the_run(tmp_path, monkey
     loaded = load_file(tmp_path / "cnn.safetensors")
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_the_scramble_means_compare_over_the_same_sizes():
+    rows = [_row("cnn", n, a) for n, a in ((500, 0.82), (3000, 0.88))]
+    rows += [_row("vit", n, a) for n, a in ((500, 0.65), (3000, 0.80))]
+    # the CNN scrambled at both sizes (-2 and -4 points), the ViT at 500 only (+2): the
+    # means are over 500 alone, where both were trained both ways
+    rows += [_row("cnn", 500, 0.80, variant="scrambled"),
+             _row("cnn", 3000, 0.84, variant="scrambled"),
+             _row("vit", 500, 0.67, variant="scrambled")]
+    sentence = analysis.scramble_sentence(rows)
+    assert sentence.startswith(
+        "On scrambled images, test accuracy against the original images (mean over the sizes "
+        "trained both ways: 500 images): the ViT (absolute positions) gains 2.0 points; the "
+        "CNN loses 2.0 points.")
+    # no size in common yet: each over its own sizes, and it says which
+    apart = [_row("cnn", 3000, 0.88), _row("cnn", 3000, 0.84, variant="scrambled"),
+             _row("vit", 500, 0.65), _row("vit", 500, 0.67, variant="scrambled")]
+    assert "(mean over each one's sizes trained both ways): the ViT (absolute positions) " \
+           "gains 2.0 points (500 images); the CNN loses 4.0 points (3,000 images)." in \
+           analysis.scramble_sentence(apart)

@@ -245,3 +245,19 @@ def test_a_wrapped_title_leaves_room_for_the_size_sweeps_panel_title():
     assert fig.layout.margin.t >= title_lines + panel_title + 40  # + plotly's title padding
     plain = for_projector(plots.scaling_figure(rows), presenter=False)
     assert plain.layout.margin.t == 70
+
+
+def test_what_training_again_bought_is_each_attempts_test_accuracy():
+    # the CNN on 60,000 images tested 94.20% at 13,594 steps, was trained again (validation
+    # still rising) and kept at 27,188 steps with 94.17%: -0.03 points
+    first = dict(_row("cnn", 60000, 0.9420, steps=13594), attempt=0)
+    kept = dict(_row("cnn", 60000, 0.9417, steps=27188), attempt=1)
+    rows = [kept, _row("vit", 500, 0.70)]
+    assert lab_view.longer_text(rows, [first]) == (
+        "**Trained again by the rule** (test accuracy of each attempt; the last is kept): CNN "
+        "on 60,000 images: 13,594 steps 94.20% → 27,188 steps 94.17%. The kept attempt against "
+        "the first: -0.03 points (the check stops a run on a flat validation curve; a longer "
+        "run need not test better).")
+    # a run still training again is not here (the progress line says it), nor is one never
+    # retrained
+    assert lab_view.longer_text([_row("vit", 500, 0.70)], [first]) == ""

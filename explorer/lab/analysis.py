@@ -150,34 +150,38 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
 
 def scramble_sentence(rows: list[dict]) -> str:
     """Where the scrambled runs land: each architecture's mean change in test error from
-    original to scrambled images, over the data sizes both variants were trained on."""
+    original to scrambled images, over the data sizes every architecture shown was trained
+    on both ways (so that the means compare; while the grid fills in, an architecture with
+    no such size is shown over its own, and says which)."""
     original, scrambled = error_vs_data(rows), error_vs_data(rows, "scrambled")
-    changes = {}
+    diffs: dict[str, dict[int, float]] = {}
     for arch, points in scrambled.items():
         base = {p.train_images: p.mean for p in original.get(arch, [])}
-        diffs = [p.mean - base[p.train_images] for p in points if p.train_images in base]
-        if diffs:
-            changes[arch] = (float(np.mean(diffs)), sorted(p.train_images for p in points
-                                                           if p.train_images in base))
-    if not changes:
+        if both := {p.train_images: p.mean - base[p.train_images] for p in points
+                    if p.train_images in base}:
+            diffs[arch] = both
+    if not diffs:
         return ""
+    common = set.intersection(*(set(d) for d in diffs.values()))
+    changes = {arch: float(np.mean([d[n] for n in (common or d)])) for arch, d in diffs.items()}
     parts = []
-    for arch, (d, _) in sorted(changes.items(), key=lambda kv: kv[1][0]):
+    for arch, d in sorted(changes.items(), key=lambda kv: kv[1]):
+        own = "" if common else f" ({', '.join(f'{n:,}' for n in sorted(diffs[arch]))} images)"
         if abs(d) < SAME:  # the change in accuracy, as "loses" and "gains" read
-            parts.append(f"the {ARCH_LABELS[arch]} is unchanged ({-100 * d:+.1f} points)")
+            parts.append(f"the {ARCH_LABELS[arch]} is unchanged ({-100 * d:+.1f} points){own}")
         else:
             parts.append(f"the {ARCH_LABELS[arch]} {'loses' if d > 0 else 'gains'} "
-                         f"{100 * abs(d):.1f} points")
-    sizes = sorted({n for _, ns in changes.values() for n in ns})
-    both = ", ".join(f"{n:,}" for n in sizes)
-    sentence = (f"On scrambled images, test accuracy against the original images (mean over "
-                f"the sizes trained both ways: {both} images): " + "; ".join(parts) + ".")
+                         f"{100 * abs(d):.1f} points{own}")
+    over = (f"mean over the sizes trained both ways: {', '.join(f'{n:,}' for n in sorted(common))}"
+            " images" if common else "mean over each one's sizes trained both ways")
+    sentence = (f"On scrambled images, test accuracy against the original images ({over}): "
+                + "; ".join(parts) + ".")
     if "vit" in changes:
         # its scrambled run is its original run from another, equally likely initialisation
         # (the permuted patch projection and position embeddings; the same batches), so its
         # change measures what chance alone does to a run
         sentence += (f" The {ARCH_LABELS['vit']} cannot tell the two apart, so its "
-                     f"{100 * abs(changes['vit'][0]):.1f}-point change is what another "
+                     f"{100 * abs(changes['vit']):.1f}-point change is what another "
                      "initialisation gives: a change that small is chance, not bias.")
     return sentence
 

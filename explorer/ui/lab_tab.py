@@ -148,10 +148,10 @@ def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
 
 def build_lab_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
-    rows = lab_view.grid_rows()
+    rows, attempts = lab_view.grid_rows(), lab_view.attempt_rows()  # read once, at build
     figures = grid_figures(rows=rows)
     gr.Markdown(lab_view.intro_text())
-    gr.Markdown(lab_view.progress_text(), elem_id="lab-progress")
+    gr.Markdown(lab_view.progress_text(attempts=attempts), elem_id="lab-progress")
     with gr.Row():
         data_plot = gr.Plot(figures["data_plot"], label="Trained here", elem_id="lab-data-plot")
         scrambled_plot = gr.Plot(figures["scrambled_plot"], elem_id="lab-scrambled-plot",
@@ -161,7 +161,9 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
     with gr.Row():
         paper_plot = gr.Plot(figures["paper_plot"], elem_id="lab-paper-plot",
                              label="The paper's numbers (not measured here)")
-        gr.Markdown(lab_view.convergence_text(rows), elem_id="lab-convergence")
+        gr.Markdown("\n\n".join(t for t in (lab_view.convergence_text(rows),
+                                             lab_view.longer_text(rows, attempts)) if t),
+                    elem_id="lab-convergence")
     with gr.Row():
         compute_plot = gr.Plot(figures["compute_plot"], label="Scaling, trained here",
                                elem_id="lab-compute-plot")
@@ -175,7 +177,7 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
                           paper_scaling_plot=paper_scaling_plot)
         ctx.presenter.change(**fig_out.event(grid_figures), inputs=ctx.presenter,
                              api_name="lab_figures", concurrency_limit=None)
-    build_runs_view(rows, lab_view.attempt_rows())
+    build_runs_view(rows, attempts)
 
     gr.Markdown("### Relative attention, made visible\nThe relative model's attention logits "
                 "get a learned bias w(i−j) per head that depends only on where a key sits "

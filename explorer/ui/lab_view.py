@@ -114,6 +114,33 @@ def convergence_text(rows: list[dict]) -> str:
     return text + "; not: " + "; ".join(names) + more + "."
 
 
+def longer_text(rows: list[dict], attempts: list[dict]) -> str:
+    """What training again bought the finished runs the rule retrained: each attempt's steps
+    and test accuracy, then the change from the first attempt to the kept one ("" when no
+    finished run was retrained)."""
+    earlier: dict[str, list[dict]] = {}
+    for a in attempts:
+        earlier.setdefault(grid.work_key(grid.row_run(a)), []).append(a)
+    lines, changes = [], []
+    for r in rows:
+        tried = sorted(earlier.get(grid.work_key(grid.row_run(r)), []),
+                       key=lambda a: a["attempt"])
+        if not tried:
+            continue
+        steps = " → ".join(f"{a['steps']:,} steps {100 * a['test_acc']:.2f}%"
+                           for a in tried + [r])
+        lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images"
+                     f"{', scrambled' if r['variant'] == 'scrambled' else ''}: {steps}")
+        changes.append(100 * (r["test_acc"] - tried[0]["test_acc"]))
+    if not lines:
+        return ""
+    # (not "until the check passed": a run still gaining at 4× its steps is kept as it is)
+    return ("**Trained again by the rule** (test accuracy of each attempt; the last is kept): "
+            + "; ".join(lines) + ". The kept attempt against the first: "
+            + ", ".join(f"{c:+.2f}" for c in changes) + " points (the check stops a run "
+            "on a flat validation curve; a longer run need not test better).")
+
+
 def retrain_text(attempts: list[dict], done: list[str]) -> str:
     """The runs training again because an attempt had not converged (its numbers and why);
     "" for none. ``done``: the grid's finished run keys (their last attempt is in the grid)."""

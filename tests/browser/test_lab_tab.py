@@ -30,6 +30,11 @@ def test_the_lab_says_how_far_the_grid_is_and_shows_the_scrambled_experiment(pag
     scrambled = plot_in(page, "lab-scrambled-plot")
     assert "Scrambled Fashion-MNIST" in scrambled.locator(".gtitle").text_content()
     assert "Inductive bias is an assumption" in page.locator("#lab-scrambled").inner_text()
+    # what training again bought, beside the convergence check, as the rows say
+    longer = lab_view.longer_text(lab_view.grid_rows(), lab_view.attempt_rows())
+    checks = page.locator("#lab-convergence").inner_text()
+    assert "Convergence check" in checks
+    assert ("Trained again by the rule" in checks) == bool(longer)
     screenshot(page, "lab")  # the tab as shipped now (the next test retakes it with models)
 
 
