@@ -703,3 +703,37 @@ def test_the_scramble_means_compare_over_the_same_sizes():
     assert "(mean over each one's sizes trained both ways): the ViT (absolute positions) " \
            "gains 2.0 points (500 images); the CNN loses 4.0 points (3,000 images)." in \
            analysis.scramble_sentence(apart)
+
+
+@needs_fmnist
+def test_a_stopped_worker_saves_its_run_and_takes_no_other(tmp_path, monkeypatch):
+    from explorer.lab import sweep
+    runs = [LabRun("cnn", 40, 0), LabRun("vit", 40, 0)]
+    monkeypatch.setattr(grid, "GRID_CSV", tmp_path / "grid.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(grid, "grid_runs", lambda: runs)
+    monkeypatch.setattr(sweep, "read_choice", lambda: {a: Hyper(lr=2e-3) for a in LAB_ARCHS})
+    monkeypatch.setattr(grid, "STOP", __import__("threading").Event())
+    tiny = Budget(min_steps=8, epochs=0, batch=8, evals=2, test_images=50, max_attempts=1,
+                  checkpoint_every_s=1e9)
+    from explorer.lab import engine
+    real = engine.run_lab
+
+    def stopped_at_step_4(*args, **kwargs):  # SIGTERM arrives at step 4 (its evaluation)
+        for event in real(*args, **kwargs):
+            if event.step == 4:
+                grid.STOP.set()
+            yield event
+
+    monkeypatch.setattr(engine, "run_lab", stopped_at_step_4)
+    assert grid.work("grid", budget=tiny) == 0
+    assert not (tmp_path / "grid.csv").exists()  # no row: the run did not finish
+    saved = torch.load(tmp_path / "checkpoints" / f"{runs[0].name}.pt", weights_only=False)
+    assert saved["step"] == 4  # saved before the next step, not at a two-minute mark
+    assert not list((tmp_path / "checkpoints").glob("*.claim"))  # released for the next start
+    # started again, it resumes that run from its checkpoint and then trains the next
+    grid.STOP.clear()
+    monkeypatch.setattr(engine, "run_lab", real)
+    assert grid.work("grid", budget=tiny) == 0
+    assert [grid.row_key(r) for r in grid.read_grid(tmp_path / "grid.csv")] == [
+        r.name for r in runs]

@@ -331,7 +331,9 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
                     warmup_steps=warmup_steps(total, budget.warmup_frac))
     curve: list[tuple[int, float, float]] = []
-    loop = TrainLoop(model, recipe, cancel=cancel, compile=compile,
+    # fp32 on every device (no bf16 autocast on a GPU): the grid's rows compare, whichever
+    # machine trained them, and these 0.2 M-parameter models gain nothing from half precision
+    loop = TrainLoop(model, recipe, mixed_precision="no", cancel=cancel, compile=compile,
                      checkpoint=Checkpointing(checkpoint, every_s=budget.checkpoint_every_s)
                      if checkpoint else None,
                      extra_state=lambda: {"curve": curve, "run": asdict(run),
@@ -389,13 +391,16 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
 
 
 def train(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
-          checkpoint: Path | None = None, on_event=None, compile: bool = False) -> LabResult:
-    """`run_lab` to the end; its result."""
+          checkpoint: Path | None = None, on_event=None, compile: bool = False,
+          cancel: threading.Event | None = None) -> LabResult | None:
+    """`run_lab` to the end; its result, or None when ``cancel`` stopped it (saved to
+    ``checkpoint`` when given)."""
     result = None
     start = time.perf_counter()
-    for event in run_lab(run, budget, hyper, checkpoint=checkpoint, compile=compile):
+    for event in run_lab(run, budget, hyper, cancel=cancel, checkpoint=checkpoint,
+                         compile=compile):
         if on_event is not None:
             on_event(event, time.perf_counter() - start)
         result = event.result or result
-    assert result is not None
+    assert result is not None or (cancel is not None and cancel.is_set())
     return result

@@ -24,8 +24,10 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -271,7 +273,13 @@ def _keep_model(run: LabRun) -> bool:
             and (run.width, run.depth) == (default.width, default.depth))
 
 
-def _train_one(run: LabRun, hyper: Hyper, budget: Budget, checkpoint: Path) -> LabResult:
+# Set by a worker process's SIGTERM or SIGINT (`main --phase`): its run saves its checkpoint
+# at the next step and the worker takes no other run. A stopped grid then loses no training (a kill loses up
+# to `Budget.checkpoint_every_s`).
+STOP = threading.Event()
+
+
+def _train_one(run: LabRun, hyper: Hyper, budget: Budget, checkpoint: Path) -> LabResult | None:
     from explorer.lab.engine import train
 
     def report(event, seconds):
@@ -279,12 +287,17 @@ def _train_one(run: LabRun, hyper: Hyper, budget: Budget, checkpoint: Path) -> L
             print(f"  {checkpoint.stem} step {event.step}/{event.total_steps} val "
                   f"{event.val_acc:.4f} train {event.train_acc:.4f} ({seconds:.0f}s)", flush=True)
 
-    # the fastest step measured for each architecture (BENCHMARKS.md, "The training step"):
-    # the ViTs compiled (1.05–1.12×), the CNN and CoAtNet eager in the channels-last layout
-    # (`engine.LAYOUT`), which beat their compiled step (CoAtNet by 1.18×). The loop core
-    # trains eagerly where compiling fails (no C++ compiler)
+    from explorer.models import default_device
+
+    # the fastest step measured for each architecture on the CPU (BENCHMARKS.md, "The
+    # training step"): the ViTs compiled (1.05–1.12×), the CNN and CoAtNet eager in the
+    # channels-last layout (`engine.LAYOUT`), which beat their compiled step (CoAtNet by
+    # 1.18×). The loop core trains eagerly where compiling fails (no C++ compiler). On a GPU
+    # every run trains eagerly: there a run of these tiny models is a minute or two, about
+    # what compiling it would take (not measured: no GPU was lent)
+    compiled = run.arch in COMPILED_ARCHS and default_device().type == "cpu"
     return train(run, budget, hyper, checkpoint=checkpoint, on_event=report,
-                 compile=run.arch in COMPILED_ARCHS)
+                 compile=compiled, cancel=STOP)
 
 
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
@@ -297,7 +310,7 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
     budget = budget or Budget()
     chosen = sweep.read_choice()
     trained, start = 0, time.time()
-    while limit is None or trained < limit:
+    while (limit is None or trained < limit) and not STOP.is_set():
         path, items = phase_work(phase)
         done = {row_key(r, with_hyper=phase != "grid") for r in read_grid(path)}
         item = next(((run, hyper) for run, hyper in items
@@ -318,6 +331,9 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
                 run = replace(run, attempt=next_attempts().get(key, 0))
             while True:
                 result = _train_one(run, hyper, budget, checkpoint_path(run, sweep_hyper))
+                if result is None:  # stopped (`STOP`): its checkpoint is saved
+                    print(f"  {key}: stopped, checkpoint saved", flush=True)
+                    return 0
                 if (phase != "grid" or not escalates(run)
                         or run.attempt + 1 >= budget.max_attempts
                         or convergence(result.row()).converged):
@@ -389,6 +405,7 @@ def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = No
     after its stages."""
     for claim in CHECKPOINTS_DIR.glob("*.claim"):  # left by workers that were killed
         claim.unlink()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
     for phase in phases:
         if phase == "grid" and not sweep.read_choice():
             choice = sweep.choose(read_grid(SWEEP_CSV))
@@ -403,7 +420,15 @@ def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = No
         cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase]
         cmd += ["--limit", str(limit)] if limit else []
         procs = [subprocess.Popen(cmd) for _ in range(workers)]
-        if max(p.wait() for p in procs):
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the workers save their runs, then stop
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait()
+            return 130
+        if max(codes):
             return 1
     return 0
 
@@ -436,6 +461,8 @@ def main(argv=None) -> int:
                   "trains again with twice the steps)")
         return 0
     if args.phase:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
+            signal.signal(sig, lambda *_: STOP.set())
         return work(args.phase, args.limit)
     return drive(args.workers, tuple(args.only or PHASES), args.limit)
 
