@@ -141,6 +141,23 @@ def test_the_summary_lists_the_attempts_that_trained_again():
     assert "Attempts that had not converged" not in summary_markdown([], None, [])
 
 
+def test_the_summary_gives_each_architectures_speed_and_the_grids_order():
+    from explorer.lab.summary import summary_markdown
+    # the CNN: 3,000 steps of 128 in 600 s and 300 s (two runs): 768,000 / 900 = 853/s; the
+    # ViT: 3,000 steps in 60 s (`_row`'s) and a retrained attempt of 3,000 in 540 s:
+    # 768,000 / 600 = 1,280/s
+    cnn = [dict(_row("cnn", n, 0.8), seconds=s, batch=128, epochs=1.0, flops=1)
+           for n, s in ((500, 600.0), (1200, 300.0))]
+    vit = dict(_row("vit", 500, 0.7), batch=128, epochs=1.0, flops=1)
+    retried = dict(vit, seconds=540.0, attempt=0)
+    text = summary_markdown([vit] + cnn, None, [retried])
+    assert ("By architecture (finished runs and attempts, examples/s per worker): CNN 853, "
+            "ViT (absolute positions) 1,280.") in text
+    table = [line for line in text.splitlines() if line.startswith("| CNN |")
+             or line.startswith("| ViT (absolute")]
+    assert [line.split(" |")[0] for line in table] == ["| CNN", "| ViT (absolute positions)"]
+
+
 def test_every_run_has_a_line_with_its_numbers_and_its_verdict():
     converged = _row("vit", 500, 0.70, train=0.99, curve=[(2400, 0.70, 0.99), (3000, 0.701, 0.99)])
     retried = dict(_row("cnn", 500, 0.80, curve=[(2400, 0.70, 0.8), (3000, 0.80, 0.8)]),

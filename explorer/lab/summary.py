@@ -15,7 +15,7 @@ def _accuracy_table(rows: list[dict], variant: str) -> list[str]:
     sizes = sorted({p.train_images for pts in curves.values() for p in pts})
     out = ["| architecture | params | " + " | ".join(f"{n:,}" for n in sizes) + " |",
            "|---|---|" + "---|" * len(sizes)]
-    for arch, points in curves.items():
+    for arch, points in sorted(curves.items(), key=lambda kv: list(ARCH_LABELS).index(kv[0])):
         by_n = {p.train_images: p for p in points}
         params = next(r["params"] for r in rows if r["arch"] == arch)
 
@@ -81,6 +81,15 @@ def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None,
         examples = sum(r["steps"] * r["batch"] for r in rows)
         out += ["", f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over "
                     f"runs, {examples / seconds:,.0f} training examples/s per worker on average."]
+        timed = rows + (attempts or [])
+        speeds = []
+        for arch in ARCH_LABELS:
+            mine = [r for r in timed if r["arch"] == arch]
+            if mine:
+                per_s = sum(r["steps"] * r["batch"] for r in mine) / sum(r["seconds"] for r in mine)
+                speeds.append(f"{ARCH_LABELS[arch]} {per_s:,.0f}")
+        out += [f"By architecture (finished runs and attempts, examples/s per worker): "
+                f"{', '.join(speeds)}."]
     if attempts:
         out += ["", "Attempts that had not converged (each retrained from scratch with twice "
                     "the steps; not in the tables above):", ""] + _convergence_table(attempts)
