@@ -166,6 +166,42 @@ def test_a_vit_with_absolute_positions_is_indifferent_to_the_scramble():
         permute_vit(build("vit_rel", seed=0), s)
 
 
+@needs_fmnist
+def test_a_vits_scrambled_run_is_its_original_run_from_a_permuted_initialisation():
+    """What the tab's scrambled sentence reads the ViT's change as: chance. Trained on the
+    scrambled batches from the permuted initialisation, the ViT follows its original run step
+    for step (AdamW acts on each weight alone, so the permutation carries through every
+    update); its seed's own initialisation is just another draw of the same distribution."""
+    import torch.nn.functional as F
+
+    from explorer.lab.engine import model_input, run_data, scramble, train_batch
+    run, budget, hyper = LabRun("vit", 200, 0), Budget(batch=16), Hyper(lr=4e-3, shift=2)
+    fit_x, fit_y, val_x, _ = run_data(run, budget)
+    model = build("vit", seed=0)
+    twin = permute_vit(model, scramble())
+    opts = [torch.optim.AdamW(m.parameters(), lr=hyper.lr, weight_decay=0.05)
+            for m in (model, twin)]
+    for step in range(6):
+        losses = []
+        for m, opt, variant in zip((model, twin), opts, ("original", "scrambled"),
+                                   strict=True):
+            x, y = train_batch(step, fit_x, fit_y, replace(run, variant=variant), budget, hyper)
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.allclose(twin(model_input(val_x[:8], "scrambled")),
+                              model(model_input(val_x[:8])), atol=1e-3)
+        for (name, p), q in zip(permute_vit(model, scramble()).named_parameters(),
+                                twin.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def _zero_qk(model):
     """Content off: every block's queries and keys are zero, only the bias is left."""
     with torch.no_grad():
