@@ -194,12 +194,14 @@ def test_a_vits_scrambled_run_is_its_original_run_from_a_permuted_initialisation
         assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     model.eval()
     twin.eval()
+    # to AdamW's rounding drift: a rounding difference in a near-zero gradient can turn into
+    # a step of up to the learning rate (4e-3); the unpermuted weights differ by ~0.03–0.1
     with torch.no_grad():
         assert torch.allclose(twin(model_input(val_x[:8], "scrambled")),
-                              model(model_input(val_x[:8])), atol=1e-3)
+                              model(model_input(val_x[:8])), atol=5e-3)
         for (name, p), q in zip(permute_vit(model, scramble()).named_parameters(),
                                 twin.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+            torch.testing.assert_close(q, p, rtol=0, atol=5e-3, msg=name)
 
 
 def _zero_qk(model):
