@@ -64,13 +64,16 @@ def seed_runs(rows: list[dict], arch: str, train_images: int, *,
 
 
 def error_vs_data(rows: list[dict], variant: str = "original") -> dict[str, list[ErrorPoint]]:
-    """Test error (1 − accuracy) of each architecture at its grid size, per data size."""
+    """Test error (1 − accuracy) of each architecture at its grid size, per data size; the
+    architectures in the grid's order (`ARCH_LABELS`), whatever the rows', so every figure
+    and table built from it lists them alike."""
     by = defaultdict(list)
     for r in rows:
         if is_main(r, variant):
             by[(r["arch"], r["train_images"])].append(1.0 - r["test_acc"])
     out: dict[str, list[ErrorPoint]] = defaultdict(list)
-    for (arch, n), errs in sorted(by.items(), key=lambda kv: kv[0][1]):
+    order = list(ARCH_LABELS)
+    for (arch, n), errs in sorted(by.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
         out[arch].append(ErrorPoint(arch, n, float(np.mean(errs)), min(errs), max(errs),
                                     len(errs)))
     return dict(out)

@@ -15,7 +15,7 @@ def _accuracy_table(rows: list[dict], variant: str) -> list[str]:
     sizes = sorted({p.train_images for pts in curves.values() for p in pts})
     out = ["| architecture | params | " + " | ".join(f"{n:,}" for n in sizes) + " |",
            "|---|---|" + "---|" * len(sizes)]
-    for arch, points in sorted(curves.items(), key=lambda kv: list(ARCH_LABELS).index(kv[0])):
+    for arch, points in curves.items():
         by_n = {p.train_images: p for p in points}
         params = next(r["params"] for r in rows if r["arch"] == arch)
 

@@ -33,11 +33,11 @@ def log_ticks(low: float, high: float) -> list[float]:
     return sorted({below, *inside, above})
 
 
-def label_log_axis(fig, low: float, high: float, unit: str = "", **selector) -> None:
-    """Label a log x axis of ``fig`` at `log_ticks` of [low, high] in `si` form (+ ``unit``);
-    ``selector`` picks the axis (``row``/``col`` of a subplot grid)."""
+def label_log_axis(fig, low: float, high: float, **selector) -> None:
+    """Label a log x axis of ``fig`` at `log_ticks` of [low, high] in `si` form; ``selector``
+    picks the axis (``row``/``col`` of a subplot grid)."""
     values = log_ticks(low, high)
-    fig.update_xaxes(tickvals=values, ticktext=[f"{si(v)}{unit}" for v in values], **selector)
+    fig.update_xaxes(tickvals=values, ticktext=[si(v) for v in values], **selector)
 
 
 def size_label(n: int) -> str:

@@ -82,8 +82,7 @@ def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],
     """Test error against training images (log axis), one line per architecture, the shaded
     band spanning the seeds; ``live`` (arch, train_images, error) adds the visitor's run."""
     fig = go.Figure()
-    order = list(ARCH_LABELS)  # one legend order on every lab figure, whatever the rows'
-    for arch, points in sorted(curves.items(), key=lambda kv: order.index(kv[0])):
+    for arch, points in curves.items():
         colour = ARCH_COLOURS.get(arch, "#7f7f7f")
         xs = [p.train_images for p in points]
         fig.add_trace(go.Scatter(

@@ -37,7 +37,7 @@ def paper_data_figure() -> go.Figure:
 
 # Where each point's label sits. The five points crowd the top right, so the labels are two
 # short lines placed by hand, checked in Chromium at the tab's width and at a projector's
-# fonts (tests/browser/test_lab_tab.py measures that no two labels or markers overlap): the
+# fonts (tests/browser/test_presenter.py measures that no two labels or markers overlap): the
 # ends' labels grow inwards (plotly clips text leaving the plot)
 PAPER_LABEL_SIDES = {
     ("ViT-H/14", "JFT-300M"): "top left",
