@@ -44,9 +44,25 @@ from explorer import gpu
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1) -> Accelerator:
     """accelerate's placement for a training run: CUDA when present, else the CPU; on a
     ZeroGPU Space CUDA inside a GPU call's worker (`explorer.gpu.stream_on_device`) and the
-    CPU in the app's own process, where CUDA must not start (`gpu.cuda_off_limits`)."""
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
-                       gradient_accumulation_steps=grad_accum, cpu=gpu.cuda_off_limits())
+    CPU in the app's own process, where CUDA must not start (`gpu.cuda_off_limits`).
+
+    accelerate keeps one mixed precision per process (its state is process-wide, and it
+    refuses another): a run that asks for a precision other than the one this process
+    already trains in gets the process's, with a warning, rather than an error in the
+    middle of a room's session (e.g. a GPU Space whose first run was a bf16 fine-tune).
+    """
+    wanted = resolve_mixed_precision(mixed_precision)
+    kwargs = {"gradient_accumulation_steps": grad_accum, "cpu": gpu.cuda_off_limits()}
+    try:
+        return Accelerator(mixed_precision=wanted, **kwargs)
+    except ValueError as err:
+        if "mixed_precision" not in str(err):
+            raise
+    accelerator = Accelerator(mixed_precision=None, **kwargs)  # the process's precision
+    warnings.warn(f"This process already trains with mixed precision "
+                  f"{accelerator.mixed_precision!r} (accelerate allows one per process); "
+                  f"this run, which asked for {wanted!r}, trains with it too", stacklevel=2)
+    return accelerator
 
 
 def resolve_mixed_precision(choice: str) -> str:

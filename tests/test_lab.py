@@ -17,6 +17,7 @@ from explorer.lab.checkpoint import load_shipped, save_vit
 from explorer.lab.engine import Budget, Hyper, LabRun, augment, batch_indices, run_lab, train
 from explorer.lab.models import DEFAULT_SIZES, LAB_ARCHS, RelPosAttention, build, param_count, relative_table
 from explorer.lab.scramble import make_scramble, permute_vit, scramble_images, unscramble_images
+from tests.test_training import fresh_accelerate_state  # noqa: F401  (a fixture)
 
 needs_fmnist = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
                                   reason="dataset-fashion-mnist")
@@ -775,3 +776,24 @@ def test_a_stopped_worker_saves_its_run_and_takes_no_other(tmp_path, monkeypatch
     assert grid.work("grid", budget=tiny) == 0
     assert [grid.row_key(r) for r in grid.read_grid(tmp_path / "grid.csv")] == [
         r.name for r in runs]
+
+
+@needs_fmnist
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_the_grid_trains_in_fp32_and_the_live_run_in_the_apps_precision(monkeypatch):
+    """The grid's rows compare across machines (fp32 everywhere, `grid.GRID_PRECISION`);
+    the tab's live run asks for the app's rule ("auto") and trains even in a process that
+    already trains in another precision (a GPU Space after a bf16 fine-tune)."""
+    from accelerate import Accelerator
+
+    from explorer.lab import engine
+
+    asked = []
+    monkeypatch.setattr(engine, "train", lambda *a, **k: asked.append(k["mixed_precision"]))
+    grid._train_one(LabRun("cnn", 40), Hyper(), TINY, None)
+    assert asked == ["no"]
+
+    Accelerator(cpu=True, mixed_precision="bf16")  # the process's first run: bf16
+    with pytest.warns(UserWarning, match="already trains with mixed precision 'bf16'"):
+        events = list(run_lab(LabRun("cnn", 50, 0), TINY, Hyper(lr=2e-3)))
+    assert events[-1].result is not None and events[-1].result.steps == TINY.steps(50)

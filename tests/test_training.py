@@ -136,3 +136,46 @@ def test_a_compile_that_fails_falls_back_to_eager_with_the_same_result(monkeypat
     assert loop.forward is loop.model and loop.step == 20
     for p, q in zip(eager.model.parameters(), loop.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's state is process-wide: start and leave it uninitialised."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("first, then", [("bf16", "no"), ("no", "bf16")])
+def test_a_run_asking_for_another_precision_trains_in_the_processs(first, then,
+                                                                  fresh_accelerate_state):
+    """A GPU Space whose first run was a bf16 fine-tune, then a run that asks for fp32 (or
+    the other way round): accelerate refuses a second precision in one process; the run
+    trains in the process's, with a warning, instead of failing in front of a room."""
+    from accelerate import Accelerator
+
+    from explorer.training import make_accelerator
+
+    assert Accelerator(cpu=True, mixed_precision=first).mixed_precision == first
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision=then)  # what accelerate itself does
+    with pytest.warns(UserWarning, match=f"already trains with mixed precision '{first}'"):
+        accelerator = make_accelerator(then)
+    assert accelerator.mixed_precision == first
+    torch.manual_seed(0)
+    loop = TrainLoop(nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 2)),
+                     Recipe(lr=1e-2, total_steps=3), accelerator=accelerator)
+    assert [e.step for e in loop.fit(_batches(loop), _loss)] == [1, 2, 3]
+
+
+def test_a_process_trains_in_the_precision_it_asks_for_first(fresh_accelerate_state):
+    import warnings
+
+    from explorer.training import make_accelerator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no warning
+        assert make_accelerator("bf16").mixed_precision == "bf16"
+        assert make_accelerator("bf16").mixed_precision == "bf16"

@@ -314,12 +314,16 @@ def run_data(run: LabRun, budget: Budget) -> tuple[torch.Tensor, ...]:
 
 def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
             cancel: threading.Event | None = None, checkpoint: Path | None = None,
-            log_every: int = 10, compile: bool = False) -> Iterator[LabEvent]:
+            log_every: int = 10, compile: bool = False,
+            mixed_precision: str = "auto") -> Iterator[LabEvent]:
     """Train ``run`` under ``budget`` with ``hyper``; yields progress, the last event carries
     the result. With ``checkpoint`` the run saves itself there every
     ``budget.checkpoint_every_s`` training seconds (and when cancelled) and continues from
     it when it exists; the file is removed when the run finishes. ``compile`` trains through
     ``torch.compile`` (the grid's workers for the ViTs, `grid.COMPILED_ARCHS`).
+    ``mixed_precision`` is `training.make_accelerator`'s: "auto" (the app's rule, the one
+    every trainer in the app's process follows: fp32 on a CPU, bf16 on a GPU) or "no" (the
+    grid's workers, `grid.GRID_PRECISION`).
 
     Raises:
         ValueError: more training images than Fashion-MNIST has, or too few.
@@ -331,9 +335,8 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
                     warmup_steps=warmup_steps(total, budget.warmup_frac))
     curve: list[tuple[int, float, float]] = []
-    # fp32 on every device (no bf16 autocast on a GPU): the grid's rows compare, whichever
-    # machine trained them, and these 0.2 M-parameter models gain nothing from half precision
-    loop = TrainLoop(model, recipe, mixed_precision="no", cancel=cancel, compile=compile,
+    loop = TrainLoop(model, recipe, mixed_precision=mixed_precision, cancel=cancel,
+                     compile=compile,
                      checkpoint=Checkpointing(checkpoint, every_s=budget.checkpoint_every_s)
                      if checkpoint else None,
                      extra_state=lambda: {"curve": curve, "run": asdict(run),
@@ -392,13 +395,14 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
 
 def train(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
           checkpoint: Path | None = None, on_event=None, compile: bool = False,
-          cancel: threading.Event | None = None) -> LabResult | None:
+          cancel: threading.Event | None = None,
+          mixed_precision: str = "auto") -> LabResult | None:
     """`run_lab` to the end; its result, or None when ``cancel`` stopped it (saved to
     ``checkpoint`` when given)."""
     result = None
     start = time.perf_counter()
     for event in run_lab(run, budget, hyper, cancel=cancel, checkpoint=checkpoint,
-                         compile=compile):
+                         compile=compile, mixed_precision=mixed_precision):
         if on_event is not None:
             on_event(event, time.perf_counter() - start)
         result = event.result or result

@@ -45,6 +45,10 @@ SWEEP_WIDTHS = (32, 48, 64, 96)  # ViT widths (depth 4, 16-dim heads) of the sca
 SWEEP_SIZE = 20000
 SWEEP_BUDGETS = (0.25, 0.5, 1.0)  # shares of the budget rule's steps
 COMPILED_ARCHS = ("vit", "vit_rel")  # trained through torch.compile (`_train_one`)
+# fp32 on every device (no bf16 autocast on a GPU): the grid's rows compare whichever machine
+# trained them, and these 0.2 M-parameter models gain nothing from half precision. (The
+# tab's live run follows the app's rule instead, "auto": one precision per process.)
+GRID_PRECISION = "no"
 KEEP_MODELS = {(arch, n) for arch in LAB_ARCHS for n in (1200, 60000)}  # seed 0, default size
 COLUMNS = tuple(f.name for f in fields(LabResult) if f.name != "model")
 _INTS = ("width", "depth", "params", "flops", "train_images", "fit_images", "val_images",
@@ -297,7 +301,7 @@ def _train_one(run: LabRun, hyper: Hyper, budget: Budget, checkpoint: Path) -> L
     # what compiling it would take (not measured: no GPU was lent)
     compiled = run.arch in COMPILED_ARCHS and default_device().type == "cpu"
     return train(run, budget, hyper, checkpoint=checkpoint, on_event=report,
-                 compile=compiled, cancel=STOP)
+                 compile=compiled, cancel=STOP, mixed_precision=GRID_PRECISION)
 
 
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
