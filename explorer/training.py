@@ -1,4 +1,6 @@
-"""The one training loop core every trainer shares: the lab, the fine-tune engine, iGPT.
+"""The one training loop core every trainer shares: the lab, the fine-tune engine, iGPT, and
+the linear probes (`explorer.finetune.probe.train_linear_probe`: the fine-tune engine's linear
+mode and the layer-wise probes).
 
 What is common lives here, once: accelerate's device placement and mixed-precision rule,
 AdamW and its schedule (`Recipe`: linear warm-up, cosine decay), gradient clipping, the

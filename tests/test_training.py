@@ -1,5 +1,6 @@
 """The loop core every trainer shares: schedule values derived by hand, AdamW groups, resume
-equal to an uninterrupted run, and one cancel rule for the lab and the fine-tune engine."""
+equal to an uninterrupted run, one cancel rule for the lab, the fine-tune engine and the
+linear probe, and one mixed precision per process."""
 
 from __future__ import annotations
 
@@ -96,10 +97,11 @@ def test_cancel_stops_before_the_next_step_and_saves(tmp_path):
 
 @pytest.mark.skipif(not __import__("explorer.datasets").datasets.FASHION_MNIST_DIR.is_dir(),
                     reason="needs Debian's dataset-fashion-mnist")
-def test_the_lab_and_the_fine_tune_engine_cancel_the_same_way(tmp_path):
+def test_the_lab_the_fine_tune_engine_and_the_probe_cancel_the_same_way(tmp_path):
     """Set before the first step: no step runs, the caller says it was cancelled."""
     from explorer import datasets
     from explorer.finetune.engine import FinetuneConfig, run_finetune
+    from explorer.finetune.probe import train_linear_probe
     from explorer.lab.engine import Budget, LabRun, run_lab
     from tests.test_finetune import tiny_vit
 
@@ -115,6 +117,11 @@ def test_the_lab_and_the_fine_tune_engine_cancel_the_same_way(tmp_path):
                                FinetuneConfig(mode="full", epochs=1, batch_size=4), cancel))
     assert [e.stage for e in events] == ["cancelled"] and events[-1].result.cancelled
     assert not any("loss" in h for h in events[-1].result.history)
+
+    probe = train_linear_probe(torch.randn(6, 3), torch.tensor([0, 1] * 3), 2, cancel=cancel)
+    with pytest.raises(StopIteration) as stop:  # no step yielded, no probe returned
+        next(probe)
+    assert stop.value.value is None
 
 
 def test_a_compile_that_fails_falls_back_to_eager_with_the_same_result(monkeypatch):

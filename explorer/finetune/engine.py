@@ -1,5 +1,6 @@
-"""The fine-tune engine, shared by the tab, the CLI and the benchmark; its network modes train
-on the loop core every trainer shares (`explorer.training`).
+"""The fine-tune engine, shared by the tab, the CLI and the benchmark; every mode trains on the
+loop core every trainer shares (`explorer.training`; the linear probe through
+`probe.train_linear_probe`).
 
 `run_finetune` is a generator: it yields a `TrainEvent` per optimiser step (and per feature
 batch in linear-probe mode), and its last event carries the `FinetuneResult`. Accelerate
@@ -504,7 +505,8 @@ def _linear_probe(accelerator, model, train_set, val_set, data_config, config, c
         steps = min(steps, config.max_steps)
     recipe = replace(PROBE_RECIPE, steps=steps, lr=config.peak_lr, weight_decay=config.decay,
                      batch_size=batch, seed=config.seed)
-    training = train_linear_probe(train_x, train_y, len(train_set.classes), recipe, cancel)
+    training = train_linear_probe(train_x, train_y, len(train_set.classes), recipe, cancel,
+                                  accelerator)
     train_time, start = 0.0, time.perf_counter()
     while True:
         try:

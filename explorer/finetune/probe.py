@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,6 +27,7 @@ from explorer import gpu, models
 from explorer.cache import KeyedCache, weights_fingerprint
 from explorer.datasets import ImageSet
 from explorer.patches import grid_for, has_class_token, patch_size
+from explorer.training import Recipe, TrainLoop, make_accelerator
 
 # Frozen features (CPU tensors), six sets at most: a train/val pair for three models or sizes.
 FEATURE_CACHE: KeyedCache[torch.Tensor] = KeyedCache(max_items=6)
@@ -173,15 +175,22 @@ class ProbeStep:
 def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
                        recipe: ProbeRecipe = PROBE_RECIPE,
                        cancel: threading.Event | None = None,
+                       accelerator: Accelerator | None = None,
                        ) -> Generator[ProbeStep, None, nn.Linear | None]:
-    """The one linear-probe trainer (see `ProbeRecipe` for the recipe and its reasons).
+    """The one linear-probe trainer (see `ProbeRecipe` for the recipe and its reasons), on
+    the loop core every trainer shares (`explorer.training.TrainLoop`: its AdamW, schedule
+    and cancel rule).
 
-    Runs on the device of ``train_x``.
+    Runs where ``accelerator`` places it (the fine-tune run's own; by default
+    `training.make_accelerator`'s: CUDA when present, the CPU in a ZeroGPU app's process),
+    in its precision (the app's rule: fp32 on a CPU, bf16 autocast on a GPU); the features
+    go there.
 
     Args:
         train_x: (N, F) frozen features; train_y: (N,) int labels in [0, num_classes).
         recipe: steps, learning rate, weight decay, batch size, seed.
         cancel: set it to stop before the next step.
+        accelerator: the run's accelerator (None: a new one, the app's rule).
 
     Yields:
         A `ProbeStep` after every step.
@@ -191,46 +200,47 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes
         or None when cancelled.
     """
     n, dim = train_x.shape
-    x = train_x.float()
-    mean, std = x.mean(0), x.std(0, correction=0).clamp_min(1e-6)
-    z = (x - mean) / std  # (N, F) unit variance per feature
-    y = train_y.to(x.device, torch.long)
-    linear = nn.Linear(dim, num_classes).to(x.device)
+    linear = nn.Linear(dim, num_classes)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.AdamW([{"params": [linear.weight], "weight_decay": recipe.weight_decay},
-                                   {"params": [linear.bias], "weight_decay": 0.0}],
-                                  lr=recipe.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / max(1, recipe.steps))))
+    # the bias is not decayed (a 1-D parameter); no warm-up: cosine from the first step
+    loop = TrainLoop(linear, Recipe(lr=recipe.lr, total_steps=recipe.steps,
+                                    weight_decay=recipe.weight_decay,
+                                    decay_norms_and_biases=False),
+                     cancel=cancel, accelerator=accelerator or make_accelerator())
+    x = train_x.to(loop.device).float()
+    mean, std = x.mean(0), x.std(0, correction=0).clamp_min(1e-6)
+    z = (x - mean) / std  # (N, F) unit variance per feature
+    y = train_y.to(loop.device, torch.long)
     batch = n if recipe.batch_size is None else max(1, min(recipe.batch_size, n))
     per_epoch = math.ceil(n / batch)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    order = torch.arange(n)
+
+    def batches() -> Iterator[torch.Tensor]:
+        """Each step's example indices: a fresh seeded shuffle each epoch (none at full
+        batch, where the result does not depend on the seed)."""
+        generator = torch.Generator().manual_seed(recipe.seed)
+        order = torch.arange(n)
+        for step in range(recipe.steps):
+            i = step % per_epoch
+            if i == 0 and batch < n:
+                order = torch.randperm(n, generator=generator)
+            yield order[i * batch:(i + 1) * batch].to(loop.device)
+
+    def loss_fn(model: nn.Module, index: torch.Tensor):
+        logits = model(z[index])
+        correct = int((logits.argmax(-1) == y[index]).sum())
+        return F.cross_entropy(logits, y[index]), {"correct": correct, "n": len(index)}
 
     def classifier() -> nn.Linear:
-        return fold_standardisation(linear, mean, std)
+        return fold_standardisation(loop.unwrapped, mean, std)
 
     seen = 0
-    for step in range(recipe.steps):
-        if cancel is not None and cancel.is_set():
-            return None
-        i = step % per_epoch
-        if i == 0 and batch < n:
-            order = torch.randperm(n, generator=generator)
-        index = order[i * batch:(i + 1) * batch].to(x.device)
-        logits = linear(z[index])
-        loss = F.cross_entropy(logits, y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        seen += len(index)
-        acc = (logits.argmax(-1) == y[index]).float().mean().item()
-        yield ProbeStep(step + 1, recipe.steps, loss.item(), acc, lr, seen, i == per_epoch - 1,
-                        classifier)
-    return classifier()
+    for event in loop.fit(batches(), loss_fn):
+        seen += event.stats["n"]
+        yield ProbeStep(event.step, recipe.steps, event.loss,
+                        event.stats["correct"] / event.stats["n"], event.lr, seen,
+                        event.step % per_epoch == 0, classifier)
+    return None if loop.cancelled else classifier()
 
 
 def fold_standardisation(linear: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
