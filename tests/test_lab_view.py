@@ -194,15 +194,17 @@ def test_a_runs_curve_shows_the_line_the_rule_fitted_and_its_verdict():
     assert "late gain +1.00 points" in title and "not converged" in title
 
 
-def test_the_summary_lists_the_sweeps_two_stages_apart():
+def test_the_summary_lists_the_sweeps_stages_apart():
     from explorer.lab.summary import summary_markdown
-    full = dict(arch="cnn", steps=3000, lr=8e-3, shift=0, flip=False, val_acc=0.863,
-                train_acc=1.0)
+    full = dict(arch="cnn", train_images=3000, val_images=300, steps=3000, lr=8e-3, shift=0,
+                flip=False, val_acc=0.863, train_acc=1.0)
     quarter = dict(full, steps=750, shift=2, flip=True, val_acc=0.887, train_acc=0.96)
-    text = summary_markdown([], [full, quarter], None)
+    wide = dict(full, train_images=5000, val_images=2000, val_acc=0.8704)
+    text = summary_markdown([], [wide, full, quarter], None)
     lines = [line for line in text.splitlines() if line.startswith("| CNN")]
-    assert lines == ["| CNN | 750 | 0.008 | 2-px shifts, flips | 88.7 | 96.0 |",
-                     "| CNN | 3,000 | 0.008 | none | 86.3 | 100.0 |"]
+    assert lines == ["| CNN | 3,000 (300) | 750 | 0.008 | 2-px shifts, flips | 88.7 | 96.0 |",
+                     "| CNN | 3,000 (300) | 3,000 | 0.008 | none | 86.3 | 100.0 |",
+                     "| CNN | 5,000 (2,000) | 3,000 | 0.008 | none | 87.0 | 100.0 |"]
 
 
 def _sweep_row(width, budget, acc, flops):

@@ -311,7 +311,7 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
     from explorer.lab.checkpoint import save_shipped
 
     torch.set_num_threads(1)
-    budget = budget or Budget()
+    budget = budget or sweep.phase_budget(phase)
     chosen = sweep.read_choice()
     trained, start = 0, time.time()
     while (limit is None or trained < limit) and not STOP.is_set():
@@ -404,6 +404,28 @@ def supersede(choice: dict[str, Hyper]) -> int:
     return moved
 
 
+def settle_choice() -> int:
+    """Before the grid trains: the sweep's choice (`sweep.choose`), written to
+    `paths.HYPER_JSON` when it changed, and the grid's rows, attempts and checkpoints trained
+    with another moved away (`supersede`). Returns the rows moved.
+
+    Raises:
+        SystemExit: the sweep has not finished for every architecture.
+    """
+    choice = sweep.choose(read_grid(SWEEP_CSV))
+    if set(choice) != set(LAB_ARCHS):
+        raise SystemExit("The sweep has not finished for every architecture: run it "
+                         "(python -m explorer.lab.grid --only sweep-lr sweep-aug).")
+    if choice != sweep.read_choice():
+        sweep.write_choice(choice)
+        print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
+              flush=True)
+    if moved := supersede(choice):
+        print(f"{moved} rows trained with other hyperparameters moved to "
+              f"{SUPERSEDED_CSV.name}; their runs train again", flush=True)
+    return moved
+
+
 def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = None) -> int:
     """Run the phases in order, each with ``workers`` processes; write the sweep's choice
     after its stages."""
@@ -411,16 +433,8 @@ def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = No
         claim.unlink()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
     for phase in phases:
-        if phase == "grid" and not sweep.read_choice():
-            choice = sweep.choose(read_grid(SWEEP_CSV))
-            if set(choice) != set(LAB_ARCHS):
-                raise SystemExit("The sweep has not covered every architecture.")
-            sweep.write_choice(choice)
-            print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
-                  flush=True)
-            if moved := supersede(choice):
-                print(f"{moved} rows trained with other hyperparameters moved to "
-                      f"{SUPERSEDED_CSV.name}; their runs train again", flush=True)
+        if phase == "grid":
+            settle_choice()
         cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase]
         cmd += ["--limit", str(limit)] if limit else []
         procs = [subprocess.Popen(cmd) for _ in range(workers)]

@@ -34,13 +34,16 @@ def _cell(p) -> str:
 
 
 def _sweep_table(sweep_rows: list[dict]) -> list[str]:
-    """The sweep's runs, each stage's (a quarter of the steps, then the full budget) apart."""
-    out = ["| architecture | steps | lr | augmentation | val acc | train acc |",
-           "|---|---|---|---|---|---|"]
-    for r in sorted(sweep_rows, key=lambda r: (r["arch"], r["steps"], -r["shift"], r["lr"])):
+    """The sweep's runs, each stage's (a quarter of the steps, then the full budget; the
+    augmentation stage on 300, then on 2,000 validation images) apart."""
+    out = ["| architecture | images (validating) | steps | lr | augmentation | val acc | "
+           "train acc |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(sweep_rows, key=lambda r: (r["arch"], r["val_images"], r["steps"],
+                                               -r["shift"], r["lr"])):
         aug = f"{r['shift']}-px shifts, flips" if r["shift"] or r["flip"] else "none"
-        out.append(f"| {ARCH_LABELS[r['arch']]} | {r['steps']:,} | {r['lr']:g} | {aug} | "
-                   f"{100 * r['val_acc']:.1f} | {100 * r['train_acc']:.1f} |")
+        out.append(f"| {ARCH_LABELS[r['arch']]} | {r['train_images']:,} ({r['val_images']:,}) "
+                   f"| {r['steps']:,} | {r['lr']:g} | {aug} | {100 * r['val_acc']:.1f} | "
+                   f"{100 * r['train_acc']:.1f} |")
     return out
 
 
