@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from explorer.lab.engine import LIVE_BUDGET, Budget, LabRun
+from explorer.lab import grid
+from explorer.lab.engine import LIVE_BUDGET, Budget, Hyper, LabRun
 from explorer.lab.models import DEFAULT_SIZES
 from explorer.plots import lab as plots
 from explorer.ui import lab_view
@@ -112,9 +113,49 @@ def test_lecture_lab_steps_carry_the_grids_findings():
     # a partial grid says so under every lab figure: ROWS are 6 of the grid's 83 runs (CNN
     # and ViT at 500 and 60,000 images, and both scrambled at 500; seed 0)
     for figure in ("lab-data", "lab-compute", "lab-bias"):
-        assert lab_view.lecture_note(figure, ROWS).startswith(
+        assert lab_view.lecture_note(figure, ROWS, superseded=[]).startswith(
             "\n\n**Trained here:** *(still training: 6 of the grid's 83 runs have finished; "
             "what is shown here comes from those alone)*")
+
+
+def _old(row, lr=4e-3, shift=0, flip=False, weight_decay=0.05):
+    return dict(row, lr=lr, shift=shift, flip=flip, weight_decay=weight_decay)
+
+
+def test_the_runs_a_new_sweep_choice_trains_again_are_named_until_they_land():
+    """The sweep changed the ViT's augmentation: its rows moved to superseded.csv (two runs,
+    one of them with a retrained attempt), and the tab and the Lecture say why it is
+    missing, with what changed, until its new rows land."""
+    cnn = [r for r in ROWS if r["arch"] == "cnn"]
+    old = [_old(_row("vit", 500, 0.65)), _old(_row("vit", 60000, 0.905)),
+           _old(dict(_row("vit", 60000, 0.8977), attempt=1))]
+    choice = {"vit": Hyper(lr=4e-3, shift=2, flip=True)}
+    text = lab_view.superseded_text(old, [], choice)
+    assert text == (
+        "**Training again with the sweep's new choice:** ViT (absolute positions), 2 runs "
+        "(learning rate 0.004, augmentation none before; 0.004, 2-px shifts, flips now). A "
+        "re-run of the sweep (`explorer/lab/sweep.py`) changed these architectures' "
+        "hyperparameters; their earlier rows are kept in `assets/lab/superseded.csv` and not "
+        "plotted.")
+    status = {"done": [grid.row_key(r) for r in cnn], "training": [],
+              "todo": [grid.row_key(r) for r in old[:2]]}
+    assert text in lab_view.progress_text(status, [], old, choice)
+    assert "ViT (absolute positions), 1 run " in lab_view.superseded_text(
+        old, [grid.row_key(old[0])], choice)  # its 500-image run has landed again
+    assert lab_view.superseded_text(old, [grid.row_key(r) for r in old], choice) == ""
+    note = lab_view.lecture_note("lab-data", cnn, superseded=old)
+    assert note.startswith(
+        "\n\n**Trained here:** *(still training: 3 of the grid's 83 runs have finished; the "
+        "ViT (absolute positions) trains again with the sweep's new hyperparameters; what is "
+        "shown here comes from those alone)*")
+
+
+def test_hyperparameters_say_their_augmentation_in_words():
+    assert Hyper(shift=2, flip=True).augmentation() == "2-px shifts, flips"
+    assert Hyper(shift=0, flip=False).augmentation() == "none"
+    assert Hyper(shift=3, flip=False).augmentation() == "3-px shifts"
+    row = dict(lr=2e-3, weight_decay=0.1, shift=0, flip=True)
+    assert Hyper.of(row) == Hyper(2e-3, 0.1, 0, True) and Hyper.of(row).augmentation() == "flips"
 
 
 def test_lecture_lab_steps_say_what_is_still_training_instead_of_failing(monkeypatch):
@@ -197,7 +238,7 @@ def test_a_runs_curve_shows_the_line_the_rule_fitted_and_its_verdict():
 def test_the_summary_lists_the_sweeps_stages_apart():
     from explorer.lab.summary import summary_markdown
     full = dict(arch="cnn", train_images=3000, val_images=300, steps=3000, lr=8e-3, shift=0,
-                flip=False, val_acc=0.863, train_acc=1.0)
+                flip=False, weight_decay=0.05, val_acc=0.863, train_acc=1.0)
     quarter = dict(full, steps=750, shift=2, flip=True, val_acc=0.887, train_acc=0.96)
     wide = dict(full, train_images=5000, val_images=2000, val_acc=0.8704)
     text = summary_markdown([], [wide, full, quarter], None)

@@ -55,6 +55,17 @@ class Hyper:
     shift: int = 2
     flip: bool = True
 
+    @classmethod
+    def of(cls, row: dict) -> Hyper:
+        """The hyperparameters a grid or sweep row was trained with."""
+        return cls(row["lr"], row["weight_decay"], row["shift"], row["flip"])
+
+    def augmentation(self) -> str:
+        """The augmentation in words: "2-px shifts, flips", "none"."""
+        parts = ([f"{self.shift}-px shifts"] if self.shift else []) + (["flips"] if self.flip
+                                                                       else [])
+        return ", ".join(parts) or "none"
+
 
 @dataclass(frozen=True)
 class Budget:

@@ -101,8 +101,7 @@ def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
 def row_key(row: dict, with_hyper: bool = False) -> str:
     if not with_hyper:
         return work_key(row_run(row))
-    return work_key(row_run(row), Hyper(row["lr"], row["weight_decay"], row["shift"],
-                                        row["flip"]))
+    return work_key(row_run(row), Hyper.of(row))
 
 
 def escalates(run: LabRun) -> bool:

@@ -5,6 +5,7 @@ every run, the ViT size sweep against compute, and what it cost."""
 from __future__ import annotations
 
 from explorer.lab.analysis import compute_curves, convergence, error_vs_data
+from explorer.lab.engine import Hyper
 from explorer.lab.models import ARCH_LABELS
 
 
@@ -40,7 +41,7 @@ def _sweep_table(sweep_rows: list[dict]) -> list[str]:
            "train acc |", "|---|---|---|---|---|---|---|"]
     for r in sorted(sweep_rows, key=lambda r: (r["arch"], r["val_images"], r["steps"],
                                                -r["shift"], r["lr"])):
-        aug = f"{r['shift']}-px shifts, flips" if r["shift"] or r["flip"] else "none"
+        aug = Hyper.of(r).augmentation()
         out.append(f"| {ARCH_LABELS[r['arch']]} | {r['train_images']:,} ({r['val_images']:,}) "
                    f"| {r['steps']:,} | {r['lr']:g} | {aug} | {100 * r['val_acc']:.1f} | "
                    f"{100 * r['train_acc']:.1f} |")

@@ -10,11 +10,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from explorer.lab import analysis, grid
+from explorer.lab import analysis, grid, sweep
 from explorer.lab.checkpoint import load_shipped, shipped_path
-from explorer.lab.engine import Budget, LabRun
+from explorer.lab.engine import Budget, Hyper, LabRun
 from explorer.lab.models import ARCH_LABELS
-from explorer.lab.paths import ATTEMPTS_CSV
+from explorer.lab.paths import ATTEMPTS_CSV, SUPERSEDED_CSV
 from explorer.plots.axes import si
 
 INTRO = """
@@ -50,6 +50,11 @@ def grid_rows() -> list[dict]:
 def attempt_rows() -> list[dict]:
     """Attempts that did not converge and were retrained longer (`ATTEMPTS_CSV`)."""
     return grid.read_grid(ATTEMPTS_CSV)
+
+
+def superseded_rows() -> list[dict]:
+    """Rows trained with hyperparameters the sweep has since replaced (`SUPERSEDED_CSV`)."""
+    return grid.read_grid(SUPERSEDED_CSV)
 
 
 def shipped_sizes() -> list[int]:
@@ -170,12 +175,49 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
             "plotted): " + "; ".join(lines) + ".")
 
 
+def superseded_runs(superseded: list[dict], done: list[str]) -> dict[str, list[dict]]:
+    """Per architecture (the grid's order), its runs that train again because the sweep
+    changed its choice (`grid.supersede`), one row each (the last attempt), while their new
+    row has not landed."""
+    latest: dict[str, dict] = {}
+    for r in superseded:
+        key = grid.row_key(r)
+        if key not in done and r["attempt"] >= latest.get(key, {"attempt": -1})["attempt"]:
+            latest[key] = r
+    return {a: [r for r in latest.values() if r["arch"] == a] for a in ARCH_LABELS
+            if any(r["arch"] == a for r in latest.values())}
+
+
+def superseded_text(superseded: list[dict], done: list[str],
+                    choice: dict[str, Hyper] | None = None) -> str:
+    """Which architectures train again with the sweep's new choice, what it changed and how
+    many of their runs are still to land; "" for none."""
+    runs = superseded_runs(superseded, done)
+    if not runs:
+        return ""
+    choice = choice if choice is not None else sweep.read_choice()
+    parts = []
+    for arch, rows in runs.items():
+        old, new = Hyper.of(rows[0]), choice.get(arch)
+        change = (f" (learning rate {old.lr:g}, augmentation {old.augmentation()} before; "
+                  f"{new.lr:g}, {new.augmentation()} now)") if new else ""
+        parts.append(f"{ARCH_LABELS[arch]}, {len(rows)} run{'s' * (len(rows) != 1)}{change}")
+    return ("**Training again with the sweep's new choice:** " + "; ".join(parts)
+            + ". A re-run of the sweep (`explorer/lab/sweep.py`) changed these architectures' "
+            "hyperparameters; their earlier rows are kept in `assets/lab/superseded.csv` and "
+            "not plotted.")
+
+
 def progress_text(status: dict[str, list] | None = None,
-                  attempts: list[dict] | None = None) -> str:
+                  attempts: list[dict] | None = None,
+                  superseded: list[dict] | None = None,
+                  choice: dict[str, Hyper] | None = None) -> str:
     """How far the grid is: finished, training now (with their step), queued, and which runs
-    train again because an attempt had not converged."""
+    train again because an attempt had not converged or the sweep changed its choice
+    (``choice``: the shipped one by default)."""
     status = status if status is not None else grid.status()
     attempts = attempts if attempts is not None else attempt_rows()
+    superseded = superseded if superseded is not None else superseded_rows()
     done, training, todo = status["done"], status["training"], status["todo"]
     total = len(done) + len(training) + len(todo)
     if not training and not todo:
@@ -186,8 +228,8 @@ def progress_text(status: dict[str, list] | None = None,
             + f"{len(todo)} queued. The plots "
             "show the finished runs; a missing point is still to come (`python -m "
             "explorer.lab.grid` resumes it).")
-    retrain = retrain_text(attempts, done)
-    return text + ("\n\n" + retrain if retrain else "")
+    notes = [retrain_text(attempts, done), superseded_text(superseded, done, choice)]
+    return "\n\n".join([text] + [n for n in notes if n])
 
 
 SCALING_HEADING = "Best ViT width within each compute budget"
@@ -214,21 +256,26 @@ def scaling_text(rows: list[dict]) -> str:
     return f"**{SCALING_HEADING}**\n" + "\n".join(lines) if lines else ""
 
 
-def still_training(rows: list[dict]) -> str:
-    """How much of the grid the rows are, while it is not all there ("" when it is)."""
+def still_training(rows: list[dict], superseded: list[dict] = ()) -> str:
+    """How much of the grid the rows are, while it is not all there ("" when it is), and
+    which architectures train again with the sweep's new choice (`superseded_runs`)."""
     names = [r.name for r in grid.grid_runs()]
-    finished = len({grid.row_key(r) for r in rows} & set(names))
+    done = {grid.row_key(r) for r in rows}
+    finished = len(done & set(names))
     if finished == len(names):
         return ""
+    again = [ARCH_LABELS[a] for a in superseded_runs(list(superseded), list(done))]
+    again_text = (f"the {' and the '.join(again)} train{'s' * (len(again) == 1)} again with "
+                  "the sweep's new hyperparameters; ") if again else ""
     # not "the figure shows those": a figure may show none of them yet (the size sweep's)
     return (f"*(still training: {finished} of the grid's {len(names)} runs have finished; "
-            "what is shown here comes from those alone)*")
+            f"{again_text}what is shown here comes from those alone)*")
 
 
-def lecture_note(figure: str, rows: list[dict]) -> str:
+def lecture_note(figure: str, rows: list[dict], superseded: list[dict] | None = None) -> str:
     """What the Lecture's lab steps add under their text: the grid's findings for the figure
     shown (`explorer.lecture.Step.figure`), computed from its rows, and how much of the grid
-    they are; "" for other figures."""
+    they are (``superseded``: `superseded_rows` by default); "" for other figures."""
     if figure == "lab-data":
         found = [summary_text(rows), analysis.scramble_sentence(rows)]
     elif figure == "lab-compute":
@@ -239,7 +286,8 @@ def lecture_note(figure: str, rows: list[dict]) -> str:
     else:
         return ""
     # how much of the grid this is comes first: a projector shows the note's first lines only
-    found = [f for f in [still_training(rows) if rows else ""] + found if f]
+    superseded = superseded if superseded is not None else superseded_rows()
+    found = [f for f in [still_training(rows, superseded) if rows else ""] + found if f]
     return ("\n\n**Trained here:** " + " ".join(found)) if found else ""
 
 
