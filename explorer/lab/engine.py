@@ -101,7 +101,7 @@ class Budget:
                 f"{self.batch} images, with warm-up and cosine decay; a run whose validation "
                 f"accuracy still gains in its last 20% of steps is trained again with twice "
                 f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate and "
-                f"augmentation per architecture come from a sweep on the validation split, "
+                f"augmentation per architecture come from a sweep on a validation split, "
                 f"never from the test set")
 
 
