@@ -164,6 +164,13 @@ def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
     raise ValueError(f"phase must be one of {PHASES}")
 
 
+def sweep_left(phase: str) -> list[str]:
+    """The keys of a sweep phase's runs that have not finished (`work_key`), in order."""
+    path, items = phase_work(phase)
+    done = {row_key(r, with_hyper=True) for r in read_grid(path)}
+    return [work_key(r, h) for r, h in items if work_key(r, h) not in done]
+
+
 def checkpoint_path(run: LabRun, sweep_hyper: Hyper | None = None) -> Path:
     """Where an unfinished run keeps its checkpoint: named by the run (attempt included), a
     sweep run's with its hyperparameters."""
@@ -466,6 +473,10 @@ def main(argv=None) -> int:
                                read_grid(ATTEMPTS_CSV)))
         return 0
     if args.status:
+        for phase in PHASES[:2]:  # a sweep stage with runs left trains before the grid
+            left = sweep_left(phase)
+            if left:
+                print(f"{phase}: {len(left)} runs to train first: {', '.join(left)}")
         s = status()
         print(f"{len(s['done'])} done, {len(s['training'])} training, {len(s['todo'])} to do")
         for key, step, steps in s["training"]:
