@@ -30,8 +30,9 @@ case "${1:-}" in
     python="${PYTHON:-python3}"
     { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } 2>&1 | tee "$out/grid.log"
     # timeout signals the grid's whole process group: each worker saves, then exits
+    # every phase: a sweep stage still to train (a re-run) trains first, finished ones pass
     timeout -s TERM -k 120 "$seconds" "$python" -m explorer.lab.grid --workers "$workers" \
-      --only grid 2>&1 | grep -v "flop_counter\|cpp_extension" | tee -a "$out/grid.log" || true
+      2>&1 | grep -v "flop_counter\|cpp_extension" | tee -a "$out/grid.log" || true
     "$python" -m explorer.lab.grid --status 2>&1 | grep -v flop_counter | tee -a "$out/grid.log"
     rm -f assets/lab/checkpoints/*.claim
     tar -cf "$out/lab.tar" assets/lab
