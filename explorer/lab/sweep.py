@@ -16,7 +16,7 @@ over-fitted at 60,000 images when the convergence rule doubled its steps. The qu
 augmentation rows stay in `sweep.csv` and choose nothing.
 
 Why its own 2,000 validation images: the stage first ran on the first stage's 3,000 images,
-whose 10% split is 300 images, one standard error ±2.4 points at 80%. The ViT's two runs
+whose 10% split is 300 images, one standard error ±2.3 points at 80%. The ViT's two runs
 came out 78.3% without augmentation and 78.0% with it, one image apart, and the grid trained
 the ViT without augmentation: it fitted every training image up to 7,500, and at 60,000 its
 run at twice the steps validated 1.5 points below the first (91.4 → 89.9%). 2,000 images
@@ -114,8 +114,7 @@ def choose(rows: list[dict]) -> dict[str, Hyper]:
         if {augmented(r) for r in pair} == {True, False}:
             # a tie goes to augmentation, the recipe's default
             win = max(pair, key=lambda r: (r["val_acc"], augmented(r)))
-            out[a] = Hyper(lr=win["lr"], weight_decay=win["weight_decay"], shift=win["shift"],
-                           flip=win["flip"])
+            out[a] = Hyper.of(win)
     return out
 
 
