@@ -146,14 +146,21 @@ def longer_text(rows: list[dict], attempts: list[dict]) -> str:
             "on a flat validation curve; a longer run need not test better).")
 
 
+def _pending(rows: list[dict], done: list[str]) -> dict[str, dict]:
+    """Each run of ``rows`` whose grid row has not landed (its key not in ``done``), by key:
+    its last attempt's row."""
+    latest: dict[str, dict] = {}
+    for r in rows:
+        key = grid.row_key(r)
+        if key not in done and r["attempt"] >= latest.get(key, {"attempt": -1})["attempt"]:
+            latest[key] = r
+    return latest
+
+
 def retrain_text(attempts: list[dict], done: list[str]) -> str:
     """The runs training again because an attempt had not converged (its numbers and why);
     "" for none. ``done``: the grid's finished run keys (their last attempt is in the grid)."""
-    latest: dict[str, dict] = {}
-    for r in attempts:
-        key = grid.work_key(grid.row_run(r))
-        if key not in done and r["attempt"] >= latest.get(key, {"attempt": -1})["attempt"]:
-            latest[key] = r
+    latest = _pending(attempts, done)
     if not latest:
         return ""
     lines = []
@@ -179,11 +186,7 @@ def superseded_runs(superseded: list[dict], done: list[str]) -> dict[str, list[d
     """Per architecture (the grid's order), its runs that train again because the sweep
     changed its choice (`grid.supersede`), one row each (the last attempt), while their new
     row has not landed."""
-    latest: dict[str, dict] = {}
-    for r in superseded:
-        key = grid.row_key(r)
-        if key not in done and r["attempt"] >= latest.get(key, {"attempt": -1})["attempt"]:
-            latest[key] = r
+    latest = _pending(superseded, done)
     return {a: [r for r in latest.values() if r["arch"] == a] for a in ARCH_LABELS
             if any(r["arch"] == a for r in latest.values())}
 
