@@ -849,10 +849,13 @@ def test_the_status_lists_the_sweep_runs_left_before_the_grid(tmp_path, monkeypa
     from explorer.lab import sweep
     monkeypatch.setattr(grid, "SWEEP_CSV", tmp_path / "sweep.csv")
     # nothing swept: every first-stage run is left, the second stage waits for its rate
-    assert len(grid.sweep_left("sweep-lr")) == len(LAB_ARCHS) * len(sweep.LRS)
-    assert grid.sweep_left("sweep-aug") == []
+    def left(phase):
+        return [grid.work_key(run, hyper) for run, hyper in grid.unfinished(phase)[1]]
+
+    assert len(left("sweep-lr")) == len(LAB_ARCHS) * len(sweep.LRS)
+    assert left("sweep-aug") == []
     rows = [dict(_sweep_row("vit", lr, True, v, sweep.SWEEP_BUDGET), seed=0, attempt=0,
                  variant="original") for lr, v in zip(sweep.LRS, (.6, .7, .71, .69), strict=True)]
     monkeypatch.setattr(grid, "read_grid", lambda path=None: rows)
-    assert grid.sweep_left("sweep-aug") == [
+    assert left("sweep-aug") == [
         "vit-w64-d4-n5000-s0-lr0.004-wd0.05-shift2-flip", "vit-w64-d4-n5000-s0-lr0.004-wd0.05-shift0"]

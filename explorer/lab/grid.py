@@ -164,11 +164,16 @@ def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
     raise ValueError(f"phase must be one of {PHASES}")
 
 
-def sweep_left(phase: str) -> list[str]:
-    """The keys of a sweep phase's runs that have not finished (`work_key`), in order."""
+def _finished(phase: str, path: Path) -> set[str]:
+    """The keys (`work_key`) of the phase's runs with a row in ``path``."""
+    return {row_key(r, with_hyper=phase != "grid") for r in read_grid(path)}
+
+
+def unfinished(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
+    """The CSV a phase writes and its runs (`phase_work`) with no row there yet, in order."""
     path, items = phase_work(phase)
-    done = {row_key(r, with_hyper=True) for r in read_grid(path)}
-    return [work_key(r, h) for r, h in items if work_key(r, h) not in done]
+    done = _finished(phase, path)
+    return path, [(run, hyper) for run, hyper in items if work_key(run, hyper) not in done]
 
 
 def checkpoint_path(run: LabRun, sweep_hyper: Hyper | None = None) -> Path:
@@ -321,16 +326,15 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
     chosen = sweep.read_choice()
     trained, start = 0, time.time()
     while (limit is None or trained < limit) and not STOP.is_set():
-        path, items = phase_work(phase)
-        done = {row_key(r, with_hyper=phase != "grid") for r in read_grid(path)}
-        item = next(((run, hyper) for run, hyper in items
-                     if work_key(run, hyper) not in done and _claim(work_key(run, hyper))), None)
+        path, items = unfinished(phase)
+        item = next(((run, hyper) for run, hyper in items if _claim(work_key(run, hyper))),
+                    None)
         if item is None:
             return 0
         run, sweep_hyper = item
         key = work_key(run, sweep_hyper)
         try:
-            if key in {row_key(r, phase != "grid") for r in read_grid(path)}:
+            if key in _finished(phase, path):
                 continue  # finished by another worker between the two reads
             hyper = sweep_hyper
             if hyper is None:
@@ -474,7 +478,7 @@ def main(argv=None) -> int:
         return 0
     if args.status:
         for phase in PHASES[:2]:  # a sweep stage with runs left trains before the grid
-            left = sweep_left(phase)
+            left = [work_key(run, hyper) for run, hyper in unfinished(phase)[1]]
             if left:
                 print(f"{phase}: {len(left)} runs to train first: {', '.join(left)}")
         s = status()

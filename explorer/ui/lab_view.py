@@ -5,6 +5,7 @@ built in `explorer.plots.lab`.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -146,7 +147,7 @@ def longer_text(rows: list[dict], attempts: list[dict]) -> str:
             "on a flat validation curve; a longer run need not test better).")
 
 
-def _pending(rows: list[dict], done: list[str]) -> dict[str, dict]:
+def _pending(rows: list[dict], done: Collection[str]) -> dict[str, dict]:
     """Each run of ``rows`` whose grid row has not landed (its key not in ``done``), by key:
     its last attempt's row."""
     latest: dict[str, dict] = {}
@@ -182,13 +183,14 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
             "plotted): " + "; ".join(lines) + ".")
 
 
-def superseded_runs(superseded: list[dict], done: list[str]) -> dict[str, list[dict]]:
+def superseded_runs(superseded: Sequence[dict], done: Collection[str]) -> dict[str, list[dict]]:
     """Per architecture (the grid's order), its runs that train again because the sweep
     changed its choice (`grid.supersede`), one row each (the last attempt), while their new
     row has not landed."""
-    latest = _pending(superseded, done)
-    return {a: [r for r in latest.values() if r["arch"] == a] for a in ARCH_LABELS
-            if any(r["arch"] == a for r in latest.values())}
+    by_arch: dict[str, list[dict]] = {}
+    for r in _pending(superseded, done).values():
+        by_arch.setdefault(r["arch"], []).append(r)
+    return {a: by_arch[a] for a in ARCH_LABELS if a in by_arch}
 
 
 def superseded_text(superseded: list[dict], done: list[str],
@@ -267,7 +269,7 @@ def still_training(rows: list[dict], superseded: list[dict] = ()) -> str:
     finished = len(done & set(names))
     if finished == len(names):
         return ""
-    again = [ARCH_LABELS[a] for a in superseded_runs(list(superseded), list(done))]
+    again = [ARCH_LABELS[a] for a in superseded_runs(superseded, done)]
     again_text = (f"the {' and the '.join(again)} train{'s' * (len(again) == 1)} again with "
                   "the sweep's new hyperparameters; ") if again else ""
     # not "the figure shows those": a figure may show none of them yet (the size sweep's)
