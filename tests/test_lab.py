@@ -14,7 +14,16 @@ from explorer import datasets
 from explorer.attention import capture
 from explorer.lab import analysis, grid, paths
 from explorer.lab.checkpoint import load_shipped, save_vit
-from explorer.lab.engine import Budget, Hyper, LabRun, augment, batch_indices, run_lab, train
+from explorer.lab.engine import (
+    Budget,
+    Hyper,
+    LabRun,
+    augment,
+    batch_indices,
+    run_lab,
+    run_steps,
+    train,
+)
 from explorer.lab.models import DEFAULT_SIZES, LAB_ARCHS, RelPosAttention, build, param_count, relative_table
 from explorer.lab.scramble import make_scramble, permute_vit, scramble_images, unscramble_images
 from tests.test_training import fresh_accelerate_state  # noqa: F401  (a fixture)
@@ -486,11 +495,11 @@ def test_every_shipped_row_says_what_it_is_and_follows_the_rule():
         assert 0.1 < r["test_acc"] <= 1 and r["seconds"] > 0
 
 
-def _sweep_row(arch, lr, aug, val, budget, images=None):
+def _sweep_row(arch, lr, aug, val, budget, images=None, floor=1.0):
     from explorer.lab import sweep
     return dict(arch=arch, width=DEFAULT_SIZES[arch][0], depth=DEFAULT_SIZES[arch][1],
                 train_images=images or sweep.SWEEP_IMAGES, lr=lr, shift=2 if aug else 0,
-                flip=aug, val_acc=val, weight_decay=0.05, budget=budget)
+                flip=aug, val_acc=val, weight_decay=0.05, budget=budget, floor=floor)
 
 
 def test_augmentation_is_chosen_at_the_full_budget_at_the_first_stages_rate():
@@ -502,18 +511,18 @@ def test_augmentation_is_chosen_at_the_full_budget_at_the_first_stages_rate():
     stage = [(run.arch, run.train_images, run.budget, h.lr, h.shift, h.flip)
              for run, h in sweep.aug_stage(rows)]
     assert stage == [("vit", n, full, 4e-3, 2, True), ("vit", n, full, 4e-3, 0, False)]
-    assert sweep.choose(rows) == {}  # the augmentation stage has not run
+    assert sweep.choose_aug(rows) == {}  # the augmentation stage has not run
     # the stage's first rows, on the first stage's 3,000 images (300 validating), choose nothing
     rows += [_sweep_row("vit", 4e-3, True, 0.78, full), _sweep_row("vit", 4e-3, False, 0.7833, full)]
-    assert sweep.choose(rows) == {}
+    assert sweep.choose_aug(rows) == {}
     rows.append(_sweep_row("vit", 4e-3, False, 0.78, full, n))
-    assert sweep.choose(rows) == {}  # one of its two runs: no choice yet
+    assert sweep.choose_aug(rows) == {}  # one of its two runs: no choice yet
     rows.append(_sweep_row("vit", 4e-3, True, 0.80, full, n))
-    assert sweep.choose(rows) == {"vit": Hyper(lr=4e-3, weight_decay=0.05, shift=2, flip=True)}
+    assert sweep.choose_aug(rows) == {"vit": Hyper(lr=4e-3, weight_decay=0.05, shift=2, flip=True)}
     rows[-1]["val_acc"] = 0.78  # a tie goes to augmentation, whichever run finished first
-    assert sweep.choose(rows)["vit"].flip and sweep.choose(rows[::-1])["vit"].flip
+    assert sweep.choose_aug(rows)["vit"].flip and sweep.choose_aug(rows[::-1])["vit"].flip
     rows[-1]["val_acc"] = 0.77
-    assert sweep.choose(rows) == {"vit": Hyper(lr=4e-3, weight_decay=0.05, shift=0, flip=False)}
+    assert sweep.choose_aug(rows) == {"vit": Hyper(lr=4e-3, weight_decay=0.05, shift=0, flip=False)}
 
 
 def test_the_augmentation_stage_validates_on_2000_of_its_5000_images():
@@ -523,6 +532,84 @@ def test_the_augmentation_stage_validates_on_2000_of_its_5000_images():
     assert run.train_images - rule.val_images(run.train_images) == 3000
     assert rule.steps(run.train_images, run.scale) == 3000  # the floor: 30 epochs are 704
     assert sweep.phase_budget("sweep-lr") == sweep.phase_budget("grid") == Budget()
+    assert sweep.phase_budget("sweep-floor") == rule  # the floor stage: the same images
+
+
+def test_the_floor_doubles_while_twice_the_steps_validate_a_point_better():
+    from explorer.lab import sweep
+    q, full, n = sweep.SWEEP_BUDGET, sweep.AUG_BUDGET, sweep.AUG_IMAGES
+    rows = [_sweep_row("vit", 4e-3, True, 0.7, q), _sweep_row("vit", 4e-3, False, 0.8, full, n),
+            _sweep_row("vit", 4e-3, True, 0.84, full, n)]
+    assert sweep.choose_aug(rows) == {"vit": Hyper(lr=4e-3)}
+    assert sweep.choose(rows) == {}  # the floor stage has not run
+
+    def stage(rows):
+        done = {(r["shift"], r["floor"]) for r in rows if r["train_images"] == n}
+        return [(run.train_images, run.budget, h.floor) for run, h in sweep.floor_stage(rows)
+                if (h.shift, h.floor) not in done]
+
+    assert stage(rows) == [(n, full, 2.0)]  # the chosen recipe at twice the floor's steps
+    rule = sweep.phase_budget("sweep-floor")
+    assert rule.steps(n, 1.0, 2.0) == 6000
+    # doubled: 0.9 points better, under the 1-point bar: the floor stays, the stage is done
+    rows.append(_sweep_row("vit", 4e-3, True, 0.849, full, n, floor=2.0))
+    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=1.0)}
+    # 1 point better: the floor doubles, and the stage tries the next doubling
+    rows[-1]["val_acc"] = 0.85
+    assert sweep.choose(rows) == {} and stage(rows) == [(n, full, 4.0)]
+    rows.append(_sweep_row("vit", 4e-3, True, 0.855, full, n, floor=4.0))
+    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
+    rows[-1]["val_acc"] = 0.87  # better again, but 4 is the largest floor tried
+    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=4.0)}
+    assert sweep.MAX_FLOOR == 4.0
+
+
+def test_a_floor_binds_only_where_30_epochs_are_fewer_steps():
+    b = Budget()
+    assert b.steps(500, floor=2.0) == 6000 and b.steps(7500, floor=2.0) == 6000
+    assert b.steps(20000, floor=2.0) == 6000  # 30 epochs of 18,000 are 4,219 steps
+    assert b.steps(60000, floor=2.0) == b.steps(60000) == 13594  # epochs bind: the same run
+    assert b.steps(500, scale=2.0, floor=2.0) == 12000  # a retrain doubles the whole
+    assert run_steps(LabRun("vit", 3000, attempt=1), b, Hyper(floor=2.0)) == 12000
+
+
+def _result_row(arch, n, hyper, steps=None):
+    """A grid row of ``arch`` on ``n`` images trained with ``hyper`` (its rule's steps)."""
+    from dataclasses import asdict
+
+    from explorer.lab.engine import LabResult
+    run = LabRun(arch, n)
+    return LabResult(**{**{f: 0 for f in grid.COLUMNS}, "arch": arch, "train_images": n,
+                        "width": run.width, "depth": run.depth, "variant": run.variant,
+                        "budget": 1.0, **asdict(hyper), "curve": [(1, 0.5, 0.5)],
+                        "steps": steps or run_steps(run, Budget(), hyper)})
+
+
+def test_a_new_floor_supersedes_the_runs_whose_steps_it_changes_and_relabels_the_rest(
+        tmp_path, monkeypatch):
+    from dataclasses import asdict
+    for name in ("GRID_CSV", "ATTEMPTS_CSV", "SUPERSEDED_CSV"):
+        monkeypatch.setattr(grid, name, tmp_path / f"{name}.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path)
+    old, new = Hyper(lr=4e-3), Hyper(lr=4e-3, floor=2.0)
+    grid.append_row(_result_row("vit", 500, old), grid.GRID_CSV)  # 3,000 steps: now 6,000
+    grid.append_row(_result_row("vit", 60000, old), grid.GRID_CSV)  # 13,594 either way
+    grid.append_row(_result_row("cnn", 500, Hyper(lr=8e-3)), grid.GRID_CSV)
+    for n in (1200, 60000):  # in progress: 3,000 steps (stale), 13,594 (the same run)
+        run = LabRun("vit", n)
+        torch.save({"extra": {"run": asdict(run), "hyper": asdict(old),
+                              "steps": run_steps(run, Budget(), old)}},
+                   grid.checkpoint_path(run))
+    choice = {"vit": new, "cnn": Hyper(lr=8e-3)}
+    assert grid.supersede(choice) == 1
+    kept = grid.read_grid(grid.GRID_CSV)
+    assert [(r["arch"], r["train_images"], r["steps"], r["floor"]) for r in kept] == [
+        ("vit", 60000, 13594, 2.0), ("cnn", 500, 3000, 1.0)]
+    assert {Hyper.of(r) for r in kept} == {new, Hyper(lr=8e-3)}  # every row: the choice
+    assert [(r["train_images"], r["steps"]) for r in grid.read_grid(grid.SUPERSEDED_CSV)] == [
+        (500, 3000)]
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["vit-w64-d4-n60000-s0.pt"]
+    assert grid.supersede(choice) == 0
 
 
 def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
@@ -530,16 +617,11 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
     from dataclasses import asdict
 
     from explorer.lab import checkpoint as grid_checkpoint
-    from explorer.lab.engine import LabResult
     for name in ("GRID_CSV", "ATTEMPTS_CSV", "SUPERSEDED_CSV"):
         monkeypatch.setattr(grid, name, tmp_path / f"{name}.csv")
     monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path)
     old, new = Hyper(lr=4e-3, shift=0, flip=False), Hyper(lr=4e-3)
-    def result(arch, n, hyper):
-        run = LabRun(arch, n)
-        return LabResult(**{**{f: 0 for f in grid.COLUMNS}, "arch": arch, "train_images": n,
-                            "width": run.width, "depth": run.depth, "variant": run.variant,
-                            "budget": 1.0, **asdict(hyper), "curve": [(1, 0.5, 0.5)]})
+    result = _result_row
     grid.append_row(result("vit", 500, old), grid.GRID_CSV)  # the patched paths, explicitly
     grid.append_row(result("cnn", 500, Hyper(lr=8e-3)), grid.GRID_CSV)
     grid.append_row(result("vit", 60000, old), grid.ATTEMPTS_CSV)
@@ -588,11 +670,20 @@ def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
         lr_best = max((r for r in quarter if r["shift"] or r["flip"]), key=lambda r: r["val_acc"])
         assert hyper.lr == lr_best["lr"]
         full = [r for r in rows if r["arch"] == arch and r["budget"] == sweep.AUG_BUDGET
-                and r["train_images"] == sweep.AUG_IMAGES]
+                and r["train_images"] == sweep.AUG_IMAGES and r["floor"] == 1.0]
         assert {(r["shift"], r["flip"], r["val_images"]) for r in full} == {
             (0, False, 2000), (2, True, 2000)}
         assert max(r["val_acc"] for r in full) == next(
             r["val_acc"] for r in full if (r["shift"], r["flip"]) == (hyper.shift, hyper.flip))
+        floors = {r["floor"]: r["val_acc"] for r in rows if r["arch"] == arch
+                  and r["train_images"] == sweep.AUG_IMAGES and Hyper.of(r).recipe() == hyper.recipe()}
+        # the chosen floor's doubling, where tried, gained less than a point; each doubling
+        # up to it gained at least one
+        assert floors.get(2 * hyper.floor, 0) < floors[hyper.floor] + sweep.FLOOR_GAIN
+        f = 1.0
+        while f < hyper.floor:
+            assert floors[2 * f] >= floors[f] + sweep.FLOOR_GAIN
+            f *= 2
 
 
 def test_the_scaling_figure_says_the_size_sweep_is_still_training_before_its_first_run():

@@ -122,6 +122,16 @@ def _old(row, lr=4e-3, shift=0, flip=False, weight_decay=0.05):
     return dict(row, lr=lr, shift=shift, flip=flip, weight_decay=weight_decay)
 
 
+def test_a_new_choice_is_described_by_what_it_changed_since_the_last_one():
+    # rows superseded twice: first without augmentation, then with it at the 3,000-step floor
+    first, second = _old(_row("vit", 500, 0.65)), _old(_row("vit", 500, 0.77), shift=2, flip=True)
+    text = lab_view.superseded_text([first, second], [], {"vit": Hyper(lr=4e-3, floor=2.0)})
+    assert "ViT (absolute positions), 1 run (step floor 3,000 → 6,000). " in text
+    both = lab_view.superseded_text([first], [], {"vit": Hyper(lr=2e-3, floor=2.0)})
+    assert ("(learning rate 0.004 → 0.002; augmentation none → 2-px shifts, flips; step floor "
+            "3,000 → 6,000)") in both
+
+
 def test_the_runs_a_new_sweep_choice_trains_again_are_named_until_they_land():
     """The sweep changed the ViT's augmentation: its rows moved to superseded.csv (two runs,
     one of them with a retrained attempt), and the tab and the Lecture say why it is
@@ -133,7 +143,7 @@ def test_the_runs_a_new_sweep_choice_trains_again_are_named_until_they_land():
     text = lab_view.superseded_text(old, [], choice)
     assert text == (
         "**Training again with the sweep's new choice:** ViT (absolute positions), 2 runs "
-        "(learning rate 0.004, augmentation none before; 0.004, 2-px shifts, flips now). A "
+        "(augmentation none → 2-px shifts, flips). A "
         "re-run of the sweep (`explorer/lab/sweep.py`) changed these architectures' "
         "hyperparameters; their earlier rows are kept in `assets/lab/superseded.csv` and not "
         "plotted.")

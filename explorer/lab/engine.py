@@ -9,7 +9,8 @@ stopped (every batch is a pure function of the seed and the step; tested).
 
 The budget rule (`Budget`), one sentence: every run trains on 90% of its images (the other
 10%, at most 2,000, are its validation split) for 30 epochs but at least 3,000 AdamW steps of
-128 images, with 5% linear warm-up and cosine decay to zero, and a run that has not converged
+128 images (a floor the sweep doubles for an architecture still gaining from twice as many:
+`Hyper.floor`), with 5% linear warm-up and cosine decay to zero, and a run that has not converged
 (`analysis.convergence`: validation accuracy still gaining 0.3 points in its last 20% of
 steps, read from a line fitted through that fifth's evaluations, or train below test
 accuracy) is trained again from scratch with twice the steps, up to four times the base
@@ -47,18 +48,27 @@ TRAIN_ACC_IMAGES = 2000  # training images (not augmented) scored at each evalua
 
 @dataclass(frozen=True)
 class Hyper:
-    """What the sweep chooses per architecture: peak learning rate, AdamW weight decay and
-    augmentation (random shifts of up to ``shift`` px, horizontal flips when ``flip``)."""
+    """What the sweep chooses per architecture: peak learning rate, AdamW weight decay,
+    augmentation (random shifts of up to ``shift`` px, horizontal flips when ``flip``) and
+    ``floor``, the multiple of the budget rule's step floor (`Budget.min_steps`) its runs
+    train at least."""
 
     lr: float = 1e-3
     weight_decay: float = 0.05
     shift: int = 2
     flip: bool = True
+    floor: float = 1.0
 
     @classmethod
     def of(cls, row: dict) -> Hyper:
         """The hyperparameters a grid or sweep row was trained with."""
-        return cls(row["lr"], row["weight_decay"], row["shift"], row["flip"])
+        return cls(row["lr"], row["weight_decay"], row["shift"], row["flip"],
+                   row.get("floor", 1.0))
+
+    def recipe(self) -> Hyper:
+        """These hyperparameters but the floor: what two runs that train the same number of
+        steps must share to be the same run."""
+        return replace(self, floor=1.0)
 
     def augmentation(self) -> str:
         """The augmentation in words: "2-px shifts, flips", "none"."""
@@ -88,20 +98,24 @@ class Budget:
     def val_images(self, n: int) -> int:
         return min(self.max_val, max(10, round(n * self.val_frac)))
 
-    def steps(self, n: int, scale: float = 1.0) -> int:
-        """Optimiser steps for a run on ``n`` images (its fit split: n − validation)."""
+    def steps(self, n: int, scale: float = 1.0, floor: float = 1.0) -> int:
+        """Optimiser steps for a run on ``n`` images (its fit split: n − validation), at
+        ``floor`` times the step floor (`Hyper.floor`)."""
         fit = n - self.val_images(n)
-        return max(1, round(scale * max(self.min_steps, math.ceil(self.epochs * fit / self.batch))))
+        return max(1, round(scale * max(round(floor * self.min_steps),
+                                        math.ceil(self.epochs * fit / self.batch))))
 
     def sentence(self) -> str:
         """The rule in one sentence, for the tab."""
         return (f"every run trains on {100 * (1 - self.val_frac):.0f}% of its images (the other "
                 f"{100 * self.val_frac:.0f}%, at most {self.max_val:,}, validate) for "
                 f"{self.epochs:g} epochs but at least {self.min_steps:,} AdamW steps of "
-                f"{self.batch} images, with warm-up and cosine decay; a run whose validation "
+                f"{self.batch} images (a floor the sweep doubles for an architecture whose "
+                f"validation accuracy still gains from twice as many), with warm-up and cosine "
+                f"decay; a run whose validation "
                 f"accuracy still gains in its last 20% of steps is trained again with twice "
                 f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate and "
-                f"augmentation per architecture come from a sweep on a validation split, "
+                f"augmentation per architecture come from the same sweep, "
                 f"never from the test set")
 
 
@@ -149,6 +163,11 @@ class LabRun:
         return self.budget * 2 ** self.attempt
 
 
+def run_steps(run: LabRun, budget: Budget, hyper: Hyper) -> int:
+    """The optimiser steps ``run`` trains for under ``budget`` with ``hyper``'s floor."""
+    return budget.steps(run.train_images, run.scale, hyper.floor)
+
+
 @dataclass
 class LabResult:
     """One row of the grid (`grid.COLUMNS`) plus the trained model."""
@@ -171,6 +190,7 @@ class LabResult:
     weight_decay: float
     shift: int
     flip: bool
+    floor: float  # `Hyper.floor`
     seconds: float
     seed: int
     train_acc: float  # on up to `TRAIN_ACC_IMAGES` fit images, not augmented
@@ -340,7 +360,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         ValueError: more training images than Fashion-MNIST has, or too few.
     """
     fit_x, fit_y, val_x, val_y = run_data(run, budget)
-    total = budget.steps(run.train_images, run.scale)
+    total = run_steps(run, budget, hyper)
     model = build(run.spec, seed=run.seed).to(memory_format=LAYOUT)
     params, flops = param_count(model), forward_flops(model)
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
@@ -356,8 +376,9 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         saved = loop.resumed_extra
         # a field added since the checkpoint was written counts as its default
         same = {k: saved["run"].get(k, v) for k, v in asdict(run).items()} == asdict(run)
-        if not same or saved.get("hyper", asdict(hyper)) != asdict(hyper) or (
-                saved.get("steps", total) != total):
+        # a floor that changed without changing this run's steps leaves it the same run
+        recipe = Hyper(**{**asdict(hyper), **saved.get("hyper", {})}).recipe()
+        if not same or recipe != hyper.recipe() or saved.get("steps", total) != total:
             raise ValueError(f"The checkpoint {checkpoint.name} belongs to another run.")
         curve[:] = [tuple(p) for p in saved["curve"]]
     device = loop.device
@@ -395,7 +416,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         val_images=len(val_y), budget=run.budget, attempt=run.attempt, steps=total,
         batch=budget.batch,
         epochs=round(total * budget.batch / len(fit_y), 2), lr=hyper.lr,
-        weight_decay=hyper.weight_decay, shift=hyper.shift, flip=hyper.flip,
+        weight_decay=hyper.weight_decay, shift=hyper.shift, flip=hyper.flip, floor=hyper.floor,
         seconds=round(loop.seconds, 1), seed=run.seed, train_acc=curve[-1][2],
         val_acc=curve[-1][1], test_acc=test_acc, curve=curve, model=model.cpu())
     if checkpoint is not None:

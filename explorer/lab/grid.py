@@ -5,7 +5,7 @@ how to read it.
                                                 # unfinished ones continue from their checkpoint
     python -m explorer.lab.grid --status        # what is done, training, still to do
 
-Three phases, in order: the hyperparameter sweep's two stages (`explorer.lab.sweep`, rows in
+Four phases, in order: the hyperparameter sweep's three stages (`explorer.lab.sweep`, rows in
 `assets/lab/sweep.csv`, its choice in `assets/lab/hyper.json`), then the grid (`grid_runs`):
 every architecture at every data size with two seeds, the scrambled variant at three sizes
 with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from explorer.lab import sweep
 from explorer.lab.analysis import convergence
-from explorer.lab.engine import Budget, Hyper, LabResult, LabRun
+from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, run_steps
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
 
@@ -53,7 +53,7 @@ KEEP_MODELS = {(arch, n) for arch in LAB_ARCHS for n in (1200, 60000)}  # seed 0
 COLUMNS = tuple(f.name for f in fields(LabResult) if f.name != "model")
 _INTS = ("width", "depth", "params", "flops", "train_images", "fit_images", "val_images",
          "attempt", "steps", "batch", "shift", "seed")
-_FLOATS = ("budget", "epochs", "lr", "weight_decay", "seconds", "train_acc", "val_acc",
+_FLOATS = ("budget", "epochs", "lr", "weight_decay", "floor", "seconds", "train_acc", "val_acc",
            "test_acc")
 
 
@@ -95,7 +95,8 @@ def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
     if hyper is None:
         return name
     aug = f"-shift{hyper.shift}" + ("-flip" if hyper.flip else "")
-    return f"{name}-lr{hyper.lr:g}-wd{hyper.weight_decay:g}{aug}"
+    floor = f"-floor{hyper.floor:g}" if hyper.floor != 1.0 else ""
+    return f"{name}-lr{hyper.lr:g}-wd{hyper.weight_decay:g}{aug}{floor}"
 
 
 def row_key(row: dict, with_hyper: bool = False) -> str:
@@ -119,6 +120,7 @@ def read_grid(path: Path = GRID_CSV) -> list[dict]:
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             row.setdefault("attempt", "0")  # files written before runs were retried
+            row.setdefault("floor", "1.0")  # files written before the sweep chose floors
             for k in _INTS:
                 row[k] = int(row[k])
             for k in _FLOATS:
@@ -150,7 +152,7 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
 # Work: phases, claims, status
 # ---------------------------------------------------------------------------------------
 
-PHASES = ("sweep-lr", "sweep-aug", "grid")
+PHASES = ("sweep-lr", "sweep-aug", "sweep-floor", "grid")
 
 
 def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
@@ -159,6 +161,8 @@ def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
         return SWEEP_CSV, sweep.lr_stage(read_grid(SWEEP_CSV))
     if phase == "sweep-aug":
         return SWEEP_CSV, sweep.aug_stage(read_grid(SWEEP_CSV))
+    if phase == "sweep-floor":
+        return SWEEP_CSV, sweep.floor_stage(read_grid(SWEEP_CSV))
     if phase == "grid":
         return GRID_CSV, [(r, None) for r in grid_runs()]
     raise ValueError(f"phase must be one of {PHASES}")
@@ -212,6 +216,7 @@ def status(budget: Budget | None = None) -> dict[str, list]:
     import torch
 
     budget = budget or Budget()
+    chosen = sweep.read_choice()
     done = {row_key(r) for r in read_grid(GRID_CSV)}
     training, todo = [], []
     attempts = next_attempts()
@@ -224,7 +229,8 @@ def status(budget: Budget | None = None) -> dict[str, list]:
             # memory-mapped: reads the step, not the weights and optimiser state
             step = int(torch.load(ckpt, map_location="cpu", weights_only=False,
                                   mmap=True)["step"])
-            training.append((run.name, step, budget.steps(run.train_images, run.scale)))
+            training.append((run.name, step,
+                             run_steps(run, budget, chosen.get(run.arch, Hyper()))))
         else:
             todo.append(run.name)
     return {"done": sorted(done), "training": training, "todo": todo}
@@ -247,6 +253,7 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
 
     budget = budget or Budget()
     flops = flops or _run_flops
+    chosen = sweep.read_choice()
 
     def rates(rs) -> dict[str, float]:
         per: dict[str, list[float]] = {}
@@ -265,8 +272,8 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
     left += [(runs[name], step) for name, step, _ in progress["training"]]
     if any(run.arch not in rate for run, _ in left):
         return None
-    return sum((budget.steps(run.train_images, run.scale) - step) * flops(run) * rate[run.arch]
-               for run, step in left)
+    return sum((run_steps(run, budget, chosen.get(run.arch, Hyper())) - step) * flops(run)
+               * rate[run.arch] for run, step in left)
 
 
 _FLOPS: dict[str, int] = {}
@@ -369,16 +376,22 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
 
 
 def supersede(choice: dict[str, Hyper]) -> int:
-    """Move the grid's rows and attempts trained with hyperparameters other than ``choice``
-    (a sweep re-run changed its mind) to `SUPERSEDED_CSV`, and delete their runs'
-    checkpoints and shipped models, so those runs train again with the choice. Returns the
-    rows moved."""
+    """Move the grid's rows and attempts that ``choice`` would train otherwise (a sweep re-run
+    changed its mind: another learning rate, weight decay or augmentation, or a floor that
+    changes the run's steps) to `SUPERSEDED_CSV`, and delete their runs' checkpoints and
+    shipped models, so those runs train again with the choice. A row whose floor changed
+    without changing its steps is the same run: it stays, relabelled with the new floor.
+    Returns the rows moved."""
     import torch
 
     from explorer.lab.checkpoint import shipped_path
 
-    def stale(arch: str, hyper: dict) -> bool:
-        return arch in choice and Hyper(**hyper) != choice[arch]
+    budget = Budget()
+
+    def stale(run: LabRun, hyper: Hyper, steps: int) -> bool:
+        new = choice.get(run.arch)
+        return new is not None and (hyper.recipe() != new.recipe()
+                                    or steps != run_steps(run, budget, new))
 
     moved = 0
     for path in (GRID_CSV, ATTEMPTS_CSV):
@@ -388,28 +401,34 @@ def supersede(choice: dict[str, Hyper]) -> int:
             reader = csv.DictReader(f)
             columns, raw = reader.fieldnames, list(reader)
         typed = read_grid(path)
-        pairs = [(r, t) for r, t in zip(raw, typed, strict=True) if stale(
-            t["arch"], {k: t[k] for k in ("lr", "weight_decay", "shift", "flip")})]
-        if not pairs:
-            continue
-        old = [r for r, _ in pairs]
-        for _, t in pairs:  # the model the tab's views load, trained with the old choice
-            shipped_path(replace(row_run(t), attempt=0)).unlink(missing_ok=True)
-        new = not SUPERSEDED_CSV.is_file()
-        with open(SUPERSEDED_CSV, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            if new:
+        old, relabelled = [], 0
+        for r, t in zip(raw, typed, strict=True):
+            if stale(row_run(t), Hyper.of(t), t["steps"]):
+                old.append(r)
+            elif t["arch"] in choice and "floor" in r and t["floor"] != choice[t["arch"]].floor:
+                r["floor"] = str(choice[t["arch"]].floor)
+                relabelled += 1
+        for r in old:  # the model the tab's views load, trained with the old choice
+            shipped_path(replace(row_run(typed[raw.index(r)]), attempt=0)).unlink(
+                missing_ok=True)
+        if old:
+            new = not SUPERSEDED_CSV.is_file()
+            with open(SUPERSEDED_CSV, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerows(old)
+        if old or relabelled:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
-            writer.writerows(old)
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(r for r in raw if r not in old)
+                writer.writerows(r for r in raw if r not in old)
         moved += len(old)
     for ckpt in CHECKPOINTS_DIR.glob("*.pt"):  # the grid's (a sweep run's has its own hyper)
         extra = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["extra"]
-        if ckpt.stem == LabRun(**extra["run"]).name and stale(extra["run"]["arch"],
-                                                              extra["hyper"]):
+        run, hyper = LabRun(**extra["run"]), Hyper(**extra["hyper"])
+        if ckpt.stem == run.name and stale(run, hyper, extra.get(
+                "steps", run_steps(run, budget, hyper))):
             ckpt.unlink()
     return moved
 
@@ -425,7 +444,7 @@ def settle_choice() -> int:
     choice = sweep.choose(read_grid(SWEEP_CSV))
     if set(choice) != set(LAB_ARCHS):
         raise SystemExit("The sweep has not finished for every architecture: run it "
-                         "(python -m explorer.lab.grid --only sweep-lr sweep-aug).")
+                         "(python -m explorer.lab.grid --only sweep-lr sweep-aug sweep-floor).")
     if choice != sweep.read_choice():
         sweep.write_choice(choice)
         print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
@@ -477,7 +496,7 @@ def main(argv=None) -> int:
                                read_grid(ATTEMPTS_CSV)))
         return 0
     if args.status:
-        for phase in PHASES[:2]:  # a sweep stage with runs left trains before the grid
+        for phase in PHASES[:-1]:  # a sweep stage with runs left trains before the grid
             left = [work_key(run, hyper) for run, hyper in unfinished(phase)[1]]
             if left:
                 print(f"{phase}: {len(left)} runs to train first: {', '.join(left)}")

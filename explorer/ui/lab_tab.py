@@ -7,6 +7,8 @@ figures `explorer.plots.lab`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gradio as gr
 import torch
 
@@ -14,7 +16,15 @@ from explorer import gpu
 from explorer.cache import KeyedCache
 from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
-from explorer.lab.engine import LIVE_BUDGET, Budget, LabRun, normalise, run_lab, test_subset
+from explorer.lab.engine import (
+    LIVE_BUDGET,
+    Budget,
+    LabRun,
+    normalise,
+    run_lab,
+    run_steps,
+    test_subset,
+)
 from explorer.lab.models import ARCH_LABELS, LAB_ARCHS, PATCH
 from explorer.lab.sweep import hyper_for
 from explorer.plots import lab as plots
@@ -78,9 +88,11 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     result = None
     # on ZeroGPU the run borrows a GPU in a worker, sized by its steps alone (the lab's 28-px
     # models are launch-bound; its ~50 evaluation batches are within the rule's margin)
-    seconds = gpu.training_seconds(budget.steps(run.train_images, run.scale))
+    # the grid's recipe at the live budget's own steps (the sweep's floor is the grid's)
+    hyper = replace(hyper_for(arch), floor=1.0)
+    seconds = gpu.training_seconds(run_steps(run, budget, hyper))
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
-        events = gpu.stream_on_device(run_lab, run, budget, hyper_for(arch), cancel=cancel,
+        events = gpu.stream_on_device(run_lab, run, budget, hyper, cancel=cancel,
                                       seconds=seconds, log_every=25)
         for event in events:
             history.append((event.step, event.loss, event.val_acc))

@@ -13,7 +13,7 @@ import torch
 
 from explorer.lab import analysis, grid, sweep
 from explorer.lab.checkpoint import load_shipped, shipped_path
-from explorer.lab.engine import Budget, Hyper, LabRun
+from explorer.lab.engine import Budget, Hyper, LabRun, run_steps
 from explorer.lab.models import ARCH_LABELS
 from explorer.lab.paths import ATTEMPTS_CSV, SUPERSEDED_CSV
 from explorer.plots.axes import si
@@ -178,7 +178,7 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
                      f"{r['seed']}{', scrambled' if r['variant'] == 'scrambled' else ''}: "
                      f"{r['steps']:,} steps reached {100 * r['test_acc']:.1f}% test accuracy, "
                      f"but {' and '.join(why)}, so it trains again from scratch with "
-                     f"{Budget().steps(again.train_images, again.scale):,} steps")
+                     f"{run_steps(again, Budget(), sweep.hyper_for(r['arch'])):,} steps")
     return ("**Training longer** (attempts that had not converged, kept aside and not "
             "plotted): " + "; ".join(lines) + ".")
 
@@ -193,6 +193,18 @@ def superseded_runs(superseded: Sequence[dict], done: Collection[str]) -> dict[s
     return {a: by_arch[a] for a in ARCH_LABELS if a in by_arch}
 
 
+def _change(old: Hyper, new: Hyper) -> str:
+    """What a new sweep choice changed, in words: "augmentation none → 2-px shifts, flips"."""
+    floor = Budget().min_steps
+    parts = [f"{what} {a} → {b}" for what, a, b in (
+        ("learning rate", f"{old.lr:g}", f"{new.lr:g}"),
+        ("weight decay", f"{old.weight_decay:g}", f"{new.weight_decay:g}"),
+        ("augmentation", old.augmentation(), new.augmentation()),
+        ("step floor", f"{round(old.floor * floor):,}", f"{round(new.floor * floor):,}"))
+        if a != b]
+    return "; ".join(parts)
+
+
 def superseded_text(superseded: list[dict], done: list[str],
                     choice: dict[str, Hyper] | None = None) -> str:
     """Which architectures train again with the sweep's new choice, what it changed and how
@@ -201,12 +213,12 @@ def superseded_text(superseded: list[dict], done: list[str],
     if not runs:
         return ""
     choice = choice if choice is not None else sweep.read_choice()
+    latest = {r["arch"]: Hyper.of(r) for r in superseded}  # the last choice each replaced
     parts = []
     for arch, rows in runs.items():
-        old, new = Hyper.of(rows[0]), choice.get(arch)
-        change = (f" (learning rate {old.lr:g}, augmentation {old.augmentation()} before; "
-                  f"{new.lr:g}, {new.augmentation()} now)") if new else ""
-        parts.append(f"{ARCH_LABELS[arch]}, {len(rows)} run{'s' * (len(rows) != 1)}{change}")
+        change = _change(latest[arch], choice[arch]) if arch in choice else ""
+        parts.append(f"{ARCH_LABELS[arch]}, {len(rows)} run{'s' * (len(rows) != 1)}"
+                     + (f" ({change})" if change else ""))
     return ("**Training again with the sweep's new choice:** " + "; ".join(parts)
             + ". A re-run of the sweep (`explorer/lab/sweep.py`) changed these architectures' "
             "hyperparameters; their earlier rows are kept in `assets/lab/superseded.csv` and "
@@ -308,7 +320,7 @@ def live_message(result, rows: list[dict], run: LabRun, budget: Budget) -> str:
             message += f" The grid has {100 * shipped[0]['test_acc']:.2f}% for this run."
         return message
     message += (f" A live run is cut to {result.steps:,} steps; the grid trains this run for "
-                f"{Budget().steps(run.train_images):,}")
+                f"{run_steps(run, Budget(), sweep.hyper_for(run.arch)):,}")
     if shipped:
         diff = 100 * (shipped[0]["test_acc"] - result.test_acc)
         message += (f" and reaches {100 * shipped[0]['test_acc']:.2f}% "
