@@ -36,7 +36,8 @@ def _cell(p) -> str:
 
 def _sweep_table(sweep_rows: list[dict]) -> list[str]:
     """The sweep's runs, each stage's (a quarter of the steps, then the full budget; the
-    augmentation stage on 300, then on 2,000 validation images) apart."""
+    augmentation stage on 300, then on 2,000 validation images; the floor stage at twice and
+    four times the steps) apart."""
     out = ["| architecture | images (validating) | steps | lr | augmentation | val acc | "
            "train acc |", "|---|---|---|---|---|---|---|"]
     for r in sorted(sweep_rows, key=lambda r: (r["arch"], r["val_images"], r["steps"],
