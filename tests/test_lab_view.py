@@ -113,13 +113,32 @@ def test_lecture_lab_steps_carry_the_grids_findings():
     # a partial grid says so under every lab figure: ROWS are 6 of the grid's 83 runs (CNN
     # and ViT at 500 and 60,000 images, and both scrambled at 500; seed 0)
     for figure in ("lab-data", "lab-compute", "lab-bias"):
-        assert lab_view.lecture_note(figure, ROWS, superseded=[]).startswith(
+        assert lab_view.lecture_note(figure, ROWS, superseded=[], sweep_left={}).startswith(
             "\n\n**Trained here:** *(still training: 6 of the grid's 83 runs have finished; "
             "what is shown here comes from those alone)*")
 
 
 def _old(row, lr=4e-3, shift=0, flip=False, weight_decay=0.05):
     return dict(row, lr=lr, shift=shift, flip=flip, weight_decay=weight_decay)
+
+
+def test_a_sweep_stage_still_training_is_named_with_its_architectures():
+    from explorer.lab import sweep
+    left = {"sweep-floor": [(sweep.aug_run("vit_rel"), Hyper(lr=4e-3, floor=2.0)),
+                            (sweep.aug_run("vit"), Hyper(lr=4e-3, floor=4.0))]}
+    text = lab_view.sweep_text(left)
+    assert text.startswith("**The sweep is choosing again:** its step-floor stage has 2 runs to "
+                           "train (ViT (absolute positions), ViT + relative bias). The grid "
+                           "waits for it;")
+    status = {"done": [], "training": [], "todo": ["cnn-w24-d2-n500-s0"]}
+    assert text in lab_view.progress_text(status, [], [], {}, left)
+    assert lab_view.sweep_text({}) == "" and text not in lab_view.progress_text(
+        status, [], [], {}, {})
+    note = lab_view.lecture_note("lab-data", ROWS, superseded=[], sweep_left=left)
+    assert note.startswith(
+        "\n\n**Trained here:** *(still training: 6 of the grid's 83 runs have finished; the sweep "
+        "is choosing again for the ViT (absolute positions) and the ViT + relative bias, whose "
+        "runs may train again; what is shown here comes from those alone)*")
 
 
 def test_a_new_choice_is_described_by_what_it_changed_since_the_last_one():
@@ -153,7 +172,7 @@ def test_the_runs_a_new_sweep_choice_trains_again_are_named_until_they_land():
     assert "ViT (absolute positions), 1 run " in lab_view.superseded_text(
         old, [grid.row_key(old[0])], choice)  # its 500-image run has landed again
     assert lab_view.superseded_text(old, [grid.row_key(r) for r in old], choice) == ""
-    note = lab_view.lecture_note("lab-data", cnn, superseded=old)
+    note = lab_view.lecture_note("lab-data", cnn, superseded=old, sweep_left={})
     assert note.startswith(
         "\n\n**Trained here:** *(still training: 3 of the grid's 83 runs have finished; the "
         "ViT (absolute positions) trains again with the sweep's new hyperparameters; what is "

@@ -180,6 +180,12 @@ def unfinished(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
     return path, [(run, hyper) for run, hyper in items if work_key(run, hyper) not in done]
 
 
+def sweep_left() -> dict[str, list[tuple[LabRun, Hyper | None]]]:
+    """The sweep's stages with runs still to train (`unfinished`; the grid waits for them),
+    in order; a stage that doubles while it gains (the lr's, the floor's) may add runs."""
+    return {phase: items for phase in PHASES[:-1] if (items := unfinished(phase)[1])}
+
+
 def checkpoint_path(run: LabRun, sweep_hyper: Hyper | None = None) -> Path:
     """Where an unfinished run keeps its checkpoint: named by the run (attempt included), a
     sweep run's with its hyperparameters."""
@@ -496,10 +502,9 @@ def main(argv=None) -> int:
                                read_grid(ATTEMPTS_CSV)))
         return 0
     if args.status:
-        for phase in PHASES[:-1]:  # a sweep stage with runs left trains before the grid
-            left = [work_key(run, hyper) for run, hyper in unfinished(phase)[1]]
-            if left:
-                print(f"{phase}: {len(left)} runs to train first: {', '.join(left)}")
+        for phase, items in sweep_left().items():  # they train before the grid
+            print(f"{phase}: {len(items)} runs to train first: "
+                  f"{', '.join(work_key(run, hyper) for run, hyper in items)}")
         s = status()
         print(f"{len(s['done'])} done, {len(s['training'])} training, {len(s['todo'])} to do")
         for key, step, steps in s["training"]:

@@ -225,13 +225,33 @@ def superseded_text(superseded: list[dict], done: list[str],
             "not plotted.")
 
 
+STAGES = {"sweep-lr": "learning-rate", "sweep-aug": "augmentation", "sweep-floor": "step-floor"}
+
+
+def sweep_text(left: dict[str, list] | None = None) -> str:
+    """The sweep's stages still training (``left``: `grid.sweep_left`'s, by default read from
+    disk), with their architectures; "" for none."""
+    left = left if left is not None else grid.sweep_left()
+    if not left:
+        return ""
+    parts = []
+    for phase, items in left.items():
+        archs = {run.arch for run, _ in items}
+        parts.append(f"its {STAGES[phase]} stage has {len(items)} run{'s' * (len(items) != 1)} "
+                     f"to train ({', '.join(ARCH_LABELS[a] for a in ARCH_LABELS if a in archs)})")
+    return ("**The sweep is choosing again:** " + "; ".join(parts) + ". The grid waits for it; "
+            "an architecture whose choice changes trains again, and until then the plots show "
+            "its runs under the current choice.")
+
+
 def progress_text(status: dict[str, list] | None = None,
                   attempts: list[dict] | None = None,
                   superseded: list[dict] | None = None,
-                  choice: dict[str, Hyper] | None = None) -> str:
-    """How far the grid is: finished, training now (with their step), queued, and which runs
-    train again because an attempt had not converged or the sweep changed its choice
-    (``choice``: the shipped one by default)."""
+                  choice: dict[str, Hyper] | None = None,
+                  sweep_left: dict[str, list] | None = None) -> str:
+    """How far the grid is: finished, training now (with their step), queued, which sweep
+    stages still train (`sweep_text`), and which runs train again because an attempt had not
+    converged or the sweep changed its choice (``choice``: the shipped one by default)."""
     status = status if status is not None else grid.status()
     attempts = attempts if attempts is not None else attempt_rows()
     superseded = superseded if superseded is not None else superseded_rows()
@@ -245,7 +265,8 @@ def progress_text(status: dict[str, list] | None = None,
             + f"{len(todo)} queued. The plots "
             "show the finished runs; a missing point is still to come (`python -m "
             "explorer.lab.grid` resumes it).")
-    notes = [retrain_text(attempts, done), superseded_text(superseded, done, choice)]
+    notes = [sweep_text(sweep_left), retrain_text(attempts, done),
+             superseded_text(superseded, done, choice)]
     return "\n\n".join([text] + [n for n in notes if n])
 
 
@@ -273,9 +294,11 @@ def scaling_text(rows: list[dict]) -> str:
     return f"**{SCALING_HEADING}**\n" + "\n".join(lines) if lines else ""
 
 
-def still_training(rows: list[dict], superseded: list[dict] = ()) -> str:
-    """How much of the grid the rows are, while it is not all there ("" when it is), and
-    which architectures train again with the sweep's new choice (`superseded_runs`)."""
+def still_training(rows: list[dict], superseded: list[dict] = (),
+                   sweep_left: dict[str, list] | None = None) -> str:
+    """How much of the grid the rows are, while it is not all there ("" when it is), which
+    architectures the sweep is choosing for again (``sweep_left``: `grid.sweep_left`'s) and
+    which train again with its new choice (`superseded_runs`)."""
     names = [r.name for r in grid.grid_runs()]
     done = {grid.row_key(r) for r in rows}
     finished = len(done & set(names))
@@ -284,15 +307,21 @@ def still_training(rows: list[dict], superseded: list[dict] = ()) -> str:
     again = [ARCH_LABELS[a] for a in superseded_runs(superseded, done)]
     again_text = (f"the {' and the '.join(again)} train{'s' * (len(again) == 1)} again with "
                   "the sweep's new hyperparameters; ") if again else ""
+    choosing = {run.arch for items in (sweep_left or {}).values() for run, _ in items}
+    choosing_text = (f"the sweep is choosing again for the "
+                     f"{' and the '.join(ARCH_LABELS[a] for a in ARCH_LABELS if a in choosing)}"
+                     f", whose runs may train again; ") if choosing else ""
     # not "the figure shows those": a figure may show none of them yet (the size sweep's)
     return (f"*(still training: {finished} of the grid's {len(names)} runs have finished; "
-            f"{again_text}what is shown here comes from those alone)*")
+            f"{choosing_text}{again_text}what is shown here comes from those alone)*")
 
 
-def lecture_note(figure: str, rows: list[dict], superseded: list[dict] | None = None) -> str:
+def lecture_note(figure: str, rows: list[dict], superseded: list[dict] | None = None,
+                 sweep_left: dict[str, list] | None = None) -> str:
     """What the Lecture's lab steps add under their text: the grid's findings for the figure
     shown (`explorer.lecture.Step.figure`), computed from its rows, and how much of the grid
-    they are (``superseded``: `superseded_rows` by default); "" for other figures."""
+    they are (``superseded``: `superseded_rows`, ``sweep_left``: `grid.sweep_left`, both
+    read from disk by default); "" for other figures."""
     if figure == "lab-data":
         found = [summary_text(rows), analysis.scramble_sentence(rows)]
     elif figure == "lab-compute":
@@ -304,7 +333,9 @@ def lecture_note(figure: str, rows: list[dict], superseded: list[dict] | None = 
         return ""
     # how much of the grid this is comes first: a projector shows the note's first lines only
     superseded = superseded if superseded is not None else superseded_rows()
-    found = [f for f in [still_training(rows, superseded) if rows else ""] + found if f]
+    sweep_left = sweep_left if sweep_left is not None else grid.sweep_left()
+    found = [f for f in [still_training(rows, superseded, sweep_left) if rows else ""] + found
+             if f]
     return ("\n\n**Trained here:** " + " ".join(found)) if found else ""
 
 
