@@ -585,6 +585,45 @@ def _result_row(arch, n, hyper, steps=None):
                         "steps": steps or run_steps(run, Budget(), hyper)})
 
 
+def test_floor_runs_trained_ahead_import_as_the_floor_stages_and_resume_there(
+        tmp_path, monkeypatch):
+    """scripts/lab_floor_check.py trains the stage's runs as budget-scaled runs; --import
+    turns a finished one into the stage's row and a checkpoint into the stage's checkpoint
+    (its run and hyperparameters: what `run_lab` compares when it resumes)."""
+    import importlib.util
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from explorer.lab import sweep
+    spec = importlib.util.spec_from_file_location(
+        "lab_floor_check", Path(__file__).resolve().parents[1] / "scripts/lab_floor_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "OUT", tmp_path / "runs" / "floor_check.csv")
+    monkeypatch.setattr(grid, "SWEEP_CSV", tmp_path / "sweep.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    hyper = Hyper(lr=4e-3)
+    ahead = replace(sweep.aug_run("vit"), budget=2.0)
+    row = replace(_result_row("vit", sweep.AUG_IMAGES, hyper,
+                              steps=run_steps(ahead, sweep.AUG_RULE, hyper)), budget=2.0)
+    grid.append_row(row, script.OUT)
+    cnn_ahead = replace(sweep.aug_run("cnn"), budget=4.0)
+    torch.save({"step": 7, "extra": {"run": asdict(cnn_ahead), "hyper": asdict(Hyper(lr=8e-3)),
+                                     "steps": 12000, "curve": []}},
+               script.OUT.parent / f"floor-{cnn_ahead.name}.pt")
+    assert script.main(["--import"]) == 0
+    (imported,) = grid.read_grid(grid.SWEEP_CSV)
+    assert (imported["budget"], imported["floor"], imported["steps"]) == (1.0, 2.0, 6000)
+    assert sweep._floor_row([imported], "vit", replace(hyper, floor=2.0)) is not None
+    assert not list(script.OUT.parent.glob("*.pt"))
+    moved = torch.load(grid.checkpoint_path(sweep.aug_run("cnn"), Hyper(lr=8e-3, floor=4.0)),
+                       weights_only=False)
+    assert moved["step"] == 7 and moved["extra"]["run"] == asdict(sweep.aug_run("cnn"))
+    assert moved["extra"]["hyper"]["floor"] == 4.0
+    assert script.main(["--import"]) == 0  # again: nothing twice
+    assert len(grid.read_grid(grid.SWEEP_CSV)) == 1
+
+
 def test_a_new_floor_supersedes_the_runs_whose_steps_it_changes_and_relabels_the_rest(
         tmp_path, monkeypatch):
     from dataclasses import asdict
