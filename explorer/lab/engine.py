@@ -107,12 +107,15 @@ class Budget:
 
     def sentence(self) -> str:
         """The rule in one sentence, for the tab."""
+        from explorer.lab.sweep import FLOOR_GAIN as gain
+        from explorer.lab.sweep import MAX_FLOOR as max_floor
         return (f"every run trains on {100 * (1 - self.val_frac):.0f}% of its images (the other "
                 f"{100 * self.val_frac:.0f}%, at most {self.max_val:,}, validate) for "
                 f"{self.epochs:g} epochs but at least {self.min_steps:,} AdamW steps of "
-                f"{self.batch} images (a floor the sweep doubles for an architecture whose "
-                f"validation accuracy still gains from twice as many), with warm-up and cosine "
-                f"decay; a run whose validation "
+                f"{self.batch} images (a floor the sweep doubles, up to {max_floor:g}×, for an "
+                f"architecture whose validation accuracy gains {100 * gain:g} point"
+                f"{'s' * (gain != 0.01)} from twice as many), "
+                f"with warm-up and cosine decay; a run whose validation "
                 f"accuracy still gains in its last 20% of steps is trained again with twice "
                 f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate and "
                 f"augmentation per architecture come from the same sweep, "
