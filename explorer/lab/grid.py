@@ -411,12 +411,11 @@ def supersede(choice: dict[str, Hyper]) -> int:
         for r, t in zip(raw, typed, strict=True):
             if stale(row_run(t), Hyper.of(t), t["steps"]):
                 old.append(r)
+                # the model the tab's views load, trained with the old choice
+                shipped_path(replace(row_run(t), attempt=0)).unlink(missing_ok=True)
             elif t["arch"] in choice and "floor" in r and t["floor"] != choice[t["arch"]].floor:
                 r["floor"] = str(choice[t["arch"]].floor)
                 relabelled += 1
-        for r in old:  # the model the tab's views load, trained with the old choice
-            shipped_path(replace(row_run(typed[raw.index(r)]), attempt=0)).unlink(
-                missing_ok=True)
         if old:
             new = not SUPERSEDED_CSV.is_file()
             with open(SUPERSEDED_CSV, "a", newline="") as f:

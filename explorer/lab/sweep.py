@@ -25,12 +25,12 @@ the ViT without augmentation: it fitted every training image up to 7,500, and at
 run at twice the steps validated 1.5 points below the first (91.4 → 89.9%). 2,000 images
 (±0.9 points) decide it; those 3,000-image rows stay in `sweep.csv` and choose nothing.
 
-Why the floor stage: the budget rule's floor (3,000 steps) bounds every run on up to 13,500
-images, and a run's convergence check reads its validation curve's last fifth, which a
+Why the floor stage: the budget rule's floor (3,000 steps) sets the length of every run on
+fewer than about 14,000 images, and a run's convergence check reads its validation curve's last fifth, which a
 cosine schedule flattens whether or not more steps would help. With augmentation the ViT at
 the floor fitted only 85–87% of its training images at 3,000 and 7,500 images and passed the
-check, while on 20,000 images (above the floor) doubling its steps twice lifted its
-validation accuracy 86.7 → 89.7% and the check caught both. The CNN gained nothing from
+check, while on 20,000 images (above the floor) doubling its steps lifted its validation
+accuracy 86.7 → 89.7% and the check caught both attempts. The CNN gained nothing from
 doubling at 20,000 and 60,000 images. So how long an architecture needs at least is chosen
 like its learning rate: on the stage's 2,000 validation images, never the test set.
 """
