@@ -41,7 +41,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from explorer.lab.engine import Budget, Hyper, LabRun
+from explorer.lab.engine import FLOOR_GAIN, MAX_FLOOR, Budget, Hyper, LabRun
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import HYPER_JSON
 
@@ -53,8 +53,6 @@ AUG_BUDGET = 1.0  # the augmentation stage: the rule's full steps for 3,000 fit 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3 came out best for every architecture
 MAX_LR = 3.2e-2
 NO_AUG = {"shift": 0, "flip": False}
-FLOOR_GAIN = 0.01  # a doubled floor is kept when it validates 1 point better (2,000 images)
-MAX_FLOOR = 4.0  # at most 12,000 steps
 
 
 def sweep_run(arch: str, budget: float = SWEEP_BUDGET) -> LabRun:
