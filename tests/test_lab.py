@@ -831,7 +831,9 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]
 
 
-def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_grid():
+def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_grid(monkeypatch):
+    from explorer.lab import sweep
+    monkeypatch.setattr(sweep, "read_choice", lambda path=None: {})  # every floor 1×
     cnn, vit = LabRun("cnn", 500), LabRun("vit", 500)
     # the CNN's grid runs: 300 s for 1,000 steps at 10 FLOPs, 0.03 s per step and FLOP; its
     # sweep ran at 0.06, so the grid is 0.5× the sweep; the ViT, swept at 0.1, gets 0.05

@@ -96,10 +96,12 @@ def test_progress_text_says_which_runs_train_again_and_why():
     assert "Training longer" not in lab_view.progress_text(status, [])
 
 
-def test_live_message_says_the_budget_is_shorter_and_what_it_cost():
+def test_live_message_says_the_budget_is_shorter_and_what_it_cost(monkeypatch):
+    from explorer.lab import sweep
+    monkeypatch.setattr(sweep, "read_choice", lambda path=None: {"vit": Hyper(floor=2.0)})
     result = SimpleNamespace(seconds=90.0, test_acc=0.65, train_acc=0.7, steps=600)
     text = lab_view.live_message(result, ROWS, LabRun("vit", 500, 0), LIVE_BUDGET)
-    assert "cut to 600 steps; the grid trains this run for 3,000" in text
+    assert "cut to 600 steps; the grid trains this run for 6,000" in text  # its floor, 2×
     assert "reaches 70.00% (+5.0 points against the live run)" in text
     full = lab_view.live_message(result, ROWS, LabRun("vit", 500, 0), Budget())
     assert "The grid has 70.00% for this run." in full and "cut to" not in full
