@@ -7,8 +7,6 @@ figures `explorer.plots.lab`.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import gradio as gr
 import torch
 
@@ -89,7 +87,7 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     # on ZeroGPU the run borrows a GPU in a worker, sized by its steps alone (the lab's 28-px
     # models are launch-bound; its ~50 evaluation batches are within the rule's margin)
     # the grid's recipe at the live budget's own steps (the sweep's floor is the grid's)
-    hyper = replace(hyper_for(arch), floor=1.0)
+    hyper = hyper_for(arch).recipe()
     seconds = gpu.training_seconds(run_steps(run, budget, hyper))
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
         events = gpu.stream_on_device(run_lab, run, budget, hyper, cancel=cancel,

@@ -225,6 +225,11 @@ def superseded_text(superseded: list[dict], done: list[str],
             "not plotted.")
 
 
+def _labels(archs: Collection[str]) -> list[str]:
+    """The labels of ``archs``, in the grid's order."""
+    return [ARCH_LABELS[a] for a in ARCH_LABELS if a in archs]
+
+
 STAGES = {"sweep-lr": "learning-rate", "sweep-aug": "augmentation", "sweep-floor": "step-floor"}
 
 
@@ -238,7 +243,7 @@ def sweep_text(left: dict[str, list] | None = None) -> str:
     for phase, items in left.items():
         archs = {run.arch for run, _ in items}
         parts.append(f"its {STAGES[phase]} stage has {len(items)} run{'s' * (len(items) != 1)} "
-                     f"to train ({', '.join(ARCH_LABELS[a] for a in ARCH_LABELS if a in archs)})")
+                     f"to train ({', '.join(_labels(archs))})")
     return ("**The sweep is choosing again:** " + "; ".join(parts) + ". The grid waits for it; "
             "an architecture whose choice changes trains again, and until then the plots show "
             "its runs under the current choice.")
@@ -309,7 +314,7 @@ def still_training(rows: list[dict], superseded: list[dict] = (),
                   "the sweep's new hyperparameters; ") if again else ""
     choosing = {run.arch for items in (sweep_left or {}).values() for run, _ in items}
     choosing_text = (f"the sweep is choosing again for the "
-                     f"{' and the '.join(ARCH_LABELS[a] for a in ARCH_LABELS if a in choosing)}"
+                     f"{' and the '.join(_labels(choosing))}"
                      f", whose runs may train again; ") if choosing else ""
     # not "the figure shows those": a figure may show none of them yet (the size sweep's)
     return (f"*(still training: {finished} of the grid's {len(names)} runs have finished; "
