@@ -541,7 +541,7 @@ def test_the_floor_doubles_while_twice_the_steps_validate_a_point_better():
     rows = [_sweep_row("vit", 4e-3, True, 0.7, q), _sweep_row("vit", 4e-3, False, 0.8, full, n),
             _sweep_row("vit", 4e-3, True, 0.84, full, n)]
     assert sweep.choose_aug(rows) == {"vit": Hyper(lr=4e-3)}
-    assert sweep.choose(rows) == {}  # the floor stage has not run
+    assert sweep.choose_floor(rows) == {}  # the floor stage has not run
 
     def stage(rows):
         done = {(r["shift"], r["floor"]) for r in rows if r["train_images"] == n}
@@ -553,15 +553,62 @@ def test_the_floor_doubles_while_twice_the_steps_validate_a_point_better():
     assert rule.steps(n, 1.0, 2.0) == 6000
     # doubled: 0.9 points better, under the 1-point bar: the floor stays, the stage is done
     rows.append(_sweep_row("vit", 4e-3, True, 0.849, full, n, floor=2.0))
-    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=1.0)}
+    assert stage(rows) == [] and sweep.choose_floor(rows) == {"vit": Hyper(lr=4e-3, floor=1.0)}
     # 1 point better: the floor doubles, and the stage tries the next doubling
     rows[-1]["val_acc"] = 0.85
-    assert sweep.choose(rows) == {} and stage(rows) == [(n, full, 4.0)]
+    assert sweep.choose_floor(rows) == {} and stage(rows) == [(n, full, 4.0)]
     rows.append(_sweep_row("vit", 4e-3, True, 0.855, full, n, floor=4.0))
-    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
+    assert stage(rows) == [] and sweep.choose_floor(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
     rows[-1]["val_acc"] = 0.87  # better again, but 4 is the largest floor tried
-    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=4.0)}
+    assert stage(rows) == [] and sweep.choose_floor(rows) == {"vit": Hyper(lr=4e-3, floor=4.0)}
     assert sweep.MAX_FLOOR == 4.0
+
+
+def test_the_weight_decay_moves_from_005_only_for_a_point_better_and_on_while_it_gains():
+    from explorer.lab import sweep
+    q, full, n = sweep.SWEEP_BUDGET, sweep.AUG_BUDGET, sweep.AUG_IMAGES
+    rows = [_sweep_row("vit", 4e-3, True, 0.7, q), _sweep_row("vit", 4e-3, False, 0.8, full, n),
+            _sweep_row("vit", 4e-3, True, 0.84, full, n),
+            _sweep_row("vit", 4e-3, True, 0.86, full, n, floor=2.0),
+            _sweep_row("vit", 4e-3, True, 0.865, full, n, floor=4.0)]
+    assert sweep.choose_floor(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
+    assert sweep.choose(rows) == {}  # the weight-decay stage has not run
+
+    def stage(rows):
+        done = {(r["weight_decay"], r["floor"]) for r in rows if r["train_images"] == n}
+        return [(run.train_images, h.floor, h.weight_decay) for run, h in sweep.wd_stage(rows)
+                if (h.weight_decay, h.floor) not in done]
+
+    def wd_row(wd, val):
+        return dict(_sweep_row("vit", 4e-3, True, val, full, n, floor=2.0), weight_decay=wd)
+
+    # the chosen run (floor 2) at 0.05's two neighbours, a factor of 5 away
+    assert stage(rows) == [(n, 2.0, 0.01), (n, 2.0, 0.25)]
+    rows.append(wd_row(0.25, 0.869))
+    assert sweep.choose(rows) == {} and stage(rows) == [(n, 2.0, 0.01)]  # one of two: no choice
+    rows.append(wd_row(0.01, 0.80))
+    # 0.9 points better: under the bar, 0.05 stays and the stage is done
+    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
+    # a point better: 0.25, and the walk goes on that way only (to 1.25, not back to 0.05)
+    rows[-2]["val_acc"] = 0.87
+    assert sweep.choose(rows) == {} and stage(rows) == [(n, 2.0, 1.25)]
+    rows.append(wd_row(1.25, 0.879))
+    assert stage(rows) == [] and sweep.choose(rows) == {
+        "vit": Hyper(lr=4e-3, weight_decay=0.25, floor=2.0)}
+    rows[-1]["val_acc"] = 0.88  # a point better again, and 1.25 is the largest value
+    assert stage(rows) == [] and sweep.choose(rows) == {
+        "vit": Hyper(lr=4e-3, weight_decay=1.25, floor=2.0)}
+    # both neighbours a point better: the better one; the smaller on a tie
+    rows = rows[:5] + [wd_row(0.25, 0.88), wd_row(0.01, 0.885), wd_row(0.002, 0.88)]
+    assert stage(rows) == [] and sweep.choose(rows)["vit"].weight_decay == 0.01
+    rows[-2]["val_acc"] = 0.88
+    assert sweep.choose(rows)["vit"].weight_decay == 0.01
+    # the augmentation stage's choice ignores the weight-decay stage's floor-1 rows
+    rows = [_sweep_row("cnn", 8e-3, True, 0.8, q), _sweep_row("cnn", 8e-3, False, 0.85, full, n),
+            _sweep_row("cnn", 8e-3, True, 0.84, full, n),
+            dict(_sweep_row("cnn", 8e-3, True, 0.9, full, n), weight_decay=0.25)]
+    assert sweep.choose_aug(rows) == {"cnn": Hyper(lr=8e-3, shift=0, flip=False)}
+    assert sweep.phase_budget("sweep-wd") == sweep.phase_budget("sweep-aug")
 
 
 def test_a_floor_binds_only_where_30_epochs_are_fewer_steps():
@@ -695,37 +742,53 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
 
 @pytest.mark.skipif(not paths.HYPER_JSON.is_file(), reason="the sweep has not finished")
 def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
-    """For every architecture whose three stages have finished (the grid's driver writes the
-    choice once all have; until then the shipped learning rate and augmentation agree)."""
+    """For every architecture whose first three stages have finished, the shipped learning
+    rate, augmentation and floor are theirs; once the weight-decay stage has finished for all
+    (the grid's driver writes the choice then), the shipped choice is the sweep's."""
     from explorer.lab import sweep
     rows = grid.read_grid(grid.SWEEP_CSV)
+    floored = sweep.choose_floor(rows)
+    if not floored:
+        pytest.skip("the floor stage is training")
+    shipped = sweep.read_choice()
     chosen = sweep.choose(rows)
-    if not chosen:
-        pytest.skip("the augmentation stage is training")
     if set(chosen) == set(LAB_ARCHS):  # the driver writes the choice once all have finished
-        assert sweep.read_choice() == chosen
-    assert {a: sweep.read_choice()[a].recipe() for a in chosen} == {
-        a: h.recipe() for a, h in chosen.items()}
-    for arch, hyper in chosen.items():
+        assert shipped == chosen
+    for arch, hyper in floored.items():
+        assert (shipped[arch].lr, shipped[arch].augmentation(), shipped[arch].floor) == (
+            hyper.lr, hyper.augmentation(), hyper.floor)
         quarter = [r for r in rows if r["arch"] == arch and r["budget"] == sweep.SWEEP_BUDGET]
         assert {r["lr"] for r in quarter} >= set(sweep.LRS)  # every rate was tried
         lr_best = max((r for r in quarter if r["shift"] or r["flip"]), key=lambda r: r["val_acc"])
         assert hyper.lr == lr_best["lr"]
-        full = [r for r in rows if r["arch"] == arch and r["budget"] == sweep.AUG_BUDGET
-                and r["train_images"] == sweep.AUG_IMAGES and r["floor"] == 1.0]
+        stage = [r for r in rows if r["arch"] == arch and r["train_images"] == sweep.AUG_IMAGES]
+        full = [r for r in stage if r["floor"] == 1.0 and r["weight_decay"] == 0.05]
         assert {(r["shift"], r["flip"], r["val_images"]) for r in full} == {
             (0, False, 2000), (2, True, 2000)}
         assert max(r["val_acc"] for r in full) == next(
             r["val_acc"] for r in full if (r["shift"], r["flip"]) == (hyper.shift, hyper.flip))
-        floors = {r["floor"]: r["val_acc"] for r in rows if r["arch"] == arch
-                  and r["train_images"] == sweep.AUG_IMAGES and Hyper.of(r).recipe() == hyper.recipe()}
+        floors = {r["floor"]: r["val_acc"] for r in stage
+                  if Hyper.of(r).recipe() == hyper.recipe()}
         # the chosen floor's doubling, where tried, gained less than a point; each doubling
         # up to it gained at least one
-        assert floors.get(2 * hyper.floor, 0) < floors[hyper.floor] + sweep.FLOOR_GAIN
+        assert floors.get(2 * hyper.floor, 0) < floors[hyper.floor] + sweep.STAGE_GAIN
         f = 1.0
         while f < hyper.floor:
-            assert floors[2 * f] >= floors[f] + sweep.FLOOR_GAIN
+            assert floors[2 * f] >= floors[f] + sweep.STAGE_GAIN
             f *= 2
+        if arch not in chosen:
+            continue
+        # the weight decay: 0.05 unless a neighbour validated a point better, and the chosen
+        # value's neighbours (where tried) do not validate a point better than it
+        wds = {r["weight_decay"]: r["val_acc"] for r in stage if r["floor"] == hyper.floor
+               and (r["lr"], r["shift"], r["flip"]) == (hyper.lr, hyper.shift, hyper.flip)}
+        assert {0.01, 0.05, 0.25} <= set(wds)
+        wd = chosen[arch].weight_decay
+        i = sweep.WDS.index(wd)
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(sweep.WDS) and sweep.WDS[j] in wds:
+                assert wds[sweep.WDS[j]] < wds[wd] + sweep.STAGE_GAIN
+        assert wd == 0.05 or wds[wd] >= wds[0.05] + sweep.STAGE_GAIN
 
 
 def test_the_scaling_figure_says_the_size_sweep_is_still_training_before_its_first_run():

@@ -272,11 +272,14 @@ def test_the_summary_lists_the_sweeps_stages_apart():
                 flip=False, weight_decay=0.05, val_acc=0.863, train_acc=1.0)
     quarter = dict(full, steps=750, shift=2, flip=True, val_acc=0.887, train_acc=0.96)
     wide = dict(full, train_images=5000, val_images=2000, val_acc=0.8704)
-    text = summary_markdown([], [wide, full, quarter], None)
+    decayed = dict(wide, weight_decay=0.25, val_acc=0.881)  # the weight-decay stage's
+    text = summary_markdown([], [decayed, wide, full, quarter], None)
     lines = [line for line in text.splitlines() if line.startswith("| CNN")]
-    assert lines == ["| CNN | 3,000 (300) | 750 | 0.008 | 2-px shifts, flips | 88.7 | 96.0 |",
-                     "| CNN | 3,000 (300) | 3,000 | 0.008 | none | 86.3 | 100.0 |",
-                     "| CNN | 5,000 (2,000) | 3,000 | 0.008 | none | 87.0 | 100.0 |"]
+    assert lines == [
+        "| CNN | 3,000 (300) | 750 | 0.008 | 0.05 | 2-px shifts, flips | 88.7 | 96.0 |",
+        "| CNN | 3,000 (300) | 3,000 | 0.008 | 0.05 | none | 86.3 | 100.0 |",
+        "| CNN | 5,000 (2,000) | 3,000 | 0.008 | 0.05 | none | 87.0 | 100.0 |",
+        "| CNN | 5,000 (2,000) | 3,000 | 0.008 | 0.25 | none | 88.1 | 100.0 |"]
 
 
 def _sweep_row(width, budget, acc, flops):

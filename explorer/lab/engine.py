@@ -77,10 +77,11 @@ class Hyper:
         return ", ".join(parts) or "none"
 
 
-# How the sweep's floor stage (`explorer.lab.sweep.floor_stage`) chooses `Hyper.floor`, part
-# of the rule the tab states: a doubled floor is kept when it validates this much better (on
-# the stage's 2,000 validation images, one standard error ±0.8–0.9 points), up to MAX_FLOOR.
-FLOOR_GAIN = 0.01
+# How the sweep's last two stages (`explorer.lab.sweep.floor_stage`, `wd_stage`) change a
+# choice, part of the rule the tab states: a doubled floor, or another weight decay, is kept
+# only when it validates this much better than what it would replace (on the stages' 2,000
+# validation images, one standard error ±0.8–0.9 points); the floor doubles up to MAX_FLOOR.
+STAGE_GAIN = 0.01
 MAX_FLOOR = 4.0  # at most 12,000 steps
 
 
@@ -114,7 +115,7 @@ class Budget:
 
     def sentence(self) -> str:
         """The rule in one sentence, for the tab."""
-        gain, max_floor = FLOOR_GAIN, MAX_FLOOR
+        gain, max_floor = STAGE_GAIN, MAX_FLOOR
         return (f"every run trains on {100 * (1 - self.val_frac):.0f}% of its images (the other "
                 f"{100 * self.val_frac:.0f}%, at most {self.max_val:,}, validate) for "
                 f"{self.epochs:g} epochs but at least {self.min_steps:,} AdamW steps of "
@@ -123,8 +124,8 @@ class Budget:
                 f"{'s' * (gain != 0.01)} from twice as many), "
                 f"with warm-up and cosine decay; a run whose validation "
                 f"accuracy still gains in its last 20% of steps is trained again with twice "
-                f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate and "
-                f"augmentation per architecture come from the same sweep, "
+                f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate, weight "
+                f"decay and augmentation per architecture come from the same sweep, "
                 f"never from the test set")
 
 

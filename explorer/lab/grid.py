@@ -5,7 +5,7 @@ how to read it.
                                                 # unfinished ones continue from their checkpoint
     python -m explorer.lab.grid --status        # what is done, training, still to do
 
-Four phases, in order: the hyperparameter sweep's three stages (`explorer.lab.sweep`, rows in
+Five phases, in order: the hyperparameter sweep's four stages (`explorer.lab.sweep`, rows in
 `assets/lab/sweep.csv`, its choice in `assets/lab/hyper.json`), then the grid (`grid_runs`):
 every architecture at every data size with two seeds, the scrambled variant at three sizes
 with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
@@ -152,7 +152,7 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
 # Work: phases, claims, status
 # ---------------------------------------------------------------------------------------
 
-PHASES = ("sweep-lr", "sweep-aug", "sweep-floor", "grid")
+PHASES = ("sweep-lr", "sweep-aug", "sweep-floor", "sweep-wd", "grid")
 
 
 def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
@@ -163,6 +163,8 @@ def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
         return SWEEP_CSV, sweep.aug_stage(read_grid(SWEEP_CSV))
     if phase == "sweep-floor":
         return SWEEP_CSV, sweep.floor_stage(read_grid(SWEEP_CSV))
+    if phase == "sweep-wd":
+        return SWEEP_CSV, sweep.wd_stage(read_grid(SWEEP_CSV))
     if phase == "grid":
         return GRID_CSV, [(r, None) for r in grid_runs()]
     raise ValueError(f"phase must be one of {PHASES}")
@@ -182,7 +184,8 @@ def unfinished(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
 
 def sweep_left() -> dict[str, list[tuple[LabRun, Hyper | None]]]:
     """The sweep's stages with runs still to train (`unfinished`; the grid waits for them),
-    in order; a stage that doubles while it gains (the lr's, the floor's) may add runs."""
+    in order; a stage that moves on while it gains (the learning rate's, the floor's, the
+    weight decay's) may add runs."""
     return {phase: items for phase in PHASES[:-1] if (items := unfinished(phase)[1])}
 
 
@@ -449,7 +452,7 @@ def settle_choice() -> int:
     choice = sweep.choose(read_grid(SWEEP_CSV))
     if set(choice) != set(LAB_ARCHS):
         raise SystemExit("The sweep has not finished for every architecture: run it "
-                         "(python -m explorer.lab.grid --only sweep-lr sweep-aug sweep-floor).")
+                         f"(python -m explorer.lab.grid --only {' '.join(PHASES[:-1])}).")
     if choice != sweep.read_choice():
         sweep.write_choice(choice)
         print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",

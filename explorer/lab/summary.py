@@ -37,15 +37,15 @@ def _cell(p) -> str:
 def _sweep_table(sweep_rows: list[dict]) -> list[str]:
     """The sweep's runs, each stage's (a quarter of the steps, then the full budget; the
     augmentation stage on 300, then on 2,000 validation images; the floor stage at twice and
-    four times the steps) apart."""
-    out = ["| architecture | images (validating) | steps | lr | augmentation | val acc | "
-           "train acc |", "|---|---|---|---|---|---|---|"]
+    four times the steps; the weight-decay stage at the chosen steps) apart."""
+    out = ["| architecture | images (validating) | steps | lr | weight decay | augmentation | "
+           "val acc | train acc |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(sweep_rows, key=lambda r: (r["arch"], r["val_images"], r["steps"],
-                                               -r["shift"], r["lr"])):
+                                               -r["shift"], r["lr"], r["weight_decay"])):
         aug = Hyper.of(r).augmentation()
         out.append(f"| {ARCH_LABELS[r['arch']]} | {r['train_images']:,} ({r['val_images']:,}) "
-                   f"| {r['steps']:,} | {r['lr']:g} | {aug} | {100 * r['val_acc']:.1f} | "
-                   f"{100 * r['train_acc']:.1f} |")
+                   f"| {r['steps']:,} | {r['lr']:g} | {r['weight_decay']:g} | {aug} | "
+                   f"{100 * r['val_acc']:.1f} | {100 * r['train_acc']:.1f} |")
     return out
 
 

@@ -1,17 +1,18 @@
 """The per-architecture hyperparameter sweep on a validation split (never the test set).
 
-Three stages, seed 0. First the peak learning rate from `LRS` with augmentation on, at a
+Four stages, seed 0. First the peak learning rate from `LRS` with augmentation on, at a
 quarter of the budget rule's steps, on `SWEEP_IMAGES` images (extended upwards while the best
 rate is the largest tried). Then augmentation on and off at that rate, at the budget rule's
 full steps, on `AUG_IMAGES` images of which `AUG_RULE` keeps 2,000 to validate (the other
 3,000 train). Then the step floor (`Hyper.floor`): the second stage's chosen run again with
-twice the floor's steps, and twice again while doubling gains `FLOOR_GAIN` (up to
-`MAX_FLOOR`). The learning rate is the first stage's best final validation accuracy, the
-augmentation the second's, the floor the smallest whose doubling gains less than
-`FLOOR_GAIN`; the choice is written to `paths.HYPER_JSON` and every grid run of that
-architecture uses it (`grid.supersede` moves the rows trained with an earlier choice).
-Weight decay is AdamW's 0.05 (DeiT's) for every architecture: not swept, to keep the sweep
-small.
+twice the floor's steps, and twice again while doubling gains `STAGE_GAIN` (up to
+`MAX_FLOOR`). Then the weight decay: the chosen run at the neighbours of AdamW's 0.05
+(DeiT's) in `WDS`, a factor of 5 apart, moving on in a direction while the next value there
+validates `STAGE_GAIN` better. The learning rate is the first stage's best final validation
+accuracy, the augmentation the second's, the floor the smallest whose doubling gains less
+than `STAGE_GAIN`, the weight decay the last the fourth stage moved to; the choice is written
+to `paths.HYPER_JSON` and every grid run of that architecture uses it (`grid.supersede` moves
+the rows trained with an earlier choice).
 
 Why the second stage runs the full budget: augmentation pays off late. At a quarter budget the
 ViT validated better without it (75.0% vs 71.3% on 300 images), and the grid's ViT then
@@ -33,6 +34,11 @@ check, while on 20,000 images (above the floor) doubling its steps lifted its va
 accuracy 86.7 → 89.7% and the check caught both attempts. The CNN gained nothing from
 doubling at 20,000 and 60,000 images. So how long an architecture needs at least is chosen
 like its learning rate: on the stage's 2,000 validation images, never the test set.
+
+Why the weight-decay stage comes last, and needs a clear gain to move: the first three ran at
+DeiT's 0.05, and their choices hold for it; a factor of 5 either way is a change large enough
+to matter, and a value that validates within one standard error of 0.05 (the bar, 1 point
+on 2,000 images) is not evidence against the default the other stages were chosen with.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from explorer.lab.engine import FLOOR_GAIN, MAX_FLOOR, Budget, Hyper, LabRun
+from explorer.lab.engine import MAX_FLOOR, STAGE_GAIN, Budget, Hyper, LabRun
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import HYPER_JSON
 
@@ -53,6 +59,7 @@ AUG_BUDGET = 1.0  # the augmentation stage: the rule's full steps for 3,000 fit 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3 came out best for every architecture
 MAX_LR = 3.2e-2
 NO_AUG = {"shift": 0, "flip": False}
+WDS = (0.002, 0.01, 0.05, 0.25, 1.25)  # the weight-decay stage's values around 0.05, ×5 apart
 
 
 def sweep_run(arch: str, budget: float = SWEEP_BUDGET) -> LabRun:
@@ -67,7 +74,7 @@ def aug_run(arch: str) -> LabRun:
 
 def phase_budget(phase: str) -> Budget:
     """The budget rule a sweep phase's runs train under (the grid's own for the others)."""
-    return AUG_RULE if phase in ("sweep-aug", "sweep-floor") else Budget()
+    return AUG_RULE if phase in ("sweep-aug", "sweep-floor", "sweep-wd") else Budget()
 
 
 def lr_stage(rows: list[dict] | None = None) -> list[tuple[LabRun, Hyper]]:
@@ -122,7 +129,8 @@ def choose_aug(rows: list[dict]) -> dict[str, Hyper]:
     for a in LAB_ARCHS:
         top = best(rows, a, augmented_only=True)
         pair = [r for r in _rows_of(rows, aug_run(a)) if top is not None
-                and r["lr"] == top["lr"] and r.get("floor", 1.0) == 1.0]
+                and r["lr"] == top["lr"] and r.get("floor", 1.0) == 1.0
+                and r["weight_decay"] == Hyper().weight_decay]  # not the wd stage's
         if {augmented(r) for r in pair} == {True, False}:
             # a tie goes to augmentation, the recipe's default
             win = max(pair, key=lambda r: (r["val_acc"], augmented(r)))
@@ -138,7 +146,7 @@ def _floor_row(rows: list[dict], arch: str, hyper: Hyper) -> dict | None:
 def _floor_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool]:
     """The floor chosen so far for ``arch`` (with ``hyper``'s recipe) and whether the choice
     is final: from 1, double while the doubled floor's run has finished and validates
-    `FLOOR_GAIN` better; final when the next doubling has finished and gains less, or would
+    `STAGE_GAIN` better; final when the next doubling has finished and gains less, or would
     pass `MAX_FLOOR`."""
     floor = 1.0
     while 2 * floor <= MAX_FLOOR:
@@ -146,7 +154,7 @@ def _floor_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool]
         longer = _floor_row(rows, arch, replace(hyper, floor=2 * floor))
         if here is None or longer is None:
             return floor, False
-        if longer["val_acc"] < here["val_acc"] + FLOOR_GAIN:
+        if longer["val_acc"] < here["val_acc"] + STAGE_GAIN:
             return floor, True
         floor *= 2
     return floor, True
@@ -154,7 +162,7 @@ def _floor_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool]
 
 def floor_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
     """For each architecture whose augmentation is chosen, its augmentation-stage run with
-    the floor doubled, and doubled again while that gains `FLOOR_GAIN` (`_floor_walk`)."""
+    the floor doubled, and doubled again while that gains `STAGE_GAIN` (`_floor_walk`)."""
     out = []
     for a, hyper in choose_aug(rows).items():
         floor, _ = _floor_walk(rows, a, hyper)
@@ -165,14 +173,59 @@ def floor_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
     return out
 
 
-def choose(rows: list[dict]) -> dict[str, Hyper]:
-    """Each architecture's chosen hyperparameters (`choose_aug`, with the floor stage's
-    floor), once all three stages have finished for it."""
+def choose_floor(rows: list[dict]) -> dict[str, Hyper]:
+    """Each architecture's learning rate, augmentation and floor (`choose_aug`, with the floor
+    stage's floor), once the floor stage has finished for it."""
     out = {}
     for a, hyper in choose_aug(rows).items():
         floor, final = _floor_walk(rows, a, hyper)
         if final:
             out[a] = replace(hyper, floor=floor)
+    return out
+
+
+def _wd_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool, list[float]]:
+    """The weight decay chosen so far for ``arch`` (``hyper`` at its other values), whether
+    the choice is final, and the values the walk has looked at: from ``hyper``'s (0.05), to
+    the better of its neighbours in `WDS` while that validates `STAGE_GAIN` better, then on
+    in the same direction while the next value does; final when the next has finished and
+    gains less, or there is none."""
+    i, step = WDS.index(hyper.weight_decay), 0  # step: the direction, once one was taken
+    seen = [WDS[i]]
+    while True:
+        nbrs = [j for j in (i - 1, i + 1) if 0 <= j < len(WDS) and step in (0, j - i)]
+        seen += [WDS[j] for j in nbrs]
+        here = _floor_row(rows, arch, replace(hyper, weight_decay=WDS[i]))
+        there = [_floor_row(rows, arch, replace(hyper, weight_decay=WDS[j])) for j in nbrs]
+        if here is None or None in there:
+            return WDS[i], False, seen
+        if not nbrs:
+            return WDS[i], True, seen
+        # ties: the smaller decay, the first of the neighbours
+        j, r = max(zip(nbrs, there, strict=True), key=lambda t: t[1]["val_acc"])
+        if r["val_acc"] < here["val_acc"] + STAGE_GAIN:
+            return WDS[i], True, seen
+        i, step = j, j - i
+
+
+def wd_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
+    """For each architecture whose floor is chosen, its chosen run at the weight decays the
+    walk (`_wd_walk`) has looked at so far: 0.05's two neighbours, then on while one gains."""
+    out = []
+    for a, hyper in choose_floor(rows).items():
+        seen = _wd_walk(rows, a, hyper)[2]
+        out += [(aug_run(a), replace(hyper, weight_decay=w)) for w in seen]
+    return out
+
+
+def choose(rows: list[dict]) -> dict[str, Hyper]:
+    """Each architecture's chosen hyperparameters (`choose_floor`, with the weight-decay
+    stage's decay), once all four stages have finished for it."""
+    out = {}
+    for a, hyper in choose_floor(rows).items():
+        wd, final, _ = _wd_walk(rows, a, hyper)
+        if final:
+            out[a] = replace(hyper, weight_decay=wd)
     return out
 
 

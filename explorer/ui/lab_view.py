@@ -230,7 +230,8 @@ def _labels(archs: Collection[str]) -> list[str]:
     return [ARCH_LABELS[a] for a in ARCH_LABELS if a in archs]
 
 
-STAGES = {"sweep-lr": "learning-rate", "sweep-aug": "augmentation", "sweep-floor": "step-floor"}
+STAGES = {"sweep-lr": "learning-rate", "sweep-aug": "augmentation", "sweep-floor": "step-floor",
+          "sweep-wd": "weight-decay"}
 
 
 def sweep_text(left: dict[str, list] | None = None) -> str:
