@@ -572,7 +572,7 @@ def test_the_weight_decay_moves_from_005_only_for_a_point_better_and_on_while_it
             _sweep_row("vit", 4e-3, True, 0.86, full, n, floor=2.0),
             _sweep_row("vit", 4e-3, True, 0.865, full, n, floor=4.0)]
     assert sweep.choose_floor(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
-    assert sweep.choose(rows) == {}  # the weight-decay stage has not run
+    assert sweep.choose_wd(rows) == {}  # the weight-decay stage has not run
 
     def stage(rows):
         done = {(r["weight_decay"], r["floor"]) for r in rows if r["train_images"] == n}
@@ -585,30 +585,55 @@ def test_the_weight_decay_moves_from_005_only_for_a_point_better_and_on_while_it
     # the chosen run (floor 2) at 0.05's two neighbours, a factor of 5 away
     assert stage(rows) == [(n, 2.0, 0.01), (n, 2.0, 0.25)]
     rows.append(wd_row(0.25, 0.869))
-    assert sweep.choose(rows) == {} and stage(rows) == [(n, 2.0, 0.01)]  # one of two: no choice
+    assert sweep.choose_wd(rows) == {} and stage(rows) == [(n, 2.0, 0.01)]  # one of two: no choice
     rows.append(wd_row(0.01, 0.80))
     # 0.9 points better: under the bar, 0.05 stays and the stage is done
-    assert stage(rows) == [] and sweep.choose(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
+    assert stage(rows) == [] and sweep.choose_wd(rows) == {"vit": Hyper(lr=4e-3, floor=2.0)}
     # a point better: 0.25, and the walk goes on that way only (to 1.25, not back to 0.05)
     rows[-2]["val_acc"] = 0.87
-    assert sweep.choose(rows) == {} and stage(rows) == [(n, 2.0, 1.25)]
+    assert sweep.choose_wd(rows) == {} and stage(rows) == [(n, 2.0, 1.25)]
     rows.append(wd_row(1.25, 0.879))
-    assert stage(rows) == [] and sweep.choose(rows) == {
+    assert stage(rows) == [] and sweep.choose_wd(rows) == {
         "vit": Hyper(lr=4e-3, weight_decay=0.25, floor=2.0)}
     rows[-1]["val_acc"] = 0.88  # a point better again, and 1.25 is the largest value
-    assert stage(rows) == [] and sweep.choose(rows) == {
+    assert stage(rows) == [] and sweep.choose_wd(rows) == {
         "vit": Hyper(lr=4e-3, weight_decay=1.25, floor=2.0)}
     # both neighbours a point better: the better one; the smaller on a tie
     rows = rows[:5] + [wd_row(0.25, 0.88), wd_row(0.01, 0.885), wd_row(0.002, 0.88)]
-    assert stage(rows) == [] and sweep.choose(rows)["vit"].weight_decay == 0.01
+    assert stage(rows) == [] and sweep.choose_wd(rows)["vit"].weight_decay == 0.01
     rows[-2]["val_acc"] = 0.88
-    assert sweep.choose(rows)["vit"].weight_decay == 0.01
+    assert sweep.choose_wd(rows)["vit"].weight_decay == 0.01
     # the augmentation stage's choice ignores the weight-decay stage's floor-1 rows
     rows = [_sweep_row("cnn", 8e-3, True, 0.8, q), _sweep_row("cnn", 8e-3, False, 0.85, full, n),
             _sweep_row("cnn", 8e-3, True, 0.84, full, n),
             dict(_sweep_row("cnn", 8e-3, True, 0.9, full, n), weight_decay=0.25)]
     assert sweep.choose_aug(rows) == {"cnn": Hyper(lr=8e-3, shift=0, flip=False)}
     assert sweep.phase_budget("sweep-wd") == sweep.phase_budget("sweep-aug")
+
+
+def test_the_learning_rate_is_walked_again_at_the_full_budget_after_the_weight_decay():
+    from explorer.lab import sweep
+    q, full, n = sweep.SWEEP_BUDGET, sweep.AUG_BUDGET, sweep.AUG_IMAGES
+
+    def row(val, lr=4e-3, wd=0.05, floor=2.0):
+        return dict(_sweep_row("vit", lr, True, val, full, n, floor=floor), weight_decay=wd)
+
+    rows = [_sweep_row("vit", 4e-3, True, 0.7, q), _sweep_row("vit", 4e-3, False, 0.8, full, n),
+            row(0.84, floor=1.0), row(0.86), row(0.865, floor=4.0),
+            row(0.861, wd=0.01), row(0.87, wd=0.25), row(0.86, wd=1.25)]
+    assert sweep.choose_wd(rows) == {"vit": Hyper(lr=4e-3, weight_decay=0.25, floor=2.0)}
+    assert sweep.choose(rows) == {}
+    # the chosen run (weight decay 0.25, floor 2) at half and twice the first stage's rate
+    assert [(h.lr, h.weight_decay, h.floor) for _, h in sweep.lr_full_stage(rows)] == [
+        (4e-3, 0.25, 2.0), (2e-3, 0.25, 2.0), (8e-3, 0.25, 2.0)]
+    rows += [row(0.88, lr=2e-3, wd=0.25), row(0.85, lr=8e-3, wd=0.25)]
+    assert [h.lr for _, h in sweep.lr_full_stage(rows)][-1] == 1e-3  # on down, a point better
+    rows.append(row(0.885, lr=1e-3, wd=0.25))
+    assert sweep.choose(rows) == {"vit": Hyper(lr=2e-3, weight_decay=0.25, floor=2.0)}
+    assert sweep.lr_full_stage(rows)[0][0] == sweep.aug_run("vit")
+    assert sweep.phase_budget("sweep-lr-full") == sweep.phase_budget("sweep-aug")
+    # the first stage's choice ignores the full-budget rows (other images and budget)
+    assert sweep.best(rows, "vit", augmented_only=True)["lr"] == 4e-3
 
 
 def test_a_floor_binds_only_where_30_epochs_are_fewer_steps():
@@ -778,17 +803,21 @@ def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
             f *= 2
         if arch not in chosen:
             continue
-        # the weight decay: 0.05 unless a neighbour validated a point better, and the chosen
-        # value's neighbours (where tried) do not validate a point better than it
-        wds = {r["weight_decay"]: r["val_acc"] for r in stage if r["floor"] == hyper.floor
-               and (r["lr"], r["shift"], r["flip"]) == (hyper.lr, hyper.shift, hyper.flip)}
-        assert {0.01, 0.05, 0.25} <= set(wds)
-        wd = chosen[arch].weight_decay
-        i = sweep.WDS.index(wd)
-        for j in (i - 1, i + 1):
-            if 0 <= j < len(sweep.WDS) and sweep.WDS[j] in wds:
-                assert wds[sweep.WDS[j]] < wds[wd] + sweep.STAGE_GAIN
-        assert wd == 0.05 or wds[wd] >= wds[0.05] + sweep.STAGE_GAIN
+        # the weight decay, then the learning rate: the first value unless a neighbour
+        # validated a point better, and the chosen value's neighbours (where tried) do not
+        # validate a point better than it
+        for field, ladder, first in (("weight_decay", sweep.WDS, hyper),
+                                     ("lr", sweep.LR_LADDER, sweep.choose_wd(rows)[arch])):
+            walked = {getattr(Hyper.of(r), field): r["val_acc"] for r in stage
+                      if replace(Hyper.of(r), **{field: getattr(first, field)}) == first}
+            start, value = getattr(first, field), getattr(chosen[arch], field)
+            i = ladder.index(start)
+            assert {ladder[i - 1], start, ladder[i + 1]} <= set(walked)
+            assert value == start or walked[value] >= walked[start] + sweep.STAGE_GAIN
+            i = ladder.index(value)
+            for j in (i - 1, i + 1):
+                if 0 <= j < len(ladder) and ladder[j] in walked:
+                    assert walked[ladder[j]] < walked[value] + sweep.STAGE_GAIN
 
 
 def test_the_scaling_figure_says_the_size_sweep_is_still_training_before_its_first_run():

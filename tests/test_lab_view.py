@@ -136,6 +136,12 @@ def test_a_sweep_stage_still_training_is_named_with_its_architectures():
     assert text in lab_view.progress_text(status, [], [], {}, left)
     assert lab_view.sweep_text({}) == "" and text not in lab_view.progress_text(
         status, [], [], {}, {})
+    assert set(lab_view.STAGES) == set(grid.PHASES) - {"grid"}  # every stage has its name
+    later = {"sweep-wd": [(sweep.aug_run("cnn"), Hyper(lr=8e-3, weight_decay=0.25))],
+             "sweep-lr-full": [(sweep.aug_run("coatnet"), Hyper(lr=1.6e-2))]}
+    assert lab_view.sweep_text(later).startswith(
+        "**The sweep is choosing again:** its weight-decay stage has 1 run to train (CNN); its "
+        "full-budget learning-rate stage has 1 run to train (CoAtNet (mini)).")
     note = lab_view.lecture_note("lab-data", ROWS, superseded=[], sweep_left=left)
     assert note.startswith(
         "\n\n**Trained here:** *(still training: 6 of the grid's 83 runs have finished; the sweep "

@@ -77,10 +77,11 @@ class Hyper:
         return ", ".join(parts) or "none"
 
 
-# How the sweep's last two stages (`explorer.lab.sweep.floor_stage`, `wd_stage`) change a
-# choice, part of the rule the tab states: a doubled floor, or another weight decay, is kept
-# only when it validates this much better than what it would replace (on the stages' 2,000
-# validation images, one standard error ±0.8–0.9 points); the floor doubles up to MAX_FLOOR.
+# How the sweep's last three stages (`explorer.lab.sweep.floor_stage`, `wd_stage`,
+# `lr_full_stage`) change a choice, part of the rule the tab states: a doubled floor, another
+# weight decay or learning rate is kept only when it validates this much better than what it
+# would replace (on the stages' 2,000 validation images, one standard error ±0.8–0.9 points);
+# the floor doubles up to MAX_FLOOR.
 STAGE_GAIN = 0.01
 MAX_FLOOR = 4.0  # at most 12,000 steps
 

@@ -5,7 +5,7 @@ how to read it.
                                                 # unfinished ones continue from their checkpoint
     python -m explorer.lab.grid --status        # what is done, training, still to do
 
-Five phases, in order: the hyperparameter sweep's four stages (`explorer.lab.sweep`, rows in
+Six phases, in order: the hyperparameter sweep's five stages (`explorer.lab.sweep`, rows in
 `assets/lab/sweep.csv`, its choice in `assets/lab/hyper.json`), then the grid (`grid_runs`):
 every architecture at every data size with two seeds, the scrambled variant at three sizes
 with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
@@ -152,7 +152,7 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
 # Work: phases, claims, status
 # ---------------------------------------------------------------------------------------
 
-PHASES = ("sweep-lr", "sweep-aug", "sweep-floor", "sweep-wd", "grid")
+PHASES = ("sweep-lr", "sweep-aug", "sweep-floor", "sweep-wd", "sweep-lr-full", "grid")
 
 
 def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
@@ -165,6 +165,8 @@ def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
         return SWEEP_CSV, sweep.floor_stage(read_grid(SWEEP_CSV))
     if phase == "sweep-wd":
         return SWEEP_CSV, sweep.wd_stage(read_grid(SWEEP_CSV))
+    if phase == "sweep-lr-full":
+        return SWEEP_CSV, sweep.lr_full_stage(read_grid(SWEEP_CSV))
     if phase == "grid":
         return GRID_CSV, [(r, None) for r in grid_runs()]
     raise ValueError(f"phase must be one of {PHASES}")

@@ -1,6 +1,6 @@
 """The per-architecture hyperparameter sweep on a validation split (never the test set).
 
-Four stages, seed 0. First the peak learning rate from `LRS` with augmentation on, at a
+Five stages, seed 0. First the peak learning rate from `LRS` with augmentation on, at a
 quarter of the budget rule's steps, on `SWEEP_IMAGES` images (extended upwards while the best
 rate is the largest tried). Then augmentation on and off at that rate, at the budget rule's
 full steps, on `AUG_IMAGES` images of which `AUG_RULE` keeps 2,000 to validate (the other
@@ -8,11 +8,13 @@ full steps, on `AUG_IMAGES` images of which `AUG_RULE` keeps 2,000 to validate (
 twice the floor's steps, and twice again while doubling gains `STAGE_GAIN` (up to
 `MAX_FLOOR`). Then the weight decay: the chosen run at the neighbours of AdamW's 0.05
 (DeiT's) in `WDS`, a factor of 5 apart, moving on in a direction while the next value there
-validates `STAGE_GAIN` better. The learning rate is the first stage's best final validation
-accuracy, the augmentation the second's, the floor the smallest whose doubling gains less
-than `STAGE_GAIN`, the weight decay the last the fourth stage moved to; the choice is written
-to `paths.HYPER_JSON` and every grid run of that architecture uses it (`grid.supersede` moves
-the rows trained with an earlier choice).
+validates `STAGE_GAIN` better. Last, the learning rate again, the same way, at the full
+budget: the chosen run at half and twice the first stage's rate (`LR_LADDER`). The
+augmentation is the second stage's better validation accuracy, the floor the smallest whose
+doubling gains less than `STAGE_GAIN`, the weight decay and learning rate the last values
+their walks (`_walk`) moved to; the choice is written to `paths.HYPER_JSON` and every grid
+run of that architecture uses it (`grid.supersede` moves the rows trained with an earlier
+choice).
 
 Why the second stage runs the full budget: augmentation pays off late. At a quarter budget the
 ViT validated better without it (75.0% vs 71.3% on 300 images), and the grid's ViT then
@@ -35,10 +37,13 @@ accuracy 86.7 → 89.7% and the check caught both attempts. The CNN gained nothi
 doubling at 20,000 and 60,000 images. So how long an architecture needs at least is chosen
 like its learning rate: on the stage's 2,000 validation images, never the test set.
 
-Why the weight-decay stage comes last, and needs a clear gain to move: the first three ran at
-DeiT's 0.05, and their choices hold for it; a factor of 5 either way is a change large enough
-to matter, and a value that validates within one standard error of 0.05 (the bar, 1 point
-on 2,000 images) is not evidence against the default the other stages were chosen with.
+Why the last two stages, and why they need a clear gain to move: the first stage chose the
+learning rate at a quarter of the steps, on 300 validation images (one standard error ±2.5
+points), and the weight decay was DeiT's 0.05 without a look; the floor stage then showed the
+ViTs want twice the steps, after which a lower rate may fit better. The last two stages look
+at both on the chosen run, on 2,000 validation images. The choices so far were made with 0.05
+and the first rate, so a neighbour has to beat them by one standard error (the bar, 1 point)
+to replace them: a value within it is no evidence against what the other stages chose with.
 """
 
 from __future__ import annotations
@@ -55,11 +60,13 @@ SWEEP_IMAGES = 3000
 SWEEP_BUDGET = 0.25  # of the budget rule's steps (750 steps: 36 epochs of the 2,700 fit images)
 AUG_IMAGES = 5000  # the augmentation stage: 3,000 images train, 2,000 validate (`AUG_RULE`)
 AUG_RULE = Budget(val_frac=0.4)  # the budget rule with 40% (2,000 images) validating
+AUG_RULE_PHASES = ("sweep-aug", "sweep-floor", "sweep-wd", "sweep-lr-full")  # on those images
 AUG_BUDGET = 1.0  # the augmentation stage: the rule's full steps for 3,000 fit images (3,000)
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3 came out best for every architecture
 MAX_LR = 3.2e-2
 NO_AUG = {"shift": 0, "flip": False}
 WDS = (0.002, 0.01, 0.05, 0.25, 1.25)  # the weight-decay stage's values around 0.05, ×5 apart
+LR_LADDER = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, MAX_LR)  # the last stage's, ×2 apart
 
 
 def sweep_run(arch: str, budget: float = SWEEP_BUDGET) -> LabRun:
@@ -74,7 +81,7 @@ def aug_run(arch: str) -> LabRun:
 
 def phase_budget(phase: str) -> Budget:
     """The budget rule a sweep phase's runs train under (the grid's own for the others)."""
-    return AUG_RULE if phase in ("sweep-aug", "sweep-floor", "sweep-wd") else Budget()
+    return AUG_RULE if phase in AUG_RULE_PHASES else Budget()
 
 
 def lr_stage(rows: list[dict] | None = None) -> list[tuple[LabRun, Hyper]]:
@@ -184,49 +191,72 @@ def choose_floor(rows: list[dict]) -> dict[str, Hyper]:
     return out
 
 
-def _wd_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool, list[float]]:
-    """The weight decay chosen so far for ``arch`` (``hyper`` at its other values), whether
-    the choice is final, and the values the walk has looked at: from ``hyper``'s (0.05), to
-    the better of its neighbours in `WDS` while that validates `STAGE_GAIN` better, then on
-    in the same direction while the next value does; final when the next has finished and
-    gains less, or there is none."""
-    i, step = WDS.index(hyper.weight_decay), 0  # step: the direction, once one was taken
-    seen = [WDS[i]]
+def _walk(rows: list[dict], arch: str, hyper: Hyper, field: str,
+          ladder: tuple[float, ...]) -> tuple[float, bool, list[float]]:
+    """A hill-climb of one hyperparameter (``field``, along ``ladder``) of ``arch``'s chosen
+    run (``hyper`` at its other values): the value chosen so far, whether the choice is final,
+    and the values the walk has looked at. From ``hyper``'s value to the better of its two
+    neighbours while that validates `STAGE_GAIN` better, then on in the same direction while
+    the next value does; final when the next has finished and gains less, or there is none."""
+    i, step = ladder.index(getattr(hyper, field)), 0  # step: the direction, once one was taken
+    seen = [ladder[i]]
     while True:
-        nbrs = [j for j in (i - 1, i + 1) if 0 <= j < len(WDS) and step in (0, j - i)]
-        seen += [WDS[j] for j in nbrs]
-        here = _floor_row(rows, arch, replace(hyper, weight_decay=WDS[i]))
-        there = [_floor_row(rows, arch, replace(hyper, weight_decay=WDS[j])) for j in nbrs]
+        nbrs = [j for j in (i - 1, i + 1) if 0 <= j < len(ladder) and step in (0, j - i)]
+        seen += [ladder[j] for j in nbrs]
+        here = _floor_row(rows, arch, replace(hyper, **{field: ladder[i]}))
+        there = [_floor_row(rows, arch, replace(hyper, **{field: ladder[j]})) for j in nbrs]
         if here is None or None in there:
-            return WDS[i], False, seen
+            return ladder[i], False, seen
         if not nbrs:
-            return WDS[i], True, seen
-        # ties: the smaller decay, the first of the neighbours
+            return ladder[i], True, seen
+        # ties: the smaller value, the first of the neighbours
         j, r = max(zip(nbrs, there, strict=True), key=lambda t: t[1]["val_acc"])
         if r["val_acc"] < here["val_acc"] + STAGE_GAIN:
-            return WDS[i], True, seen
+            return ladder[i], True, seen
         i, step = j, j - i
+
+
+def _walk_stage(chosen: dict[str, Hyper], rows: list[dict], field: str,
+                ladder: tuple[float, ...]) -> list[tuple[LabRun, Hyper]]:
+    """The runs a walk of ``field`` (`_walk`) has looked at so far, for each architecture
+    in ``chosen`` (the earlier stages' choice)."""
+    return [(aug_run(a), replace(hyper, **{field: v}))
+            for a, hyper in chosen.items() for v in _walk(rows, a, hyper, field, ladder)[2]]
+
+
+def _walk_choice(chosen: dict[str, Hyper], rows: list[dict], field: str,
+                 ladder: tuple[float, ...]) -> dict[str, Hyper]:
+    """``chosen`` with ``field`` set by its walk, for the architectures whose walk is final."""
+    out = {}
+    for a, hyper in chosen.items():
+        value, final, _ = _walk(rows, a, hyper, field, ladder)
+        if final:
+            out[a] = replace(hyper, **{field: value})
+    return out
 
 
 def wd_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
     """For each architecture whose floor is chosen, its chosen run at the weight decays the
-    walk (`_wd_walk`) has looked at so far: 0.05's two neighbours, then on while one gains."""
-    out = []
-    for a, hyper in choose_floor(rows).items():
-        seen = _wd_walk(rows, a, hyper)[2]
-        out += [(aug_run(a), replace(hyper, weight_decay=w)) for w in seen]
-    return out
+    walk has looked at so far: 0.05's two neighbours in `WDS`, then on while one gains."""
+    return _walk_stage(choose_floor(rows), rows, "weight_decay", WDS)
+
+
+def choose_wd(rows: list[dict]) -> dict[str, Hyper]:
+    """`choose_floor` with the weight-decay stage's decay, where that stage has finished."""
+    return _walk_choice(choose_floor(rows), rows, "weight_decay", WDS)
+
+
+def lr_full_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
+    """For each architecture whose weight decay is chosen, its chosen run at the learning
+    rates the walk has looked at so far: the first stage's rate's two neighbours in
+    `LR_LADDER` (half and twice), then on while one gains."""
+    return _walk_stage(choose_wd(rows), rows, "lr", LR_LADDER)
 
 
 def choose(rows: list[dict]) -> dict[str, Hyper]:
-    """Each architecture's chosen hyperparameters (`choose_floor`, with the weight-decay
-    stage's decay), once all four stages have finished for it."""
-    out = {}
-    for a, hyper in choose_floor(rows).items():
-        wd, final, _ = _wd_walk(rows, a, hyper)
-        if final:
-            out[a] = replace(hyper, weight_decay=wd)
-    return out
+    """Each architecture's chosen hyperparameters (`choose_wd`, with the full-budget learning
+    rate), once all five stages have finished for it."""
+    return _walk_choice(choose_wd(rows), rows, "lr", LR_LADDER)
 
 
 def write_choice(choice: dict[str, Hyper], path: Path = HYPER_JSON) -> None:

@@ -231,7 +231,7 @@ def _labels(archs: Collection[str]) -> list[str]:
 
 
 STAGES = {"sweep-lr": "learning-rate", "sweep-aug": "augmentation", "sweep-floor": "step-floor",
-          "sweep-wd": "weight-decay"}
+          "sweep-wd": "weight-decay", "sweep-lr-full": "full-budget learning-rate"}
 
 
 def sweep_text(left: dict[str, list] | None = None) -> str:
