@@ -462,8 +462,11 @@ def test_grid_plan_covers_the_issue():
     assert sizes == {(w, b) for w in grid.SWEEP_WIDTHS for b in grid.SWEEP_BUDGETS}
     assert len(grid.SWEEP_WIDTHS) >= 4 and len(grid.SWEEP_BUDGETS) >= 3
     assert len({r.name for r in runs}) == len(runs)
-    # the lecture's comparison first, smallest size first
-    assert [(r.arch, r.train_images) for r in runs[:2 * len(grid.DATA_SIZES)]] == [
+    # the relative model the tab's relative view loads, then the lecture's comparison,
+    # smallest size first
+    assert runs[0] == LabRun("vit_rel", grid.REL_VIEW_SIZE, 0)
+    assert ("vit_rel", grid.REL_VIEW_SIZE) in grid.KEEP_MODELS
+    assert [(r.arch, r.train_images) for r in runs[1:1 + 2 * len(grid.DATA_SIZES)]] == [
         (a, n) for n in grid.DATA_SIZES for a in ("cnn", "vit")]
     # every Lecture figure's seed-0 runs (steps 7, 8, 9) before any second seed
     first_seed1 = next(i for i, r in enumerate(runs) if r.seed == 1)
