@@ -9,7 +9,8 @@ Six phases, in order: the hyperparameter sweep's five stages (`explorer.lab.swee
 `assets/lab/sweep.csv`, its choice in `assets/lab/hyper.json`), then the grid (`grid_runs`):
 every architecture at every data size with two seeds, the scrambled variant at three sizes
 with two seeds, and the ViT size sweep (four widths, each trained to three budgets), ordered so
-that a partial grid is already a picture (the CNN and the ViT at every size, smallest first,
+that a partial grid is already a picture (the relative model the tab's relative view loads,
+then the CNN and the ViT at every size, smallest first,
 original and scrambled, then the other architectures, the size sweep, the other
 architectures scrambled; seed 0 before seed 1).
 ``--workers N`` starts N processes, one torch thread each (two use both cores of the 2-vCPU
