@@ -939,6 +939,11 @@ def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_gri
                 "training": [(replace(cnn, attempt=1).name, 1000, 6000)]}  # 5,000 left
     left = grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10)
     assert left == pytest.approx(5000 * 10 * 0.03 + 3000 * 10 * 0.05)
+    # a sweep stage still to train adds its runs, whole, at its own rule's steps: the
+    # weight-decay stage's ViT at twice the floor, 6,000 steps
+    stage = {"sweep-wd": [(sweep.aug_run("vit"), Hyper(weight_decay=0.25, floor=2.0))]}
+    assert grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10,
+                                  sweep_left=stage) == pytest.approx(left + 6000 * 10 * 0.05)
     # an architecture nothing has timed yet: no estimate rather than a wrong one
     progress["todo"].append(LabRun("coatnet", 500).name)
     assert grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10) is None

@@ -253,14 +253,16 @@ def status(budget: Budget | None = None) -> dict[str, list]:
 
 
 def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: list[dict] = (),
-                      budget: Budget | None = None, flops=None) -> float | None:
-    """One core's seconds of training left in ``progress`` (`status`) at the speeds of the
-    finished ``rows`` (grid rows and attempts): each architecture's median seconds per step
-    and forward FLOP, times each unfinished run's steps left and its FLOPs. An architecture
-    with no finished grid run is timed by its sweep runs (``sweep_rows``), scaled by the
-    median grid/sweep ratio of those with both (the sweep's short runs ran slower per step).
-    First attempts only: a run that does not converge trains again with twice the steps.
-    None when an architecture left has no run at all to time it by.
+                      budget: Budget | None = None, flops=None,
+                      sweep_left: dict[str, list] | None = None) -> float | None:
+    """One core's seconds of training left in ``progress`` (`status`) and in the sweep's
+    stages ``sweep_left`` (`sweep_left`: their runs, whole), at the speeds of the finished
+    ``rows`` (grid rows and attempts): each architecture's median seconds per step and
+    forward FLOP, times each unfinished run's steps left and its FLOPs. An architecture with
+    no finished grid run is timed by its sweep runs (``sweep_rows``), scaled by the median
+    grid/sweep ratio of those with both (the sweep's short runs ran slower per step). First
+    attempts only: a run that does not converge trains again with twice the steps. None when
+    an architecture left has no run at all to time it by.
 
     Args:
         flops: the forward FLOPs of a run (`engine.forward_flops` of its model by default).
@@ -284,12 +286,14 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
             rate[a] = swept[a] * median(both)
     runs = {replace(r, attempt=a).name: replace(r, attempt=a) for r in grid_runs()
             for a in range(budget.max_attempts)}  # `status` names a run with its attempt
-    left = [(runs[name], 0) for name in progress["todo"]]
-    left += [(runs[name], step) for name, step, _ in progress["training"]]
+    left = [(run, run_steps(run, budget, chosen.get(run.arch, Hyper())))
+            for run in (runs[name] for name in progress["todo"])]
+    left += [(runs[name], steps - step) for name, step, steps in progress["training"]]
+    left += [(run, run_steps(run, sweep.phase_budget(phase), hyper))
+             for phase, items in (sweep_left or {}).items() for run, hyper in items]
     if any(run.arch not in rate for run, _ in left):
         return None
-    return sum((run_steps(run, budget, chosen.get(run.arch, Hyper())) - step) * flops(run)
-               * rate[run.arch] for run, step in left)
+    return sum(steps * flops(run) * rate[run.arch] for run, steps in left)
 
 
 _FLOPS: dict[str, int] = {}
@@ -519,11 +523,11 @@ def main(argv=None) -> int:
         for key, step, steps in s["training"]:
             print(f"  training {key}: step {step}/{steps}")
         left = remaining_seconds(s, read_grid(GRID_CSV) + read_grid(ATTEMPTS_CSV),
-                                 read_grid(SWEEP_CSV))
+                                 read_grid(SWEEP_CSV), sweep_left=sweep_left())
         if left is not None and (s["training"] or s["todo"]):
-            print(f"about {left / 3600:.1f} core-hours left at the speeds measured so far "
-                  "(workers × hours = core-hours; more where a run does not converge and "
-                  "trains again with twice the steps)")
+            print(f"about {left / 3600:.1f} core-hours left at the speeds measured so far, "
+                  "the sweep's included (workers × hours = core-hours; more where a run does "
+                  "not converge and trains again with twice the steps)")
         return 0
     if args.phase:
         for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
