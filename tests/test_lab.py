@@ -1094,3 +1094,46 @@ def test_the_status_lists_the_sweep_runs_left_before_the_grid(tmp_path, monkeypa
     monkeypatch.setattr(grid, "read_grid", lambda path=None: rows)
     assert left("sweep-aug") == [
         "vit-w64-d4-n5000-s0-lr0.004-wd0.05-shift2-flip", "vit-w64-d4-n5000-s0-lr0.004-wd0.05-shift0"]
+
+
+def test_a_sweep_worker_takes_the_next_stages_runs_and_waits_for_a_walk_to_go_on(
+        tmp_path, monkeypatch):
+    """`grid.SWEEP`: while another worker trains a stage's last run, a worker takes the next
+    stage's runs that are ready; with none, it waits (a finished run may add runs) rather
+    than leave a core idle until the driver's next phase, and stops once the sweep is done."""
+    from types import SimpleNamespace
+
+    from explorer.lab import sweep
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path)
+    monkeypatch.setattr(grid, "STOP", __import__("threading").Event())
+    wd, lr = sweep.aug_run("coatnet"), sweep.aug_run("vit")
+    stages = {"sweep-wd": [(wd, Hyper(weight_decay=0.25))], "sweep-lr-full": [(lr, Hyper())]}
+    monkeypatch.setattr(grid, "unfinished", lambda stage: (tmp_path / "sweep.csv",
+                                                           list(stages.get(stage, []))))
+    assert grid._claim(grid.work_key(wd, Hyper(weight_decay=0.25)))  # the other worker's
+    stage, _, run, hyper = grid._next(grid.SWEEP)
+    assert (stage, run, hyper) == ("sweep-lr-full", lr, Hyper())
+    assert grid._next("sweep-wd") is None  # a single stage's worker: nothing for it
+
+    trained, waits = [], []
+
+    def train(run, hyper, budget, checkpoint):
+        trained.append((run.arch, budget))
+        stages["sweep-lr-full"] = []  # its row has landed
+        return SimpleNamespace(test_acc=0.8, val_acc=0.8, train_acc=0.9, seconds=1.0)
+
+    def wait(seconds):  # the other worker's last run lands while this one waits
+        waits.append(seconds)
+        stages["sweep-wd"] = []
+        stages["sweep-lr-full"] = [(sweep.aug_run("cnn"), Hyper(lr=4e-3))]  # the walk goes on
+        grid._release(grid.work_key(wd, Hyper(weight_decay=0.25)))
+
+    grid._release(grid.work_key(lr, Hyper()))
+    monkeypatch.setattr(grid, "_train_one", train)
+    monkeypatch.setattr(grid, "append_row", lambda result, path: None)
+    monkeypatch.setattr(grid, "sweep_left", lambda: {s: i for s, i in stages.items() if i})
+    monkeypatch.setattr(grid.STOP, "wait", wait)
+    assert grid.work(grid.SWEEP) == 0
+    # the ready run first, at its stage's rule; then a wait; then the run the wait added
+    rule = sweep.phase_budget("sweep-lr-full")
+    assert trained == [("vit", rule), ("cnn", rule)] and waits == [grid.WAIT_S]

@@ -342,41 +342,63 @@ def _train_one(run: LabRun, hyper: Hyper, budget: Budget, checkpoint: Path) -> L
                  compile=compiled, cancel=STOP, mixed_precision=GRID_PRECISION)
 
 
+# A worker of every sweep stage at once (the driver's default): it takes the earliest stage's
+# next run, so a core never idles at a stage's end while the next stage has runs it can
+# train (a later stage's runs for an architecture appear once the earlier has chosen for it).
+SWEEP = "sweep"
+WAIT_S = 30.0  # a sweep worker with nothing to claim, while others train: its wait to look again
+
+
+def _next(phase: str) -> tuple[str, Path, LabRun, Hyper | None] | None:
+    """The next unfinished run of ``phase`` (of every sweep stage, earliest first, for
+    `SWEEP`) that this worker could claim: (its stage, that stage's CSV, the run, its sweep
+    hyperparameters); None when there is none."""
+    for stage in PHASES[:-1] if phase == SWEEP else (phase,):
+        path, items = unfinished(stage)
+        for run, hyper in items:
+            if _claim(work_key(run, hyper)):
+                return stage, path, run, hyper
+    return None
+
+
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
-    """One worker: train the phase's unclaimed, unfinished runs one after another."""
+    """One worker: train the phase's unclaimed, unfinished runs one after another (for
+    `SWEEP`, every stage's; with nothing to claim while other workers' runs may add runs to a
+    stage, it waits and looks again)."""
     import torch
 
     from explorer.lab.checkpoint import save_shipped
 
     torch.set_num_threads(1)
-    budget = budget or sweep.phase_budget(phase)
     chosen = sweep.read_choice()
     trained, start = 0, time.time()
     while (limit is None or trained < limit) and not STOP.is_set():
-        path, items = unfinished(phase)
-        item = next(((run, hyper) for run, hyper in items if _claim(work_key(run, hyper))),
-                    None)
+        item = _next(phase)
         if item is None:
+            if phase == SWEEP and sweep_left():  # claimed by others, still training
+                STOP.wait(WAIT_S)
+                continue
             return 0
-        run, sweep_hyper = item
+        stage, path, run, sweep_hyper = item
+        stage_budget = budget or sweep.phase_budget(stage)
         key = work_key(run, sweep_hyper)
         try:
-            if key in _finished(phase, path):
+            if key in _finished(stage, path):
                 continue  # finished by another worker between the two reads
             hyper = sweep_hyper
             if hyper is None:
                 if run.arch not in chosen:
                     raise SystemExit(f"No swept hyperparameters for {run.arch}: run the sweep.")
                 hyper = chosen[run.arch]
-            if phase == "grid":  # continue after the attempts that did not converge
+            if stage == "grid":  # continue after the attempts that did not converge
                 run = replace(run, attempt=next_attempts().get(key, 0))
             while True:
-                result = _train_one(run, hyper, budget, checkpoint_path(run, sweep_hyper))
+                result = _train_one(run, hyper, stage_budget, checkpoint_path(run, sweep_hyper))
                 if result is None:  # stopped (`STOP`): its checkpoint is saved
                     print(f"  {key}: stopped, checkpoint saved", flush=True)
                     return 0
-                if (phase != "grid" or not escalates(run)
-                        or run.attempt + 1 >= budget.max_attempts
+                if (stage != "grid" or not escalates(run)
+                        or run.attempt + 1 >= stage_budget.max_attempts
                         or convergence(result.row()).converged):
                     break
                 append_row(result, ATTEMPTS_CSV)  # kept: the tab and --summary show them
@@ -384,7 +406,7 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
                       f"with twice the steps", flush=True)
                 run = replace(run, attempt=run.attempt + 1)
             append_row(result, path)
-            if phase == "grid" and _keep_model(run):
+            if stage == "grid" and _keep_model(run):
                 save_shipped(result.model, replace(run, attempt=0))
             trained += 1
             print(f"{time.time() - start:7.0f}s {key}: test {result.test_acc:.4f} val "
@@ -463,7 +485,7 @@ def settle_choice() -> int:
     choice = sweep.choose(read_grid(SWEEP_CSV))
     if set(choice) != set(LAB_ARCHS):
         raise SystemExit("The sweep has not finished for every architecture: run it "
-                         f"(python -m explorer.lab.grid --only {' '.join(PHASES[:-1])}).")
+                         f"(python -m explorer.lab.grid --only {SWEEP}).")
     if choice != sweep.read_choice():
         sweep.write_choice(choice)
         print(f"hyperparameters: {json.dumps({a: asdict(h) for a, h in choice.items()})}",
@@ -474,9 +496,10 @@ def settle_choice() -> int:
     return moved
 
 
-def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = None) -> int:
-    """Run the phases in order, each with ``workers`` processes; write the sweep's choice
-    after its stages."""
+def drive(workers: int, phases: tuple[str, ...] = (SWEEP, "grid"),
+          limit: int | None = None) -> int:
+    """Run the phases in order (`SWEEP`: every sweep stage), each with ``workers``
+    processes; write the sweep's choice after its stages."""
     for claim in CHECKPOINTS_DIR.glob("*.claim"):  # left by workers that were killed
         claim.unlink()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
@@ -502,8 +525,10 @@ def drive(workers: int, phases: tuple[str, ...] = PHASES, limit: int | None = No
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)))
-    parser.add_argument("--phase", choices=PHASES, help="be one worker of this phase")
-    parser.add_argument("--only", choices=PHASES, nargs="+", help="drive only these phases")
+    parser.add_argument("--phase", choices=(SWEEP,) + PHASES,
+                        help="be one worker of this phase (sweep: of every sweep stage)")
+    parser.add_argument("--only", choices=(SWEEP,) + PHASES, nargs="+",
+                        help="drive only these phases")
     parser.add_argument("--limit", type=int, default=None, help="train at most this many runs")
     parser.add_argument("--status", action="store_true", help="print the grid's progress")
     parser.add_argument("--summary", action="store_true",
@@ -533,7 +558,7 @@ def main(argv=None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
             signal.signal(sig, lambda *_: STOP.set())
         return work(args.phase, args.limit)
-    return drive(args.workers, tuple(args.only or PHASES), args.limit)
+    return drive(args.workers, tuple(args.only or (SWEEP, "grid")), args.limit)
 
 
 if __name__ == "__main__":
