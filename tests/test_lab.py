@@ -689,7 +689,7 @@ def test_floor_runs_trained_ahead_import_as_the_floor_stages_and_resume_there(
     assert script.main(["--import"]) == 0
     (imported,) = grid.read_grid(grid.SWEEP_CSV)
     assert (imported["budget"], imported["floor"], imported["steps"]) == (1.0, 2.0, 6000)
-    assert sweep._floor_row([imported], "vit", replace(hyper, floor=2.0)) is not None
+    assert sweep._stage_row([imported], "vit", replace(hyper, floor=2.0)) is not None
     assert not list(script.OUT.parent.glob("*.pt"))
     moved = torch.load(grid.checkpoint_path(sweep.aug_run("cnn"), Hyper(lr=8e-3, floor=4.0)),
                        weights_only=False)

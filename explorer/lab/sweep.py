@@ -145,8 +145,9 @@ def choose_aug(rows: list[dict]) -> dict[str, Hyper]:
     return out
 
 
-def _floor_row(rows: list[dict], arch: str, hyper: Hyper) -> dict | None:
-    """The augmentation stage's run of ``arch`` with ``hyper`` (its floor included)."""
+def _stage_row(rows: list[dict], arch: str, hyper: Hyper) -> dict | None:
+    """The run of ``arch`` on the augmentation stage's images (every stage after the first) with
+    exactly ``hyper`` (floor, weight decay and learning rate included)."""
     return next((r for r in _rows_of(rows, aug_run(arch)) if Hyper.of(r) == hyper), None)
 
 
@@ -157,8 +158,8 @@ def _floor_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool]
     pass `MAX_FLOOR`."""
     floor = 1.0
     while 2 * floor <= MAX_FLOOR:
-        here = _floor_row(rows, arch, replace(hyper, floor=floor))
-        longer = _floor_row(rows, arch, replace(hyper, floor=2 * floor))
+        here = _stage_row(rows, arch, replace(hyper, floor=floor))
+        longer = _stage_row(rows, arch, replace(hyper, floor=2 * floor))
         if here is None or longer is None:
             return floor, False
         if longer["val_acc"] < here["val_acc"] + STAGE_GAIN:
@@ -203,8 +204,8 @@ def _walk(rows: list[dict], arch: str, hyper: Hyper, field: str,
     while True:
         nbrs = [j for j in (i - 1, i + 1) if 0 <= j < len(ladder) and step in (0, j - i)]
         seen += [ladder[j] for j in nbrs]
-        here = _floor_row(rows, arch, replace(hyper, **{field: ladder[i]}))
-        there = [_floor_row(rows, arch, replace(hyper, **{field: ladder[j]})) for j in nbrs]
+        here = _stage_row(rows, arch, replace(hyper, **{field: ladder[i]}))
+        there = [_stage_row(rows, arch, replace(hyper, **{field: ladder[j]})) for j in nbrs]
         if here is None or None in there:
             return ladder[i], False, seen
         if not nbrs:
