@@ -361,3 +361,17 @@ def test_what_training_again_bought_is_each_attempts_test_accuracy():
     # a run still training again is not here (the progress line says it), nor is one never
     # retrained
     assert lab_view.longer_text([_row("vit", 500, 0.70)], [first]) == ""
+
+
+def test_the_intro_gives_each_architectures_recipe_from_the_sweeps_choice():
+    choice = {"vit": Hyper(lr=4e-3, floor=2.0),
+              "cnn": Hyper(lr=8e-3, weight_decay=0.01, shift=0, flip=False)}
+    assert lab_view.recipe_text(choice).splitlines() == [
+        "**Each architecture's recipe** (the sweep's choice, on validation images; "
+        "`explorer/lab/sweep.py`):",
+        "- CNN: peak learning rate 0.008, weight decay 0.01, augmentation none, at least "
+        "3,000 steps",
+        "- ViT (absolute positions): peak learning rate 0.004, weight decay 0.05, "
+        "augmentation 2-px shifts, flips, at least 6,000 steps"]
+    assert lab_view.recipe_text(choice) in lab_view.intro_text(choice=choice)
+    assert lab_view.recipe_text({}) == "" and "recipe" not in lab_view.intro_text(choice={})

@@ -78,8 +78,25 @@ def bias_tables(train_images: int | None = None) -> torch.Tensor:
     return analysis.relative_tables(load_shipped("vit_rel", train_images or sizes[-1]))
 
 
-def intro_text(budget: Budget | None = None) -> str:
-    return INTRO.format(rule=(budget or Budget()).sentence())
+def intro_text(budget: Budget | None = None, choice: dict[str, Hyper] | None = None) -> str:
+    """The tab's opening: what the lab is, the budget rule, and each architecture's recipe
+    (`recipe_text`)."""
+    recipe = recipe_text(choice, budget)
+    return INTRO.format(rule=(budget or Budget()).sentence()) + (f"\n{recipe}\n" if recipe else "")
+
+
+def recipe_text(choice: dict[str, Hyper] | None = None, budget: Budget | None = None) -> str:
+    """Each architecture's hyperparameters, the sweep's choice (``choice``: the shipped one by
+    default), one line each in the grid's order; "" before the sweep has chosen."""
+    choice = choice if choice is not None else sweep.read_choice()
+    floor = (budget or Budget()).min_steps
+    lines = [f"- {ARCH_LABELS[a]}: peak learning rate {h.lr:g}, weight decay "
+             f"{h.weight_decay:g}, augmentation {h.augmentation()}, at least "
+             f"{round(h.floor * floor):,} steps" for a in ARCH_LABELS if (h := choice.get(a))]
+    if not lines:
+        return ""
+    return ("**Each architecture's recipe** (the sweep's choice, on validation images; "
+            "`explorer/lab/sweep.py`):\n" + "\n".join(lines))
 
 
 def summary_text(rows: list[dict]) -> str:
