@@ -137,6 +137,9 @@ def test_a_sweep_stage_still_training_is_named_with_its_architectures():
     assert lab_view.sweep_text({}) == "" and text not in lab_view.progress_text(
         status, [], [], {}, {})
     assert set(lab_view.STAGES) == set(grid.PHASES) - {"grid"}  # every stage has its name
+    every = {"sweep-lr-full": [(sweep.aug_run(a), Hyper()) for a in ("coatnet", "vit", "cnn")]}
+    assert "the sweep is choosing again for the CNN, the ViT (absolute positions) and the " \
+           "CoAtNet (mini), whose runs may train again;" in lab_view.still_training(ROWS, [], every)
     later = {"sweep-wd": [(sweep.aug_run("cnn"), Hyper(lr=8e-3, weight_decay=0.25))],
              "sweep-lr-full": [(sweep.aug_run("coatnet"), Hyper(lr=1.6e-2))]}
     assert lab_view.sweep_text(later).startswith(

@@ -242,6 +242,13 @@ def superseded_text(superseded: list[dict], done: list[str],
             "not plotted.")
 
 
+def _the(labels: list[str]) -> str:
+    """Architectures' labels as a list in words: "the CNN", "the CNN and the ViT", "the CNN,
+    the ViT and the CoAtNet"."""
+    named = [f"the {label}" for label in labels]
+    return " and ".join(named) if len(named) < 3 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
 def _labels(archs: Collection[str]) -> list[str]:
     """The labels of ``archs``, in the grid's order."""
     return [ARCH_LABELS[a] for a in ARCH_LABELS if a in archs]
@@ -328,12 +335,11 @@ def still_training(rows: list[dict], superseded: list[dict] = (),
     if finished == len(names):
         return ""
     again = [ARCH_LABELS[a] for a in superseded_runs(superseded, done)]
-    again_text = (f"the {' and the '.join(again)} train{'s' * (len(again) == 1)} again with "
-                  "the sweep's new hyperparameters; ") if again else ""
+    again_text = (f"{_the(again)} train{'s' * (len(again) == 1)} again with the sweep's new "
+                  "hyperparameters; ") if again else ""
     choosing = {run.arch for items in (sweep_left or {}).values() for run, _ in items}
-    choosing_text = (f"the sweep is choosing again for the "
-                     f"{' and the '.join(_labels(choosing))}"
-                     f", whose runs may train again; ") if choosing else ""
+    choosing_text = (f"the sweep is choosing again for {_the(_labels(choosing))}, whose runs "
+                     "may train again; ") if choosing else ""
     # not "the figure shows those": a figure may show none of them yet (the size sweep's)
     return (f"*(still training: {finished} of the grid's {len(names)} runs have finished; "
             f"{choosing_text}{again_text}what is shown here comes from those alone)*")
