@@ -790,7 +790,8 @@ def test_the_shipped_hyperparameters_are_the_sweeps_best_on_validation():
         lr_best = max((r for r in quarter if r["shift"] or r["flip"]), key=lambda r: r["val_acc"])
         assert hyper.lr == lr_best["lr"]
         stage = [r for r in rows if r["arch"] == arch and r["train_images"] == sweep.AUG_IMAGES]
-        full = [r for r in stage if r["floor"] == 1.0 and r["weight_decay"] == 0.05]
+        full = [r for r in stage if r["floor"] == 1.0 and r["weight_decay"] == 0.05
+                and r["lr"] == hyper.lr]  # the augmentation stage's (not the later walks')
         assert {(r["shift"], r["flip"], r["val_images"]) for r in full} == {
             (0, False, 2000), (2, True, 2000)}
         assert max(r["val_acc"] for r in full) == next(
