@@ -157,21 +157,13 @@ def append_row(result: LabResult, path: Path = GRID_CSV) -> None:
 # Work: phases, claims, status
 # ---------------------------------------------------------------------------------------
 
-PHASES = ("sweep-lr", "sweep-aug", "sweep-floor", "sweep-wd", "sweep-lr-full", "grid")
+PHASES = (*sweep.STAGES, "grid")
 
 
 def phase_work(phase: str) -> tuple[Path, list[tuple[LabRun, Hyper | None]]]:
     """The CSV a phase writes and its runs (with hyperparameters for the sweep's)."""
-    if phase == "sweep-lr":
-        return SWEEP_CSV, sweep.lr_stage(read_grid(SWEEP_CSV))
-    if phase == "sweep-aug":
-        return SWEEP_CSV, sweep.aug_stage(read_grid(SWEEP_CSV))
-    if phase == "sweep-floor":
-        return SWEEP_CSV, sweep.floor_stage(read_grid(SWEEP_CSV))
-    if phase == "sweep-wd":
-        return SWEEP_CSV, sweep.wd_stage(read_grid(SWEEP_CSV))
-    if phase == "sweep-lr-full":
-        return SWEEP_CSV, sweep.lr_full_stage(read_grid(SWEEP_CSV))
+    if phase in sweep.STAGES:
+        return SWEEP_CSV, sweep.STAGES[phase](read_grid(SWEEP_CSV))
     if phase == "grid":
         return GRID_CSV, [(r, None) for r in grid_runs()]
     raise ValueError(f"phase must be one of {PHASES}")

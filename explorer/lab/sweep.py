@@ -60,7 +60,6 @@ SWEEP_IMAGES = 3000
 SWEEP_BUDGET = 0.25  # of the budget rule's steps (750 steps: 36 epochs of the 2,700 fit images)
 AUG_IMAGES = 5000  # the augmentation stage: 3,000 images train, 2,000 validate (`AUG_RULE`)
 AUG_RULE = Budget(val_frac=0.4)  # the budget rule with 40% (2,000 images) validating
-AUG_RULE_PHASES = ("sweep-aug", "sweep-floor", "sweep-wd", "sweep-lr-full")  # on those images
 AUG_BUDGET = 1.0  # the augmentation stage: the rule's full steps for 3,000 fit images (3,000)
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3 came out best for every architecture
 MAX_LR = 3.2e-2
@@ -81,7 +80,8 @@ def aug_run(arch: str) -> LabRun:
 
 def phase_budget(phase: str) -> Budget:
     """The budget rule a sweep phase's runs train under (the grid's own for the others)."""
-    return AUG_RULE if phase in AUG_RULE_PHASES else Budget()
+    # every stage after the first trains on the augmentation stage's images
+    return AUG_RULE if phase in STAGES and phase != next(iter(STAGES)) else Budget()
 
 
 def lr_stage(rows: list[dict] | None = None) -> list[tuple[LabRun, Hyper]]:
@@ -258,6 +258,11 @@ def choose(rows: list[dict]) -> dict[str, Hyper]:
     """Each architecture's chosen hyperparameters (`choose_wd`, with the full-budget learning
     rate), once all five stages have finished for it."""
     return _walk_choice(choose_wd(rows), rows, "lr", LR_LADDER)
+
+
+# The stages in order, by the grid's phase names: each gives its runs from the sweep's rows.
+STAGES = {"sweep-lr": lr_stage, "sweep-aug": aug_stage, "sweep-floor": floor_stage,
+          "sweep-wd": wd_stage, "sweep-lr-full": lr_full_stage}
 
 
 def write_choice(choice: dict[str, Hyper], path: Path = HYPER_JSON) -> None:
