@@ -65,6 +65,7 @@ LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # 8e-3 added when 4e-3 came out best for every a
 MAX_LR = 3.2e-2
 NO_AUG = {"shift": 0, "flip": False}
 WDS = (0.002, 0.01, 0.05, 0.25, 1.25)  # the weight-decay stage's values around 0.05, ×5 apart
+FLOORS = (1.0, 2.0, MAX_FLOOR)  # the floor stage's walk: doublings up from the rule's floor
 LR_LADDER = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, MAX_LR)  # the last stage's, ×2 apart
 
 
@@ -151,47 +152,6 @@ def _stage_row(rows: list[dict], arch: str, hyper: Hyper) -> dict | None:
     return next((r for r in _rows_of(rows, aug_run(arch)) if Hyper.of(r) == hyper), None)
 
 
-def _floor_walk(rows: list[dict], arch: str, hyper: Hyper) -> tuple[float, bool]:
-    """The floor chosen so far for ``arch`` (with ``hyper``'s recipe) and whether the choice
-    is final: from 1, double while the doubled floor's run has finished and validates
-    `STAGE_GAIN` better; final when the next doubling has finished and gains less, or would
-    pass `MAX_FLOOR`."""
-    floor = 1.0
-    while 2 * floor <= MAX_FLOOR:
-        here = _stage_row(rows, arch, replace(hyper, floor=floor))
-        longer = _stage_row(rows, arch, replace(hyper, floor=2 * floor))
-        if here is None or longer is None:
-            return floor, False
-        if longer["val_acc"] < here["val_acc"] + STAGE_GAIN:
-            return floor, True
-        floor *= 2
-    return floor, True
-
-
-def floor_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
-    """For each architecture whose augmentation is chosen, its augmentation-stage run with
-    the floor doubled, and doubled again while that gains `STAGE_GAIN` (`_floor_walk`)."""
-    out = []
-    for a, hyper in choose_aug(rows).items():
-        floor, _ = _floor_walk(rows, a, hyper)
-        f = 2.0  # every doubling up to the next one of the floor chosen so far
-        while f <= min(2 * floor, MAX_FLOOR):
-            out.append((aug_run(a), replace(hyper, floor=f)))
-            f *= 2
-    return out
-
-
-def choose_floor(rows: list[dict]) -> dict[str, Hyper]:
-    """Each architecture's learning rate, augmentation and floor (`choose_aug`, with the floor
-    stage's floor), once the floor stage has finished for it."""
-    out = {}
-    for a, hyper in choose_aug(rows).items():
-        floor, final = _floor_walk(rows, a, hyper)
-        if final:
-            out[a] = replace(hyper, floor=floor)
-    return out
-
-
 def _walk(rows: list[dict], arch: str, hyper: Hyper, field: str,
           ladder: tuple[float, ...]) -> tuple[float, bool, list[float]]:
     """A hill-climb of one hyperparameter (``field``, along ``ladder``) of ``arch``'s chosen
@@ -234,6 +194,18 @@ def _walk_choice(chosen: dict[str, Hyper], rows: list[dict], field: str,
         if final:
             out[a] = replace(hyper, **{field: value})
     return out
+
+
+def floor_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
+    """For each architecture whose augmentation is chosen, its augmentation-stage run with
+    the floor doubled, and doubled again while that gains `STAGE_GAIN` (a walk up `FLOORS`)."""
+    return _walk_stage(choose_aug(rows), rows, "floor", FLOORS)
+
+
+def choose_floor(rows: list[dict]) -> dict[str, Hyper]:
+    """Each architecture's learning rate, augmentation and floor (`choose_aug`, with the floor
+    stage's floor), once the floor stage has finished for it."""
+    return _walk_choice(choose_aug(rows), rows, "floor", FLOORS)
 
 
 def wd_stage(rows: list[dict]) -> list[tuple[LabRun, Hyper]]:
