@@ -905,6 +905,34 @@ def test_a_run_that_has_not_converged_trains_again_with_twice_the_steps(tmp_path
     assert "up to 4×" in tiny.sentence()
 
 
+@needs_fmnist
+def test_a_second_seed_starts_at_the_steps_its_first_seed_kept(tmp_path, monkeypatch):
+    from explorer.lab import sweep
+    first, second = LabRun("cnn", 40, 0), LabRun("cnn", 40, 1)
+    for name in ("GRID_CSV", "ATTEMPTS_CSV"):
+        monkeypatch.setattr(grid, name, tmp_path / f"{name}.csv")
+    monkeypatch.setattr(grid, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(grid, "grid_runs", lambda: [first, second])
+    monkeypatch.setattr(sweep, "read_choice", lambda path=None: {"cnn": Hyper()})
+    # seed 0's first attempt (3 steps) is still gaining; every longer one has converged
+    monkeypatch.setattr(grid, "convergence", lambda row: analysis.Convergence(
+        0.01, 0.0, row["steps"] > 3))
+    tiny = Budget(min_steps=3, epochs=0, batch=8, evals=1, test_images=50, max_attempts=3)
+    # while seed 0 trains (another worker's claim), its second seed waits for its steps
+    assert grid._claim(first.name)
+    assert grid.replicates_waiting(grid.unfinished("grid")[1]) == {second.name}
+    assert grid._next("grid") is None
+    grid._release(first.name)
+    grid.work("grid", budget=tiny)
+    # seed 0 trained again with twice the steps; seed 1 started there: 6 steps, no first try
+    assert [(r["seed"], r["attempt"], r["steps"])
+            for r in grid.read_grid(tmp_path / "ATTEMPTS_CSV.csv")] == [(0, 0, 3)]
+    assert [(r["seed"], r["attempt"], r["steps"])
+            for r in grid.read_grid(tmp_path / "GRID_CSV.csv")] == [(0, 1, 6), (1, 1, 6)]
+    assert grid.next_attempts() == {first.name: 1, second.name: 1}
+    assert grid.replicates_waiting([(second, None)]) == set()  # seed 0's row is in
+
+
 def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     from explorer.lab import sweep
     run = LabRun("vit", 40, 0)

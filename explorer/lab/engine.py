@@ -14,7 +14,8 @@ The budget rule (`Budget`), one sentence: every run trains on 90% of its images 
 (`analysis.convergence`: validation accuracy still gaining 0.3 points in its last 20% of
 steps, read from a line fitted through that fifth's evaluations, or train below test
 accuracy) is trained again from scratch with twice the steps, up to four times the base
-(`LabRun.attempt`); nothing is chosen on the test set.
+(`LabRun.attempt`); a second seed starts at the steps its first seed's kept attempt trained
+(`grid.next_attempts`); nothing is chosen on the test set.
 
 The training loop is the one every trainer shares (`explorer.training`); this module keeps
 the lab's own data path: in-memory 28-px tensors, seeded stratified subsets, random 2-px
@@ -125,7 +126,8 @@ class Budget:
                 f"{'s' * (gain != 0.01)} from twice as many), "
                 f"with warm-up and cosine decay; a run whose validation "
                 f"accuracy still gains in its last 20% of steps is trained again with twice "
-                f"the steps (up to {2 ** (self.max_attempts - 1)}×); learning rate, weight "
+                f"the steps (up to {2 ** (self.max_attempts - 1)}×), and a second seed trains "
+                f"the steps its first seed kept; learning rate, weight "
                 f"decay and augmentation per architecture come from the same sweep, "
                 f"never from the test set")
 

@@ -196,11 +196,29 @@ def checkpoint_path(run: LabRun, sweep_hyper: Hyper | None = None) -> Path:
 
 
 def next_attempts() -> dict[str, int]:
-    """For each grid run with attempts that did not converge, the attempt it is on now."""
+    """For each grid run that does not start at its first attempt, the attempt it trains
+    next: the one after its attempts that did not converge, and a later seed's first at the
+    attempt its seed 0 kept. A second seed is a replicate of the first's recipe, steps
+    included: so the seeds' spread is theirs, not two budgets', and a run whose seed 0 needed
+    twice the steps does not spend a first attempt finding that out again."""
     out: dict[str, int] = {}
+    for r in read_grid(GRID_CSV):
+        run = row_run(r)
+        if run.seed == 0 and run.attempt and escalates(run):
+            for seed in SEEDS[1:]:
+                out[work_key(replace(run, seed=seed))] = run.attempt
     for r in read_grid(ATTEMPTS_CSV):
         out[row_key(r)] = max(out.get(row_key(r), 0), r["attempt"] + 1)
     return out
+
+
+def replicates_waiting(items: list[tuple[LabRun, Hyper | None]]) -> set[str]:
+    """The keys of the unfinished grid runs ``items`` that wait for their seed 0's row, which
+    sets the attempt they start at (`next_attempts`): later seeds of a run still among
+    ``items``."""
+    keys = {work_key(run) for run, _ in items}
+    return {work_key(run) for run, _ in items
+            if run.seed and escalates(run) and work_key(replace(run, seed=0)) in keys}
 
 
 def _claim(key: str) -> bool:
@@ -347,8 +365,9 @@ def _next(phase: str) -> tuple[str, Path, LabRun, Hyper | None] | None:
     hyperparameters); None when there is none."""
     for stage in PHASES[:-1] if phase == SWEEP else (phase,):
         path, items = unfinished(stage)
+        waiting = replicates_waiting(items) if stage == "grid" else set()
         for run, hyper in items:
-            if _claim(work_key(run, hyper)):
+            if work_key(run, hyper) not in waiting and _claim(work_key(run, hyper)):
                 return stage, path, run, hyper
     return None
 
@@ -367,7 +386,10 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
     while (limit is None or trained < limit) and not STOP.is_set():
         item = _next(phase)
         if item is None:
-            if phase == SWEEP and sweep_left():  # claimed by others, still training
+            # what is left is claimed by other workers, but may add runs (a sweep stage's walk)
+            # or free one (a seed 0's row lets its later seeds start)
+            if (sweep_left() if phase == SWEEP else
+                    phase == "grid" and replicates_waiting(unfinished("grid")[1])):
                 STOP.wait(WAIT_S)
                 continue
             return 0
