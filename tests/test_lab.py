@@ -922,8 +922,13 @@ def test_a_second_seed_starts_at_the_steps_its_first_seed_kept(tmp_path, monkeyp
     assert grid._claim(first.name)
     assert grid.replicates_waiting(grid.unfinished("grid")[1]) == {second.name}
     assert grid._next("grid") is None
-    grid._release(first.name)
+    # a worker with only that second seed left waits for it (rather than exit and leave a
+    # core idle); here the other worker gives seed 0 up while it waits, so it trains both
+    monkeypatch.setattr(grid, "STOP", __import__("threading").Event())
+    waits = []
+    monkeypatch.setattr(grid.STOP, "wait", lambda s: (waits.append(s), grid._release(first.name)))
     grid.work("grid", budget=tiny)
+    assert waits == [grid.WAIT_S]
     # seed 0 trained again with twice the steps; seed 1 started there: 6 steps, no first try
     assert [(r["seed"], r["attempt"], r["steps"])
             for r in grid.read_grid(tmp_path / "ATTEMPTS_CSV.csv")] == [(0, 0, 3)]
