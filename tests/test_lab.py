@@ -482,12 +482,15 @@ def test_every_shipped_row_says_what_it_is_and_follows_the_rule():
     assert len(keys) == len(set(keys)) and set(keys) <= {r.name for r in grid.grid_runs()}
     for r in rows:
         assert r["fit_images"] + r["val_images"] == r["train_images"]
-        assert r["steps"] == budget.steps(r["train_images"], r["budget"] * 2 ** r["attempt"])
+        # the rule's steps at the row's floor (`Hyper.floor`: 2× for the ViTs), scaled by its
+        # budget share and 2× per attempt: 500 images, floor 2, attempt 1 -> 4 × 3,000
+        assert r["steps"] == budget.steps(r["train_images"], r["budget"] * 2 ** r["attempt"],
+                                          r["floor"])
         assert r["epochs"] == pytest.approx(r["steps"] * r["batch"] / r["fit_images"], abs=0.01)
         if chosen:  # (none while the sweep runs again; `grid.supersede` then moves stale rows)
             h = chosen[r["arch"]]
-            assert (r["lr"], r["weight_decay"], r["shift"], r["flip"]) == (
-                h.lr, h.weight_decay, h.shift, h.flip)
+            assert (r["lr"], r["weight_decay"], r["shift"], r["flip"], r["floor"]) == (
+                h.lr, h.weight_decay, h.shift, h.flip, h.floor)
         # evaluated on the schedule of 20 evaluations (rows begun before 2026-12-01 22:00)
         # or of `budget.evals`, ending at the last step
         steps = [p[0] for p in r["curve"]]
