@@ -70,6 +70,14 @@ def test_convergence_text_names_the_runs_that_fail():
     assert lab_view.convergence_text(ROWS).endswith("6 of 6 finished runs pass.")
 
 
+def test_convergence_text_leaves_out_the_size_sweeps_short_budgets():
+    # a narrower ViT at a quarter of the steps, still climbing: a frontier point, not a run
+    # the rule applies to, so it is neither counted nor named
+    short = dict(_row("vit", 20000, 0.76, curve=[(1200, 0.70, 0.7), (1500, 0.76, 0.77)]),
+                 width=32, budget=0.25)
+    assert lab_view.convergence_text(ROWS + [short]).endswith("6 of 6 finished runs pass.")
+
+
 def test_progress_text_says_what_is_still_training():
     status = {"done": ["a", "b"], "training": [("cnn-w24-d2-n60000-s0", 4000, 13594)],
               "todo": ["c", "d", "e"]}
