@@ -84,7 +84,7 @@ def import_rows() -> int:
     have = {grid.row_key(r, with_hyper=True) for r in grid.read_grid(grid.SWEEP_CSV)}
     added = 0
     for r in grid.read_grid(OUT):
-        run = replace(grid.row_run(r), budget=1.0)
+        run = replace(grid.LabRun.of(r), budget=1.0)
         hyper = replace(Hyper.of(r), floor=r["budget"])
         assert run == sweep.aug_run(r["arch"]) and r["steps"] == run_steps(
             run, sweep.AUG_RULE, hyper), f"not a floor-stage run: {grid.row_key(r)}"

@@ -75,7 +75,12 @@ def test_convergence_text_leaves_out_the_size_sweeps_short_budgets():
     # the rule applies to, so it is neither counted nor named
     short = dict(_row("vit", 20000, 0.76, curve=[(1200, 0.70, 0.7), (1500, 0.76, 0.77)]),
                  width=32, budget=0.25)
-    assert lab_view.convergence_text(ROWS + [short]).endswith("6 of 6 finished runs pass.")
+    assert lab_view.convergence_text(ROWS + [short]).endswith(
+        "6 of 6 finished runs pass (the size sweep's 1 finished run, trained to fixed budgets "
+        "on purpose, is not checked).")
+    two = [short, dict(short, width=48)]
+    assert "(the size sweep's 2 finished runs, trained to fixed budgets on purpose, are not " \
+        "checked)" in lab_view.convergence_text(ROWS + two)
 
 
 def test_progress_text_says_what_is_still_training():
@@ -228,6 +233,20 @@ def test_the_summary_lists_the_attempts_that_trained_again():
     assert "| vit w64 n60,000 s0 original | 1 | 13,594 | 30 | 90.48 | +0.55 | +6.2 | **no** |" \
         in text.splitlines()
     assert "Attempts that had not converged" not in summary_markdown([], None, [])
+
+
+def test_the_summarys_convergence_table_marks_the_size_sweeps_budgets_as_fixed():
+    from explorer.lab.summary import summary_markdown
+    # the same climbing curve: a failure for a grid run, a fixed budget for a sweep point
+    climbing = [(1200, 0.70, 0.75), (1500, 0.76, 0.77)]
+    grid_run = dict(_row("vit", 20000, 0.76, steps=1500, curve=climbing), epochs=9.6, flops=1,
+                    batch=128)
+    short = dict(grid_run, width=32, budget=0.25)
+    lines = summary_markdown([grid_run, short]).splitlines()
+    assert "| vit w64 n20,000 s0 original | 1 | 1,500 | 9.6 | 76.00 | +6.00 | +2.0 | **no** |" \
+        in lines
+    assert ("| vit w32 n20,000 s0 original b0.25 | 1 | 1,500 | 9.6 | 76.00 | +6.00 | +2.0 "
+            "| fixed budget |") in lines
 
 
 def test_the_summary_gives_each_architectures_speed_and_the_grids_order():

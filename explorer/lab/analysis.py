@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from explorer.attention import EachLayer, capture
+from explorer.lab.engine import LabRun
 from explorer.lab.models import (
     ARCH_LABELS,
-    DEFAULT_SIZES,
     PATCH,
     RelPosAttention,
     relative_table,
@@ -46,13 +46,9 @@ class ErrorPoint:
     seeds: int
 
 
-def is_default_size(row: dict) -> bool:
-    return (row["width"], row["depth"]) == DEFAULT_SIZES[row["arch"]]
-
-
 def is_main(row: dict, variant: str = "original") -> bool:
-    """A run of the architecture grid: default size, the full budget, ``variant`` data."""
-    return is_default_size(row) and row["budget"] == 1.0 and row["variant"] == variant
+    """A run of the architecture grid (`LabRun.in_arch_grid`) on ``variant`` data."""
+    return LabRun.of(row).in_arch_grid and row["variant"] == variant
 
 
 def seed_runs(rows: list[dict], arch: str, train_images: int, *,

@@ -39,7 +39,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from explorer.datasets import read_fashion_mnist, stratified_sample
-from explorer.lab.models import IMAGE_SIZE, MEAN, PATCH, STD, ArchSpec, build, param_count
+from explorer.lab.models import (
+    DEFAULT_SIZES,
+    IMAGE_SIZE,
+    MEAN,
+    PATCH,
+    STD,
+    ArchSpec,
+    build,
+    param_count,
+)
 from explorer.lab.scramble import Scramble, make_scramble, scramble_images
 from explorer.training import Checkpointing, Recipe, TrainLoop, warmup_steps
 
@@ -155,9 +164,23 @@ class LabRun:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, not {self.variant!r}")
 
+    @classmethod
+    def of(cls, row: dict) -> LabRun:
+        """The run a grid row (`grid.COLUMNS`) records."""
+        return cls(row["arch"], row["train_images"], row["seed"], row["width"], row["depth"],
+                   row["variant"], row["budget"], row.get("attempt", 0))
+
     @property
     def spec(self) -> ArchSpec:
         return ArchSpec(self.arch, self.width, self.depth)
+
+    @property
+    def in_arch_grid(self) -> bool:
+        """A run of the architecture grid (original or scrambled): the architecture's grid
+        size at the full budget. The size sweep's other widths and its fixed shorter budgets
+        are frontier points, short on purpose: the convergence rule does not apply to them
+        and they never retrain."""
+        return self.budget == 1.0 and (self.width, self.depth) == DEFAULT_SIZES[self.arch]
 
     @property
     def name(self) -> str:

@@ -88,11 +88,6 @@ def grid_runs() -> list[LabRun]:
     return unique
 
 
-def row_run(row: dict) -> LabRun:
-    return LabRun(row["arch"], row["train_images"], row["seed"], row["width"], row["depth"],
-                  row["variant"], row["budget"], row["attempt"])
-
-
 def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
     """A run's name without its attempt (the grid holds one row per run: its last attempt),
     plus its hyperparameters for sweep runs (several per run)."""
@@ -106,15 +101,8 @@ def work_key(run: LabRun, hyper: Hyper | None = None) -> str:
 
 def row_key(row: dict, with_hyper: bool = False) -> str:
     if not with_hyper:
-        return work_key(row_run(row))
-    return work_key(row_run(row), Hyper.of(row))
-
-
-def escalates(run: LabRun) -> bool:
-    """The architecture grid's runs (original and scrambled) retrain longer when they have
-    not converged; the size sweep's fixed budgets and the hyperparameter sweep do not."""
-    default = LabRun(run.arch, run.train_images)
-    return run.budget == 1.0 and (run.width, run.depth) == (default.width, default.depth)
+        return work_key(LabRun.of(row))
+    return work_key(LabRun.of(row), Hyper.of(row))
 
 
 def read_grid(path: Path = GRID_CSV) -> list[dict]:
@@ -203,8 +191,8 @@ def next_attempts() -> dict[str, int]:
     twice the steps does not spend a first attempt finding that out again."""
     out: dict[str, int] = {}
     for r in read_grid(GRID_CSV):
-        run = row_run(r)
-        if run.seed == 0 and run.attempt and escalates(run):
+        run = LabRun.of(r)
+        if run.seed == 0 and run.attempt and run.in_arch_grid:
             for seed in SEEDS[1:]:
                 out[work_key(replace(run, seed=seed))] = run.attempt
     for r in read_grid(ATTEMPTS_CSV):
@@ -218,7 +206,7 @@ def replicates_waiting(items: list[tuple[LabRun, Hyper | None]]) -> set[str]:
     ``items``."""
     keys = {work_key(run) for run, _ in items}
     return {work_key(run) for run, _ in items
-            if run.seed and escalates(run) and work_key(replace(run, seed=0)) in keys}
+            if run.seed and run.in_arch_grid and work_key(replace(run, seed=0)) in keys}
 
 
 def _claim(key: str) -> bool:
@@ -411,7 +399,7 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
                 if result is None:  # stopped (`STOP`): its checkpoint is saved
                     print(f"  {key}: stopped, checkpoint saved", flush=True)
                     return 0
-                if (stage != "grid" or not escalates(run)
+                if (stage != "grid" or not run.in_arch_grid
                         or run.attempt + 1 >= stage_budget.max_attempts
                         or convergence(result.row()).converged):
                     break
@@ -459,10 +447,10 @@ def supersede(choice: dict[str, Hyper]) -> int:
         typed = read_grid(path)
         old, relabelled = [], 0
         for r, t in zip(raw, typed, strict=True):
-            if stale(row_run(t), Hyper.of(t), t["steps"]):
+            if stale(LabRun.of(t), Hyper.of(t), t["steps"]):
                 old.append(r)
                 # the model the tab's views load, trained with the old choice
-                shipped_path(replace(row_run(t), attempt=0)).unlink(missing_ok=True)
+                shipped_path(replace(LabRun.of(t), attempt=0)).unlink(missing_ok=True)
             elif t["arch"] in choice and "floor" in r and t["floor"] != choice[t["arch"]].floor:
                 r["floor"] = str(choice[t["arch"]].floor)
                 relabelled += 1

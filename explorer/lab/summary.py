@@ -5,7 +5,7 @@ every run, the ViT size sweep against compute, and what it cost."""
 from __future__ import annotations
 
 from explorer.lab.analysis import compute_curves, convergence, error_vs_data
-from explorer.lab.engine import Hyper
+from explorer.lab.engine import Hyper, LabRun
 from explorer.lab.models import ARCH_LABELS
 
 
@@ -58,8 +58,14 @@ def _convergence_table(rows: list[dict]) -> list[str]:
         name += f" b{r['budget']:g}" if r["budget"] != 1.0 else ""
         out.append(f"| {name} | {r.get('attempt', 0) + 1} | {r['steps']:,} | {r['epochs']:g} | "
                    f"{100 * r['test_acc']:.2f} | {100 * c.late_gain:+.2f} | "
-                   f"{100 * c.train_minus_test:+.1f} | {'yes' if c.converged else '**no**'} |")
+                   f"{100 * c.train_minus_test:+.1f} | {_verdict(r, c.converged)} |")
     return out
+
+
+def _verdict(row: dict, converged: bool) -> str:
+    if not LabRun.of(row).in_arch_grid:  # the size sweep's budgets: short on purpose
+        return "fixed budget"
+    return "yes" if converged else "**no**"
 
 
 def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None,

@@ -118,9 +118,11 @@ def scrambled_text(rows: list[dict]) -> str:
 
 def convergence_text(rows: list[dict]) -> str:
     """The convergence check over the architecture grid's finished runs, naming those that
-    fail it. The size sweep's fixed budgets (a quarter, a half, ... of the steps) are
-    frontier points, short on purpose, so the rule does not apply to them (`grid.escalates`)."""
-    rows = [r for r in rows if grid.escalates(grid.row_run(r))]
+    fail it. The size sweep's runs (other widths; fixed budgets of a quarter, a half, ... of
+    the steps) are frontier points, short on purpose: the rule does not apply to them
+    (`LabRun.in_arch_grid`), and the sentence says how many it leaves out."""
+    exempt = sum(not LabRun.of(r).in_arch_grid for r in rows)
+    rows = [r for r in rows if LabRun.of(r).in_arch_grid]
     if not rows:
         return ""
     checks = [(r, analysis.convergence(r)) for r in rows]
@@ -130,6 +132,10 @@ def convergence_text(rows: list[dict]) -> str:
             f"{100 * analysis.LAST_SHARE:.0f}% of training, read from a line fitted through "
             f"its evaluations, and train ≥ test accuracy): "
             f"{len(rows) - len(failed)} of {len(rows)} finished runs pass")
+    if exempt:
+        text += (f" (the size sweep's {exempt} finished run{'s' if exempt > 1 else ''}, "
+                 f"trained to fixed budgets on purpose, {'are' if exempt > 1 else 'is'} "
+                 f"not checked)")
     if not failed:
         return text + "."
     names = [f"{ARCH_LABELS[r['arch']]}, {r['train_images']:,} images, seed {r['seed']}"
@@ -146,10 +152,10 @@ def longer_text(rows: list[dict], attempts: list[dict]) -> str:
     finished run was retrained)."""
     earlier: dict[str, list[dict]] = {}
     for a in attempts:
-        earlier.setdefault(grid.work_key(grid.row_run(a)), []).append(a)
+        earlier.setdefault(grid.work_key(LabRun.of(a)), []).append(a)
     lines, changes = [], []
     for r in rows:
-        tried = sorted(earlier.get(grid.work_key(grid.row_run(r)), []),
+        tried = sorted(earlier.get(grid.work_key(LabRun.of(r)), []),
                        key=lambda a: a["attempt"])
         if not tried:
             continue
@@ -193,7 +199,7 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
                        f"last {100 * analysis.LAST_SHARE:.0f}% of steps")
         if c.train_minus_test < 0:
             why.append(f"train accuracy stayed {-100 * c.train_minus_test:.1f} points below test")
-        again = replace(grid.row_run(r), attempt=r["attempt"] + 1)  # its next attempt
+        again = replace(LabRun.of(r), attempt=r["attempt"] + 1)  # its next attempt
         lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images, seed "
                      f"{r['seed']}{', scrambled' if r['variant'] == 'scrambled' else ''}: "
                      f"{r['steps']:,} steps reached {100 * r['test_acc']:.1f}% test accuracy, "
@@ -399,7 +405,7 @@ RUN_HEADERS = ("run", "architecture", "params", "data", "images", "steps", "epoc
 def run_name(row: dict) -> str:
     """A row's run, attempt included (`LabRun.name`: "vit-w64-d4-n60000-s0-a1": width 64,
     depth 4, 60,000 images, seed 0, second attempt)."""
-    return grid.row_run(row).name
+    return LabRun.of(row).name
 
 
 def runs_table(rows: list[dict], attempts: list[dict]) -> list[list]:
