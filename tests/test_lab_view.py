@@ -334,9 +334,25 @@ def test_scaling_lines_name_the_best_width_per_budget_in_readable_flops():
     # up to 6e11 the w32's 84% beats everything the w64 has reached within the budget (82%
     # at 6e11); at 1.2e12 the w64's 88% wins
     assert line == ("- 20,000 images, the best width within a budget of training FLOPs: "
-                    "within 150G, 32; within 300G, 32; within 600G, 32; within 1.2T, 64")
+                    "within 150G, 32; within 300G, 32; within 600G, 32; within 1.2T, 64 "
+                    "(from the 4 of the sweep's 12 runs finished so far; the widths and "
+                    "budgets still training cannot be chosen yet)")
     fig = plots.scaling_figure(rows)
     assert list(fig.layout.xaxis.ticktext) == ["200G", "500G", "1T"]  # 1-2-5, whole labels
+
+
+def test_scaling_lines_stop_saying_so_far_once_the_sweep_has_finished():
+    # every width of the sweep (32, 48, 64, 96) at every budget (¼, ½, 1): 12 runs; one
+    # missing brings the "so far" back. All at 80%, so the narrowest (the first to reach it)
+    # is best everywhere; compute 3 × w² × steps × 100 runs from 3·32²·250·100 = 7.68e7 to
+    # 3·96²·1000·100 = 2.76e9, four budgets 3.3× apart
+    rows = [_sweep_row(w, b, 0.8, w * w) for w in (32, 48, 64, 96) for b in (0.25, 0.5, 1.0)]
+    (line,) = lab_view.scaling_lines(rows)
+    assert line == ("- 20,000 images, the best width within a budget of training FLOPs: "
+                    "within 77M, 32; within 254M, 32; within 837M, 32; within 2.8G, 32")
+    (line,) = lab_view.scaling_lines(rows[1:])
+    assert line.endswith("(from the 11 of the sweep's 12 runs finished so far; the widths "
+                         "and budgets still training cannot be chosen yet)")
 
 
 def test_the_seed_band_marks_no_points_of_its_own():

@@ -323,8 +323,22 @@ def scaling_lines(rows: list[dict]) -> list[str]:
         best = analysis.best_per_budget(group, budgets)
         steps = "; ".join(f"within {si(b)}, {w}" for b, w in zip(budgets, best, strict=True))
         lines.append(f"- {n:,} images, the best width within a budget of training FLOPs: "
-                     f"{steps}")
+                     f"{steps}{_sweep_so_far(rows, n)}")
     return lines
+
+
+def _sweep_so_far(rows: list[dict], train_images: int) -> str:
+    """How many of the size sweep's runs on ``train_images`` images the best widths are
+    chosen from, while some are still training ("" once all have finished): a width not yet
+    trained to a budget cannot be the best within it."""
+    planned = {r.name for r in grid.grid_runs() if r.arch == "vit" and r.seed == 0
+               and r.variant == "original" and r.train_images == train_images
+               and r.width in grid.SWEEP_WIDTHS and r.budget in grid.SWEEP_BUDGETS}
+    done = len(planned & {grid.row_key(r) for r in rows})
+    if not planned or done == len(planned):
+        return ""
+    return (f" (from the {done} of the sweep's {len(planned)} runs finished so far; the "
+            f"widths and budgets still training cannot be chosen yet)")
 
 
 def scaling_text(rows: list[dict]) -> str:
