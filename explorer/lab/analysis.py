@@ -141,10 +141,28 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
         text += ": the gap widens with data"
     else:
         text += ": the gap stays about the same"
-    flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False) if g0 > 0 >= g1]
-    if flips:
-        text += f", and the {ARCH_LABELS[arch]} overtakes it at {flips[0]:,} images"
+    # where the order changes (> 0: behind, ≤ 0: level or ahead); once is an overtaking, more
+    # than once a lead that changes hands, and the sentence says so rather than naming the
+    # first crossing as if it held
+    flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False)
+             if (g0 > 0) != (g1 > 0)]
+    if len(flips) == 1:
+        verb = "overtakes it" if gaps[-1] <= 0 else "falls behind it"
+        text += f", and the {ARCH_LABELS[arch]} {verb} at {flips[0]:,} images"
+    elif flips:
+        later = [(n, g) for n, g in zip(common, gaps, strict=True) if n >= flips[0]]
+        span = max(abs(g) for _, g in later)
+        ahead = and_list([f"{n:,}" for n, g in later if g <= 0])
+        behind_at = and_list([f"{n:,}" for n, g in later if g > 0])
+        text += (f"; from {flips[0]:,} images on the two are within {span:.1f} points of each "
+                 f"other and the lead changes hands (the {ARCH_LABELS[arch]} is ahead at "
+                 f"{ahead} images, behind at {behind_at})")
     return text + "."
+
+
+def and_list(items: list[str]) -> str:
+    """Items as a list in words: "a", "a and b", "a, b and c"."""
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def scramble_sentence(rows: list[dict]) -> str:

@@ -254,8 +254,7 @@ def superseded_text(superseded: list[dict], done: list[str],
 def _the(labels: list[str]) -> str:
     """Architectures' labels as a list in words: "the CNN", "the CNN and the ViT", "the CNN,
     the ViT and the CoAtNet"."""
-    named = [f"the {label}" for label in labels]
-    return " and ".join(named) if len(named) < 3 else ", ".join(named[:-1]) + " and " + named[-1]
+    return analysis.and_list([f"the {label}" for label in labels])
 
 
 def _labels(archs: Collection[str]) -> list[str]:
