@@ -120,6 +120,29 @@ def test_live_message_says_the_budget_is_shorter_and_what_it_cost(monkeypatch):
     assert "The grid has 70.00% for this run." in full and "cut to" not in full
 
 
+def test_lecture_notes_say_which_of_their_points_ended_unconverged():
+    # ROWS all pass (flat curves, train 2 points above test). A ViT at 60,000 images whose
+    # validation accuracy climbed 10 points between 80% and 100% of its steps, a scrambled
+    # CNN whose train accuracy is below test, and a size-sweep point climbing as steep
+    late = _row("vit", 60000, 0.90, curve=[(2400, 0.80, 0.9), (3000, 0.90, 0.92)])
+    under = _row("cnn", 500, 0.70, variant="scrambled", train=0.69)
+    short = dict(late, width=32, budget=0.25)
+    rows = [r for r in ROWS if (r["arch"], r["train_images"], r["variant"]) not in
+            {("vit", 60000, "original"), ("cnn", 500, "scrambled")}] + [late, under, short]
+    expected = ("Not converged when the rule's last attempt ended, so these points may still "
+                "move with longer training: ViT (absolute positions), 60,000 images, seed 0 "
+                "(validation accuracy still rising: +10.0 points in the last 20% of steps); "
+                "CNN, 500 images, seed 0, scrambled (train 1.0 points below test).")
+    assert lab_view.lecture_note("lab-data", rows, superseded=[], sweep_left={}).endswith(
+        expected)
+    # step 9 compares the CoAtNet and the ViT on original images: the scrambled CNN is not
+    # one of its points
+    assert lab_view.lecture_note("lab-bias", rows, superseded=[], sweep_left={}).endswith(
+        "move with longer training: ViT (absolute positions), 60,000 images, seed 0 "
+        "(validation accuracy still rising: +10.0 points in the last 20% of steps).")
+    assert "Not converged" not in lab_view.lecture_note("lab-data", ROWS)
+
+
 def test_lecture_lab_steps_carry_the_grids_findings():
     assert "Lowest test error" in lab_view.lecture_note("lab-data", ROWS)
     assert "loses 12.0 points" in lab_view.lecture_note("lab-data", ROWS)

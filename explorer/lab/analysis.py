@@ -15,6 +15,7 @@ relative-bias tables and the translation test.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,6 +253,38 @@ def convergence(row: dict) -> Convergence:
     gain = late_gain(row["curve"], row["steps"])
     gap = row["train_acc"] - row["test_acc"]
     return Convergence(gain, gap, gain < MAX_LATE_GAIN and gap >= 0)
+
+
+def run_label(row: dict) -> str:
+    """A grid run in words: "ViT (absolute positions), 60,000 images, seed 0, scrambled"."""
+    variant = f", {row['variant']}" if row["variant"] != "original" else ""
+    return f"{ARCH_LABELS[row['arch']]}, {row['train_images']:,} images, seed {row['seed']}{variant}"
+
+
+def unconverged_sentence(rows: list[dict], archs: Collection[str] | None = None,
+                         variants: Collection[str] = ("original", "scrambled")) -> str:
+    """The architecture grid's runs of ``archs`` (all: None) on ``variants`` that ended
+    without passing the convergence check, and why, so that a sentence comparing their
+    points says that a point may still move ("" when every such run passed). A run lands
+    unconverged only at the last attempt the rule allows (`grid.next_attempts`)."""
+    parts = []
+    for r in rows:
+        if not LabRun.of(r).in_arch_grid or r["variant"] not in variants \
+                or (archs is not None and r["arch"] not in archs):
+            continue
+        c = convergence(r)
+        why = []
+        if c.late_gain >= MAX_LATE_GAIN:
+            why.append(f"validation accuracy still rising: {100 * c.late_gain:+.1f} points in "
+                       f"the last {100 * LAST_SHARE:.0f}% of steps")
+        if c.train_minus_test < 0:
+            why.append(f"train {-100 * c.train_minus_test:.1f} points below test")
+        if why:
+            parts.append(f"{run_label(r)} ({'; '.join(why)})")
+    if not parts:
+        return ""
+    return (f"Not converged when the rule's last attempt ended, so these points may still move "
+            f"with longer training: {'; '.join(parts)}.")
 
 
 @dataclass(frozen=True)

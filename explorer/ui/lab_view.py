@@ -138,10 +138,8 @@ def convergence_text(rows: list[dict]) -> str:
                  f"not checked)")
     if not failed:
         return text + "."
-    names = [f"{ARCH_LABELS[r['arch']]}, {r['train_images']:,} images, seed {r['seed']}"
-             f"{', ' + r['variant'] if r['variant'] != 'original' else ''} (gain "
-             f"{100 * c.late_gain:+.1f}, train − test {100 * c.train_minus_test:+.1f})"
-             for r, c in failed[:6]]
+    names = [f"{analysis.run_label(r)} (gain {100 * c.late_gain:+.1f}, train − test "
+             f"{100 * c.train_minus_test:+.1f})" for r, c in failed[:6]]
     more = f" and {len(failed) - 6} more" if len(failed) > 6 else ""
     return text + "; not: " + "; ".join(names) + more + "."
 
@@ -373,13 +371,16 @@ def lecture_note(figure: str, rows: list[dict], superseded: list[dict] | None = 
     shown (`explorer.lecture.Step.figure`), computed from its rows, and how much of the grid
     they are (``superseded``: `superseded_rows`, ``sweep_left``: `grid.sweep_left`, both
     read from disk by default); "" for other figures."""
+    # the runs behind a sentence's points that the rule stopped unconverged, after it
     if figure == "lab-data":
-        found = [summary_text(rows), analysis.scramble_sentence(rows)]
+        found = [summary_text(rows), analysis.scramble_sentence(rows),
+                 analysis.unconverged_sentence(rows)]
     elif figure == "lab-compute":
         lines = scaling_lines(rows)
         found = [f"{SCALING_HEADING}:\n" + "\n".join(lines) if lines else ""]
     elif figure == "lab-bias":
-        found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit")]
+        found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit"),
+                 analysis.unconverged_sentence(rows, ("coatnet", "vit"), ("original",))]
     else:
         return ""
     # how much of the grid this is comes first: a projector shows the note's first lines only
