@@ -79,9 +79,10 @@ STEPS: tuple[Step, ...] = (
          "CNNs build in locality, 2-D neighbourhoods and translation equivariance; a ViT "
          "has far fewer such assumptions and must **learn them from data**, so the lecture "
          "says it does worse than a CNN on little data and better with a lot. Below, the "
-         "experiment **run here**: four ~0.2 M-parameter models trained from scratch, until "
-         "they converge, on 500 to 60,000 Fashion-MNIST images (the lab tab adds the same "
-         "models on scrambled images, the paper's ImageNet numbers, and a live run).",
+         "experiment **run here**: four ~0.2 M-parameter models trained from scratch on 500 "
+         "to 60,000 Fashion-MNIST images, each retrained longer while its validation accuracy "
+         "still rises, up to a limit (the lab tab adds scrambled images, the paper's numbers "
+         "and a live run).",
          "lab-data", "lab", "lab-error-vs-training-images"),
     Step("Scaling",
          "\"Scaling Vision Transformers\": error falls when data, model size and compute grow "

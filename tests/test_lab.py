@@ -367,8 +367,8 @@ def test_the_grid_in_words_is_computed_from_its_rows():
     assert analysis.gap_sentence(traded, "coatnet", "vit") == (
         "The CoAtNet (mini) is 1.3 points behind the ViT (absolute positions) at 500 images "
         "and 0.2 points ahead of it at 20,000: the gap narrows with data; from 1,200 images "
-        "on the two are within 1.5 points of each other and the lead changes hands (the "
-        "CoAtNet (mini) is ahead at 1,200, 3,000 and 20,000 images, behind at 7,500).")
+        "on the two stay within 1.5 points and trade the lead (the CoAtNet (mini) ahead at "
+        "1,200, 3,000 and 20,000 images, behind at 7,500).")
     # ahead at first, then behind: one crossing the other way
     fell = analysis.error_vs_data([_row("cnn", 500, 0.80), _row("cnn", 9000, 0.95),
                                    _row("vit", 500, 0.81), _row("vit", 9000, 0.90)])
