@@ -80,9 +80,8 @@ STEPS: tuple[Step, ...] = (
          "has far fewer such assumptions and must **learn them from data**, so the lecture "
          "says it does worse than a CNN on little data and better with a lot. Below, the "
          "experiment **run here**: four ~0.2 M-parameter models trained from scratch on 500 "
-         "to 60,000 Fashion-MNIST images, each retrained longer while its validation accuracy "
-         "still rises, up to a limit (the lab tab adds scrambled images, the paper's numbers "
-         "and a live run).",
+         "to 60,000 Fashion-MNIST images, retrained longer (up to a limit) while still "
+         "improving. Its tab adds scrambled images and a live run.",
          "lab-data", "lab", "lab-error-vs-training-images"),
     Step("Scaling",
          "\"Scaling Vision Transformers\": error falls when data, model size and compute grow "

@@ -366,7 +366,7 @@ def test_the_grid_in_words_is_computed_from_its_rows():
                                               (7500, 0.888), (20000, 0.910))])
     assert analysis.gap_sentence(traded, "coatnet", "vit") == (
         "The CoAtNet (mini) is 1.3 points behind the ViT (absolute positions) at 500 images "
-        "and 0.2 points ahead of it at 20,000: the gap narrows with data; from 1,200 images "
+        "and 0.2 points ahead of it at 20,000: the gap narrows with data. From 1,200 images "
         "on the two stay within 1.5 points and trade the lead (the CoAtNet (mini) ahead at "
         "1,200, 3,000 and 20,000 images, behind at 7,500).")
     # ahead at first, then behind: one crossing the other way

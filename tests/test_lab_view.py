@@ -358,8 +358,7 @@ def test_scaling_lines_name_the_best_width_per_budget_in_readable_flops():
     # at 6e11); at 1.2e12 the w64's 88% wins
     assert line == ("- 20,000 images, the best width within a budget of training FLOPs: "
                     "within 150G, 32; within 300G, 32; within 600G, 32; within 1.2T, 64 "
-                    "(from the 4 of the sweep's 12 runs finished so far; the widths and "
-                    "budgets still training cannot be chosen yet)")
+                    "(from 4 of the sweep's 12 runs so far)")
     fig = plots.scaling_figure(rows)
     assert list(fig.layout.xaxis.ticktext) == ["200G", "500G", "1T"]  # 1-2-5, whole labels
 
@@ -374,8 +373,7 @@ def test_scaling_lines_stop_saying_so_far_once_the_sweep_has_finished():
     assert line == ("- 20,000 images, the best width within a budget of training FLOPs: "
                     "within 77M, 32; within 254M, 32; within 837M, 32; within 2.8G, 32")
     (line,) = lab_view.scaling_lines(rows[1:])
-    assert line.endswith("(from the 11 of the sweep's 12 runs finished so far; the widths "
-                         "and budgets still training cannot be chosen yet)")
+    assert line.endswith("(from 11 of the sweep's 12 runs so far)")
 
 
 def test_the_seed_band_marks_no_points_of_its_own():

@@ -155,7 +155,8 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
         span = max(abs(g) for _, g in later)
         ahead = and_list([f"{n:,}" for n, g in later if g <= 0])
         behind_at = and_list([f"{n:,}" for n, g in later if g > 0])
-        text += (f"; from {flips[0]:,} images on the two stay within {span:.1f} points and "
+        # a sentence of its own: presenter mode can fold it (`lecture.fold_details`)
+        text += (f". From {flips[0]:,} images on the two stay within {span:.1f} points and "
                  f"trade the lead (the {ARCH_LABELS[arch]} ahead at {ahead} images, behind at "
                  f"{behind_at})")
     return text + "."

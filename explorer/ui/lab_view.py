@@ -334,8 +334,8 @@ def _sweep_so_far(rows: list[dict], train_images: int) -> str:
     done = len(planned & {grid.row_key(r) for r in rows})
     if not planned or done == len(planned):
         return ""
-    return (f" (from the {done} of the sweep's {len(planned)} runs finished so far; the "
-            f"widths and budgets still training cannot be chosen yet)")
+    # short: on a projector (lecture step 8) the line must fit beside the figure
+    return f" (from {done} of the sweep's {len(planned)} runs so far)"
 
 
 def scaling_text(rows: list[dict]) -> str:
