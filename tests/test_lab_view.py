@@ -363,6 +363,28 @@ def test_scaling_lines_name_the_best_width_per_budget_in_readable_flops():
     assert list(fig.layout.xaxis.ticktext) == ["200G", "500G", "1T"]  # 1-2-5, whole labels
 
 
+def test_the_frontier_counts_the_attempts_the_rule_trained_before_a_row():
+    # the w64 grid run kept its 4× attempt (4,000 steps: 4.8e12 FLOPs); its 1× attempt
+    # (1,000 steps: 1.2e12, 87%) is a finished run too. Budgets log-spaced from 1.5e11 to
+    # 4.8e12, 32^(1/3) = 3.17× apart: 1.5e11, 4.76e11, 1.51e12, 4.8e12. Within 1.51e12 the
+    # w32 has 84% (3e11) and the w64's half budget 82% (6e11), so without the attempt the
+    # w32 is best there; with it the w64's 87% is
+    rows = [_sweep_row(32, 0.5, 0.80, 1e6), _sweep_row(32, 1.0, 0.84, 1e6),
+            _sweep_row(64, 0.5, 0.82, 4e6), dict(_sweep_row(64, 1.0, 0.90, 4e6), steps=4000,
+                                                attempt=2)]
+    attempts = [dict(_sweep_row(64, 1.0, 0.87, 4e6), attempt=0)]
+    head = "- 20,000 images, the best width within a budget of training FLOPs: "
+    (alone,) = lab_view.scaling_lines(rows)
+    assert alone.startswith(head + "within 150G, 32; within 476G, 32; within 1.5T, 32; "
+                                   "within 4.8T, 64")
+    (line,) = lab_view.scaling_lines(rows, attempts)
+    assert line.startswith(head + "within 150G, 32; within 476G, 32; within 1.5T, 64; "
+                                  "within 4.8T, 64")
+    fig = plots.scaling_figure(rows, attempts)
+    w64 = next(t for t in fig.data if t.name and t.name.startswith("w64"))
+    assert list(w64.x) == pytest.approx([6e11, 1.2e12, 4.8e12])
+
+
 def test_scaling_lines_stop_saying_so_far_once_the_sweep_has_finished():
     # every width of the sweep (32, 48, 64, 96) at every budget (¼, ½, 1): 12 runs; one
     # missing brings the "so far" back. All at 80%, so the narrowest (the first to reach it)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import plotly.graph_objects as go
 import torch
@@ -66,10 +68,12 @@ def scrambled_figure(rows: list[dict]) -> go.Figure:
     return fig
 
 
-def scaling_figure(rows: list[dict]) -> go.Figure:
+def scaling_figure(rows: list[dict], attempts: Sequence[dict] = ()) -> go.Figure:
     """The grid's ViT size sweep against training compute, with the CNN's runs at the same
     data sizes for reference (`compute_figure`); a figure saying it is still training when
-    the grid has no sweep run yet."""
+    the grid has no sweep run yet. ``attempts``: the runs the rule trained again, each a
+    complete run at its own budget, so a point of the frontier too."""
+    rows = [*rows, *attempts]
     curves = compute_curves(rows)
     if not curves:
         return still_training_figure("Scaling: ViT sizes against training compute",

@@ -115,13 +115,15 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
            "data_plot": plots.data_figure(rows, live)}
 
 
-def grid_figures(is_presenter: bool = False, rows: list[dict] | None = None) -> dict:
-    """The tab's figures of the shipped grid (``rows``, default: read now) and the paper's
-    numbers, by output name, with large labels when presenting (the `/lab_figures`
-    endpoint; redrawn when the presenter switch changes)."""
+def grid_figures(is_presenter: bool = False, rows: list[dict] | None = None,
+                 attempts: list[dict] | None = None) -> dict:
+    """The tab's figures of the shipped grid (``rows`` and ``attempts``, default: read now)
+    and the paper's numbers, by output name, with large labels when presenting (the
+    `/lab_figures` endpoint; redrawn when the presenter switch changes)."""
     rows = lab_view.grid_rows() if rows is None else rows
+    attempts = lab_view.attempt_rows() if attempts is None else attempts
     made = {"data_plot": plots.data_figure(rows), "scrambled_plot": plots.scrambled_figure(rows),
-            "paper_plot": paper_data_figure(), "compute_plot": plots.scaling_figure(rows),
+            "paper_plot": paper_data_figure(), "compute_plot": plots.scaling_figure(rows, attempts),
             "paper_scaling_plot": paper_scaling_figure()}
     return {name: for_projector(fig, bool(is_presenter)) for name, fig in made.items()}
 
@@ -159,7 +161,7 @@ def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
 def build_lab_tab(ctx: common.TabContext) -> TabLink:
     """Components and events of the tab; call inside ``with gr.Tab(...)``."""
     rows, attempts = lab_view.grid_rows(), lab_view.attempt_rows()  # read once, at build
-    figures = grid_figures(rows=rows)
+    figures = grid_figures(rows=rows, attempts=attempts)
     gr.Markdown(lab_view.intro_text())
     gr.Markdown(lab_view.progress_text(attempts=attempts), elem_id="lab-progress")
     with gr.Row():
@@ -180,7 +182,7 @@ def build_lab_tab(ctx: common.TabContext) -> TabLink:
         paper_scaling_plot = gr.Plot(figures["paper_scaling_plot"],
                                      label="The paper's numbers (not measured here)",
                                      elem_id="lab-paper-scaling-plot")
-    gr.Markdown(lab_view.scaling_text(rows), elem_id="lab-scaling")
+    gr.Markdown(lab_view.scaling_text(rows, attempts), elem_id="lab-scaling")
     if ctx.presenter is not None:  # large labels on a projector, as the Lecture's figures
         fig_out = Outputs(data_plot=data_plot, scrambled_plot=scrambled_plot,
                           paper_plot=paper_plot, compute_plot=compute_plot,

@@ -309,9 +309,11 @@ def progress_text(status: dict[str, list] | None = None,
 SCALING_HEADING = "Best ViT width within each compute budget"
 
 
-def scaling_lines(rows: list[dict]) -> list[str]:
-    """Which ViT size is best at a few compute budgets, one line per data size."""
-    curves = analysis.compute_curves(rows)
+def scaling_lines(rows: list[dict], attempts: Sequence[dict] = ()) -> list[str]:
+    """Which ViT size is best at a few compute budgets, one line per data size, from the
+    grid's rows and the ``attempts`` the rule trained before them (each a complete run, from
+    scratch, at its own budget: a point of the frontier like any other)."""
+    curves = analysis.compute_curves([*rows, *attempts])
     lines = []
     for n in sorted({c.train_images for c in curves}):
         group = [c for c in curves if c.train_images == n]
@@ -338,9 +340,9 @@ def _sweep_so_far(rows: list[dict], train_images: int) -> str:
     return f" (from {done} of the sweep's {len(planned)} runs so far)"
 
 
-def scaling_text(rows: list[dict]) -> str:
+def scaling_text(rows: list[dict], attempts: Sequence[dict] = ()) -> str:
     """`scaling_lines` under a heading, for the tab ("" without a size sweep)."""
-    lines = scaling_lines(rows)
+    lines = scaling_lines(rows, attempts)
     return f"**{SCALING_HEADING}**\n" + "\n".join(lines) if lines else ""
 
 
@@ -366,17 +368,18 @@ def still_training(rows: list[dict], superseded: list[dict] = (),
 
 
 def lecture_note(figure: str, rows: list[dict], superseded: list[dict] | None = None,
-                 sweep_left: dict[str, list] | None = None) -> str:
+                 sweep_left: dict[str, list] | None = None,
+                 attempts: list[dict] | None = None) -> str:
     """What the Lecture's lab steps add under their text: the grid's findings for the figure
     shown (`explorer.lecture.Step.figure`), computed from its rows, and how much of the grid
-    they are (``superseded``: `superseded_rows`, ``sweep_left``: `grid.sweep_left`, both
-    read from disk by default); "" for other figures."""
+    they are (``superseded``: `superseded_rows`, ``sweep_left``: `grid.sweep_left`,
+    ``attempts``: `attempt_rows`, all read from disk by default); "" for other figures."""
     # the runs behind a sentence's points that the rule stopped unconverged, after it
     if figure == "lab-data":
         found = [summary_text(rows), analysis.scramble_sentence(rows),
                  analysis.unconverged_sentence(rows)]
     elif figure == "lab-compute":
-        lines = scaling_lines(rows)
+        lines = scaling_lines(rows, attempts if attempts is not None else attempt_rows())
         found = [f"{SCALING_HEADING}:\n" + "\n".join(lines) if lines else ""]
     elif figure == "lab-bias":
         found = [analysis.gap_sentence(analysis.error_vs_data(rows), "coatnet", "vit"),

@@ -39,7 +39,8 @@ def fig_lab_bias():
 # The lab's steps: figures of the shipped grid; their notes are `lab_view.lecture_note`'s.
 LAB_FIGURES: dict[str, Callable] = {
     "lab-data": lambda: lab_plots.data_figure(lab_view.grid_rows()),
-    "lab-compute": lambda: lab_plots.scaling_figure(lab_view.grid_rows()),
+    "lab-compute": lambda: lab_plots.scaling_figure(lab_view.grid_rows(),
+                                                    lab_view.attempt_rows()),
     "lab-bias": fig_lab_bias,
 }
 FIGURES = {**lecture_view.FIGURES, **LAB_FIGURES}
