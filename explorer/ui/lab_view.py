@@ -121,8 +121,8 @@ def convergence_text(rows: list[dict]) -> str:
     fail it. The size sweep's runs (other widths; fixed budgets of a quarter, a half, ... of
     the steps) are frontier points, short on purpose: the rule does not apply to them
     (`LabRun.in_arch_grid`), and the sentence says how many it leaves out."""
-    exempt = sum(not LabRun.of(r).in_arch_grid for r in rows)
-    rows = [r for r in rows if LabRun.of(r).in_arch_grid]
+    checked = [r for r in rows if LabRun.of(r).in_arch_grid]
+    exempt, rows = len(rows) - len(checked), checked
     if not rows:
         return ""
     checks = [(r, analysis.convergence(r)) for r in rows]
