@@ -101,8 +101,9 @@ def test_progress_text_says_which_runs_train_again_and_why():
     first = dict(_row("cnn", 60000, 0.942, train=0.965, steps=13594,
                       curve=[(10875, 0.9305, 0.95), (13594, 0.9430, 0.965)]), attempt=0)
     text = lab_view.progress_text(status, [first])
-    assert ("CNN on 60,000 images, seed 0: 13,594 steps reached 94.2% test accuracy, but "
-            "validation accuracy still rose 1.2 points in its last 20% of steps, so it trains "
+    assert ("CNN on 60,000 images, seed 0: 13,594 steps reached 94.2% test accuracy, "
+            "but not converged (validation accuracy still rising: +1.2 points in the last 20% of "
+            "steps), so it trains "
             "again from scratch with 27,188 steps") in text
     done = {**status, "done": ["cnn-w24-d2-n60000-s0"]}  # its last attempt is in the grid
     assert "Training longer" not in lab_view.progress_text(done, [first])
@@ -132,7 +133,7 @@ def test_lecture_notes_say_which_of_their_points_ended_unconverged():
     expected = ("Not converged when the rule's last attempt ended, so these points may still "
                 "move with longer training: ViT (absolute positions), 60,000 images, seed 0 "
                 "(validation accuracy still rising: +10.0 points in the last 20% of steps); "
-                "CNN, 500 images, seed 0, scrambled (train 1.0 points below test).")
+                "CNN, 500 images, seed 0, scrambled (train accuracy 1.0 points below test).")
     assert lab_view.lecture_note("lab-data", rows, superseded=[], sweep_left={}).endswith(
         expected)
     # step 9 compares the CoAtNet and the ViT on original images: the scrambled CNN is not

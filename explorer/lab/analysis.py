@@ -15,7 +15,7 @@ relative-bias tables and the translation test.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,6 +262,18 @@ def run_label(row: dict) -> str:
     return f"{ARCH_LABELS[row['arch']]}, {row['train_images']:,} images, seed {row['seed']}{variant}"
 
 
+def failed_checks(c: Convergence) -> list[str]:
+    """Which parts of the convergence check ``c`` fails, in words ([] when it passes): the
+    one wording the tab and the lecture use for "why this run has not converged"."""
+    why = []
+    if c.late_gain >= MAX_LATE_GAIN:
+        why.append(f"validation accuracy still rising: {100 * c.late_gain:+.1f} points in the "
+                   f"last {100 * LAST_SHARE:.0f}% of steps")
+    if c.train_minus_test < 0:
+        why.append(f"train accuracy {-100 * c.train_minus_test:.1f} points below test")
+    return why
+
+
 def unconverged_sentence(rows: list[dict], archs: Collection[str] | None = None,
                          variants: Collection[str] = ("original", "scrambled")) -> str:
     """The architecture grid's runs of ``archs`` (all: None) on ``variants`` that ended
@@ -273,13 +285,7 @@ def unconverged_sentence(rows: list[dict], archs: Collection[str] | None = None,
         if not LabRun.of(r).in_arch_grid or r["variant"] not in variants \
                 or (archs is not None and r["arch"] not in archs):
             continue
-        c = convergence(r)
-        why = []
-        if c.late_gain >= MAX_LATE_GAIN:
-            why.append(f"validation accuracy still rising: {100 * c.late_gain:+.1f} points in "
-                       f"the last {100 * LAST_SHARE:.0f}% of steps")
-        if c.train_minus_test < 0:
-            why.append(f"train {-100 * c.train_minus_test:.1f} points below test")
+        why = failed_checks(convergence(r))
         if why:
             parts.append(f"{run_label(r)} ({'; '.join(why)})")
     if not parts:
@@ -297,17 +303,19 @@ class ComputeCurve:
     error: list[float]  # the finished run's test error at each
 
 
-def compute_curves(rows: list[dict], arch: str = "vit",
+def compute_curves(rows: list[dict], attempts: Sequence[dict] = (), arch: str = "vit",
                    train_images: set[int] | None = None) -> list[ComputeCurve]:
     """Test error against training compute (3 × forward FLOPs × examples seen): one curve per
     (width, data size), one point per finished budget, seed 0, original data.
 
     Args:
+        attempts: the runs the convergence rule trained again (`grid.read_attempts`): each
+            is a complete run at its own budget, so a point of its curve too.
         arch: which architecture's runs.
         train_images: the data sizes to keep; None = those where ``arch`` was trained at
             more than one width (the size sweep).
     """
-    runs = [r for r in rows if r["arch"] == arch and r["seed"] == 0
+    runs = [r for r in [*rows, *attempts] if r["arch"] == arch and r["seed"] == 0
             and r["variant"] == "original"]
     widths = defaultdict(set)
     for r in runs:

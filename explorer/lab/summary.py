@@ -78,7 +78,7 @@ def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None,
     out += _accuracy_table(rows, "original")
     out += ["", "Test accuracy (%), scrambled Fashion-MNIST:", ""]
     out += _accuracy_table(rows, "scrambled")
-    sweep = compute_curves(rows + (attempts or []))  # an attempt: a finished run, its budget
+    sweep = compute_curves(rows, attempts or [])
     if sweep:
         out += ["", "ViT size sweep: test accuracy (%) at each budget (training GFLOPs):", "",
                 "| width | params | runs |", "|---|---|---|"]

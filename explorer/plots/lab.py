@@ -73,12 +73,12 @@ def scaling_figure(rows: list[dict], attempts: Sequence[dict] = ()) -> go.Figure
     data sizes for reference (`compute_figure`); a figure saying it is still training when
     the grid has no sweep run yet. ``attempts``: the runs the rule trained again, each a
     complete run at its own budget, so a point of the frontier too."""
-    rows = [*rows, *attempts]
-    curves = compute_curves(rows)
+    curves = compute_curves(rows, attempts)
     if not curves:
         return still_training_figure("Scaling: ViT sizes against training compute",
                                      "The ViT size sweep")
-    return compute_figure(curves, compute_curves(rows, "cnn", {c.train_images for c in curves}))
+    return compute_figure(curves, compute_curves(rows, attempts, "cnn",
+                                                 {c.train_images for c in curves}))
 
 
 def error_vs_data_figure(curves: dict[str, list[ErrorPoint]],

@@ -190,18 +190,12 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
         return ""
     lines = []
     for r in latest.values():
-        c = analysis.convergence(r)
-        why = []
-        if c.late_gain >= analysis.MAX_LATE_GAIN:
-            why.append(f"validation accuracy still rose {100 * c.late_gain:.1f} points in its "
-                       f"last {100 * analysis.LAST_SHARE:.0f}% of steps")
-        if c.train_minus_test < 0:
-            why.append(f"train accuracy stayed {-100 * c.train_minus_test:.1f} points below test")
+        why = analysis.failed_checks(analysis.convergence(r))
         again = replace(LabRun.of(r), attempt=r["attempt"] + 1)  # its next attempt
         lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images, seed "
                      f"{r['seed']}{', scrambled' if r['variant'] == 'scrambled' else ''}: "
                      f"{r['steps']:,} steps reached {100 * r['test_acc']:.1f}% test accuracy, "
-                     f"but {' and '.join(why)}, so it trains again from scratch with "
+                     f"but not converged ({'; '.join(why)}), so it trains again from scratch with "
                      f"{run_steps(again, Budget(), sweep.hyper_for(r['arch'])):,} steps")
     return ("**Training longer** (attempts that had not converged, kept aside and not "
             "plotted): " + "; ".join(lines) + ".")
@@ -313,7 +307,7 @@ def scaling_lines(rows: list[dict], attempts: Sequence[dict] = ()) -> list[str]:
     """Which ViT size is best at a few compute budgets, one line per data size, from the
     grid's rows and the ``attempts`` the rule trained before them (each a complete run, from
     scratch, at its own budget: a point of the frontier like any other)."""
-    curves = analysis.compute_curves([*rows, *attempts])
+    curves = analysis.compute_curves(rows, attempts)
     lines = []
     for n in sorted({c.train_images for c in curves}):
         group = [c for c in curves if c.train_images == n]
