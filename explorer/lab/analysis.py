@@ -147,6 +147,17 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
     # first crossing as if it held
     flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False)
              if (g0 > 0) != (g1 > 0)]
+    # the two ends alone would hide a gap that first widens, then narrows (or the reverse):
+    # name the size where it is widest (narrowest) when that lies between them. Only where
+    # one architecture leads throughout: else the sentence on the changing lead says more
+    ends = (abs(gaps[0]), abs(gaps[-1]))
+    inner = [(abs(g), n) for n, g in zip(common[1:-1], gaps[1:-1], strict=True)]
+    if inner and not flips:
+        wide, narrow = max(inner), min(inner)
+        if wide[0] > max(ends) + 100 * SAME:
+            text += f" (widest at {wide[1]:,} images: {wide[0]:.1f} points)"
+        elif narrow[0] < min(ends) - 100 * SAME:
+            text += f" (narrowest at {narrow[1]:,} images: {narrow[0]:.1f} points)"
     if len(flips) == 1:
         verb = "overtakes it" if gaps[-1] <= 0 else "falls behind it"
         text += f", and the {ARCH_LABELS[arch]} {verb} at {flips[0]:,} images"
