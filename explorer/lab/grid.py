@@ -38,6 +38,7 @@ from explorer.lab.analysis import convergence
 from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, run_steps
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
+from explorer.tuning import keep_freed_memory
 
 DATA_SIZES = (500, 1200, 3000, 7500, 20000, 60000)
 SEEDS = (0, 1)
@@ -559,6 +560,7 @@ def main(argv=None) -> int:
     if args.phase:
         for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
             signal.signal(sig, lambda *_: STOP.set())
+        keep_freed_memory()  # a worker process only trains: 1.2–1.5× the images/s
         return work(args.phase, args.limit)
     return drive(args.workers, tuple(args.only or (SWEEP, "grid")), args.limit)
 
