@@ -122,7 +122,8 @@ SAME = 0.01
 def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
                  reference: str = "cnn") -> str:
     """How the test-error gap between ``arch`` and ``reference`` moves from the smallest to
-    the largest data size both were trained on, and where ``arch`` overtakes, if it does."""
+    the largest data size both were trained on, and where ``arch`` overtakes, if it does (or
+    how often the lead changes hands, if more than once)."""
     a = {p.train_images: p.mean for p in curves.get(arch, [])}
     r = {p.train_images: p.mean for p in curves.get(reference, [])}
     common = sorted(set(a) & set(r))
@@ -136,40 +137,39 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
 
     text = (f"The {ARCH_LABELS[arch]} is {behind(gaps[0])} the {ARCH_LABELS[reference]} at "
             f"{lo:,} images and {behind(gaps[-1])} it at {hi:,}")
+    # where the order changes (> 0: behind, ≤ 0: level or ahead). A gap that changes sign
+    # does not "narrow": once is an overtaking, more than once a lead that changes hands,
+    # said in the first sentence (presenter mode shows that one, `lecture.fold_details`),
+    # rather than naming the first crossing as if it held
+    flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False)
+             if (g0 > 0) != (g1 > 0)]
+    if len(flips) == 1:
+        verb = "overtakes it" if gaps[-1] <= 0 else "falls behind it"
+        return text + f": the {ARCH_LABELS[arch]} {verb} at {flips[0]:,} images."
+    if flips:
+        later = [(n, g) for n, g in zip(common, gaps, strict=True) if n >= flips[0]]
+        span = max(abs(g) for _, g in later)
+        ahead = and_list([f"{n:,}" for n, g in later if g <= 0])
+        behind_at = and_list([f"{n:,}" for n, g in later if g > 0])
+        return text + (f", but the lead changes hands {len(flips)} times on the way. From "
+                       f"{flips[0]:,} images on the two stay within {span:.1f} points (the "
+                       f"{ARCH_LABELS[arch]} ahead at {ahead} images, behind at {behind_at}).")
     if abs(gaps[-1]) < abs(gaps[0]) - 100 * SAME:
         text += ": the gap narrows with data"
     elif abs(gaps[-1]) > abs(gaps[0]) + 100 * SAME:
         text += ": the gap widens with data"
     else:
         text += ": the gap stays about the same"
-    # where the order changes (> 0: behind, ≤ 0: level or ahead); once is an overtaking, more
-    # than once a lead that changes hands, and the sentence says so rather than naming the
-    # first crossing as if it held
-    flips = [n for n, g0, g1 in zip(common[1:], gaps, gaps[1:], strict=False)
-             if (g0 > 0) != (g1 > 0)]
     # the two ends alone would hide a gap that first widens, then narrows (or the reverse):
-    # name the size where it is widest (narrowest) when that lies between them. Only where
-    # one architecture leads throughout: else the sentence on the changing lead says more
+    # name the size where it is widest (narrowest) when that lies between them
     ends = (abs(gaps[0]), abs(gaps[-1]))
     inner = [(abs(g), n) for n, g in zip(common[1:-1], gaps[1:-1], strict=True)]
-    if inner and not flips:
+    if inner:
         wide, narrow = max(inner), min(inner)
         if wide[0] > max(ends) + 100 * SAME:
             text += f" (widest at {wide[1]:,} images: {wide[0]:.1f} points)"
         elif narrow[0] < min(ends) - 100 * SAME:
             text += f" (narrowest at {narrow[1]:,} images: {narrow[0]:.1f} points)"
-    if len(flips) == 1:
-        verb = "overtakes it" if gaps[-1] <= 0 else "falls behind it"
-        text += f", and the {ARCH_LABELS[arch]} {verb} at {flips[0]:,} images"
-    elif flips:
-        later = [(n, g) for n, g in zip(common, gaps, strict=True) if n >= flips[0]]
-        span = max(abs(g) for _, g in later)
-        ahead = and_list([f"{n:,}" for n, g in later if g <= 0])
-        behind_at = and_list([f"{n:,}" for n, g in later if g > 0])
-        # a sentence of its own: presenter mode can fold it (`lecture.fold_details`)
-        text += (f". From {flips[0]:,} images on the two stay within {span:.1f} points and "
-                 f"trade the lead (the {ARCH_LABELS[arch]} ahead at {ahead} images, behind at "
-                 f"{behind_at})")
     return text + "."
 
 
