@@ -2,7 +2,8 @@
 with and without `torch.compile`.
 
     python -m explorer.bench lab_step [--archs vit,cnn] [--batches 64,128,256] [--steps 40]
-                                      [--rounds 3] [--compile]
+                                      [--rounds 3] [--compile] [--channels-last]
+                                      [--keep-freed-memory]
 
 Each variant trains the same freshly built model (seed 0) on the same in-memory Fashion-MNIST
 batches, one torch thread (as every grid worker): "lab" is `explorer.lab.engine`'s data path
@@ -93,12 +94,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--compile", action="store_true", help="add the compiled variant")
     parser.add_argument("--channels-last", action="store_true",
                         help="add the lab's step (and compiled step) in channels-last layout")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="the grid worker's heap policy (`tuning.keep_freed_memory`)")
     args = parser.parse_args(argv)
 
     import torch
     torch.set_num_threads(1)
+    if args.keep_freed_memory:
+        from explorer.tuning import keep_freed_memory
+        assert keep_freed_memory(), "glibc refused the heap settings"
     print(f"machine: {describe()}; 1 torch thread; {args.steps} timed steps per variant, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds"
+          + ("; the grid worker's heap policy" if args.keep_freed_memory else ""))
     cols = ["plain", "lab"] + (["compiled"] if args.compile else [])
     if args.channels_last:
         cols += ["lab CL"] + (["compiled CL"] if args.compile else [])
