@@ -114,9 +114,9 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) ->
     glibc returns a heap's free top to the system once it exceeds the trim threshold (by
     default twice the mmap threshold, which follows the largest chunk freed so far), and
     maps large blocks afresh each time. A training step allocates and frees the same tens of
-    MB of activations and gradients every step, so by default each step pays for ~10⁵ page
+    MB of activations and gradients every step, so by default each step pays for ~2×10⁴ page
     faults (the kernel zeroing every page again): BENCHMARKS.md, "Session 20", measured
-    1.2–1.5× more training images/s with this on. Meant for a process that only trains (a
+    1.16–1.31× the training images/s with this on. Meant for a process that only trains (a
     grid worker): a server keeps its heap small instead (`trim_memory_every`).
 
     Returns:

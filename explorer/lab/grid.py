@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     if args.phase:
         for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
             signal.signal(sig, lambda *_: STOP.set())
-        keep_freed_memory()  # a worker process only trains: 1.2–1.5× the images/s
+        keep_freed_memory()  # a worker process only trains: 1.16–1.31× the images/s
         return work(args.phase, args.limit)
     return drive(args.workers, tuple(args.only or (SWEEP, "grid")), args.limit)
 
