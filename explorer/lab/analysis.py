@@ -320,7 +320,7 @@ def compute_curves(rows: list[dict], attempts: Sequence[dict] = (), arch: str = 
     (width, data size), one point per finished budget, seed 0, original data.
 
     Args:
-        attempts: the runs the convergence rule trained again (`grid.read_attempts`): each
+        attempts: the runs the convergence rule trained again (`grid.ATTEMPTS_CSV`): each
             is a complete run at its own budget, so a point of its curve too.
         arch: which architecture's runs.
         train_images: the data sizes to keep; None = those where ``arch`` was trained at
