@@ -110,6 +110,10 @@ class Settings:
     malloc_trim_s: float = _setting(0.25, "VIT_EXPLORER_MALLOC_TRIM_S",
                                     "hand freed heap memory back to the system every this many "
                                     "seconds (0: off)")
+    train_in_child: bool = _setting(True, "VIT_EXPLORER_TRAIN_IN_CHILD",
+                                    "train the lab's live runs in a child process that keeps "
+                                    "its heap (CPU only; off: in the app's process)",
+                                    _flag)
     # -- what web visitors may do (`explorer.sessions`) -----------------------------------
     finetune_quota_mb: float = _setting(2000.0, "VIT_EXPLORER_FINETUNE_QUOTA_MB",
                                         "disk for all sessions' fine-tunes together (the "

@@ -1,30 +1,51 @@
-"""Does a live run in the lab tab land on its shipped grid point?
+"""Does a live run in the lab tab land on its shipped grid point, and what does training it
+in a child process (`explorer.trainer_process`) buy over the app's own process?
 
-    python -m explorer.bench lab_live [--runs vit:500:0,cnn:500:1]
+    python -m explorer.bench lab_live [--runs vit:500:0,cnn:500:1] [--where child,app]
+        [--rounds 2]
 
-Starts the real app, trains each run through the ``/lab_train`` endpoint with
-`gradio_client` (the grid's full budget, as a visitor would), and prints its test accuracy
-beside the shipped grid's for the same run and the spread of the grid's seeds.
+Starts the real app (tuned as ``python app.py`` tunes it: its heap trimmed every 0.25 s),
+trains each run through the ``/lab_train`` endpoint with `gradio_client` (the live budget,
+as a visitor would), and prints its test accuracy beside the shipped grid's for the same run
+and the spread of the grid's seeds; its wall seconds (the process's start, data, training and
+evaluation); and how far the app's resident memory rose above where it stood before the
+run. ``--where`` trains each run in a child (the default) and/or in the app's process, the
+two interleaved in each round.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import threading
 import time
+from dataclasses import replace
 
 from explorer.bench.machine import describe
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _peak_rss_mb(stop: threading.Event, peak: list[float]) -> None:
+    while not stop.wait(0.1):
+        peak[0] = max(peak[0], _rss_mb())
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="vit:500:0",
                         help="comma-separated arch:train_images:seed")
+    parser.add_argument("--where", default="child", help="child, app or child,app")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
 
     from gradio_client import Client
 
     import app
+    from explorer import settings as app_settings
     from explorer import tuning
     from explorer.lab import analysis, grid
     from explorer.settings import Settings
@@ -36,23 +57,35 @@ def main(argv: list[str]) -> None:
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     client = Client(demo.local_url, verbose=False)
     print(f"machine: {describe()}; torch threads per request: "
-          f"{__import__('torch').get_num_threads()}")
-    print("| run | live test acc | shipped (same seed) | shipped seeds span | live seconds |")
-    print("|---|---|---|---|---|")
+          f"{__import__('torch').get_num_threads()}; heap trimmed every "
+          f"{settings.malloc_trim_s} s")
+    print("| run | trained in | live test acc | shipped (same seed) | shipped seeds span | "
+          "live seconds | app memory rise (MB) |")
+    print("|---|---|---|---|---|---|---|")
     try:
-        for spec in args.runs.split(","):
-            arch, n, seed = spec.split(":")
-            start = time.perf_counter()
-            status, _live, _plot = client.predict(arch, int(n), int(seed), api_name="/lab_train")
-            seconds = time.perf_counter() - start
-            live = float(re.search(r"test accuracy ([\d.]+)%", status).group(1))
-            seeds = analysis.seed_runs(rows, arch, int(n))
-            same = [r for r in seeds if r["seed"] == int(seed)]
-            spread = [100 * r["test_acc"] for r in seeds]
-            shipped = f"{100 * same[0]['test_acc']:.2f}%" if same else "—"
-            span = f"{min(spread):.2f}–{max(spread):.2f}%" if spread else "—"
-            print(f"| {arch} n={n} seed {seed} | {live:.2f}% | {shipped} | {span} | "
-                  f"{seconds:.0f} |", flush=True)
+        for _ in range(args.rounds):
+            for spec in args.runs.split(","):
+                for where in args.where.split(","):
+                    app_settings.install(replace(settings, train_in_child=where == "child"))
+                    arch, n, seed = spec.split(":")
+                    stop, peak = threading.Event(), [_rss_mb()]
+                    before = peak[0]
+                    sampler = threading.Thread(target=_peak_rss_mb, args=(stop, peak))
+                    sampler.start()
+                    start = time.perf_counter()
+                    status, _live, _plot = client.predict(arch, int(n), int(seed),
+                                                          api_name="/lab_train")
+                    seconds = time.perf_counter() - start
+                    stop.set()
+                    sampler.join()
+                    live = float(re.search(r"test accuracy ([\d.]+)%", status).group(1))
+                    seeds = analysis.seed_runs(rows, arch, int(n))
+                    same = [r for r in seeds if r["seed"] == int(seed)]
+                    spread = [100 * r["test_acc"] for r in seeds]
+                    shipped = f"{100 * same[0]['test_acc']:.2f}%" if same else "—"
+                    span = f"{min(spread):.2f}–{max(spread):.2f}%" if spread else "—"
+                    print(f"| {arch} n={n} seed {seed} | {where} | {live:.2f}% | {shipped} | "
+                          f"{span} | {seconds:.0f} | {peak[0] - before:.0f} |", flush=True)
     finally:
         client.close()
         demo.close()

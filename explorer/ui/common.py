@@ -18,6 +18,7 @@ from explorer.errors import ModelUnavailableError, without_paths
 from explorer.session_context import ModelSaveError, SessionContext, context
 from explorer.settings import Settings
 from explorer.store import STORE
+from explorer.trainer_process import TrainerDied
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ def user_errors() -> Iterator[None]:
     """Turn the errors meant for people into `gr.Error`; anything else stays a bug."""
     try:
         yield
-    except (images.ImageError, ModelUnavailableError, datasets.DatasetError, ModelSaveError) as err:
+    except (images.ImageError, ModelUnavailableError, datasets.DatasetError, ModelSaveError,
+            TrainerDied) as err:
         # no server path reaches a visitor, no traceback in the log for their mistake
         raise gr.Error(without_paths(str(err)), print_exception=False) from err
     except Exception as err:  # out-of-memory is the user's size choice, not a bug

@@ -85,13 +85,14 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     history: list[tuple[int, float, float | None]] = []
     result = None
     # on ZeroGPU the run borrows a GPU in a worker, sized by its steps alone (the lab's 28-px
-    # models are launch-bound; its ~50 evaluation batches are within the rule's margin)
+    # models are launch-bound; its ~50 evaluation batches are within the rule's margin); on a
+    # CPU it trains in a child process that keeps its heap (`explorer.trainer_process`)
     # the grid's recipe at the live budget's own steps (the sweep's floor is the grid's)
     hyper = hyper_for(arch).recipe()
     seconds = gpu.training_seconds(run_steps(run, budget, hyper))
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
         events = gpu.stream_on_device(run_lab, run, budget, hyper, cancel=cancel,
-                                      seconds=seconds, log_every=25)
+                                      seconds=seconds, own_process=True, log_every=25)
         for event in events:
             history.append((event.step, event.loss, event.val_acc))
             result = event.result or result
