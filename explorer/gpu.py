@@ -313,7 +313,9 @@ def stream_on_device(gen_fn: Callable[..., Iterator], *args, cancel: threading.E
             stream just ends.
         own_process: a training run whose state lives only in its events (the lab's live
             run). Not the fine-tune: its linear mode keeps the features it computes in the
-            app's process for the next run (`explorer.finetune.probe.FEATURE_CACHE`).
+            app's process for the next run (`explorer.finetune.probe.FEATURE_CACHE`), and
+            its step, dominated by large matrix products, gains nothing from the kept heap
+            (BENCHMARKS.md, "Session 21").
 
     Returns:
         The run's events.
