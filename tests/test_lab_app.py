@@ -78,3 +78,15 @@ def test_relative_views_render_from_the_shipped_models(demo):
     assert "block 4 head 4" in bias["plot"] and "Translation test" in shift["plot"]
     client.close()
     assert grid.GRID_CSV.is_file()
+
+
+def test_a_live_run_says_at_once_that_it_is_starting(demo):
+    """The first step comes after the trainer's process and the data have loaded (seconds):
+    the status says what is starting before then, and the run still ends with its result."""
+    client = Client(demo.local_url, verbose=False)
+    job = client.submit("cnn", 500, 1, api_name="/lab_train")
+    job.result()
+    statuses = [out[0] for out in job.outputs()]
+    assert statuses[0] == "Starting: CNN on 500 images (seed 1), 12 steps…"
+    assert "test accuracy" in statuses[-1]
+    client.close()

@@ -90,6 +90,8 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     # the grid's recipe at the live budget's own steps (the sweep's floor is the grid's)
     hyper = hyper_for(arch).recipe()
     seconds = gpu.training_seconds(run_steps(run, budget, hyper))
+    # the first step comes after the trainer's start and the data (seconds): say so at once
+    yield {"status": f"Starting: {title}, {run_steps(run, budget, hyper):,} steps…"}
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
         events = gpu.stream_on_device(run_lab, run, budget, hyper, cancel=cancel,
                                       seconds=seconds, own_process=True, log_every=25)
