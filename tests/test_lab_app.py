@@ -4,6 +4,7 @@ plot, and its ViT opens in its own session's other tabs only; the relative views
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -90,3 +91,28 @@ def test_a_live_run_says_at_once_that_it_is_starting(demo):
     assert statuses[0] == "Starting: CNN on 500 images (seed 1), 12 steps…"
     assert "test accuracy" in statuses[-1]
     client.close()
+
+
+def test_stop_ends_a_live_run_at_a_step_and_its_trainer_with_it():
+    """Stop reaches the run in its own process (`explorer.trainer_process`): the run stops
+    at a step, the status says so, and no trainer process is left."""
+    from tests.test_trainer_process import trainers
+
+    demo = app.build_demo(replace(Settings.from_env(), lab_steps=100_000))
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    client = Client(demo.local_url, verbose=False)
+    try:
+        job = client.submit("cnn", 500, 0, api_name="/lab_train")
+        deadline = time.monotonic() + 120
+        while not any(out[0].startswith("Step") for out in job.outputs()):
+            assert time.monotonic() < deadline and not job.done()
+            time.sleep(0.2)
+        assert client.predict(api_name="/lab_stop") == "Stopping after this step…"
+        assert job.result(timeout=60)[0] == "Stopped."  # not the 100,000 steps
+        steps = [int(re.match(r"Step ([\d,]+)", out[0]).group(1).replace(",", ""))
+                 for out in job.outputs() if out[0].startswith("Step")]
+        assert max(steps) < 100_000
+        assert trainers() == []
+    finally:
+        client.close()
+        demo.close()
