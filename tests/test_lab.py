@@ -998,6 +998,15 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     assert paths == [tmp_path / "checkpoints" / f"{run.name}.pt"]
     torch.save({"step": 7}, paths[0])
     assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]
+    assert grid.status()["here"] == []  # a checkpoint that records no start
+    # started here at step 2 (10 training seconds), saved at step 7 (40 s): 5 steps, 30 s here
+    host = __import__("socket").gethostname()
+    starts = [{"host": "elsewhere", "step": 0, "seconds": 0.0},
+              {"host": host, "step": 2, "seconds": 10.0}]
+    torch.save({"step": 7, "seconds": 40.0, "extra": {"starts": starts}}, paths[0])
+    assert grid.status()["here"] == [(run.name, 5, 30.0)]
+    torch.save({"step": 7, "seconds": 40.0, "extra": {"starts": starts[:1]}}, paths[0])
+    assert grid.status()["here"] == []  # last started on another machine
 
 
 def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_grid(monkeypatch):
@@ -1021,6 +1030,40 @@ def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_gri
     # an architecture nothing has timed yet: no estimate rather than a wrong one
     progress["todo"].append(LabRun("coatnet", 500).name)
     assert grid.remaining_seconds(progress, rows, sweep_rows, flops=lambda run: 10) is None
+
+
+def test_this_machine_is_timed_against_the_finished_runs_by_the_runs_in_flight():
+    cnn, vit = LabRun("cnn", 500), LabRun("vit", 500)
+    # the rows: the CNN at 0.03 s per step and FLOP, the ViT at 0.05; at 10 FLOPs a run,
+    # 0.3 and 0.5 s per step
+    rows = [dict(arch="cnn", seconds=300.0, steps=1000, flops=10),
+            dict(arch="vit", seconds=500.0, steps=1000, flops=10)]
+    # here: the CNN 0.6 s per step (2×), the ViT 0.75 (1.5×); median of the two 1.75
+    progress = {"here": [(cnn.name, 500, 300.0), (vit.name, 400, 300.0)]}
+    assert grid.machine_factor(progress, rows, flops=lambda run: 10) == pytest.approx(1.75)
+    # a run just (re)started here times nothing yet: compiling and warm-up would dominate
+    progress["here"][1] = (vit.name, grid.HERE_MIN_STEPS - 1, 300.0)
+    assert grid.machine_factor(progress, rows, flops=lambda run: 10) == pytest.approx(2.0)
+    assert grid.machine_factor({"here": []}, rows, flops=lambda run: 10) is None
+
+
+@needs_fmnist
+def test_each_start_of_a_run_records_its_machine_and_where_it_started(tmp_path):
+    run = LabRun("cnn", 50, 0)
+    budget = Budget(min_steps=12, epochs=0, batch=8, evals=2, test_images=100,
+                    checkpoint_every_s=1e9)
+    ckpt = tmp_path / "run.pt"
+    for stop_at in (4, 9):  # started, stopped at step 4; resumed, stopped at step 9
+        cancel = __import__("threading").Event()
+        for event in run_lab(run, budget, Hyper(lr=2e-3), cancel=cancel, checkpoint=ckpt,
+                             log_every=1):
+            if event.step == stop_at:
+                cancel.set()
+    state = torch.load(ckpt, weights_only=False)
+    starts, host = state["extra"]["starts"], __import__("socket").gethostname()
+    assert state["step"] == 9
+    assert [(s["host"], s["step"]) for s in starts] == [(host, 0), (host, 4)]
+    assert starts[0]["seconds"] == 0 and 0 < starts[1]["seconds"] < state["seconds"]
 
 
 @needs_fmnist

@@ -26,6 +26,7 @@ scramble (`explorer.lab.scramble`).
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -402,11 +403,14 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
     recipe = Recipe(lr=hyper.lr, total_steps=total, weight_decay=hyper.weight_decay,
                     warmup_steps=warmup_steps(total, budget.warmup_frac))
     curve: list[tuple[int, float, float]] = []
+    # each start of the run: the machine, and the step and training seconds it started from
+    # (`grid.status` times the machine a grid is training on by its latest)
+    starts: list[dict] = []
     loop = TrainLoop(model, recipe, mixed_precision=mixed_precision, cancel=cancel,
                      compile=compile,
                      checkpoint=Checkpointing(checkpoint, every_s=budget.checkpoint_every_s)
                      if checkpoint else None,
-                     extra_state=lambda: {"curve": curve, "run": asdict(run),
+                     extra_state=lambda: {"curve": curve, "starts": starts, "run": asdict(run),
                                           "hyper": asdict(hyper), "steps": total})
     if checkpoint is not None and loop.resume():
         saved = loop.resumed_extra
@@ -417,6 +421,8 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         if not same or recipe != hyper.recipe() or saved.get("steps", total) != total:
             raise ValueError(f"The checkpoint {checkpoint.name} belongs to another run.")
         curve[:] = [tuple(p) for p in saved["curve"]]
+        starts[:] = saved.get("starts", [])
+    starts.append({"host": socket.gethostname(), "step": loop.step, "seconds": loop.seconds})
     device = loop.device
     eval_at = {round(total * (i + 1) / budget.evals) for i in range(budget.evals)}
     train_probe = (fit_x[:TRAIN_ACC_IMAGES], fit_y[:TRAIN_ACC_IMAGES])

@@ -26,12 +26,14 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from statistics import median
 
 from explorer.lab import sweep
 from explorer.lab.analysis import convergence
@@ -227,13 +229,15 @@ def _release(key: str) -> None:
 
 def status(budget: Budget | None = None) -> dict[str, list]:
     """The grid's progress: ``done`` row keys, ``training`` as (key, step, steps) from the
-    checkpoints on disk, and ``todo`` keys, in training order."""
+    checkpoints on disk, ``todo`` keys, in training order; and ``here``, as (key, steps,
+    seconds), what each run in ``training`` has trained on this machine since its latest
+    start (`engine.run_lab`'s ``starts``; none where it last started elsewhere)."""
     import torch
 
     budget = budget or Budget()
     chosen = sweep.read_choice()
     done = {row_key(r) for r in read_grid(GRID_CSV)}
-    training, todo = [], []
+    training, todo, here = [], [], []
     attempts = next_attempts()
     for run in grid_runs():
         if run.name in done:
@@ -242,13 +246,17 @@ def status(budget: Budget | None = None) -> dict[str, list]:
         ckpt = checkpoint_path(run)
         if ckpt.is_file():
             # memory-mapped: reads the step, not the weights and optimiser state
-            step = int(torch.load(ckpt, map_location="cpu", weights_only=False,
-                                  mmap=True)["step"])
+            state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+            step = int(state["step"])
             training.append((run.name, step,
                              run_steps(run, budget, chosen.get(run.arch, Hyper()))))
+            starts = state.get("extra", {}).get("starts") or [{}]
+            if starts[-1].get("host") == socket.gethostname():
+                here.append((run.name, step - starts[-1]["step"],
+                             float(state["seconds"]) - starts[-1]["seconds"]))
         else:
             todo.append(run.name)
-    return {"done": sorted(done), "training": training, "todo": todo}
+    return {"done": sorted(done), "training": training, "todo": todo, "here": here}
 
 
 def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: list[dict] = (),
@@ -266,19 +274,10 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
     Args:
         flops: the forward FLOPs of a run (`engine.forward_flops` of its model by default).
     """
-    from statistics import median
-
     budget = budget or Budget()
     flops = flops or _run_flops
     chosen = sweep.read_choice()
-
-    def rates(rs) -> dict[str, float]:
-        per: dict[str, list[float]] = {}
-        for r in rs:
-            per.setdefault(r["arch"], []).append(r["seconds"] / (r["steps"] * r["flops"]))
-        return {a: median(v) for a, v in per.items()}
-
-    rate, swept = rates(rows), rates(sweep_rows)
+    rate, swept = _rates(rows), _rates(sweep_rows)
     both = [rate[a] / swept[a] for a in rate if a in swept]
     for a in swept.keys() - rate.keys():
         if both:
@@ -293,6 +292,34 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
     if any(run.arch not in rate for run, _ in left):
         return None
     return sum(steps * flops(run) * rate[run.arch] for run, steps in left)
+
+
+def _rates(rows: list[dict]) -> dict[str, float]:
+    """Each architecture's median seconds per step and forward FLOP over ``rows``."""
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        per.setdefault(r["arch"], []).append(r["seconds"] / (r["steps"] * r["flops"]))
+    return {a: median(v) for a, v in per.items()}
+
+
+HERE_MIN_STEPS = 200  # fewer steps since a start than this time nothing (compiling, warm-up)
+
+
+def machine_factor(progress: dict[str, list], rows: list[dict], flops=None) -> float | None:
+    """How many times the finished ``rows``' speeds this machine takes per step: the median,
+    over the runs in flight that have trained at least `HERE_MIN_STEPS` steps here since
+    their latest start (``progress["here"]``, `status`), of their seconds per step here over
+    what their architecture's rate (`remaining_seconds`) predicts. Above 1: slower than the
+    rows' machines. None when no run in flight has trained here long enough. Time spent
+    stopped (SIGSTOP) or beside other work counts, as it does in the rows."""
+    flops = flops or _run_flops
+    rate = _rates(rows)
+    runs = {replace(r, attempt=a).name: replace(r, attempt=a) for r in grid_runs()
+            for a in range(Budget().max_attempts)}
+    ratios = [seconds / steps / (rate[runs[name].arch] * flops(runs[name]))
+              for name, steps, seconds in progress.get("here", ())
+              if steps >= HERE_MIN_STEPS and runs[name].arch in rate]
+    return median(ratios) if ratios else None
 
 
 _FLOPS: dict[str, int] = {}
@@ -553,9 +580,13 @@ def main(argv=None) -> int:
         left = remaining_seconds(s, read_grid(GRID_CSV) + read_grid(ATTEMPTS_CSV),
                                  read_grid(SWEEP_CSV), sweep_left=sweep_left())
         if left is not None and (s["training"] or s["todo"]):
-            print(f"about {left / 3600:.1f} core-hours left at the speeds measured so far, "
+            print(f"about {left / 3600:.1f} core-hours left at the finished runs' speeds, "
                   "the sweep's included (workers × hours = core-hours; more where a run does "
                   "not converge and trains again with twice the steps)")
+            factor = machine_factor(s, read_grid(GRID_CSV) + read_grid(ATTEMPTS_CSV))
+            if factor is not None:
+                print(f"this machine trains the runs in flight at {1 / factor:.2f}× those "
+                      f"speeds: about {left * factor / 3600:.1f} core-hours here")
         return 0
     if args.phase:
         for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
