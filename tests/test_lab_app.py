@@ -15,6 +15,7 @@ from explorer import datasets
 from explorer.lab import grid
 from explorer.settings import Settings
 from explorer.ui import lab_view
+from tests.process_helpers import trainers
 
 IMAGE = "assets/examples/rocket.jpg"
 pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
@@ -96,8 +97,6 @@ def test_a_live_run_says_at_once_that_it_is_starting(demo):
 def test_stop_ends_a_live_run_at_a_step_and_its_trainer_with_it():
     """Stop reaches the run in its own process (`explorer.trainer_process`): the run stops
     at a step, the status says so, and no trainer process is left."""
-    from tests.test_trainer_process import trainers
-
     demo = app.build_demo(replace(Settings.from_env(), lab_steps=100_000))
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     client = Client(demo.local_url, verbose=False)

@@ -8,34 +8,19 @@ import os
 import signal
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from explorer import datasets, gpu, settings, trainer_process
 from explorer.lab.engine import Budget, Hyper, LabRun, run_lab
+from tests.process_helpers import trainers
 
 pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
                                 reason="needs Debian's dataset-fashion-mnist")
 
 TINY = Budget(min_steps=8, epochs=0, batch=16, evals=2, test_images=200)
 RUN, HYPER = LabRun("cnn", 60, 0), Hyper(lr=2e-3)
-
-
-def trainers() -> list[int]:
-    """The pids of this process's trainer children still running (/proc: parent, command)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:  # ended meanwhile
-            continue
-        # after the name: state, parent pid; a reaped child is gone, a zombie ("Z") has ended
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"trainer_process" in cmdline:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def minor_faults(pid: int) -> int:
