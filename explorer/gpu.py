@@ -37,8 +37,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from explorer import settings
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -290,14 +288,12 @@ _worker_stream = gpu_task(duration=_asked_seconds)(_run_in_worker)
 
 def stream_on_device(gen_fn: Callable[..., Iterator], *args, cancel: threading.Event,
                      seconds: float, on_cancel: Callable[[list], Any] | None = None,
-                     own_process: bool = False, **kwargs) -> Iterator:
+                     **kwargs) -> Iterator:
     """``gen_fn(*args, cancel=cancel, **kwargs)``, a training generator, where the GPU is.
 
-    Off ZeroGPU it is exactly that call, or, with ``own_process`` on a machine without CUDA
-    (and the settings' ``train_in_child`` on), the same run in a child process of its own
-    (`explorer.trainer_process`: there the run keeps the heap it frees, which the app's
-    process hands back; on a GPU the step's memory is the device's, kept by its caching
-    allocator). On ZeroGPU the generator runs in a worker that
+    Off ZeroGPU it is exactly that call (`explorer.trainer_process.stream_training` puts a
+    training run in a child process instead where that pays). On ZeroGPU the generator runs
+    in a worker that
     borrows a GPU for at most ``seconds``; its events come back on the CPU (`to_cpu`). The
     caller's ``cancel`` cannot reach the worker: it is checked here as each event arrives,
     and once set the stream is closed, which ``spaces`` turns into the worker's generator
@@ -311,20 +307,11 @@ def stream_on_device(gen_fn: Callable[..., Iterator], *args, cancel: threading.E
         on_cancel: ``(events streamed so far) -> last event``: on ZeroGPU the last event a
             cancelled run would have yielded (the worker, closed, cannot send it); None: the
             stream just ends.
-        own_process: a training run whose state lives only in its events (the lab's live
-            run). Not the fine-tune: its linear mode keeps the features it computes in the
-            app's process for the next run (`explorer.finetune.probe.FEATURE_CACHE`), and
-            its step, dominated by large matrix products, gains nothing from the kept heap
-            (BENCHMARKS.md, "Session 21").
 
     Returns:
         The run's events.
     """
     if not on_zero_gpu():
-        if own_process and settings.current().train_in_child and not torch.cuda.is_available():
-            from explorer import trainer_process
-
-            return trainer_process.stream(gen_fn, *args, cancel=cancel, **kwargs)
         return gen_fn(*args, cancel=cancel, **kwargs)
     return _stream_from_worker(gen_fn, args, kwargs, cancel, seconds, on_cancel)
 

@@ -73,6 +73,31 @@ def _read_exactly(inp: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
+def stream_training(gen_fn: Callable[..., Iterator], *args, cancel: threading.Event,
+                    seconds: float, **kwargs) -> Iterator:
+    """A training run where it trains best: on a machine without CUDA (and with the
+    settings' ``train_in_child`` on) in a child process of its own (`stream`); elsewhere where
+    `explorer.gpu.stream_on_device` puts it (a ZeroGPU worker, the GPU, the app's process).
+    On a GPU the step's memory is the device's, which its caching allocator keeps anyway.
+
+    For a run whose state lives only in its events (the lab's live run). Not the fine-tune:
+    its linear mode keeps the features it computes in the app's process for the next run
+    (`explorer.finetune.probe.FEATURE_CACHE`), and its step, dominated by large matrix
+    products, gains nothing from the kept heap (BENCHMARKS.md, "Session 21").
+
+    Args:
+        seconds: the ZeroGPU duration to ask for (`explorer.gpu.training_seconds`).
+    """
+    import torch
+
+    from explorer import gpu, settings
+
+    if (not gpu.on_zero_gpu() and settings.current().train_in_child
+            and not torch.cuda.is_available()):
+        return stream(gen_fn, *args, cancel=cancel, **kwargs)
+    return gpu.stream_on_device(gen_fn, *args, cancel=cancel, seconds=seconds, **kwargs)
+
+
 def stream(gen_fn: Callable[..., Iterator], *args, cancel: threading.Event, **kwargs
            ) -> Iterator:
     """``gen_fn(*args, cancel=<the child's event>, **kwargs)``, run in a child process; yields

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from explorer import datasets, gpu, settings, trainer_process
+from explorer import datasets, settings, trainer_process
 from explorer.lab.engine import Budget, Hyper, LabRun, run_lab
 from tests.process_helpers import trainers
 
@@ -114,8 +114,8 @@ def test_the_live_run_trains_in_a_child_unless_the_settings_say_otherwise(monkey
     monkeypatch.setattr(settings, "_current",
                         replace(settings.current(), train_in_child=in_child))
     seen, events = [], []
-    for event in gpu.stream_on_device(run_lab, RUN, TINY, HYPER, cancel=threading.Event(),
-                                      seconds=10, own_process=True, log_every=2):
+    for event in trainer_process.stream_training(run_lab, RUN, TINY, HYPER, log_every=2,
+                                                 cancel=threading.Event(), seconds=10):
         seen.append(len(trainers()))
         events.append(event)
     assert events[-1].result is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
-from explorer import gpu
+from explorer import gpu, trainer_process
 from explorer.cache import KeyedCache
 from explorer.lab import analysis, grid
 from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
@@ -93,8 +93,8 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     # the first step comes after the trainer's start and the data (seconds): say so at once
     yield {"status": f"Starting: {title}, {run_steps(run, budget, hyper):,} steps…"}
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
-        events = gpu.stream_on_device(run_lab, run, budget, hyper, cancel=cancel,
-                                      seconds=seconds, own_process=True, log_every=25)
+        events = trainer_process.stream_training(run_lab, run, budget, hyper, cancel=cancel,
+                                                 seconds=seconds, log_every=25)
         for event in events:
             history.append((event.step, event.loss, event.val_acc))
             result = event.result or result
