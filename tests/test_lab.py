@@ -12,7 +12,7 @@ import torch
 
 from explorer import datasets
 from explorer.attention import capture
-from explorer.lab import analysis, grid, paths
+from explorer.lab import analysis, engine, grid, paths
 from explorer.lab.checkpoint import load_shipped, save_vit
 from explorer.lab.engine import (
     Budget,
@@ -1000,9 +1000,9 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]
     assert grid.status()["here"] == []  # a checkpoint that records no start
     # started here at step 2 (10 training seconds), saved at step 7 (40 s): 5 steps, 30 s here
-    host = __import__("socket").gethostname()
-    starts = [{"host": "elsewhere", "step": 0, "seconds": 0.0},
-              {"host": host, "step": 2, "seconds": 10.0}]
+    host = engine.machine_id()
+    starts = [{"machine": "elsewhere", "step": 0, "seconds": 0.0},
+              {"machine": host, "step": 2, "seconds": 10.0}]
     torch.save({"step": 7, "seconds": 40.0, "extra": {"starts": starts}}, paths[0])
     assert grid.status()["here"] == [(run.name, 5, 30.0)]
     torch.save({"step": 7, "seconds": 40.0, "extra": {"starts": starts[:1]}}, paths[0])
@@ -1060,9 +1060,9 @@ def test_each_start_of_a_run_records_its_machine_and_where_it_started(tmp_path):
             if event.step == stop_at:
                 cancel.set()
     state = torch.load(ckpt, weights_only=False)
-    starts, host = state["extra"]["starts"], __import__("socket").gethostname()
+    starts, host = state["extra"]["starts"], engine.machine_id()
     assert state["step"] == 9
-    assert [(s["host"], s["step"]) for s in starts] == [(host, 0), (host, 4)]
+    assert [(s["machine"], s["step"]) for s in starts] == [(host, 0), (host, 4)]
     assert starts[0]["seconds"] == 0 and 0 < starts[1]["seconds"] < state["seconds"]
 
 

@@ -380,6 +380,15 @@ def run_data(run: LabRun, budget: Budget) -> tuple[torch.Tensor, ...]:
     return xs[~val], ys[~val], xs[val], ys[val]
 
 
+def machine_id() -> str:
+    """This machine, as booted now: Linux's boot id (host names repeat across containers and
+    virtual machines: every session's machine here is called "vm"), else the host name."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
 def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
             cancel: threading.Event | None = None, checkpoint: Path | None = None,
             log_every: int = 10, compile: bool = False,
@@ -422,7 +431,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
             raise ValueError(f"The checkpoint {checkpoint.name} belongs to another run.")
         curve[:] = [tuple(p) for p in saved["curve"]]
         starts[:] = saved.get("starts", [])
-    starts.append({"host": socket.gethostname(), "step": loop.step, "seconds": loop.seconds})
+    starts.append({"machine": machine_id(), "step": loop.step, "seconds": loop.seconds})
     device = loop.device
     eval_at = {round(total * (i + 1) / budget.evals) for i in range(budget.evals)}
     train_probe = (fit_x[:TRAIN_ACC_IMAGES], fit_y[:TRAIN_ACC_IMAGES])

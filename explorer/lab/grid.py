@@ -26,7 +26,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ from statistics import median
 
 from explorer.lab import sweep
 from explorer.lab.analysis import convergence
-from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, run_steps
+from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, machine_id, run_steps
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
 from explorer.tuning import keep_freed_memory
@@ -251,7 +250,7 @@ def status(budget: Budget | None = None) -> dict[str, list]:
             training.append((run.name, step,
                              run_steps(run, budget, chosen.get(run.arch, Hyper()))))
             starts = state.get("extra", {}).get("starts") or [{}]
-            if starts[-1].get("host") == socket.gethostname():
+            if starts[-1].get("machine") == machine_id():
                 here.append((run.name, step - starts[-1]["step"],
                              float(state["seconds"]) - starts[-1]["seconds"]))
         else:
