@@ -293,11 +293,11 @@ def stream_on_device(gen_fn: Callable[..., Iterator], *args, cancel: threading.E
 
     Off ZeroGPU it is exactly that call (`explorer.trainer_process.stream_training` puts a
     training run in a child process instead where that pays). On ZeroGPU the generator runs
-    in a worker that
-    borrows a GPU for at most ``seconds``; its events come back on the CPU (`to_cpu`). The
-    caller's ``cancel`` cannot reach the worker: it is checked here as each event arrives,
-    and once set the stream is closed, which ``spaces`` turns into the worker's generator
-    being closed at its next yield (a ``GeneratorExit`` there: the run stops at a step).
+    in a worker that borrows a GPU for at most ``seconds``; its events come back on the CPU
+    (`to_cpu`). The caller's ``cancel`` cannot reach the worker: it is checked here as each
+    event arrives, and once set the stream is closed, which ``spaces`` turns into the
+    worker's generator being closed at its next yield (a ``GeneratorExit`` there: the run
+    stops at a step).
 
     Args:
         gen_fn: a module-level generator function (its name crosses to the worker) taking

@@ -24,6 +24,7 @@ the app with its message (`explorer.gpu.crossing_error`).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import queue
@@ -39,6 +40,7 @@ POLL_S = 0.1  # how often the relay looks at the caller's cancel while the child
 JOIN_S = 10.0  # how long a closed stream waits for its child to stop at a step, then kills it
 STOP = b"s"  # the one byte the app sends to stop a run at its next step
 _DONE, _EVENT, _ERROR = "done", "event", "error"
+_LOG = logging.getLogger(__name__)
 _HEADER = struct.Struct("<Q")  # a message's length
 _ROOT = str(Path(__file__).resolve().parents[1])  # the folder that holds `explorer`
 _LAUNCH = ("import sys; sys.path.insert(0, sys.argv[1]); "
@@ -149,6 +151,9 @@ def stream(gen_fn: Callable[..., Iterator], *args, cancel: threading.Event, **kw
                 return
             else:  # the end of the child's output without a last word
                 child.wait()
+                # the visitor gets a message (`explorer.ui.common.user_errors`), the log this
+                _LOG.warning("trainer process for %s ended with code %s without finishing",
+                             getattr(gen_fn, "__name__", gen_fn), child.returncode)
                 raise TrainerDied(
                     "The training stopped unexpectedly (its process ended with code "
                     f"{child.returncode}; most often the machine ran out of memory). Try "
