@@ -115,3 +115,29 @@ def test_stop_ends_a_live_run_at_a_step_and_its_trainer_with_it():
     finally:
         client.close()
         demo.close()
+
+
+def test_a_killed_trainer_ends_its_run_in_a_message_and_the_app_serves_on():
+    """The system kills a live run's trainer (out of memory, as its killer does): the
+    visitor reads why, and the app, untouched, serves the next request."""
+    import os
+    import signal
+
+    demo = app.build_demo(replace(Settings.from_env(), lab_steps=100_000))
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    client = Client(demo.local_url, verbose=False)
+    try:
+        job = client.submit("cnn", 500, 0, api_name="/lab_train")
+        deadline = time.monotonic() + 120
+        while not any(out[0].startswith("Step") for out in job.outputs()):
+            assert time.monotonic() < deadline and not job.done()
+            time.sleep(0.2)
+        os.kill(trainers()[0], signal.SIGKILL)
+        with pytest.raises(Exception, match="training stopped unexpectedly.*out of memory"):
+            job.result(timeout=60)
+        assert trainers() == []
+        figures = client.predict(False, api_name="/lab_figures")
+        assert figures[0]["type"] == "plotly"
+    finally:
+        client.close()
+        demo.close()
