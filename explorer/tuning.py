@@ -1,6 +1,7 @@
 """Process tuning for serving many requests on a few CPU cores: torch threads, the GIL's
 hand-over interval, glibc's malloc arenas and a thread that trims the heap; and, for a
-process that only trains (a lab grid worker), the opposite heap policy: keep what it frees.
+process that only trains (a lab grid worker, a live run's trainer), the opposite heap
+policy: keep what it frees.
 
 `tune` applies all of it from the settings (`explorer.settings.Settings`) before the app
 serves; each step is a function of its own value, so tests and benchmarks call them alone.
@@ -117,7 +118,8 @@ def keep_freed_memory(trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) ->
     MB of activations and gradients every step, so by default each step pays for ~2×10⁴ page
     faults (the kernel zeroing every page again): BENCHMARKS.md, "Session 20", measured
     1.16–1.31× the training images/s with this on. Meant for a process that only trains (a
-    grid worker): a server keeps its heap small instead (`trim_memory_every`).
+    grid worker, a live run's trainer: `explorer.trainer_process`): a server keeps its heap
+    small instead (`trim_memory_every`).
 
     Returns:
         Whether glibc took all three settings (False without glibc).
