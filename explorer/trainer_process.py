@@ -10,16 +10,16 @@ ends in a message rather than taking the server with it.
 
 The child is a fresh interpreter (``python -c``, this module's `_child_main`): it imports only
 what the run needs (a few seconds: torch and timm), holds no memory once the run ends, and
-never runs the app's script again (`multiprocessing`'s spawn would import ``app.py`` and
-gradio in every child; its fork server would hold their memory between runs). It runs with
-the app's settings, torch threads and module path. Messages cross as length-prefixed pickles: the job on the
-child's stdin, then one stop byte when the caller's ``cancel`` is set (or the end of file
+never runs the app's script again (`multiprocessing`'s spawn would import ``app.py`` and gradio
+in every child; its fork server would hold their memory between runs). It runs with the app's
+settings, torch threads and module path. Messages cross as length-prefixed pickles: the job on
+the child's stdin, then one stop byte when the caller's ``cancel`` is set (or the end of file
 when the app goes away); the events on the child's stdout (the child's own prints go to its
 stderr, the app's log). Tensors cross as bytes: nothing is shared in memory that either side
 could change or free under the other; events cross as CPU values (`explorer.gpu.to_cpu`). A
-cancelled run stops at its next step and still yields its last event, as in the app's
-process (`explorer.training.TrainLoop`). An exception raised in the child is raised again in
-the app with its message (`explorer.gpu.crossing_error`).
+cancelled run stops at its next step and still yields its last event, as in the app's process
+(`explorer.training.TrainLoop`). An exception raised in the child is raised again in the app
+with its message (`explorer.gpu.crossing_error`).
 """
 
 from __future__ import annotations

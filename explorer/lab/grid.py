@@ -341,8 +341,8 @@ def _keep_model(run: LabRun) -> bool:
 
 
 # Set by a worker process's SIGTERM or SIGINT (`main --phase`): its run saves its checkpoint
-# at the next step and the worker takes no other run. A stopped grid then loses no training (a kill loses up
-# to `Budget.checkpoint_every_s`).
+# at the next step and the worker takes no other run. A stopped grid then loses no training
+# (a kill loses up to `Budget.checkpoint_every_s`).
 STOP = threading.Event()
 
 
