@@ -17,9 +17,9 @@ the child's stdin, then one stop byte when the caller's ``cancel`` is set (or th
 when the app goes away); the events on the child's stdout (the child's own prints go to its
 stderr, the app's log). Tensors cross as bytes: nothing is shared in memory that either side
 could change or free under the other; events cross as CPU values (`explorer.gpu.to_cpu`). A
-cancelled run stops at its next step and still yields its last event, as in the app's process
-(`explorer.training.TrainLoop`). An exception raised in the child is raised again in the app
-with its message (`explorer.gpu.crossing_error`).
+cancelled run stops at its next step and ends as it would in the app's process
+(`explorer.training.TrainLoop`): what it yields as it stops still comes. An exception raised in
+the child is raised again in the app with its message (`explorer.gpu.crossing_error`).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def stream(gen_fn: Callable[..., Iterator], *args, cancel: threading.Event, **kw
     Args:
         gen_fn: a module-level generator function (its name crosses to the child) taking a
             ``cancel`` event.
-        cancel: set it to stop the run at its next step; the run's last event still comes.
+        cancel: set it to stop the run at its next step; what the run yields as it stops
+            still comes.
 
     Raises:
         TrainerDied: the child ended without a last word (killed by the system).
