@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,36 @@ def test_the_live_run_trains_in_a_child_unless_the_settings_say_otherwise(monkey
         events.append(event)
     assert events[-1].result is not None
     assert set(seen) == ({1} if in_child else {0})
+
+
+def test_a_trainer_whose_app_dies_stops_and_leaves_no_orphan():
+    """The app killed mid-run (a Space restarting): its end of the pipe closes, and the
+    trainer stops at its next step instead of training on, unseen, for hours."""
+    import subprocess
+    import sys
+    import time
+
+    app = subprocess.run([sys.executable, "-c", """
+import os, threading
+from explorer import trainer_process
+from explorer.lab.engine import Budget, Hyper, LabRun, run_lab
+from tests.process_helpers import trainers
+budget = Budget(min_steps=100_000, epochs=0, batch=16, evals=2, test_images=200)
+stream = trainer_process.stream(run_lab, LabRun("cnn", 60, 0), budget, Hyper(lr=2e-3),
+                                log_every=2, cancel=threading.Event())
+next(stream)
+print(trainers()[0], flush=True)
+os._exit(0)  # no cleanup: as a killed app
+"""], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    pid = int(app.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            return  # gone
+        if state == "Z":
+            return  # ended, waiting for init to reap it
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the trainer kept training after its app had gone")
