@@ -22,13 +22,17 @@ pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(),
                                 reason="needs Debian's dataset-fashion-mnist")
 
 
-@pytest.fixture(scope="module")
-def demo():
-    # a tiny live point, not the grid's budget
-    demo = app.build_demo(replace(Settings.from_env(), lab_steps=12))
+def _serving(lab_steps: int):
+    """The real app, serving, with live runs of ``lab_steps`` steps."""
+    demo = app.build_demo(replace(Settings.from_env(), lab_steps=lab_steps))
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     yield demo
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    yield from _serving(12)  # a tiny live point, not the grid's budget
 
 
 def _choices(client) -> list[str]:
@@ -94,50 +98,47 @@ def test_a_live_run_says_at_once_that_it_is_starting(demo):
     client.close()
 
 
-def test_stop_ends_a_live_run_at_a_step_and_its_trainer_with_it():
+@pytest.fixture(scope="module")
+def long_demo():
+    yield from _serving(100_000)  # a live run still training when it is stopped
+
+
+def _training(client: Client):
+    """A live run started through ``client`` and past its first step (its trainer running)."""
+    job = client.submit("cnn", 500, 0, api_name="/lab_train")
+    deadline = time.monotonic() + 120
+    while not any(out[0].startswith("Step") for out in job.outputs()):
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.2)
+    return job
+
+
+def test_stop_ends_a_live_run_at_a_step_and_its_trainer_with_it(long_demo):
     """Stop reaches the run in its own process (`explorer.trainer_process`): the run stops
     at a step, the status says so, and no trainer process is left."""
-    demo = app.build_demo(replace(Settings.from_env(), lab_steps=100_000))
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    client = Client(demo.local_url, verbose=False)
-    try:
-        job = client.submit("cnn", 500, 0, api_name="/lab_train")
-        deadline = time.monotonic() + 120
-        while not any(out[0].startswith("Step") for out in job.outputs()):
-            assert time.monotonic() < deadline and not job.done()
-            time.sleep(0.2)
-        assert client.predict(api_name="/lab_stop") == "Stopping after this step…"
-        assert job.result(timeout=60)[0] == "Stopped."  # not the 100,000 steps
-        steps = [int(re.match(r"Step ([\d,]+)", out[0]).group(1).replace(",", ""))
-                 for out in job.outputs() if out[0].startswith("Step")]
-        assert max(steps) < 100_000
-        assert trainers() == []
-    finally:
-        client.close()
-        demo.close()
+    client = Client(long_demo.local_url, verbose=False)
+    job = _training(client)
+    assert client.predict(api_name="/lab_stop") == "Stopping after this step…"
+    assert job.result(timeout=60)[0] == "Stopped."  # not the 100,000 steps
+    steps = [int(re.match(r"Step ([\d,]+)", out[0]).group(1).replace(",", ""))
+             for out in job.outputs() if out[0].startswith("Step")]
+    assert max(steps) < 100_000
+    assert trainers() == []
+    client.close()
 
 
-def test_a_killed_trainer_ends_its_run_in_a_message_and_the_app_serves_on():
+def test_a_killed_trainer_ends_its_run_in_a_message_and_the_app_serves_on(long_demo):
     """The system kills a live run's trainer (out of memory, as its killer does): the
     visitor reads why, and the app, untouched, serves the next request."""
     import os
     import signal
 
-    demo = app.build_demo(replace(Settings.from_env(), lab_steps=100_000))
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    client = Client(demo.local_url, verbose=False)
-    try:
-        job = client.submit("cnn", 500, 0, api_name="/lab_train")
-        deadline = time.monotonic() + 120
-        while not any(out[0].startswith("Step") for out in job.outputs()):
-            assert time.monotonic() < deadline and not job.done()
-            time.sleep(0.2)
-        os.kill(trainers()[0], signal.SIGKILL)
-        with pytest.raises(Exception, match="training stopped unexpectedly.*out of memory"):
-            job.result(timeout=60)
-        assert trainers() == []
-        figures = client.predict(False, api_name="/lab_figures")
-        assert figures[0]["type"] == "plotly"
-    finally:
-        client.close()
-        demo.close()
+    client = Client(long_demo.local_url, verbose=False)
+    job = _training(client)
+    os.kill(trainers()[0], signal.SIGKILL)
+    with pytest.raises(Exception, match="training stopped unexpectedly.*out of memory"):
+        job.result(timeout=60)
+    assert trainers() == []
+    figures = client.predict(False, api_name="/lab_figures")
+    assert figures[0]["type"] == "plotly"
+    client.close()
