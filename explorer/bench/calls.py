@@ -23,7 +23,7 @@ from pathlib import Path
 from explorer.bench.serve_session import EXAMPLE
 
 
-class _Peak:
+class PeakMemory:
     """Samples this process's resident memory until stopped."""
 
     def __init__(self, every: float = 0.002):
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
             for _ in range(args.repeats):
                 trim(0)
                 before = proc.memory_info().rss
-                peak, start = _Peak(), time.perf_counter()
+                peak, start = PeakMemory(), time.perf_counter()
                 call(_photo(folder, n))
                 seconds, top = time.perf_counter() - start, peak.stop()
                 n += 1

@@ -17,21 +17,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import threading
 import time
 from dataclasses import replace
 
+from explorer.bench.calls import PeakMemory
 from explorer.bench.machine import describe
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
-def _peak_rss_mb(stop: threading.Event, peak: list[float]) -> None:
-    while not stop.wait(0.1):
-        peak[0] = max(peak[0], _rss_mb())
 
 
 def main(argv: list[str]) -> None:
@@ -42,6 +32,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
 
+    import psutil
     from gradio_client import Client
 
     import app
@@ -68,16 +59,13 @@ def main(argv: list[str]) -> None:
                 for where in args.where.split(","):
                     app_settings.install(replace(settings, train_in_child=where == "child"))
                     arch, n, seed = spec.split(":")
-                    stop, peak = threading.Event(), [_rss_mb()]
-                    before = peak[0]
-                    sampler = threading.Thread(target=_peak_rss_mb, args=(stop, peak))
-                    sampler.start()
+                    before = psutil.Process().memory_info().rss
+                    peak = PeakMemory(every=0.1)
                     start = time.perf_counter()
                     status, _live, _plot = client.predict(arch, int(n), int(seed),
                                                           api_name="/lab_train")
                     seconds = time.perf_counter() - start
-                    stop.set()
-                    sampler.join()
+                    rise_mb = (max(peak.stop(), before) - before) / 2**20
                     live = float(re.search(r"test accuracy ([\d.]+)%", status).group(1))
                     seeds = analysis.seed_runs(rows, arch, int(n))
                     same = [r for r in seeds if r["seed"] == int(seed)]
@@ -85,7 +73,7 @@ def main(argv: list[str]) -> None:
                     shipped = f"{100 * same[0]['test_acc']:.2f}%" if same else "—"
                     span = f"{min(spread):.2f}–{max(spread):.2f}%" if spread else "—"
                     print(f"| {arch} n={n} seed {seed} | {where} | {live:.2f}% | {shipped} | "
-                          f"{span} | {seconds:.0f} | {peak[0] - before:.0f} |", flush=True)
+                          f"{span} | {seconds:.0f} | {rise_mb:.0f} |", flush=True)
     finally:
         client.close()
         demo.close()

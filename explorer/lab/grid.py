@@ -281,8 +281,7 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
     for a in swept.keys() - rate.keys():
         if both:
             rate[a] = swept[a] * median(both)
-    runs = {replace(r, attempt=a).name: replace(r, attempt=a) for r in grid_runs()
-            for a in range(budget.max_attempts)}  # `status` names a run with its attempt
+    runs = _runs_by_name(budget)
     left = [(run, run_steps(run, budget, chosen.get(run.arch, Hyper())))
             for run in (runs[name] for name in progress["todo"])]
     left += [(runs[name], steps - step) for name, step, steps in progress["training"]]
@@ -291,6 +290,12 @@ def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: l
     if any(run.arch not in rate for run, _ in left):
         return None
     return sum(steps * flops(run) * rate[run.arch] for run, steps in left)
+
+
+def _runs_by_name(budget: Budget) -> dict[str, LabRun]:
+    """Every grid run at each of its attempts, by the name `status` gives it."""
+    return {replace(r, attempt=a).name: replace(r, attempt=a) for r in grid_runs()
+            for a in range(budget.max_attempts)}
 
 
 def _rates(rows: list[dict]) -> dict[str, float]:
@@ -313,8 +318,7 @@ def machine_factor(progress: dict[str, list], rows: list[dict], flops=None) -> f
     stopped (SIGSTOP) or beside other work counts, as it does in the rows."""
     flops = flops or _run_flops
     rate = _rates(rows)
-    runs = {replace(r, attempt=a).name: replace(r, attempt=a) for r in grid_runs()
-            for a in range(Budget().max_attempts)}
+    runs = _runs_by_name(Budget())
     ratios = [seconds / steps / (rate[runs[name].arch] * flops(runs[name]))
               for name, steps, seconds in progress.get("here", ())
               if steps >= HERE_MIN_STEPS and runs[name].arch in rate]

@@ -89,9 +89,10 @@ def live_run(arch: str, train_images, seed, session: SessionContext, budget: Bud
     # CPU it trains in a child process that keeps its heap (`explorer.trainer_process`)
     # the grid's recipe at the live budget's own steps (the sweep's floor is the grid's)
     hyper = hyper_for(arch).recipe()
-    seconds = gpu.training_seconds(run_steps(run, budget, hyper))
+    steps = run_steps(run, budget, hyper)
+    seconds = gpu.training_seconds(steps)
     # the first step comes after the trainer's start and the data (seconds): say so at once
-    yield {"status": f"Starting: {title}, {run_steps(run, budget, hyper):,} steps…"}
+    yield {"status": f"Starting: {title}, {steps:,} steps…"}
     with session.job(JOB) as cancel, common.user_errors():  # e.g. no Fashion-MNIST: a message
         events = trainer_process.stream_training(run_lab, run, budget, hyper, cancel=cancel,
                                                  seconds=seconds, log_every=25)
