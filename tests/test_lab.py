@@ -789,7 +789,6 @@ def test_a_new_choice_supersedes_the_rows_and_checkpoints_trained_with_the_old(
                grid.checkpoint_path(sweep_run, old))
     models = tmp_path / "models"
     monkeypatch.setattr(grid_checkpoint, "MODELS_DIR", models)
-    monkeypatch.setattr(grid_checkpoint.shipped_path, "__defaults__", (models,))
     for arch in ("vit", "cnn"):
         path = grid_checkpoint.shipped_path(LabRun(arch, 500))
         path.parent.mkdir(exist_ok=True)

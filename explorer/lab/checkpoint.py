@@ -22,15 +22,16 @@ VIT_ARCHS = ("vit", "vit_rel")  # what the attention and distance tabs can open
 _SHIPPED: KeyedCache[nn.Module] = KeyedCache(max_items=8)
 
 
-def shipped_path(run: LabRun, folder: Path = MODELS_DIR) -> Path:
-    """Where the grid keeps ``run``'s model: ``<folder>/<run name>.safetensors``."""
-    return folder / f"{run.name}.safetensors"
+def shipped_path(run: LabRun, folder: Path | None = None) -> Path:
+    """Where the grid keeps ``run``'s model: ``<folder>/<run name>.safetensors``; the folder
+    defaults to `MODELS_DIR`, read at each call (so one place moves it, tests included)."""
+    return (folder or MODELS_DIR) / f"{run.name}.safetensors"
 
 
-def save_shipped(model: nn.Module, run: LabRun, folder: Path = MODELS_DIR) -> Path:
+def save_shipped(model: nn.Module, run: LabRun, folder: Path | None = None) -> Path:
     """Keep a grid run's trained weights (safetensors, atomically) for the tab's views."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = shipped_path(run, folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, tmp, metadata={"arch": run.arch, "width": str(run.width),
