@@ -19,6 +19,11 @@ Cancel rule, the same for every caller: the event is checked before each optimis
 once set, no further step starts, a checkpoint is written when checkpointing is on (so a
 cancelled run resumes where it stopped), ``loop.cancelled`` is True and `fit` returns.
 
+Clock: a run's training seconds are the wall time of its steps (evaluation and checkpoints
+between steps left out), less any time its process spent paused with ``kill -TSTP`` (until
+``kill -CONT``) where the process asked for that (`pause_on_sigtstp`: the grid's workers), so
+that pausing the grid for a benchmark leaves its rows' seconds true.
+
 Resume rule: a checkpoint holds the model, the optimiser, the step, the training seconds and
 the RNG states; a trainer whose batches are a pure function of (seed, step) — all three are —
 gets the same weights from an interrupted-and-resumed run as from an uninterrupted one
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 import time
 import warnings
@@ -41,6 +47,27 @@ from accelerate import Accelerator
 from torch import nn
 
 from explorer import gpu
+
+_paused = [0.0]  # seconds this process has spent paused by SIGTSTP (`pause_on_sigtstp`)
+
+
+def pause_on_sigtstp() -> None:
+    """Make ``kill -TSTP`` pause this process (until ``kill -CONT``) without the pause counting
+    as training time: the handler stops the process (SIGSTOP, which it cannot catch) and,
+    once continued, adds the time stopped to `paused_seconds`, which `TrainLoop.fit` takes
+    out of the step it fell in. A plain SIGSTOP still pauses, and its time counts. For a
+    process that only trains (the grid's workers); call it from the main thread."""
+    def on_tstp(signum, frame):
+        start = time.perf_counter()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        _paused[0] += time.perf_counter() - start
+
+    signal.signal(signal.SIGTSTP, on_tstp)
+
+
+def paused_seconds() -> float:
+    """Seconds this process has spent paused by SIGTSTP so far (`pause_on_sigtstp`)."""
+    return _paused[0]
 
 
 def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1) -> Accelerator:
@@ -271,7 +298,7 @@ class TrainLoop:
                 if self.checkpointing is not None:
                     self.save()
                 return
-            start = time.perf_counter()
+            start, paused = time.perf_counter(), paused_seconds()
             try:
                 batch = next(batches)
             except StopIteration:
@@ -290,7 +317,7 @@ class TrainLoop:
             loss_sum, n = loss_sum + float(loss.detach()), n + 1
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0) + v
-            self.seconds += time.perf_counter() - start
+            self.seconds += time.perf_counter() - start - (paused_seconds() - paused)
             if not accelerator.sync_gradients:
                 continue
             self.step += 1

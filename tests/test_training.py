@@ -4,7 +4,12 @@ linear probe, and one mixed precision per process."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +191,47 @@ def test_a_process_trains_in_the_precision_it_asks_for_first(fresh_accelerate_st
         warnings.simplefilter("error")  # no fallback, no warning
         assert make_accelerator("bf16").mixed_precision == "bf16"
         assert make_accelerator("bf16").mixed_precision == "bf16"
+
+
+PAUSED_RUN = """
+import sys, time, torch
+from torch import nn
+from explorer.training import Recipe, TrainLoop, pause_on_sigtstp
+if sys.argv[1] == "tstp":
+    pause_on_sigtstp()
+loop = TrainLoop(nn.Linear(2, 1), Recipe(lr=1e-3, total_steps=400))
+def batches():  # >= 10 ms a step: >= 4 s of training
+    while True:
+        time.sleep(0.01)
+        yield torch.zeros(4, 2)
+print("training", flush=True)
+start = time.perf_counter()
+for _ in loop.fit(batches(), lambda m, b: m(b).pow(2).mean()):
+    pass
+print(time.perf_counter() - start, loop.seconds, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode, sig, paused", [("tstp", signal.SIGTSTP, True),
+                                               ("plain", signal.SIGSTOP, False)])
+def test_time_paused_with_sigtstp_is_not_training_time(mode, sig, paused):
+    """A grid worker paused with ``kill -TSTP`` for 2 s: its training seconds are the run's
+    wall time less those 2 s (and the little spent between steps); a plain SIGSTOP's 2 s
+    still count, as they did before the worker asked for the pause rule."""
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, mode], stdout=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert child.stdout.readline().strip() == "training"
+        time.sleep(0.5)
+        child.send_signal(sig)
+        time.sleep(2.0)
+        child.send_signal(signal.SIGCONT)
+        wall, seconds = map(float, child.stdout.readline().split())
+        assert child.wait(timeout=60) == 0
+    finally:
+        child.kill()
+    assert wall > 5.5  # the pause fell inside the run
+    if paused:
+        assert 1.9 <= wall - seconds <= 2.6
+    else:
+        assert wall - seconds < 0.5

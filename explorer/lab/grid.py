@@ -39,6 +39,7 @@ from explorer.lab.analysis import convergence
 from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, machine_id, run_steps
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
+from explorer.training import pause_on_sigtstp
 from explorer.tuning import keep_freed_memory
 
 DATA_SIZES = (500, 1200, 3000, 7500, 20000, 60000)
@@ -315,7 +316,8 @@ def machine_factor(progress: dict[str, list], rows: list[dict], flops=None) -> f
     their latest start (``progress["here"]``, `status`), of their seconds per step here over
     what their architecture's rate (`remaining_seconds`) predicts. Above 1: slower than the
     rows' machines. None when no run in flight has trained here long enough. Time spent
-    stopped (SIGSTOP) or beside other work counts, as it does in the rows."""
+    beside other work counts, as it does in the rows; time paused with ``kill -TSTP`` does
+    not (`training.pause_on_sigtstp`), a plain SIGSTOP's does."""
     flops = flops or _run_flops
     rate = _rates(rows)
     runs = _runs_by_name(Budget())
@@ -595,6 +597,7 @@ def main(argv=None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):  # save the run, then stop (`STOP`)
             signal.signal(sig, lambda *_: STOP.set())
         keep_freed_memory()  # a worker process only trains: 1.16–1.31× the images/s
+        pause_on_sigtstp()  # `kill -TSTP` pauses a worker without counting the pause
         return work(args.phase, args.limit)
     return drive(args.workers, tuple(args.only or (SWEEP, "grid")), args.limit)
 
