@@ -407,6 +407,26 @@ def test_the_grid_in_words_is_computed_from_its_rows():
     assert analysis.scramble_sentence(rows[:-2]) == ""
 
 
+def test_the_seed_sentence_gives_the_largest_and_median_spread_of_runs_with_two_seeds():
+    # spreads in points: CNN 500 |80.0 − 81.0| = 1.0, ViT 500 |79.0 − 78.5| = 0.5, scrambled
+    # CNN 500 |70.0 − 72.0| = 2.0 (median 1.0); the ViT on 3,000 (one seed) and a size-sweep
+    # run (another width: not the architecture grid) count for nothing
+    rows = [_row("cnn", 500, 0.80), _row("cnn", 500, 0.81, seed=1),
+            _row("vit", 500, 0.79), _row("vit", 500, 0.785, seed=1),
+            _row("cnn", 500, 0.70, variant="scrambled"),
+            _row("cnn", 500, 0.72, seed=1, variant="scrambled"),
+            _row("vit", 3000, 0.85), _row("vit", 20000, 0.70, width=32),
+            _row("vit", 20000, 0.80, seed=1, width=32)]
+    assert analysis.seed_sentence(rows) == (
+        "Seeds: 3 runs of the grid have finished with a second seed so far; the seeds of a run "
+        "land within 2.0 points of each other in test accuracy (median 1.0; the shaded bands): "
+        "a difference between architectures smaller than that may be chance.")
+    assert analysis.seed_sentence(rows[:2]).startswith(
+        "Seeds: 1 run of the grid has finished with a second seed so far; the seeds of a run "
+        "land within 1.0 points")
+    assert analysis.seed_sentence(rows[::2]) == ""
+
+
 def test_the_learning_rate_sweep_extends_upwards_while_the_best_is_at_its_edge():
     from explorer.lab import sweep
 

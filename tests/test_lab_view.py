@@ -50,6 +50,21 @@ def test_the_summary_agrees_with_the_plotted_points():
     assert list(live.layout.xaxis.ticktext) == ["500", "1.2k", "60k"]
 
 
+def test_the_seed_spread_in_the_summary_is_the_widest_band_in_the_figure():
+    # a second seed of the CNN on 60,000 (90.5% against 92%) and of the ViT on 500 (70.5%
+    # against 70%): bands 1.5 and 0.5 points wide, median 1.0
+    rows = ROWS + [_row("cnn", 60000, 0.905, seed=1), _row("vit", 500, 0.705, seed=1)]
+    assert "Seeds:" not in lab_view.summary_text(ROWS)
+    text = lab_view.summary_text(rows)
+    assert ("Seeds: 2 runs of the grid have finished with a second seed so far; the seeds of "
+            "a run land within 1.5 points of each other in test accuracy (median 1.0;") in text
+    fig = plots.data_figure(rows)
+    bands = [t for t in fig.data if t.fill == "toself"]
+    widths = [max(h - lo for h, lo in zip(t.y[:len(t.y) // 2], t.y[len(t.y) // 2:][::-1],
+                                          strict=True)) for t in bands]
+    assert max(widths) == pytest.approx(1.5)
+
+
 def test_scrambled_text_and_figure_show_the_same_runs():
     text = lab_view.scrambled_text(ROWS)
     assert "the ViT (absolute positions) is unchanged (+0.5 points); the CNN loses 12.0" in text

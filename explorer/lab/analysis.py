@@ -173,6 +173,25 @@ def gap_sentence(curves: dict[str, list[ErrorPoint]], arch: str = "vit",
     return text + "."
 
 
+def seed_sentence(rows: list[dict]) -> str:
+    """How far apart two seeds of the same run land (the architecture grid, both variants):
+    the largest and the median spread in test accuracy over the runs trained with more than
+    one seed, the scale below which a difference between architectures may be chance; ""
+    before any run has a second seed."""
+    by = defaultdict(list)
+    for r in rows:
+        if LabRun.of(r).in_arch_grid:
+            by[(r["arch"], r["train_images"], r["variant"])].append(r["test_acc"])
+    spreads = sorted(100 * (max(a) - min(a)) for a in by.values() if len(a) > 1)
+    if not spreads:
+        return ""
+    runs = "1 run of the grid has" if len(spreads) == 1 else f"{len(spreads)} runs of the grid have"
+    return (f"Seeds: {runs} finished with a second seed so far; the seeds of a run land "
+            f"within {spreads[-1]:.1f} points of each other in test accuracy (median "
+            f"{float(np.median(spreads)):.1f}; the shaded bands): a difference between "
+            "architectures smaller than that may be chance.")
+
+
 def and_list(items: list[str]) -> str:
     """Items as a list in words: "a", "a and b", "a, b and c"."""
     return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]

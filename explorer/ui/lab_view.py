@@ -101,12 +101,14 @@ def recipe_text(choice: dict[str, Hyper] | None = None, budget: Budget | None = 
 
 def summary_text(rows: list[dict]) -> str:
     """What the grid shows, in words, computed from its rows: the winner at each size, how
-    the ViT's gap to the CNN moves with data, and the paper's data scale beside it."""
+    the ViT's and the CoAtNet's gaps to the CNN move with data, how far apart seeds land,
+    and the paper's data scale beside it."""
     curves = analysis.error_vs_data(rows)
     if not curves:
         return NO_GRID
     sentences = [analysis.winners_sentence(curves), analysis.gap_sentence(curves, "vit"),
-                 analysis.gap_sentence(curves, "coatnet"), PAPER_SCALE]
+                 analysis.gap_sentence(curves, "coatnet"), analysis.seed_sentence(rows),
+                 PAPER_SCALE]
     return " ".join(s for s in sentences if s)
 
 
