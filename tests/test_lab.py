@@ -1273,3 +1273,22 @@ def test_a_sweep_worker_takes_the_next_stages_runs_and_waits_for_a_walk_to_go_on
     # the ready run first, at its stage's rule; then a wait; then the run the wait added
     rule = sweep.phase_budget("sweep-lr-full")
     assert trained == [("vit", rule), ("cnn", rule)] and waits == [grid.WAIT_S]
+
+
+def test_a_kept_model_is_cached_until_the_grid_writes_a_new_one(tmp_path, monkeypatch):
+    from explorer.cache import KeyedCache
+    from explorer.lab import checkpoint as lab_checkpoint
+
+    monkeypatch.setattr(lab_checkpoint, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(lab_checkpoint, "_SHIPPED", KeyedCache(max_items=8))
+    run = LabRun("vit", 500)
+    with pytest.raises(FileNotFoundError, match="kept no model for vit-w64-d4-n500-s0"):
+        load_shipped("vit", 500)
+    first, second = build(run.spec, seed=0), build(run.spec, seed=1)
+    lab_checkpoint.save_shipped(first, run)
+    loaded = load_shipped("vit", 500)
+    assert load_shipped("vit", 500) is loaded  # the same file: read once
+    torch.testing.assert_close(loaded.state_dict(), first.state_dict(), rtol=0, atol=0)
+    lab_checkpoint.save_shipped(second, run)  # the grid replaces it while the app serves
+    torch.testing.assert_close(load_shipped("vit", 500).state_dict(), second.state_dict(),
+                               rtol=0, atol=0)

@@ -80,6 +80,44 @@ def test_relative_views_say_in_place_when_the_model_is_still_training(demo, tmp_
     client.close()
 
 
+def test_relative_views_show_a_model_the_grid_replaces_while_the_app_serves(demo, tmp_path,
+                                                                          monkeypatch):
+    """The grid writes a new model over a kept one (a later attempt, a superseded recipe)
+    while the app serves: the next request shows the new model's bias tables and translation
+    test, not the first one's from the caches."""
+    import json
+
+    from explorer.lab.engine import LabRun
+    from explorer.lab.models import build
+    from explorer.ui import lab_tab
+
+    SIZE = min(n for a, n in grid.KEEP_MODELS if a == "vit_rel")  # one the picker offers
+    monkeypatch.setattr(lab_checkpoint, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(lab_checkpoint, "_SHIPPED", KeyedCache(max_items=8))
+    monkeypatch.setattr(lab_tab, "_SHIFT_CACHE", KeyedCache(max_items=4))
+
+    def keep(arch, seed):  # an untrained model: any weights tell the two apart
+        run = LabRun(arch, SIZE)
+        return lab_checkpoint.save_shipped(build(run.spec, seed=seed), run)
+
+    def traces(fig) -> list:
+        return [t.get("z") or t.get("y") for t in json.loads(fig["plot"])["data"]]
+
+    def views():
+        _, bias, shift = client.predict(SIZE, api_name="/lab_relative")
+        return traces(bias), traces(shift)
+
+    client = Client(demo.local_url, verbose=False)
+    for arch in ("cnn", "vit", "vit_rel"):
+        keep(arch, 0)
+    first = views()
+    assert views() == first  # the same files: the same figures
+    keep("vit_rel", 1)  # the grid replaces the relative model
+    bias, shift = views()
+    assert bias != first[0] and shift != first[1]
+    client.close()
+
+
 @pytest.mark.skipif(not lab_view.shipped_sizes(), reason="no shipped lab models")
 def test_relative_views_render_from_the_shipped_models(demo):
     client = Client(demo.local_url, verbose=False)

@@ -40,24 +40,37 @@ def save_shipped(model: nn.Module, run: LabRun, folder: Path | None = None) -> P
     return path
 
 
+def shipped_version(run: LabRun) -> tuple | None:
+    """Which file holds ``run``'s kept model now (name, inode, modification time, size), or
+    None while the grid has not kept it. Caches of anything computed from a kept model key on
+    this, so a model the grid replaces while the app serves (a new attempt, a superseded
+    recipe) is read again, not served stale beside the new rows."""
+    try:
+        st = shipped_path(run).stat()
+    except FileNotFoundError:
+        return None
+    return run.name, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def load_shipped(arch: str, train_images: int, seed: int = 0,
                  variant: str = "original") -> nn.Module:
-    """A model the grid trained and kept (`grid.KEEP_MODELS`), in eval mode; cached.
+    """A model the grid trained and kept (`grid.KEEP_MODELS`), in eval mode; cached for as
+    long as its file stays the same (`shipped_version`).
 
     Raises:
         FileNotFoundError: the grid did not keep this run.
     """
     run = LabRun(arch, train_images, seed, variant=variant)
+    version = shipped_version(run)
+    if version is None:
+        raise FileNotFoundError(f"The grid kept no model for {run.name}.")
 
     def build_it() -> nn.Module:
-        path = shipped_path(run)
-        if not path.is_file():
-            raise FileNotFoundError(f"The grid kept no model for {run.name}.")
         model = build(run.spec)
-        model.load_state_dict(load_file(path))
+        model.load_state_dict(load_file(shipped_path(run)))
         return model.eval()
 
-    return _SHIPPED.get_or_build(run.name, build_it)
+    return _SHIPPED.get_or_build(version, build_it)
 
 
 def save_vit(model: nn.Module, run: LabRun, out_dir: str | os.PathLike, record: dict) -> Path:

@@ -13,7 +13,7 @@ import torch
 from explorer import gpu, trainer_process
 from explorer.cache import KeyedCache
 from explorer.lab import analysis, grid
-from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit
+from explorer.lab.checkpoint import VIT_ARCHS, load_shipped, save_vit, shipped_version
 from explorer.lab.engine import (
     LIVE_BUDGET,
     Budget,
@@ -36,6 +36,7 @@ LIVE_SIZES = (500, 1200, 3000)
 SHIFT_IMAGES = 64
 JOB = "lab"  # the session's job kind (`explorer.session_context.SessionContext.job`)
 _SHIFT_CACHE: KeyedCache[dict] = KeyedCache(max_items=4)
+SHIFT_ARCHS = ("cnn", "vit", "vit_rel")  # the translation test's models
 
 
 def relative_views(train_images, is_presenter: bool = False) -> dict:
@@ -55,7 +56,7 @@ def relative_views(train_images, is_presenter: bool = False) -> dict:
         x, _ = test_subset()
         pixels = normalise(x[:SHIFT_IMAGES])
         models = {}
-        for arch in ("cnn", "vit", "vit_rel"):
+        for arch in SHIFT_ARCHS:
             try:
                 models[arch] = load_shipped(arch, train_images)
             except FileNotFoundError:
@@ -64,7 +65,9 @@ def relative_views(train_images, is_presenter: bool = False) -> dict:
             return analysis.shift_equivariance_table(models, pixels, PATCH)
 
     with common.user_errors():
-        table = _SHIFT_CACHE.get_or_build(str(train_images), compute)
+        # keyed on the model files as they are now: one the grid replaces is measured again
+        table = _SHIFT_CACHE.get_or_build(
+            tuple(shipped_version(LabRun(a, train_images)) for a in SHIFT_ARCHS), compute)
     return {"rel_status": "",
             "bias_plot": for_projector(plots.relative_bias_figure(tables), is_presenter),
             "shift_plot": for_projector(plots.shift_figure(table, PATCH), is_presenter)}
