@@ -529,6 +529,12 @@ def test_grid_plan_covers_the_issue():
     first_seed1 = next(i for i, r in enumerate(runs) if r.seed == 1)
     lecture = [i for i, r in enumerate(runs) if r.seed == 0 and r.variant == "original"]
     assert max(lecture) < first_seed1
+    # the second seeds smallest size first, both variants: the scrambled ones do not wait
+    # behind the largest original runs
+    assert [r.train_images for r in runs[first_seed1:]] == sorted(
+        r.train_images for r in runs[first_seed1:])
+    assert runs[first_seed1:first_seed1 + 8] == [
+        LabRun(a, 500, 1, variant=v) for v in ("original", "scrambled") for a in LAB_ARCHS]
 
 
 @shipped

@@ -80,9 +80,12 @@ def grid_runs() -> list[LabRun]:
     runs += [LabRun("vit", SWEEP_SIZE, 0, width=w, budget=b) for b in SWEEP_BUDGETS
              for w in SWEEP_WIDTHS]
     runs += [LabRun(a, n, 0, variant="scrambled") for n in SCRAMBLED_SIZES for a in LAB_ARCHS]
-    runs += [LabRun(a, n, s) for s in SEEDS[1:] for n in DATA_SIZES for a in LAB_ARCHS]
-    runs += [LabRun(a, n, s, variant="scrambled") for s in SEEDS[1:] for n in SCRAMBLED_SIZES
-             for a in LAB_ARCHS]
+    # then the second seeds, smallest size first across both variants (original, then
+    # scrambled at each size): the scrambled experiment's seeds are a few core-hours and
+    # need not wait behind the 60,000-image runs' many
+    runs += [LabRun(a, n, s, variant=v) for s in SEEDS[1:] for n in sorted(DATA_SIZES)
+             for v in ("original", "scrambled") for a in LAB_ARCHS
+             if v == "original" or n in SCRAMBLED_SIZES]
     unique, seen = [], set()
     for r in runs:
         if r.name not in seen:
