@@ -1023,6 +1023,13 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     assert paths == [tmp_path / "checkpoints" / f"{run.name}.pt"]
     torch.save({"step": 7}, paths[0])
     assert grid.status()["training"] == [(run.name, 7, Budget().steps(40))]
+    assert grid.status()["running"] == []  # begun, and no worker holds it: waiting
+    assert grid._claim(grid.work_key(run))  # a live worker (this process) holds it
+    assert grid.status()["running"] == [run.name]
+    dead = _dead_pid()
+    (tmp_path / "checkpoints" / f"{grid.work_key(run)}.claim").write_text(f"{dead}\n")
+    assert grid.status()["running"] == []  # a claim its worker left behind when it died
+    grid._release(grid.work_key(run))
     assert grid.status()["here"] == []  # a checkpoint that records no start
     # started here at step 2 (10 training seconds), saved at step 7 (40 s): 5 steps, 30 s here
     host = engine.machine_id()
@@ -1032,6 +1039,15 @@ def test_a_grid_run_checkpoints_where_the_status_looks(tmp_path, monkeypatch):
     assert grid.status()["here"] == [(run.name, 5, 30.0)]
     torch.save({"step": 7, "seconds": 40.0, "extra": {"starts": starts[:1]}}, paths[0])
     assert grid.status()["here"] == []  # last started on another machine
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_the_time_left_is_timed_by_finished_runs_and_the_sweep_scaled_to_the_grid(monkeypatch):

@@ -230,17 +230,29 @@ def _release(key: str) -> None:
     (CHECKPOINTS_DIR / f"{key}.claim").unlink(missing_ok=True)
 
 
+def _held(key: str) -> bool:
+    """Whether a live worker holds ``key``'s claim (is training it now)."""
+    try:
+        os.kill(int((CHECKPOINTS_DIR / f"{key}.claim").read_text().split()[0]), 0)
+    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def status(budget: Budget | None = None) -> dict[str, list]:
     """The grid's progress: ``done`` row keys, ``training`` as (key, step, steps) from the
-    checkpoints on disk, ``todo`` keys, in training order; and ``here``, as (key, steps,
-    seconds), what each run in ``training`` has trained on this machine since its latest
-    start (`engine.run_lab`'s ``starts``; none where it last started elsewhere)."""
+    checkpoints on disk (begun runs: in a worker now, or waiting to resume), ``running`` the
+    keys of those a live worker holds now, ``todo`` keys, in training order; and ``here``, as
+    (key, steps, seconds), what each run in ``training`` has trained on this machine since
+    its latest start (`engine.run_lab`'s ``starts``; none where it last started elsewhere)."""
     import torch
 
     budget = budget or Budget()
     chosen = sweep.read_choice()
     done = {row_key(r) for r in read_grid(GRID_CSV)}
-    training, todo, here = [], [], []
+    training, running, todo, here = [], [], [], []
     attempts = next_attempts()
     for run in grid_runs():
         if run.name in done:
@@ -253,13 +265,16 @@ def status(budget: Budget | None = None) -> dict[str, list]:
             step = int(state["step"])
             training.append((run.name, step,
                              run_steps(run, budget, chosen.get(run.arch, Hyper()))))
+            if _held(work_key(run)):
+                running.append(run.name)
             starts = state.get("extra", {}).get("starts") or [{}]
             if starts[-1].get("machine") == machine_id():
                 here.append((run.name, step - starts[-1]["step"],
                              float(state["seconds"]) - starts[-1]["seconds"]))
         else:
             todo.append(run.name)
-    return {"done": sorted(done), "training": training, "todo": todo, "here": here}
+    return {"done": sorted(done), "training": training, "running": running, "todo": todo,
+            "here": here}
 
 
 def remaining_seconds(progress: dict[str, list], rows: list[dict], sweep_rows: list[dict] = (),
@@ -582,9 +597,12 @@ def main(argv=None) -> int:
             print(f"{phase}: {len(items)} runs to train first: "
                   f"{', '.join(work_key(run, hyper) for run, hyper in items)}")
         s = status()
-        print(f"{len(s['done'])} done, {len(s['training'])} training, {len(s['todo'])} to do")
+        print(f"{len(s['done'])} done, {len(s['training'])} begun ({len(s['running'])} in a "
+              f"worker now), {len(s['todo'])} to do")
         for key, step, steps in s["training"]:
-            print(f"  training {key}: step {step}/{steps}")
+            print(f"  training {key}: step {step}/{steps}" if key in s["running"] else
+                  f"  waiting  {key}: step {step}/{steps} (checkpoint kept; a worker resumes "
+                  "it when the runs before it are done)")
         left = remaining_seconds(s, read_grid(GRID_CSV) + read_grid(ATTEMPTS_CSV),
                                  read_grid(SWEEP_CSV), sweep_left=sweep_left())
         if left is not None and (s["training"] or s["todo"]):
