@@ -116,7 +116,7 @@ def test_progress_text_says_which_runs_train_again_and_why():
     first = dict(_row("cnn", 60000, 0.942, train=0.965, steps=13594,
                       curve=[(10875, 0.9305, 0.95), (13594, 0.9430, 0.965)]), attempt=0)
     text = lab_view.progress_text(status, [first])
-    assert ("CNN on 60,000 images, seed 0: 13,594 steps reached 94.2% test accuracy, "
+    assert ("CNN, 60,000 images, seed 0: 13,594 steps reached 94.2% test accuracy, "
             "but not converged (validation accuracy still rising: +1.2 points in the last 20% of "
             "steps), so it trains "
             "again from scratch with 27,188 steps") in text
@@ -459,10 +459,16 @@ def test_what_training_again_bought_is_each_attempts_test_accuracy():
     kept = dict(_row("cnn", 60000, 0.9417, steps=27188), attempt=1)
     rows = [kept, _row("vit", 500, 0.70)]
     assert lab_view.longer_text(rows, [first]) == (
-        "**Trained again by the rule** (test accuracy of each attempt; the last is kept): CNN "
-        "on 60,000 images: 13,594 steps 94.20% → 27,188 steps 94.17%. The kept attempt against "
-        "the first: -0.03 points (the check stops a run on a flat validation curve; a longer "
-        "run need not test better).")
+        "**Trained again by the rule** (test accuracy of each attempt; the last is kept): CNN, "
+        "60,000 images, seed 0: 13,594 steps 94.20% → 27,188 steps 94.17%. The kept attempt "
+        "against the first: -0.03 points (the check stops a run on a flat validation curve; a "
+        "longer run need not test better).")
+    # its second seed, retrained too, is a line of its own that says which seed it is
+    first_1 = dict(_row("cnn", 60000, 0.9400, steps=13594, seed=1), attempt=0)
+    kept_1 = dict(_row("cnn", 60000, 0.9430, steps=27188, seed=1), attempt=1)
+    assert ("seed 0: 13,594 steps 94.20% → 27,188 steps 94.17%; CNN, 60,000 images, seed 1: "
+            "13,594 steps 94.00% → 27,188 steps 94.30%. The kept attempt against the first: "
+            "-0.03, +0.30 points") in lab_view.longer_text(rows + [kept_1], [first, first_1])
     # a run still training again is not here (the progress line says it), nor is one never
     # retrained
     assert lab_view.longer_text([_row("vit", 500, 0.70)], [first]) == ""

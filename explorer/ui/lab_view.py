@@ -161,8 +161,7 @@ def longer_text(rows: list[dict], attempts: list[dict]) -> str:
             continue
         steps = " → ".join(f"{a['steps']:,} steps {100 * a['test_acc']:.2f}%"
                            for a in tried + [r])
-        lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images"
-                     f"{', scrambled' if r['variant'] == 'scrambled' else ''}: {steps}")
+        lines.append(f"{analysis.run_label(r)}: {steps}")  # seeds apart: one line each
         changes.append(100 * (r["test_acc"] - tried[0]["test_acc"]))
     if not lines:
         return ""
@@ -194,10 +193,9 @@ def retrain_text(attempts: list[dict], done: list[str]) -> str:
     for r in latest.values():
         why = analysis.failed_checks(analysis.convergence(r))
         again = replace(LabRun.of(r), attempt=r["attempt"] + 1)  # its next attempt
-        lines.append(f"{ARCH_LABELS[r['arch']]} on {r['train_images']:,} images, seed "
-                     f"{r['seed']}{', scrambled' if r['variant'] == 'scrambled' else ''}: "
-                     f"{r['steps']:,} steps reached {100 * r['test_acc']:.1f}% test accuracy, "
-                     f"but not converged ({'; '.join(why)}), so it trains again from scratch with "
+        lines.append(f"{analysis.run_label(r)}: {r['steps']:,} steps reached "
+                     f"{100 * r['test_acc']:.1f}% test accuracy, but not converged "
+                     f"({'; '.join(why)}), so it trains again from scratch with "
                      f"{run_steps(again, Budget(), sweep.hyper_for(r['arch'])):,} steps")
     return ("**Training longer** (attempts that had not converged, kept aside and not "
             "plotted): " + "; ".join(lines) + ".")
