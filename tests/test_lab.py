@@ -420,11 +420,40 @@ def test_the_seed_sentence_gives_the_largest_and_median_spread_of_runs_with_two_
     assert analysis.seed_sentence(rows) == (
         "Seeds: 3 runs of the grid have finished with a second seed so far; the seeds of a run "
         "land within 2.0 points of each other in test accuracy (median 1.0; the shaded bands): "
-        "a difference between architectures smaller than that may be chance.")
+        "a difference between architectures smaller than that may be chance. Each seed also "
+        "draws the training images, the same for every architecture, so the architectures "
+        "compare within a seed: the lowest test error goes to the same architecture with every "
+        "seed at 500 images.")
     assert analysis.seed_sentence(rows[:2]).startswith(
         "Seeds: 1 run of the grid has finished with a second seed so far; the seeds of a run "
         "land within 1.0 points")
     assert analysis.seed_sentence(rows[::2]) == ""
+
+
+def test_the_seed_sentence_says_where_each_seed_alone_gives_the_same_winner():
+    # 500 images: the CNN wins with seed 0 (80.0 > 79.0) and seed 1 (81.0 > 78.5): the same;
+    # 3,000: the CNN with seed 0 (88.0 > 87.0), the ViT with seed 1 (88.5 > 87.5): differs;
+    # 7,500: the ViT has one seed only: not compared; scrambled runs: not compared
+    rows = [_row("cnn", 500, 0.80), _row("cnn", 500, 0.81, seed=1),
+            _row("vit", 500, 0.79), _row("vit", 500, 0.785, seed=1),
+            _row("cnn", 3000, 0.88), _row("cnn", 3000, 0.875, seed=1),
+            _row("vit", 3000, 0.87), _row("vit", 3000, 0.885, seed=1),
+            _row("cnn", 7500, 0.90), _row("cnn", 7500, 0.90, seed=1), _row("vit", 7500, 0.95),
+            _row("cnn", 500, 0.70, variant="scrambled"),
+            _row("cnn", 500, 0.72, seed=1, variant="scrambled"),
+            _row("vit", 500, 0.75, variant="scrambled"),
+            _row("vit", 500, 0.71, seed=1, variant="scrambled")]
+    both = (" Each seed also draws the training images, the same for every architecture, so "
+            "the architectures compare within a seed: the lowest test error goes to the same "
+            "architecture with every seed")
+    assert analysis.seed_sentence(rows).endswith(
+        both + " at 500 images, but not at 3,000 images (the CNN with seed 0, the ViT "
+        "(absolute positions) with seed 1): there the winner depends on the seed.")
+    assert analysis.seed_sentence(rows[:4]).endswith(both + " at 500 images.")
+    assert analysis.seed_sentence(rows[4:8]).endswith(
+        both + " at none of the sizes with two seeds: not at 3,000 images (the CNN with seed "
+        "0, the ViT (absolute positions) with seed 1): there the winner depends on the seed.")
+    assert analysis.seed_sentence(rows[8:]).endswith("may be chance.")  # nothing to compare
 
 
 def test_the_learning_rate_sweep_extends_upwards_while_the_best_is_at_its_edge():

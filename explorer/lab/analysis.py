@@ -189,7 +189,41 @@ def seed_sentence(rows: list[dict]) -> str:
     return (f"Seeds: {runs} finished with a second seed so far; the seeds of a run land "
             f"within {spreads[-1]:.1f} points of each other in test accuracy (median "
             f"{float(np.median(spreads)):.1f}; the shaded bands): a difference between "
-            "architectures smaller than that may be chance.")
+            "architectures smaller than that may be chance." + _seed_winners(rows))
+
+
+def _seed_winners(rows: list[dict]) -> str:
+    """Whether each seed alone gives the same winner (lowest test error) at a data size, on
+    the original images: a seed draws the training images, the initialisation and the batch
+    order, and its training images are the same for every architecture, so the architectures
+    compare within a seed. Checked at the sizes where every architecture trained there has
+    finished the same two or more seeds; "" where there is none."""
+    err: dict[int, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if is_main(r):
+            err[r["train_images"]][r["arch"]][r["seed"]] = 1.0 - r["test_acc"]
+    same, differ = [], []
+    for n, by_arch in sorted(err.items()):
+        seeds = {frozenset(s) for s in by_arch.values()}
+        if len(by_arch) < 2 or len(seeds) != 1 or len(seed_set := next(iter(seeds))) < 2:
+            continue
+        best = {s: min(by_arch, key=lambda a, s=s: by_arch[a][s]) for s in sorted(seed_set)}
+        if len(set(best.values())) == 1:
+            same.append(n)
+        else:
+            differ.append(f"{n:,} images (" + ", ".join(
+                f"the {ARCH_LABELS[a]} with seed {s}" for s, a in best.items()) + ")")
+    if not same and not differ:
+        return ""
+    text = (" Each seed also draws the training images, the same for every architecture, "
+            "so the architectures compare within a seed:")
+    text += " the lowest test error goes to the same architecture with every seed"
+    if same:
+        text += f" at {and_list([f'{n:,}' for n in same])} images"
+    if differ:
+        text += (", but not at " if same else " at none of the sizes with two seeds: not at ") \
+            + and_list(differ) + ": there the winner depends on the seed"
+    return text + "."
 
 
 def and_list(items: list[str]) -> str:
