@@ -147,9 +147,10 @@ def convergence_text(rows: list[dict]) -> str:
 
 
 def longer_text(rows: list[dict], attempts: list[dict]) -> str:
-    """What training again bought the finished runs the rule retrained: each attempt's steps
-    and test accuracy, then the change from the first attempt to the kept one ("" when no
-    finished run was retrained)."""
+    """What training again bought the finished runs the rule retrained: how many, and the
+    change in test accuracy from the first attempt to the kept one (range and median), then,
+    folded (a list that grows with the grid), each run's attempts with their steps and test
+    accuracy ("" when no finished run was retrained)."""
     earlier: dict[str, list[dict]] = {}
     for a in attempts:
         earlier.setdefault(grid.work_key(LabRun.of(a)), []).append(a)
@@ -161,15 +162,21 @@ def longer_text(rows: list[dict], attempts: list[dict]) -> str:
             continue
         steps = " → ".join(f"{a['steps']:,} steps {100 * a['test_acc']:.2f}%"
                            for a in tried + [r])
-        lines.append(f"{analysis.run_label(r)}: {steps}")  # seeds apart: one line each
+        lines.append(f"- {analysis.run_label(r)}: {steps}")  # seeds apart: one line each
         changes.append(100 * (r["test_acc"] - tried[0]["test_acc"]))
     if not lines:
         return ""
+    n = len(lines)
+    change = (f"tests {changes[0]:+.2f} points against its first" if n == 1 else
+              f"tests {min(changes):+.2f} to {max(changes):+.2f} points against the first "
+              f"(median {float(np.median(changes)):+.2f})")
     # (not "until the check passed": a run still gaining at 4× its steps is kept as it is)
-    return ("**Trained again by the rule** (test accuracy of each attempt; the last is kept): "
-            + "; ".join(lines) + ". The kept attempt against the first: "
-            + ", ".join(f"{c:+.2f}" for c in changes) + " points (the check stops a run "
-            "on a flat validation curve; a longer run need not test better).")
+    return (f"**Trained again by the rule:** {n} finished run{'s' * (n > 1)} trained again "
+            f"from scratch with twice the steps (up to {2 ** (Budget().max_attempts - 1)}×) "
+            f"after an attempt that had not converged; the kept attempt {change}. The check "
+            "stops a run on a flat validation curve; a longer run need not test better."
+            "\n\n<details><summary>Each retrained run's attempts (steps and test accuracy; "
+            "the last is kept)</summary>\n\n" + "\n".join(lines) + "\n\n</details>")
 
 
 def _pending(rows: list[dict], done: Collection[str]) -> dict[str, dict]:

@@ -35,6 +35,14 @@ def test_the_lab_says_how_far_the_grid_is_and_shows_the_scrambled_experiment(pag
     checks = page.locator("#lab-convergence").inner_text()
     assert "Convergence check" in checks
     assert ("Trained again by the rule" in checks) == bool(longer)
+    if longer:  # each retrained run's attempts: folded until the reader opens them
+        first = next(line[2:] for line in longer.splitlines() if line.startswith("- "))
+        item = page.locator("#lab-convergence li").first
+        assert not item.is_visible()
+        page.locator("#lab-convergence summary").click()
+        assert item.inner_text() == first
+        page.locator("#lab-convergence summary").click()  # folded again for the screenshot
+        assert not item.is_visible()
     screenshot(page, "lab")  # the tab as shipped now (the next test retakes it with models)
 
 
