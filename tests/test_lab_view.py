@@ -82,7 +82,17 @@ def test_convergence_text_names_the_runs_that_fail():
     text = lab_view.convergence_text(ROWS + [late])
     assert "6 of 7 finished runs pass" in text
     assert "not: ViT (absolute positions), 500 images, seed 0 (gain +10.0" in text
+    assert text.endswith("train − test +2.0).")  # at its first attempt: no more to say
     assert lab_view.convergence_text(ROWS).endswith("6 of 6 finished runs pass.")
+    # at the rule's last attempt (attempt 2: 4× the steps) the run is kept as it is
+    last = dict(late, attempt=2)
+    assert lab_view.convergence_text(ROWS + [last]).endswith(
+        "train − test +2.0). It failed at the rule's last attempt (4× the steps) and is kept "
+        "as it is: the rule trains no longer.")
+    both = [last, dict(last, seed=1)]
+    assert "+2.0). Each failed at the rule's last attempt" in lab_view.convergence_text(ROWS + both)
+    # one at an earlier attempt among them: no such sentence
+    assert "last attempt" not in lab_view.convergence_text(ROWS + [last, late])
 
 
 def test_convergence_text_leaves_out_the_size_sweeps_short_budgets():

@@ -143,7 +143,13 @@ def convergence_text(rows: list[dict]) -> str:
     names = [f"{analysis.run_label(r)} (gain {100 * c.late_gain:+.1f}, train − test "
              f"{100 * c.train_minus_test:+.1f})" for r, c in failed[:6]]
     more = f" and {len(failed) - 6} more" if len(failed) > 6 else ""
-    return text + "; not: " + "; ".join(names) + more + "."
+    text += "; not: " + "; ".join(names) + more + "."
+    # a finished row that fails is one the rule gave up on: say so, from its attempt
+    last = Budget().max_attempts - 1
+    if all(r["attempt"] >= last for r, _ in failed):
+        text += (f" {'Each' if len(failed) > 1 else 'It'} failed at the rule's last attempt "
+                 f"({2 ** last}× the steps) and is kept as it is: the rule trains no longer.")
+    return text
 
 
 def longer_text(rows: list[dict], attempts: list[dict]) -> str:
