@@ -172,34 +172,39 @@ def compute_figure(curves: list[ComputeCurve],
 
 
 def relative_bias_figure(tables: torch.Tensor) -> go.Figure:
-    """Every head's learned w_{i−j} as a (2H−1)×(2W−1) image: rows are blocks, columns heads;
-    the centre is a patch attending to itself, up/left are keys above/left of the query."""
+    """Every head's learned w_{i−j} as a (2H−1)×(2W−1) image: rows are blocks, columns heads
+    (named once, above the columns and left of the rows: a title on each of the 16 small
+    images ran into its neighbours at a projector's fonts); the centre is a patch attending
+    to itself, up/left are keys above/left of the query."""
     L, H, h, w = tables.shape
     fig = make_subplots(rows=L, cols=H, horizontal_spacing=0.02, vertical_spacing=0.04,
-                        subplot_titles=[f"block {i + 1} head {j + 1}" for i in range(L)
-                                        for j in range(H)])
+                        column_titles=[f"head {j + 1}" for j in range(H)])
     for i in range(L):
         for j in range(H):
             t = tables[i, j].cpu().numpy()
             fig.add_trace(go.Heatmap(
                 z=t, x=np.arange(w) - w // 2, y=np.arange(h) - h // 2, coloraxis="coloraxis",
-                hovertemplate="offset (dy %{y}, dx %{x}): w = %{z:.2f}<extra></extra>"),
+                hovertemplate=f"block {i + 1} head {j + 1}<br>offset (dy %{{y}}, dx %{{x}}): "
+                              "w = %{z:.2f}<extra></extra>"),
                 row=i + 1, col=j + 1)
+        fig.update_yaxes(title_text=f"block {i + 1}", row=i + 1, col=1)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, autorange="reversed", scaleanchor=None)
     fig.update_layout(title="Learned relative-position bias w(i−j) per head "
                             "(centre: the query patch itself)",
                       coloraxis={"colorscale": "RdBu_r", "cmid": 0}, height=160 * L + 80,
                       margin={"t": 80})
-    fig.update_annotations(font_size=11)
     return fig
 
 
 def shift_figure(table: dict[str, dict[str, list[float]]], shift_px: int) -> go.Figure:
-    """The translation test: per layer, the features' relative error (every model) and the
-    attention maps' distance (ViTs) between the shifted input and the shifted original."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "features: ‖F(Sx) − S F(x)‖ / ‖F(x)‖", "attention: TV distance"))
+    """The translation test: per layer, the features' relative error (every model, top) and
+    the attention maps' distance (ViTs, below) between the shifted input and the shifted
+    original. One above the other, on one layer axis: side by side, at a projector's fonts
+    in half a tab's width, their titles ran into each other."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14,
+                        subplot_titles=("features: ‖F(Sx) − S F(x)‖ / ‖F(x)‖",
+                                        "attention maps: total-variation distance"))
     for name, entry in table.items():
         colour = ARCH_COLOURS.get(name, "#7f7f7f")
         label = ARCH_LABELS.get(name, name)
@@ -211,13 +216,13 @@ def shift_figure(table: dict[str, dict[str, list[float]]], shift_px: int) -> go.
             att = entry["attention"]
             fig.add_trace(go.Scatter(x=list(range(1, len(att) + 1)), y=att, name=label,
                                      legendgroup=name, showlegend=False, mode="lines+markers",
-                                     line={"color": colour, "width": 3}), row=1, col=2)
-    fig.update_xaxes(title_text="layer (conv layer or transformer block)", dtick=1)
-    fig.update_yaxes(title_text="0 = shifts exactly with the input", rangemode="tozero",
-                     row=1, col=1)
+                                     line={"color": colour, "width": 3}), row=2, col=1)
+    fig.update_xaxes(dtick=1)
+    fig.update_xaxes(title_text="layer (conv layer or transformer block)", row=2, col=1)
+    fig.update_yaxes(title_text="0 = exact", rangemode="tozero")
     fig.update_layout(title=f"Translation test: input shifted {shift_px} px down and right "
-                            "(borders excluded)", height=420,
-                      legend={"orientation": "h", "y": -0.25}, margin={"t": 70})
+                            "(borders excluded)", height=520,
+                      legend={"orientation": "h", "y": -0.2}, margin={"t": 70})
     return fig
 
 

@@ -90,3 +90,26 @@ def scrolled_rows(locator, scroller: str) -> list[list[str]]:
       box.scrollTop = 0;
       return [...seen.values()];
     }""", scroller)
+
+
+# Every title, axis title, annotation (subplot titles) and legend entry of a plotly figure,
+# as boxes on the page, and the pairs that overlap (tick labels are plotly's own to place)
+_TEXT_BOXES = """p => {
+  const sel = '.gtitle, .annotation-text, .legendtext, [class$="title"]:not(.gtitle)';
+  const texts = [...p.querySelectorAll(sel)].filter(t => t.textContent.trim() && t.tagName === 'text')
+    .map(t => { const r = t.getBoundingClientRect();
+                return [t.textContent, {l: r.left, r: r.right, t: r.top, b: r.bottom}]; });
+  const hit = (a, b) => Math.min(a.r, b.r) > Math.max(a.l, b.l) + 0.5
+                        && Math.min(a.b, b.b) > Math.max(a.t, b.t) + 0.5;
+  const clashes = [];
+  for (let i = 0; i < texts.length; i++)
+    for (let j = i + 1; j < texts.length; j++)
+      if (hit(texts[i][1], texts[j][1])) clashes.push([texts[i][0], texts[j][0]]);
+  return {texts: texts.length, clashes};
+}"""
+
+
+def text_clashes(plot) -> dict:
+    """The words of ``plot`` (a `plot_in` locator) outside its data: how many titles, axis
+    titles, subplot titles and legend entries it draws, and which pairs of them overlap."""
+    return plot.evaluate(_TEXT_BOXES)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import label_collisions, plot_in, screenshot
+from tests.browser.helpers import label_collisions, plot_in, screenshot, text_clashes
 
 
 def _open(page, url):
@@ -95,6 +95,17 @@ def test_presenting_lays_the_lab_tabs_figures_out_for_the_projector(fresh):
     for elem_id in ids:
         plot_in(page, elem_id)
         page.wait_for_function(f"id => ({font})(id) === {PRESENTER_FONT}", arg=elem_id)
+    # no figure's words run into each other at the projector's fonts (the relative-bias
+    # grid's 16 subplot titles and the translation test's two side-by-side panels did), the
+    # relative views included, drawn for the projector when the link opens the tab
+    from explorer.ui import lab_view
+    relative = ("lab-bias-plot", "lab-shift-plot") if lab_view.shipped_sizes() else ()
+    for elem_id in relative:  # (drawn once, for the switch as it was: not redrawn by it)
+        plot_in(page, elem_id).locator(".gtitle").wait_for()
+        page.wait_for_function(f"id => ({font})(id) === {PRESENTER_FONT}", arg=elem_id)
+    for elem_id in ids + relative:
+        words = text_clashes(plot_in(page, elem_id))
+        assert words["texts"] >= 2 and words["clashes"] == [], (elem_id, words)
     screenshot(page, "lab-presenter")
     # the paper's scatter keeps its five labels apart at the projector's fonts (they collided)
     paper = plot_in(page, "lab-paper-scaling-plot")
