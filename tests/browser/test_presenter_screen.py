@@ -9,7 +9,7 @@ import pytest
 
 from explorer import lecture
 from explorer.ui import links
-from tests.browser.helpers import SCREENSHOTS
+from tests.browser.helpers import SCREENSHOTS, text_clashes
 
 PROJECTOR = {"width": 1280, "height": 720}
 STEPS = len(lecture.STEPS)
@@ -91,6 +91,7 @@ def test_every_lecture_step_fits_a_projector_screen(projector):
         b = page.get_by_role("tab", name=tab.title).bounding_box()
         assert inside((b["x"], b["y"], b["x"] + b["width"], b["y"] + b["height"])), tab.title
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    plotted = []
     for n in range(1, STEPS + 1):
         if n > 1:
             page.locator("#lecture-next").click()
@@ -112,7 +113,12 @@ def test_every_lecture_step_fits_a_projector_screen(projector):
         assert width >= 0.5 * PROJECTOR["width"] or tall >= 0.5 * PROJECTOR["height"], (n, got)
         assert got["text"][0] < got["figure"][0]  # the words beside the figure, not under it
         assert not got["cut"], (n, "plot text runs off the figure", got["cut"])
+        plot = page.locator("#lecture-plot .js-plotly-plot")
+        if plot.count() and plot.first.is_visible():  # no two of its words overlap
+            plotted.append(n)
+            assert text_clashes(plot.first)["clashes"] == [], (n, text_clashes(plot.first))
         page.screenshot(path=str(SCREENSHOTS / f"lecture-step{n}.png"))
+    assert {7, 8, 9} <= set(plotted), plotted  # the lab's steps, at least, were checked
 
 
 def test_the_normal_view_keeps_its_intro_and_link_rows(browser, app_url):
