@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from explorer import images, lecture, models
+from explorer.plots.lecture import PRESENTER_FONT
 from explorer.ui import common, links
 from explorer.ui.attention_view import parse_head
 
@@ -338,9 +339,53 @@ HEAD = r"""
   };
   setInterval(placeLecture, 250);
   window.addEventListener('resize', placeLecture);
+  // Presenter mode: a plot the server drew at the page's fonts (the tabs other than the
+  // lecture's and the lab's, which draw theirs for the projector: `for_projector`) is laid
+  // out again at the projector's, so plotly places its legend, titles and margins for the
+  // text it draws (the CSS alone enlarged the text where plotly had laid it out small, and
+  // legend entries ran into each other); with the mode off it gets its own fonts back. A
+  // figure the server replaces is a new layout object: it is fitted again.
+  const fitPlots = () => {
+    const on = document.body.classList.contains('presenter');
+    document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
+      if (!window.Plotly || !gd._fullLayout || !gd.layout) return;
+      const fitted = gd._presenterFit && gd._presenterFit.layout === gd.layout;
+      if (on && !fitted && gd._fullLayout.font.size < PRESENTER_FONT) {
+        const was = {'font.size': gd._fullLayout.font.size,
+                     'legend.font.size': (gd.layout.legend && gd.layout.legend.font || {}).size,
+                     'title.font.size': (gd.layout.title && gd.layout.title.font || {}).size,
+                     'margin.t': (gd.layout.margin || {}).t};
+        const big = {'font.size': PRESENTER_FONT, 'legend.font.size': PRESENTER_FONT - 2,
+                     'title.font.size': PRESENTER_FONT + 2,
+                     // the block's label sits over the figure's top-left corner
+                     'margin.t': Math.max(gd._fullLayout.margin.t, 120)};
+        const legend = gd.layout.legend || {};
+        if (legend.orientation === 'h' && legend.y < 0) {
+          // a legend below the plot at a fixed fraction of it ran into the larger axis
+          // title: at the figure's foot instead, where plotly makes room for it
+          Object.assign(was, {'legend.yref': legend.yref, 'legend.y': legend.y,
+                              'legend.yanchor': legend.yanchor});
+          Object.assign(big, {'legend.yref': 'container', 'legend.y': 0,
+                              'legend.yanchor': 'bottom'});
+        }
+        (gd.layout.annotations || []).forEach((a, i) => {
+          was[`annotations[${i}].font.size`] = (a.font || {}).size;
+          big[`annotations[${i}].font.size`] = PRESENTER_FONT - 2;
+        });
+        Object.keys(was).forEach((k) => { if (was[k] === undefined) was[k] = null; });  // null: default
+        gd._presenterFit = {layout: gd.layout, was};
+        window.Plotly.relayout(gd, big);
+      } else if (!on && fitted) {
+        const was = gd._presenterFit.was;
+        gd._presenterFit = null;
+        window.Plotly.relayout(gd, was);
+      }
+    });
+  };
+  setInterval(fitPlots, 500);
 })();
 </script>
-"""
+""".replace("PRESENTER_FONT", str(PRESENTER_FONT))
 
 # Presenter mode: large text everywhere (gradio's size variables and the prose), plotly
 # labels at least 18 px. The screen is a projector's (1280x720 and up): the intro folds away,

@@ -117,6 +117,26 @@ def test_presenting_lays_the_lab_tabs_figures_out_for_the_projector(fresh):
     assert label_collisions(paper) == {"labels": 5, "clashes": [], "outside": []}
 
 
+def test_presenting_refits_the_other_tabs_figures_for_the_projector(fresh):
+    """A figure the server drew at the page's fonts (here the distance tab's) is laid out
+    again at the projector's when presenting: before, the CSS enlarged its text where plotly
+    had placed it small, and its legend entries ran into each other and the axis title."""
+    from explorer.plots.lecture import PRESENTER_FONT
+    page, url = fresh
+    _open(page, url + "?tab=distance&presenter=1")
+    plot = plot_in(page, "dist-plot")
+    font = "() => document.querySelector('#dist-plot .js-plotly-plot')._fullLayout.font.size"
+    page.wait_for_function(f"() => ({font})() === {PRESENTER_FONT}", timeout=30_000)
+    words = text_clashes(plot)
+    assert words["texts"] >= 6 and words["clashes"] == [], words
+    legend = plot.evaluate("g => [g._fullLayout.legend.yref, g._fullLayout.legend.y]")
+    assert legend == ["container", 0]  # at the figure's foot, room made for it
+    page.locator("#presenter input").uncheck()  # the figure's own layout back
+    page.wait_for_function(f"() => ({font})() < {PRESENTER_FONT}", timeout=30_000)
+    assert plot.evaluate("g => [g._fullLayout.legend.yref, g._fullLayout.legend.y]") == [
+        "paper", -0.2]
+
+
 def test_figures_download_with_names_that_say_what_they_show(fresh):
     page, url = fresh
     _open(page, url + "?tab=lecture&example=rocket&step=3")
