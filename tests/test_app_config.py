@@ -176,8 +176,10 @@ def _fresh_process(code: str, arg: str) -> str:
 def test_a_training_process_keeps_the_memory_its_steps_free():
     # A training step frees and allocates again the same tens of MB: the lab CNN's first
     # activation alone is 128 × 24 × 28 × 28 × 4 B = 9.6 MB, 2,352 pages. With glibc's
-    # default policy those pages go back to the system and fault in again (measured here: 5k
-    # to 22k minor faults per step); a grid worker's `keep_freed_memory` reuses them
+    # default policy those pages go back to the system and fault in again: 1.4k to 22k minor
+    # faults per step, measured on these machines (glibc's dynamic thresholds make it vary
+    # from process to process); a grid worker's `keep_freed_memory` reuses them (0 to 60
+    # after ten warm-up steps)
     code = """
 import resource, sys
 import torch
@@ -196,19 +198,19 @@ def step():
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     step()
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 20)
 """
     faults = {}
     for variant in ("default", "keep"):
         kept, per_step = _fresh_process(code, variant).split()[-2:]
         faults[variant] = (kept, int(per_step))
     assert faults["keep"][0] == "True"  # glibc took the settings
-    assert faults["default"][1] > 2000  # at least the first activation's pages, each step
+    assert faults["default"][1] > 1000  # the default policy faults pages in each step
     assert faults["keep"][1] * 5 < faults["default"][1]
 
 
