@@ -3,6 +3,7 @@ hand-derived cases, relative-bias attention through the capture, the shipped gri
 
 from __future__ import annotations
 
+import csv
 import tempfile
 from dataclasses import replace
 
@@ -1108,6 +1109,9 @@ def test_this_machine_is_timed_against_the_finished_runs_by_the_runs_in_flight()
     # 0.3 and 0.5 s per step
     rows = [dict(arch="cnn", seconds=300.0, steps=1000, flops=10),
             dict(arch="vit", seconds=500.0, steps=1000, flops=10)]
+    # a GPU's runs are no core's speed: they time nothing
+    rows += [dict(arch="vit", seconds=5.0, steps=1000, flops=10, device=d)
+             for d in ("cuda", "cpu+cuda", "cuda")]
     # here: the CNN 0.6 s per step (2×), the ViT 0.75 (1.5×); median of the two 1.75
     progress = {"here": [(cnn.name, 500, 300.0), (vit.name, 400, 300.0)]}
     assert grid.machine_factor(progress, rows, flops=lambda run: 10) == pytest.approx(1.75)
@@ -1132,8 +1136,33 @@ def test_each_start_of_a_run_records_its_machine_and_where_it_started(tmp_path):
     state = torch.load(ckpt, weights_only=False)
     starts, host = state["extra"]["starts"], engine.machine_id()
     assert state["step"] == 9
-    assert [(s["machine"], s["step"]) for s in starts] == [(host, 0), (host, 4)]
+    assert [(s["machine"], s["device"], s["step"]) for s in starts] == [(host, "cpu", 0),
+                                                                         (host, "cpu", 4)]
     assert starts[0]["seconds"] == 0 and 0 < starts[1]["seconds"] < state["seconds"]
+    # the row names what trained it: had the first start been a GPU's (`device_grid.sh`),
+    # the run's seconds add both machines', and the row says so
+    starts[0]["device"] = "cuda"
+    torch.save(state, ckpt)
+    result = list(run_lab(run, budget, Hyper(lr=2e-3), checkpoint=ckpt))[-1].result
+    assert result.device == "cpu+cuda" and result.row()["device"] == "cpu+cuda"
+
+
+def test_a_run_names_the_devices_its_starts_trained_on():
+    assert engine.trained_on([{"device": "cpu"}, {"device": "cpu"}]) == "cpu"
+    assert engine.trained_on([{"device": "cuda"}]) == "cuda"
+    assert engine.trained_on([{"device": "cuda"}, {"device": "cpu"}]) == "cpu+cuda"
+    assert engine.trained_on([{"machine": "m", "step": 0}]) == "cpu"  # saved before devices
+
+
+def test_a_row_from_before_rows_named_their_device_was_trained_on_a_cpu(tmp_path):
+    path = tmp_path / "grid.csv"
+    old_columns = [c for c in grid.COLUMNS if c != "device"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns)
+        writer.writeheader()
+        writer.writerow({**{c: 0 for c in old_columns}, "arch": "cnn", "variant": "original",
+                         "flip": "False", "curve": "[]"})
+    assert grid.read_grid(path)[0]["device"] == "cpu"
 
 
 @needs_fmnist

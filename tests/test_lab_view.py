@@ -308,8 +308,15 @@ def test_the_summary_gives_each_architectures_speed_and_the_grids_order():
     vit = dict(_row("vit", 500, 0.7), batch=128, epochs=1.0, flops=1)
     retried = dict(vit, seconds=540.0, attempt=0)
     text = summary_markdown([vit] + cnn, None, [retried])
-    assert ("By architecture (finished runs and attempts, examples/s per worker): CNN 853, "
-            "ViT (absolute positions) 1,280.") in text
+    assert ("By architecture (finished runs and attempts on a CPU, examples/s per worker): "
+            "CNN 853, ViT (absolute positions) 1,280.") in text
+    assert "3 runs, 0.27 hours of training summed over runs, 1,200 training" in text
+    # a run trained on a GPU counts in the hours, said so, and in no CPU worker's speed
+    gpu = dict(cnn[0], seconds=60.0, device="cuda")
+    text = summary_markdown([vit, gpu, cnn[1]], None, [retried])
+    assert ("3 runs, 0.12 hours of training summed over runs (1 of the runs trained partly "
+            "or wholly on a GPU, 0.02 hours of it), 2,133 training examples/s") in text
+    assert "CNN 1,280, ViT (absolute positions) 1,280." in text
     table = [line for line in text.splitlines() if line.startswith("| CNN |")
              or line.startswith("| ViT (absolute")]
     assert [line.split(" |")[0] for line in table] == ["| CNN", "| ViT (absolute positions)"]

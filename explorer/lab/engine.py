@@ -229,6 +229,7 @@ class LabResult:
     flip: bool
     floor: float  # `Hyper.floor`
     seconds: float
+    device: str  # what trained it: "cpu", "cuda", or "cpu+cuda" for a run resumed across both
     seed: int
     train_acc: float  # on up to `TRAIN_ACC_IMAGES` fit images, not augmented
     val_acc: float
@@ -389,6 +390,13 @@ def machine_id() -> str:
         return socket.gethostname()
 
 
+def trained_on(starts: list[dict]) -> str:
+    """The devices a run's starts trained on, joined: "cpu", "cuda", or "cpu+cuda" (its
+    seconds then add both). A start saved before starts named their device was a CPU's:
+    no grid run had trained on a GPU until then."""
+    return "+".join(sorted({s.get("device", "cpu") for s in starts})) or "cpu"
+
+
 def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
             cancel: threading.Event | None = None, checkpoint: Path | None = None,
             log_every: int = 10, compile: bool = False,
@@ -431,8 +439,9 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
             raise ValueError(f"The checkpoint {checkpoint.name} belongs to another run.")
         curve[:] = [tuple(p) for p in saved["curve"]]
         starts[:] = saved.get("starts", [])
-    starts.append({"machine": machine_id(), "step": loop.step, "seconds": loop.seconds})
     device = loop.device
+    starts.append({"machine": machine_id(), "device": device.type, "step": loop.step,
+                   "seconds": loop.seconds})
     eval_at = {round(total * (i + 1) / budget.evals) for i in range(budget.evals)}
     train_probe = (fit_x[:TRAIN_ACC_IMAGES], fit_y[:TRAIN_ACC_IMAGES])
 
@@ -468,7 +477,7 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         batch=budget.batch,
         epochs=round(total * budget.batch / len(fit_y), 2), lr=hyper.lr,
         weight_decay=hyper.weight_decay, shift=hyper.shift, flip=hyper.flip, floor=hyper.floor,
-        seconds=round(loop.seconds, 1), seed=run.seed, train_acc=curve[-1][2],
+        seconds=round(loop.seconds, 1), device=trained_on(starts), seed=run.seed, train_acc=curve[-1][2],
         val_acc=curve[-1][1], test_acc=test_acc, curve=curve, model=model.cpu())
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)

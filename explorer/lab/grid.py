@@ -120,6 +120,7 @@ def read_grid(path: Path = GRID_CSV) -> list[dict]:
         for row in csv.DictReader(f):
             row.setdefault("attempt", "0")  # files written before runs were retried
             row.setdefault("floor", "1.0")  # files written before the sweep chose floors
+            row.setdefault("device", "cpu")  # files written before a GPU trained any run
             for k in _INTS:
                 row[k] = int(row[k])
             for k in _FLOATS:
@@ -318,9 +319,12 @@ def _runs_by_name(budget: Budget) -> dict[str, LabRun]:
 
 
 def _rates(rows: list[dict]) -> dict[str, float]:
-    """Each architecture's median seconds per step and forward FLOP over ``rows``."""
+    """Each architecture's median seconds per step and forward FLOP over ``rows`` trained on
+    a CPU alone (a core's speed: a GPU's rows would make it a mix of machines)."""
     per: dict[str, list[float]] = {}
     for r in rows:
+        if r.get("device", "cpu") != "cpu":
+            continue
         per.setdefault(r["arch"], []).append(r["seconds"] / (r["steps"] * r["flops"]))
     return {a: median(v) for a, v in per.items()}
 

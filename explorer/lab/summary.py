@@ -68,6 +68,37 @@ def _verdict(row: dict, converged: bool) -> str:
     return "yes" if converged else "**no**"
 
 
+def _on_cpu(rows: list[dict]) -> list[dict]:
+    """The rows trained on a CPU alone: a CPU worker's speed is theirs (a GPU's is another)."""
+    return [r for r in rows if r.get("device", "cpu") == "cpu"]
+
+
+def _time_lines(rows: list[dict], attempts: list[dict]) -> list[str]:
+    """The hours the runs took and a CPU worker's speed, overall and by architecture."""
+    seconds = sum(r["seconds"] for r in rows)
+    on_gpu = [r for r in rows if r.get("device", "cpu") != "cpu"]
+    where = (f" ({len(on_gpu)} of the runs trained partly or wholly on a GPU, "
+             f"{sum(r['seconds'] for r in on_gpu) / 3600:.2f} hours of it)" if on_gpu else "")
+    cpu = _on_cpu(rows)
+    speed = ""
+    if cpu:
+        per_s = sum(r["steps"] * r["batch"] for r in cpu) / sum(r["seconds"] for r in cpu)
+        speed = f", {per_s:,.0f} training examples/s per CPU worker on average"
+    lines = [f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over runs"
+             f"{where}{speed}."]
+    timed = _on_cpu(rows + attempts)
+    speeds = []
+    for arch in ARCH_LABELS:
+        mine = [r for r in timed if r["arch"] == arch]
+        if mine:
+            per_s = sum(r["steps"] * r["batch"] for r in mine) / sum(r["seconds"] for r in mine)
+            speeds.append(f"{ARCH_LABELS[arch]} {per_s:,.0f}")
+    if speeds:
+        lines.append(f"By architecture (finished runs and attempts on a CPU, examples/s per "
+                     f"worker): {', '.join(speeds)}.")
+    return lines
+
+
 def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None,
                      attempts: list[dict] | None = None) -> str:
     """The tables; ``attempts``: runs that had not converged and were retrained longer."""
@@ -88,19 +119,7 @@ def summary_markdown(rows: list[dict], sweep_rows: list[dict] | None = None,
             out.append(f"| {c.width} | {c.params / 1e3:.0f}k | {cells} |")
     if rows:
         out += ["", "Convergence check of every run:", ""] + _convergence_table(rows)
-        seconds = sum(r["seconds"] for r in rows)
-        examples = sum(r["steps"] * r["batch"] for r in rows)
-        out += ["", f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over "
-                    f"runs, {examples / seconds:,.0f} training examples/s per worker on average."]
-        timed = rows + (attempts or [])
-        speeds = []
-        for arch in ARCH_LABELS:
-            mine = [r for r in timed if r["arch"] == arch]
-            if mine:
-                per_s = sum(r["steps"] * r["batch"] for r in mine) / sum(r["seconds"] for r in mine)
-                speeds.append(f"{ARCH_LABELS[arch]} {per_s:,.0f}")
-        out += [f"By architecture (finished runs and attempts, examples/s per worker): "
-                f"{', '.join(speeds)}."]
+        out += [""] + _time_lines(rows, attempts or [])
     if attempts:
         out += ["", "Attempts that had not converged (each retrained from scratch with twice "
                     "the steps; not in the tables above):", ""] + _convergence_table(attempts)

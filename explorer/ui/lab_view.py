@@ -423,7 +423,7 @@ def live_message(result, rows: list[dict], run: LabRun, budget: Budget) -> str:
 
 # (width and depth are in the run's name: w64-d4)
 RUN_HEADERS = ("run", "architecture", "params", "data", "images", "steps", "epochs", "min",
-               "seed", "train %", "val %", "test %", "late gain", "converged")
+               "trained on", "seed", "train %", "val %", "test %", "late gain", "converged")
 
 
 def run_name(row: dict) -> str:
@@ -449,7 +449,8 @@ def runs_table(rows: list[dict], attempts: list[dict]) -> list[list]:
         verdict = "yes" if c.converged else "no: trained again" if retrained else "no"
         lines.append([run_name(row), ARCH_LABELS[row["arch"]], row["params"],
                       row["variant"], row["train_images"], row["steps"],
-                      round(row["epochs"], 1), round(row["seconds"] / 60, 1), row["seed"],
+                      round(row["epochs"], 1), round(row["seconds"] / 60, 1),
+                      row.get("device", "cpu").upper().replace("CUDA", "GPU"), row["seed"],
                       round(100 * row["train_acc"], 2), round(100 * row["val_acc"], 2),
                       round(100 * row["test_acc"], 2), round(100 * c.late_gain, 2), verdict])
     return lines
