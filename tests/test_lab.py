@@ -1372,3 +1372,22 @@ def test_a_kept_model_is_cached_until_the_grid_writes_a_new_one(tmp_path, monkey
     lab_checkpoint.save_shipped(second, run)  # the grid replaces it while the app serves
     torch.testing.assert_close(load_shipped("vit", 500).state_dict(), second.state_dict(),
                                rtol=0, atol=0)
+
+
+def test_a_grid_worker_trains_in_ieee_fp32_on_a_gpu_too(monkeypatch):
+    # cuDNN's default runs fp32 convolutions in TF32; a worker turns that off before its first
+    # run (the flags are the process's, so they are put back after)
+    before = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+              torch.get_num_threads())
+    monkeypatch.setattr(grid, "_next", lambda phase: None)  # nothing to train: it returns
+    monkeypatch.setattr(grid, "replicates_waiting", lambda items: set())
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        assert grid.work("grid") == 0
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+        torch.set_num_threads(before[2])  # a worker takes one thread

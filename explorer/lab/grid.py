@@ -415,6 +415,16 @@ def _next(phase: str) -> tuple[str, Path, LabRun, Hyper | None] | None:
     return None
 
 
+def fp32_everywhere() -> None:
+    """`GRID_PRECISION` on a GPU too: cuDNN runs fp32 convolutions in TF32 (a 10-bit
+    mantissa) unless told not to, and the CNN's and CoAtNet's are most of their FLOPs.
+    Matrix products are IEEE fp32 by torch's default; said here all the same."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
 def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
     """One worker: train the phase's unclaimed, unfinished runs one after another (for
     `SWEEP`, every stage's; with nothing to claim while other workers' runs may add runs to a
@@ -424,6 +434,7 @@ def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> 
     from explorer.lab.checkpoint import save_shipped
 
     torch.set_num_threads(1)
+    fp32_everywhere()
     chosen = sweep.read_choice()
     trained, start = 0, time.time()
     while (limit is None or trained < limit) and not STOP.is_set():
