@@ -397,6 +397,12 @@ def trained_on(starts: list[dict]) -> str:
     return "+".join(sorted({s.get("device", "cpu") for s in starts})) or "cpu"
 
 
+def on_cpu_alone(row: dict) -> bool:
+    """Whether a grid row trained on a CPU alone: its seconds are a CPU worker's (a row read
+    from a file written before rows named their device was: `grid.read_grid`)."""
+    return row.get("device", "cpu") == "cpu"
+
+
 def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
             cancel: threading.Event | None = None, checkpoint: Path | None = None,
             log_every: int = 10, compile: bool = False,
@@ -477,8 +483,8 @@ def run_lab(run: LabRun, budget: Budget = Budget(), hyper: Hyper = Hyper(),
         batch=budget.batch,
         epochs=round(total * budget.batch / len(fit_y), 2), lr=hyper.lr,
         weight_decay=hyper.weight_decay, shift=hyper.shift, flip=hyper.flip, floor=hyper.floor,
-        seconds=round(loop.seconds, 1), device=trained_on(starts), seed=run.seed, train_acc=curve[-1][2],
-        val_acc=curve[-1][1], test_acc=test_acc, curve=curve, model=model.cpu())
+        seconds=round(loop.seconds, 1), device=trained_on(starts), seed=run.seed,
+        train_acc=curve[-1][2], val_acc=curve[-1][1], test_acc=test_acc, curve=curve, model=model.cpu())
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     yield LabEvent(total, total, event.loss if event else float("nan"), curve[-1][1],

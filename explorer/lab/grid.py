@@ -36,7 +36,7 @@ from statistics import median
 
 from explorer.lab import sweep
 from explorer.lab.analysis import convergence
-from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, machine_id, run_steps
+from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, machine_id, on_cpu_alone, run_steps
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
 from explorer.training import pause_on_sigtstp
@@ -323,7 +323,7 @@ def _rates(rows: list[dict]) -> dict[str, float]:
     a CPU alone (a core's speed: a GPU's rows would make it a mix of machines)."""
     per: dict[str, list[float]] = {}
     for r in rows:
-        if r.get("device", "cpu") != "cpu":
+        if not on_cpu_alone(r):
             continue
         per.setdefault(r["arch"], []).append(r["seconds"] / (r["steps"] * r["flops"]))
     return {a: median(v) for a, v in per.items()}

@@ -5,7 +5,7 @@ every run, the ViT size sweep against compute, and what it cost."""
 from __future__ import annotations
 
 from explorer.lab.analysis import compute_curves, convergence, error_vs_data
-from explorer.lab.engine import Hyper, LabRun
+from explorer.lab.engine import Hyper, LabRun, on_cpu_alone
 from explorer.lab.models import ARCH_LABELS
 
 
@@ -68,25 +68,20 @@ def _verdict(row: dict, converged: bool) -> str:
     return "yes" if converged else "**no**"
 
 
-def _on_cpu(rows: list[dict]) -> list[dict]:
-    """The rows trained on a CPU alone: a CPU worker's speed is theirs (a GPU's is another)."""
-    return [r for r in rows if r.get("device", "cpu") == "cpu"]
-
-
 def _time_lines(rows: list[dict], attempts: list[dict]) -> list[str]:
     """The hours the runs took and a CPU worker's speed, overall and by architecture."""
     seconds = sum(r["seconds"] for r in rows)
-    on_gpu = [r for r in rows if r.get("device", "cpu") != "cpu"]
+    on_gpu = [r for r in rows if not on_cpu_alone(r)]
     where = (f" ({len(on_gpu)} of the runs trained partly or wholly on a GPU, "
              f"{sum(r['seconds'] for r in on_gpu) / 3600:.2f} hours of it)" if on_gpu else "")
-    cpu = _on_cpu(rows)
+    cpu = [r for r in rows if on_cpu_alone(r)]  # a CPU worker's speed is theirs alone
     speed = ""
     if cpu:
         per_s = sum(r["steps"] * r["batch"] for r in cpu) / sum(r["seconds"] for r in cpu)
         speed = f", {per_s:,.0f} training examples/s per CPU worker on average"
     lines = [f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over runs"
              f"{where}{speed}."]
-    timed = _on_cpu(rows + attempts)
+    timed = [r for r in rows + attempts if on_cpu_alone(r)]
     speeds = []
     for arch in ARCH_LABELS:
         mine = [r for r in timed if r["arch"] == arch]
