@@ -151,7 +151,7 @@ def build_runs_view(rows: list[dict], attempts: list[dict]) -> None:
         # widths that keep every value on one line at 1440 px ("original", a run's name)
         gr.Dataframe(table, headers=list(lab_view.RUN_HEADERS), interactive=False, wrap=True,
                      elem_id="lab-runs-table",
-                     column_widths=[f"{w}%" for w in (17, 12, 7, 8, 6, 6, 6, 5, 4, 5, 5, 5, 5, 9)])
+                     column_widths=[f"{w}%" for w in (17, 9, 6, 7, 6, 5, 6, 5, 6, 5, 5, 5, 5, 5, 8)])
         names = [line[0] for line in table]  # the table's order (sorted names put 500 last)
         pick = gr.Dropdown(names, value=names[0] if names else None, label="Run",
                            elem_id="lab-run-pick")

@@ -422,8 +422,8 @@ def live_message(result, rows: list[dict], run: LabRun, budget: Budget) -> str:
 
 
 # (width and depth are in the run's name: w64-d4)
-RUN_HEADERS = ("run", "architecture", "params", "data", "images", "steps", "epochs", "min",
-               "trained on", "seed", "train %", "val %", "test %", "late gain", "converged")
+RUN_HEADERS = ("run", "model", "params", "data", "images", "steps", "epochs", "min",
+               "device", "seed", "train %", "val %", "test %", "late gain", "converged")
 
 
 def run_name(row: dict) -> str:
