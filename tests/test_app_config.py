@@ -176,10 +176,11 @@ def _fresh_process(code: str, arg: str) -> str:
 def test_a_training_process_keeps_the_memory_its_steps_free():
     # A training step frees and allocates again the same tens of MB: the lab CNN's first
     # activation alone is 128 × 24 × 28 × 28 × 4 B = 9.6 MB, 2,352 pages. With glibc's
-    # default policy those pages go back to the system and fault in again: 1.4k to 22k minor
-    # faults per step, measured on these machines (glibc's dynamic thresholds make it vary
-    # from process to process); a grid worker's `keep_freed_memory` reuses them (0 to 60
-    # after ten warm-up steps)
+    # default policy those pages often go back to the system and fault in again: per step,
+    # 0 to 27k minor faults, a median of 2k-9k in most processes, but glibc's dynamic
+    # thresholds make it vary from process to process (CI measured a mean of 878 once). A
+    # grid worker's `keep_freed_memory` reuses them: the median step faults no page at all
+    # (measured: 16 to 18 of 20 steps fault none; a few grow the heap once)
     code = """
 import resource, sys
 import torch
@@ -198,20 +199,22 @@ def step():
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-for _ in range(10):
+for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+per_step = []
 for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 20)
+    per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sorted(per_step)[10], sum(per_step))
 """
     faults = {}
     for variant in ("default", "keep"):
-        kept, per_step = _fresh_process(code, variant).split()[-2:]
-        faults[variant] = (kept, int(per_step))
+        kept, median, total = _fresh_process(code, variant).split()[-3:]
+        faults[variant] = (kept, int(median), int(total))
     assert faults["keep"][0] == "True"  # glibc took the settings
-    assert faults["default"][1] > 1000  # the default policy faults pages in each step
-    assert faults["keep"][1] * 5 < faults["default"][1]
+    assert faults["keep"][1] == 0  # the median step reuses what the last one freed
+    assert faults["keep"][2] * 2 < faults["default"][2]
 
 
 def test_torch_threads_split_the_cores_between_parallel_requests():
