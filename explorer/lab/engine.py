@@ -394,7 +394,7 @@ def trained_on(starts: list[dict]) -> str:
     """The devices a run's starts trained on, joined: "cpu", "cuda", or "cpu+cuda" (its
     seconds then add both). A start saved before starts named their device was a CPU's:
     no grid run had trained on a GPU until then."""
-    return "+".join(sorted({s.get("device", "cpu") for s in starts})) or "cpu"
+    return "+".join(sorted({s.get("device", "cpu") for s in starts}))
 
 
 def on_cpu_alone(row: dict) -> bool:

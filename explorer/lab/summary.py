@@ -68,6 +68,11 @@ def _verdict(row: dict, converged: bool) -> str:
     return "yes" if converged else "**no**"
 
 
+def _examples_per_s(rows: list[dict]) -> float:
+    """Training examples per second of training over ``rows``, summed."""
+    return sum(r["steps"] * r["batch"] for r in rows) / sum(r["seconds"] for r in rows)
+
+
 def _time_lines(rows: list[dict], attempts: list[dict]) -> list[str]:
     """The hours the runs took and a CPU worker's speed, overall and by architecture."""
     seconds = sum(r["seconds"] for r in rows)
@@ -75,10 +80,8 @@ def _time_lines(rows: list[dict], attempts: list[dict]) -> list[str]:
     where = (f" ({len(on_gpu)} of the runs trained partly or wholly on a GPU, "
              f"{sum(r['seconds'] for r in on_gpu) / 3600:.2f} hours of it)" if on_gpu else "")
     cpu = [r for r in rows if on_cpu_alone(r)]  # a CPU worker's speed is theirs alone
-    speed = ""
-    if cpu:
-        per_s = sum(r["steps"] * r["batch"] for r in cpu) / sum(r["seconds"] for r in cpu)
-        speed = f", {per_s:,.0f} training examples/s per CPU worker on average"
+    speed = (f", {_examples_per_s(cpu):,.0f} training examples/s per CPU worker on average"
+             if cpu else "")
     lines = [f"{len(rows)} runs, {seconds / 3600:.2f} hours of training summed over runs"
              f"{where}{speed}."]
     timed = [r for r in rows + attempts if on_cpu_alone(r)]
@@ -86,8 +89,7 @@ def _time_lines(rows: list[dict], attempts: list[dict]) -> list[str]:
     for arch in ARCH_LABELS:
         mine = [r for r in timed if r["arch"] == arch]
         if mine:
-            per_s = sum(r["steps"] * r["batch"] for r in mine) / sum(r["seconds"] for r in mine)
-            speeds.append(f"{ARCH_LABELS[arch]} {per_s:,.0f}")
+            speeds.append(f"{ARCH_LABELS[arch]} {_examples_per_s(mine):,.0f}")
     if speeds:
         lines.append(f"By architecture (finished runs and attempts on a CPU, examples/s per "
                      f"worker): {', '.join(speeds)}.")
