@@ -26,6 +26,21 @@ def pick_example(page, prefix: str, index: int = 0) -> None:
     page.locator(f"#{prefix}-image img").first.wait_for(state="visible")
 
 
+def upload_image(page, elem_id: str, path) -> None:
+    """Upload ``path`` into the ``gr.Image`` ``elem_id``; return once the upload shows.
+
+    Waiting for any visible img is not enough where the component already shows a picture
+    (an example loaded with the page): a click then could send the old image. So this waits
+    until the img's source has changed and the new picture has decoded."""
+    img = f"#{elem_id} img"
+    before = page.locator(img).first.get_attribute("src") if page.locator(img).count() else None
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+    page.wait_for_function(
+        "([sel, src]) => { const i = document.querySelector(sel);"
+        " return i && i.src && i.src !== src && i.complete && i.naturalWidth > 0; }",
+        arg=[img, before])
+
+
 def assert_images_rendered(page, elem_ids: list[str], min_width: int) -> None:
     """Each ``gr.Image`` output shows a decoded picture at least ``min_width`` px wide."""
     for elem_id in elem_ids:

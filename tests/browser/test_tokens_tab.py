@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import assert_images_rendered, open_tab, pick_example, plot_in, screenshot
+from tests.browser.helpers import (assert_images_rendered, open_tab, pick_example, plot_in,
+                                   screenshot, upload_image)
 
 VIEWS = ["tokens-grid", "tokens-sequence", "tokens-filters", "tokens-pos-native",
          "tokens-pos-chosen", "tokens-pca"]
@@ -38,13 +39,16 @@ def test_first_tab_shows_a_worked_example_on_load(page):
 
 def test_bad_upload_gives_clear_message_and_app_keeps_serving(page, tmp_path):
     open_tab(page, "Patch tokens")
+    # the page's first example lands by itself when the page opens (`first_example`); upload
+    # after it, or it replaces the upload, as it would for a person who uploads that fast
+    page.locator("#tokens-summary").get_by_text("patch tokens").wait_for()
     tiny = tmp_path / "tiny.png"
     from PIL import Image
 
     Image.new("RGB", (1, 1)).save(tiny)
-    page.locator("#tokens-image input[type=file]").set_input_files(str(tiny))
-    # as a person would: run once the upload shows (a click before it lands sends no image)
-    page.locator("#tokens-image img").first.wait_for(state="visible")
+    # as a person would: run once the upload shows in place of the example the page opened
+    # on (a click before it lands sends the example, and no message comes)
+    upload_image(page, "tokens-image", tiny)
     page.locator("#tokens-run").click()
     # the reason beside the results, kept until the next run; the outputs are left as they are
     page.locator("#tokens-message").get_by_text("needs at least").wait_for()
