@@ -20,25 +20,36 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
-def pick_example(page, prefix: str, index: int = 0) -> None:
-    """Click example ``index`` of the tab whose ids start with ``prefix``; wait for the image."""
-    page.locator(f"#{prefix}-examples .gallery-item").nth(index).click()
-    page.locator(f"#{prefix}-image img").first.wait_for(state="visible")
+def _shown(page, elem_id: str) -> str | None:
+    """The source of the picture the ``gr.Image`` ``elem_id`` shows, if any."""
+    img = page.locator(f"#{elem_id} img")
+    return img.first.get_attribute("src") if img.count() else None
 
 
-def upload_image(page, elem_id: str, path) -> None:
-    """Upload ``path`` into the ``gr.Image`` ``elem_id``; return once the upload shows.
+def _wait_for_new_picture(page, elem_id: str, before: str | None) -> None:
+    """Wait until ``elem_id`` shows a decoded picture whose source is not ``before``.
 
     Waiting for any visible img is not enough where the component already shows a picture
-    (an example loaded with the page): a click then could send the old image. So this waits
-    until the img's source has changed and the new picture has decoded."""
-    img = f"#{elem_id} img"
-    before = page.locator(img).first.get_attribute("src") if page.locator(img).count() else None
-    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+    (the example the page opened on): a click on run then could send the old image."""
     page.wait_for_function(
         "([sel, src]) => { const i = document.querySelector(sel);"
         " return i && i.src && i.src !== src && i.complete && i.naturalWidth > 0; }",
-        arg=[img, before])
+        arg=[f"#{elem_id} img", before])
+
+
+def pick_example(page, prefix: str, index: int = 0) -> None:
+    """Click example ``index`` of the tab whose ids start with ``prefix``; return once its
+    picture has replaced what the image showed (so it must not be the one shown already)."""
+    before = _shown(page, f"{prefix}-image")
+    page.locator(f"#{prefix}-examples .gallery-item").nth(index).click()
+    _wait_for_new_picture(page, f"{prefix}-image", before)
+
+
+def upload_image(page, elem_id: str, path) -> None:
+    """Upload ``path`` into the ``gr.Image`` ``elem_id``; return once the upload shows."""
+    before = _shown(page, elem_id)
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+    _wait_for_new_picture(page, elem_id, before)
 
 
 def assert_images_rendered(page, elem_ids: list[str], min_width: int) -> None:
