@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import (assert_images_rendered, open_tab, pick_example, plot_in,
-                                   screenshot, upload_image)
+from tests.browser.helpers import (
+    assert_images_rendered,
+    open_tab,
+    pick_example,
+    plot_in,
+    screenshot,
+    upload_image,
+)
 
 VIEWS = ["tokens-grid", "tokens-sequence", "tokens-filters", "tokens-pos-native",
          "tokens-pos-chosen", "tokens-pca"]
