@@ -345,6 +345,49 @@ HEAD = r"""
   // text it draws (the CSS alone enlarged the text where plotly had laid it out small, and
   // legend entries ran into each other); with the mode off it gets its own fonts back. A
   // figure the server replaces is a new layout object: it is fitted again.
+  // Then two things the larger text needs (`fitWords`): the figure grows by what its larger
+  // margins took, so its data keeps the height it had; and a title or axis
+  // title longer than its room (the figure's width, the axis's length) breaks over lines,
+  // where it ran off the figure.
+  const wrapWords = (text, chars) => text.split(' ').reduce((lines, word) => {
+    const last = lines[lines.length - 1];
+    if (last && (last + ' ' + word).length > chars) lines.push(word);
+    else lines[lines.length - 1] = last ? last + ' ' + word : word;
+    return lines;
+  }, ['']).join('<br>');
+  const fitWords = (gd, dataHeight) => {
+    const fit = gd._presenterFit;
+    if (!fit || fit.layout !== gd.layout) return;
+    const grow = {};
+    if (gd._fullLayout._size.h < dataHeight) {
+      fit.was.height = gd.layout.height === undefined ? null : gd.layout.height;
+      grow.height = Math.round(gd._fullLayout.height + dataHeight - gd._fullLayout._size.h);
+    }
+    const wrap = () => {
+      if (gd._presenterFit !== fit) return;
+      const edge = gd.querySelector('.main-svg').getBoundingClientRect();
+      const texts = [['title.text', gd.querySelector('text.gtitle'),
+                      (el) => edge.right - el.getBoundingClientRect().left - 8]];
+      Object.keys(gd._fullLayout).filter((k) => /^[xy]axis[0-9]*$/.test(k)).forEach((k) => {
+        const axis = gd._fullLayout[k];
+        texts.push([`${k}.title.text`, gd.querySelector(`text.${axis._id}title`),
+                    () => axis._length]);
+      });
+      const wrapped = {};
+      texts.forEach(([path, el, room]) => {
+        const text = path.split('.').reduce((o, k) => o && o[k], gd.layout);
+        // plain one-line text only: markup and lines of the server's own are kept as drawn
+        if (!el || typeof text !== 'string' || text !== el.textContent || /<|\n/.test(text))
+          return;
+        const length = el.getComputedTextLength(), space = room(el);
+        if (length <= space) return;
+        fit.was[path] = text;
+        wrapped[path] = wrapWords(text, Math.max(8, Math.floor(text.length * space / length)));
+      });
+      if (Object.keys(wrapped).length) window.Plotly.relayout(gd, wrapped);
+    };
+    (Object.keys(grow).length ? window.Plotly.relayout(gd, grow) : Promise.resolve()).then(wrap);
+  };
   const fitPlots = () => {
     const on = document.body.classList.contains('presenter');
     document.querySelectorAll('.js-plotly-plot').forEach((gd) => {
@@ -374,7 +417,8 @@ HEAD = r"""
         });
         Object.keys(was).forEach((k) => { if (was[k] === undefined) was[k] = null; });  // null: default
         gd._presenterFit = {layout: gd.layout, was};
-        window.Plotly.relayout(gd, big);
+        const dataHeight = gd._fullLayout._size.h;
+        window.Plotly.relayout(gd, big).then(() => fitWords(gd, dataHeight));
       } else if (!on && fitted) {
         const was = gd._presenterFit.was;
         gd._presenterFit = null;

@@ -137,6 +137,51 @@ def test_presenting_refits_the_other_tabs_figures_for_the_projector(fresh):
         "paper", -0.2]
 
 
+# The words of a plotly figure that are cut off by its edges (the svg it draws in)
+_CUT = """p => { const edge = p.querySelector('.main-svg').getBoundingClientRect();
+  return [...p.querySelectorAll('text')].filter(t => t.textContent.trim())
+    .map(t => [t.textContent, t.getBoundingClientRect()])
+    .filter(([, b]) => b.width && (b.left < edge.left - 1 || b.right > edge.right + 1
+                                   || b.top < edge.top - 1 || b.bottom > edge.bottom + 1))
+    .map(([text]) => text); }"""
+_LINES = "(p, sel) => p.querySelectorAll(`${sel} tspan.line`).length"
+
+
+def test_presenting_breaks_long_titles_over_lines_and_keeps_the_data_s_height(fresh):
+    """At the projector's fonts a title or axis title longer than its room ran off the
+    figure (the attention tab's y-axis title, the tokens tab's cost title), and the larger
+    margins squeezed a figure of a set height: the words now break over lines, the figure
+    grows by what its text took, and both come back as they were when presenting stops."""
+    from explorer.plots.lecture import PRESENTER_FONT
+    page, url = fresh
+    _open(page, url + "?tab=attention&example=astronaut")
+    prefix = plot_in(page, "attn-prefix")
+    own = prefix.evaluate("p => [p._fullLayout.height, p._fullLayout._size.h]")
+    page.locator("#presenter input").check()
+    page.wait_for_function(f"p => p._fullLayout.font.size === {PRESENTER_FONT}"
+                           f" && ({_LINES})(p, '.ytitle') > 1", arg=prefix.element_handle(),
+                           timeout=30_000)
+    assert prefix.evaluate(_CUT) == [] and text_clashes(prefix)["clashes"] == []
+    assert prefix.evaluate("p => p._fullLayout._size.h") >= own[1] - 1  # the data's height kept
+    # and the grown figure is not cut by its block
+    assert prefix.evaluate("p => p.closest('.block').getBoundingClientRect().bottom"
+                           " - p.querySelector('.main-svg').getBoundingClientRect().bottom") >= 0
+    page.locator("#presenter input").uncheck()
+    page.wait_for_function("() => document.querySelector('#attn-prefix .js-plotly-plot')"
+                           f"._fullLayout.font.size < {PRESENTER_FONT}")
+    assert prefix.evaluate(f"p => [p._fullLayout.height, ({_LINES})(p, '.ytitle')]") == [own[0], 0]
+    assert "mean over heads" in prefix.locator(".ytitle").text_content()
+    # the tokens tab's cost: a two-line title, and the tallest bar's number whole, at the
+    # projector's size, above its bar
+    _open(page, url + "?tab=tokens&example=astronaut&presenter=1")
+    cost = plot_in(page, "tokens-cost")
+    page.wait_for_function(f"p => ({_LINES})(p, '.gtitle') > 1", arg=cost.element_handle(),
+                           timeout=30_000)
+    assert cost.evaluate(_CUT) == [] and text_clashes(cost)["clashes"] == []
+    top = cost.locator(".bartext", has_text="2,517,630,976")
+    assert float(top.evaluate("t => getComputedStyle(t).fontSize")[:-2]) >= 18
+
+
 def test_figures_download_with_names_that_say_what_they_show(fresh):
     page, url = fresh
     _open(page, url + "?tab=lecture&example=rocket&step=3")
