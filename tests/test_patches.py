@@ -25,6 +25,24 @@ def test_grid_and_costs_by_hand():
     assert vit.attention_bytes == 4 * 197**2  # one fp32 matrix per head
 
 
+def test_cost_figure_leaves_room_for_every_bar_and_its_number():
+    """Log axis from half a decade under the shortest bar (197 tokens) to a decade over the
+    tallest (50,176² entries), so the number above that bar is inside the figure; numbers
+    are drawn whole (plotly shrinks an outside label to the bar's width by default)."""
+    import math
+
+    from explorer.plots.tokens import cost_figure
+
+    costs = patches.compare_costs((224, 224), (16, 16), num_prefix_tokens=1, width=768)
+    fig = cost_figure(costs, (224, 224))
+    low, high = fig.layout.yaxis.range
+    assert low == pytest.approx(math.log10(197) - 0.5)
+    assert high == pytest.approx(math.log10(50_176**2) + 1.0)
+    assert [list(bar.text) for bar in fig.data] == [["197", "50,176"],
+                                                     ["38,809", "2,517,630,976"]]
+    assert {(bar.constraintext, bar.cliponaxis) for bar in fig.data} == {("none", False)}
+
+
 def test_igpt_cost_is_the_same_cost_of_its_pixel_sequence():
     from explorer.igpt.sequence import attention_cost as igpt_cost
 
