@@ -162,6 +162,10 @@ def test_presenting_breaks_long_titles_over_lines_and_keeps_the_data_s_height(fr
                            f" && ({_LINES})(p, '.ytitle') > 1", arg=prefix.element_handle(),
                            timeout=30_000)
     assert prefix.evaluate(_CUT) == [] and text_clashes(prefix)["clashes"] == []
+    norms = plot_in(page, "attn-norm-hist")  # the tab's other figure, refitted too
+    page.wait_for_function(f"p => p._fullLayout.font.size === {PRESENTER_FONT}",
+                           arg=norms.element_handle(), timeout=30_000)
+    assert norms.evaluate(_CUT) == [] and text_clashes(norms)["clashes"] == []
     assert prefix.evaluate("p => p._fullLayout._size.h") >= own[1] - 1  # the data's height kept
     # and the grown figure is not cut by its block
     assert prefix.evaluate("p => p.closest('.block').getBoundingClientRect().bottom"
