@@ -23,7 +23,7 @@ def screenshot(page, name: str) -> Path:
 def _shown(page, elem_id: str) -> str | None:
     """The source of the picture the ``gr.Image`` ``elem_id`` shows, if any."""
     img = page.locator(f"#{elem_id} img")
-    return img.first.get_attribute("src") if img.count() else None
+    return img.first.evaluate("i => i.src") if img.count() else None  # absolute, as below
 
 
 def _wait_for_new_picture(page, elem_id: str, before: str | None) -> None:
