@@ -139,3 +139,17 @@ def text_clashes(plot) -> dict:
     """The words of ``plot`` (a `plot_in` locator) outside its data: how many titles, axis
     titles, subplot titles and legend entries it draws, and which pairs of them overlap."""
     return plot.evaluate(_TEXT_BOXES)
+
+
+# The words of a plotly figure cut off by its edges (the svg it draws in)
+_CUT = """p => { const edge = p.querySelector('.main-svg').getBoundingClientRect();
+  return [...p.querySelectorAll('text')].filter(t => t.textContent.trim())
+    .map(t => [t.textContent, t.getBoundingClientRect()])
+    .filter(([, b]) => b.width && (b.left < edge.left - 1 || b.right > edge.right + 1
+                                   || b.top < edge.top - 1 || b.bottom > edge.bottom + 1))
+    .map(([text]) => text); }"""
+
+
+def words_cut_off(plot) -> list[str]:
+    """The words of ``plot`` (a `plot_in` locator) that run past the edges of its figure."""
+    return plot.evaluate(_CUT)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tests.browser.helpers import label_collisions, plot_in, screenshot, text_clashes
+from tests.browser.helpers import (
+    label_collisions,
+    plot_in,
+    screenshot,
+    text_clashes,
+    words_cut_off,
+)
 
 
 def _open(page, url):
@@ -137,13 +143,6 @@ def test_presenting_refits_the_other_tabs_figures_for_the_projector(fresh):
         "paper", -0.2]
 
 
-# The words of a plotly figure that are cut off by its edges (the svg it draws in)
-_CUT = """p => { const edge = p.querySelector('.main-svg').getBoundingClientRect();
-  return [...p.querySelectorAll('text')].filter(t => t.textContent.trim())
-    .map(t => [t.textContent, t.getBoundingClientRect()])
-    .filter(([, b]) => b.width && (b.left < edge.left - 1 || b.right > edge.right + 1
-                                   || b.top < edge.top - 1 || b.bottom > edge.bottom + 1))
-    .map(([text]) => text); }"""
 _LINES = "(p, sel) => p.querySelectorAll(`${sel} tspan.line`).length"
 
 
@@ -161,11 +160,11 @@ def test_presenting_breaks_long_titles_over_lines_and_keeps_the_data_s_height(fr
     page.wait_for_function(f"p => p._fullLayout.font.size === {PRESENTER_FONT}"
                            f" && ({_LINES})(p, '.ytitle') > 1", arg=prefix.element_handle(),
                            timeout=30_000)
-    assert prefix.evaluate(_CUT) == [] and text_clashes(prefix)["clashes"] == []
+    assert words_cut_off(prefix) == [] and text_clashes(prefix)["clashes"] == []
     norms = plot_in(page, "attn-norm-hist")  # the tab's other figure, refitted too
     page.wait_for_function(f"p => p._fullLayout.font.size === {PRESENTER_FONT}",
                            arg=norms.element_handle(), timeout=30_000)
-    assert norms.evaluate(_CUT) == [] and text_clashes(norms)["clashes"] == []
+    assert words_cut_off(norms) == [] and text_clashes(norms)["clashes"] == []
     assert prefix.evaluate("p => p._fullLayout._size.h") >= own[1] - 1  # the data's height kept
     # and the grown figure is not cut by its block
     assert prefix.evaluate("p => p.closest('.block').getBoundingClientRect().bottom"
@@ -181,7 +180,7 @@ def test_presenting_breaks_long_titles_over_lines_and_keeps_the_data_s_height(fr
     cost = plot_in(page, "tokens-cost")
     page.wait_for_function(f"p => ({_LINES})(p, '.gtitle') > 1", arg=cost.element_handle(),
                            timeout=30_000)
-    assert cost.evaluate(_CUT) == [] and text_clashes(cost)["clashes"] == []
+    assert words_cut_off(cost) == [] and text_clashes(cost)["clashes"] == []
     top = cost.locator(".bartext", has_text="2,517,630,976")
     assert float(top.evaluate("t => getComputedStyle(t).fontSize")[:-2]) >= 18
 
