@@ -140,16 +140,16 @@ def feature_pca_image(rgb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def cost_figure(costs: dict[str, AttentionCost], size: tuple[int, int]) -> go.Figure:
     """Log-scale bars: sequence length and attention-matrix entries, patches vs pixels."""
     names = list(costs)
-    metrics = [("tokens", "tokens n"), ("attention_entries", "attention entries n²")]
     fig = go.Figure()
-    for metric, label in metrics:
+    every = []
+    for metric, label in [("tokens", "tokens n"), ("attention_entries", "attention entries n²")]:
         values = [getattr(costs[n], metric) for n in names]
+        every += values
         fig.add_bar(name=label, x=names, y=values, text=[f"{v:,}" for v in values],
                     textposition="outside", cliponaxis=False, constraintext="none")
     # log10 units: the shortest bar still shows, and a decade above the tallest holds its
     # number (plotly's range leaves none: the label was cut at the plot's top edge)
-    values = [getattr(c, metric) for c in costs.values() for metric, _ in metrics]
-    low, high = np.log10(max(1, min(values))) - 0.5, np.log10(max(values)) + 1.0
+    low, high = np.log10(max(1, min(every))) - 0.5, np.log10(max(every)) + 1.0
     fig.update_layout(
         title=f"Self-attention cost for a {size[1]}x{size[0]} image (per layer, per head)",
         yaxis={"type": "log", "range": [low, high]},
