@@ -13,9 +13,16 @@ def open_tab(page, name: str) -> None:
 
 
 def screenshot(page, name: str) -> Path:
-    """Save a full-page screenshot for the README under docs/screenshots/."""
+    """Save a full-page screenshot for the README under docs/screenshots/.
+
+    Gradio's image preview marks its <img> ``loading="lazy"`` (ImagePreview in gradio 6.31's
+    bundle), so pictures far below the viewport may not have loaded when the page is captured
+    whole: make them eager and wait until every picture on the page has loaded."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
+    page.evaluate("() => document.querySelectorAll('img[loading=lazy]')"
+                  ".forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function("() => [...document.images].every(i => i.complete)")
     page.screenshot(path=str(path), full_page=True)
     return path
 
