@@ -3,10 +3,11 @@ with and without `torch.compile`.
 
     python -m explorer.bench lab_step [--archs vit,cnn] [--batches 64,128,256] [--steps 40]
                                       [--rounds 3] [--compile] [--channels-last]
-                                      [--keep-freed-memory]
+                                      [--keep-freed-memory] [--threads 1]
 
 Each variant trains the same freshly built model (seed 0) on the same in-memory Fashion-MNIST
-batches, one torch thread (as every grid worker): "lab" is `explorer.lab.engine`'s data path
+batches, one torch thread (as a grid worker beside another; ``--threads 2``: as the grid's one
+worker on a 2-core machine): "lab" is `explorer.lab.engine`'s data path
 (`train_batch`: seeded indices, 2-px shifts, flips, normalisation) on the shared loop core
 (`explorer.training.TrainLoop`: accelerate, AdamW, schedule); "plain" is a textbook loop on
 the same batches prepared beforehand (so it pays for no data path at all); "compiled" is the
@@ -96,14 +97,15 @@ def main(argv: list[str]) -> None:
                         help="add the lab's step (and compiled step) in channels-last layout")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="the grid worker's heap policy (`tuning.keep_freed_memory`)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a grid worker's)")
     args = parser.parse_args(argv)
 
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         from explorer.tuning import keep_freed_memory
         assert keep_freed_memory(), "glibc refused the heap settings"
-    print(f"machine: {describe()}; 1 torch thread; {args.steps} timed steps per variant, "
+    print(f"machine: {describe()}; {args.threads} torch thread(s); {args.steps} timed steps per variant, "
           f"median of {args.rounds} interleaved rounds"
           + ("; the grid worker's heap policy" if args.keep_freed_memory else ""))
     cols = ["plain", "lab"] + (["compiled"] if args.compile else [])

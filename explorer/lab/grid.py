@@ -425,15 +425,16 @@ def fp32_everywhere() -> None:
     torch.set_float32_matmul_precision("highest")
 
 
-def work(phase: str, limit: int | None = None, budget: Budget | None = None) -> int:
+def work(phase: str, limit: int | None = None, budget: Budget | None = None,
+         threads: int = 1) -> int:
     """One worker: train the phase's unclaimed, unfinished runs one after another (for
     `SWEEP`, every stage's; with nothing to claim while other workers' runs may add runs to a
-    stage, it waits and looks again)."""
+    stage, it waits and looks again), on ``threads`` torch threads."""
     import torch
 
     from explorer.lab.checkpoint import save_shipped
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     fp32_everywhere()
     chosen = sweep.read_choice()
     trained, start = 0, time.time()
@@ -564,17 +565,26 @@ def settle_choice() -> int:
     return moved
 
 
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """Torch threads per worker: the machine's cores shared out, at least one. Two 1-thread
+    workers are the grid's way to use two cores; a single run left (``--workers 1``) gets
+    both (measured in BENCHMARKS.md, session 29)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
+
+
 def drive(workers: int, phases: tuple[str, ...] = (SWEEP, "grid"),
-          limit: int | None = None) -> int:
+          limit: int | None = None, threads: int | None = None) -> int:
     """Run the phases in order (`SWEEP`: every sweep stage), each with ``workers``
-    processes; write the sweep's choice after its stages."""
+    processes of ``threads`` torch threads (default `worker_threads`); write the sweep's
+    choice after its stages."""
     for claim in CHECKPOINTS_DIR.glob("*.claim"):  # left by workers that were killed
         claim.unlink()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
     for phase in phases:
         if phase == "grid":
             settle_choice()
-        cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase]
+        cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase,
+               "--threads", str(threads or worker_threads(workers))]
         cmd += ["--limit", str(limit)] if limit else []
         procs = [subprocess.Popen(cmd) for _ in range(workers)]
         try:
@@ -598,6 +608,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=(SWEEP,) + PHASES, nargs="+",
                         help="drive only these phases")
     parser.add_argument("--limit", type=int, default=None, help="train at most this many runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: the cores shared out)")
     parser.add_argument("--status", action="store_true", help="print the grid's progress")
     parser.add_argument("--summary", action="store_true",
                         help="print the grid's tables (Markdown) and exit")
@@ -634,8 +646,8 @@ def main(argv=None) -> int:
             signal.signal(sig, lambda *_: STOP.set())
         keep_freed_memory()  # a worker process only trains: 1.16–1.31× the images/s
         pause_on_sigtstp()  # `kill -TSTP` pauses a worker without counting the pause
-        return work(args.phase, args.limit)
-    return drive(args.workers, tuple(args.only or (SWEEP, "grid")), args.limit)
+        return work(args.phase, args.limit, threads=args.threads or 1)
+    return drive(args.workers, tuple(args.only or (SWEEP, "grid")), args.limit, args.threads)
 
 
 if __name__ == "__main__":
