@@ -13,8 +13,9 @@ that a partial grid is already a picture (the relative model the tab's relative 
 then the CNN and the ViT at every size, smallest first,
 original and scrambled, then the other architectures, the size sweep, the other
 architectures scrambled; seed 0 before seed 1).
-``--workers N`` starts N processes, one torch thread each (two use both cores of the 2-vCPU
-machine); each takes the next run nobody has claimed, trains it with a checkpoint in
+``--workers N`` starts N processes, the cores shared out as torch threads (two workers on the
+2-vCPU machine take one each; a last run left alone trains faster with ``--workers 1``, on
+both); each takes the next run nobody has claimed, trains it with a checkpoint in
 `assets/lab/checkpoints/` every two minutes of training, appends its row when done and
 deletes the checkpoint. Commit `assets/lab/` to carry a grid in progress to another machine.
 """
