@@ -419,14 +419,14 @@ def test_the_seed_sentence_gives_the_largest_and_median_spread_of_runs_with_two_
             _row("vit", 3000, 0.85), _row("vit", 20000, 0.70, width=32),
             _row("vit", 20000, 0.80, seed=1, width=32)]
     assert analysis.seed_sentence(rows) == (
-        "Seeds: 3 runs of the grid have finished with a second seed so far; the seeds of a run "
+        "Seeds: 3 runs of the grid have finished with a second seed; the seeds of a run "
         "land within 2.0 points of each other in test accuracy (median 1.0; the shaded bands): "
         "a difference between architectures smaller than that may be chance. Each seed also "
         "draws the training images, the same for every architecture, so the architectures "
         "compare within a seed: the lowest test error goes to the same architecture with every "
         "seed at 500 images.")
     assert analysis.seed_sentence(rows[:2]).startswith(
-        "Seeds: 1 run of the grid has finished with a second seed so far; the seeds of a run "
+        "Seeds: 1 run of the grid has finished with a second seed; the seeds of a run "
         "land within 1.0 points")
     assert analysis.seed_sentence(rows[::2]) == ""
 

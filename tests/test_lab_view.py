@@ -56,7 +56,7 @@ def test_the_seed_spread_in_the_summary_is_the_widest_band_in_the_figure():
     rows = ROWS + [_row("cnn", 60000, 0.905, seed=1), _row("vit", 500, 0.705, seed=1)]
     assert "Seeds:" not in lab_view.summary_text(ROWS)
     text = lab_view.summary_text(rows)
-    assert ("Seeds: 2 runs of the grid have finished with a second seed so far; the seeds of "
+    assert ("Seeds: 2 runs of the grid have finished with a second seed; the seeds of "
             "a run land within 1.5 points of each other in test accuracy (median 1.0;") in text
     fig = plots.data_figure(rows)
     bands = [t for t in fig.data if t.fill == "toself"]

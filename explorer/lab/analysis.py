@@ -186,7 +186,7 @@ def seed_sentence(rows: list[dict]) -> str:
     if not spreads:
         return ""
     runs = "1 run of the grid has" if len(spreads) == 1 else f"{len(spreads)} runs of the grid have"
-    return (f"Seeds: {runs} finished with a second seed so far; the seeds of a run land "
+    return (f"Seeds: {runs} finished with a second seed; the seeds of a run land "
             f"within {spreads[-1]:.1f} points of each other in test accuracy (median "
             f"{float(np.median(spreads)):.1f}; the shaded bands): a difference between "
             "architectures smaller than that may be chance." + _seed_winners(rows))
