@@ -38,7 +38,8 @@ def threads_per_request(concurrency: int, cores: int | None = None) -> int:
     """The CPU cores split between the requests that may run at once (at least one each).
 
     Gradio runs up to ``concurrency`` analyses in parallel threads; if each used every core
-    they would fight over them, so each gets its share.
+    they would fight over them, so each gets its share. The lab grid shares them the same way
+    between its ``concurrency`` worker processes.
     """
     return max(1, (cores or os.cpu_count() or 1) // max(1, concurrency))
 

@@ -1375,10 +1375,10 @@ def test_a_kept_model_is_cached_until_the_grid_writes_a_new_one(tmp_path, monkey
 
 
 def test_workers_share_out_the_cores_and_a_lone_worker_takes_them_all(monkeypatch, tmp_path):
-    assert grid.worker_threads(2, cores=2) == 1  # two 1-thread workers on 2 cores
-    assert grid.worker_threads(1, cores=2) == 2  # the last run left: both cores
-    assert grid.worker_threads(12, cores=16) == 1  # the GPU machine's 12 workers
-    assert grid.worker_threads(3, cores=2) == 1  # never fewer than one
+    assert grid.threads_per_request(2, cores=2) == 1  # two 1-thread workers on 2 cores
+    assert grid.threads_per_request(1, cores=2) == 2  # the last run left: both cores
+    assert grid.threads_per_request(12, cores=16) == 1  # the GPU machine's 12 workers
+    assert grid.threads_per_request(3, cores=2) == 1  # never fewer than one
     # the driver starts each worker process with its share (the real command line, parsed by
     # the real `main`; the process is not started)
     commands = []
@@ -1396,13 +1396,13 @@ def test_workers_share_out_the_cores_and_a_lone_worker_takes_them_all(monkeypatc
     assert grid.drive(1, phases=(grid.SWEEP,)) == 0
     assert grid.drive(2, phases=(grid.SWEEP,), threads=3) == 0
     assert [c[c.index("--threads") + 1] for c in commands] == [
-        str(grid.worker_threads(1)), "3", "3"]
+        str(grid.threads_per_request(1)), "3", "3"]
     seen = []
     monkeypatch.setattr(grid, "work", lambda phase, limit, threads: seen.append(threads) or 0)
     monkeypatch.setattr(grid, "keep_freed_memory", lambda: True)
     monkeypatch.setattr(grid, "pause_on_sigtstp", lambda: None)
     assert grid.main(commands[0][3:]) == 0
-    assert seen == [grid.worker_threads(1)]
+    assert seen == [grid.threads_per_request(1)]
 
 
 def test_a_grid_worker_takes_the_threads_it_is_given(monkeypatch):

@@ -41,7 +41,7 @@ from explorer.lab.engine import Budget, Hyper, LabResult, LabRun, machine_id, on
 from explorer.lab.models import LAB_ARCHS
 from explorer.lab.paths import ATTEMPTS_CSV, CHECKPOINTS_DIR, GRID_CSV, SUPERSEDED_CSV, SWEEP_CSV
 from explorer.training import pause_on_sigtstp
-from explorer.tuning import keep_freed_memory
+from explorer.tuning import keep_freed_memory, threads_per_request
 
 DATA_SIZES = (500, 1200, 3000, 7500, 20000, 60000)
 SEEDS = (0, 1)
@@ -566,18 +566,12 @@ def settle_choice() -> int:
     return moved
 
 
-def worker_threads(workers: int, cores: int | None = None) -> int:
-    """Torch threads per worker: the machine's cores shared out, at least one. Two 1-thread
-    workers are the grid's way to use two cores; a single run left (``--workers 1``) gets
-    both (measured in BENCHMARKS.md, session 29)."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
-
-
 def drive(workers: int, phases: tuple[str, ...] = (SWEEP, "grid"),
           limit: int | None = None, threads: int | None = None) -> int:
     """Run the phases in order (`SWEEP`: every sweep stage), each with ``workers``
-    processes of ``threads`` torch threads (default `worker_threads`); write the sweep's
-    choice after its stages."""
+    processes of ``threads`` torch threads (default: the cores shared out,
+    `tuning.threads_per_request`: one each for two workers on two cores, both for one worker
+    left; measured in BENCHMARKS.md, session 29); write the sweep's choice after its stages."""
     for claim in CHECKPOINTS_DIR.glob("*.claim"):  # left by workers that were killed
         claim.unlink()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
@@ -585,7 +579,7 @@ def drive(workers: int, phases: tuple[str, ...] = (SWEEP, "grid"),
         if phase == "grid":
             settle_choice()
         cmd = [sys.executable, "-m", "explorer.lab.grid", "--phase", phase,
-               "--threads", str(threads or worker_threads(workers))]
+               "--threads", str(threads or threads_per_request(workers))]
         cmd += ["--limit", str(limit)] if limit else []
         procs = [subprocess.Popen(cmd) for _ in range(workers)]
         try:
